@@ -1,0 +1,37 @@
+# Task file. `make demo` and `make test` create the virtual environment on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint format protos venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job end to end on the bundled sample data.
+demo: $(STAMP)
+	$(BIN)/anomaly demo
+
+## The test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+
+## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto.
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/anomaly/v1/anomaly.proto
+
+clean:
+	rm -rf .demo runs .pytest_cache .ruff_cache

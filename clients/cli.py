@@ -1,0 +1,112 @@
+"""The `anomaly` command: score images, inspect models, and (with the extras installed)
+serve, train and run the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clients.sdk import DEFAULT_TARGET, AnomalyClient
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+app = typer.Typer(help="Industrial visual anomaly detection: score, serve, train.",
+                  no_args_is_help=True)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise typer.BadParameter(f"{p} does not exist", param_hint="PATHS")
+    return files
+
+
+@app.command("score")
+def score_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    target: Annotated[str, typer.Option(help="gRPC server address")] = DEFAULT_TARGET,
+    model: Annotated[str, typer.Option(help="registered model name")] = "",
+    alias: Annotated[str, typer.Option(help="alias (default: server's)")] = "",
+    version: Annotated[int, typer.Option(help="version number")] = 0,
+    category: Annotated[str, typer.Option(help="product category")] = "",
+    timeout: Annotated[float, typer.Option(help="deadline per image, seconds")] = 30.0,
+) -> None:
+    """Score image files (or every image in folders) and print a table."""
+    import grpc
+
+    files = _expand(paths)
+    console = Console()
+    table = Table(title=f"{len(files)} image(s) scored by {target}")
+    for col in ("image", "score", "normalized", "decision", "threshold", "model", "ms"):
+        table.add_column(col)
+    failures = 0
+    with AnomalyClient(target, model=model, alias=alias, timeout=timeout) as client:
+        for f in files:
+            try:
+                r = client.score(f, version=version, category=category, request_id=f.name)
+            except grpc.RpcError as exc:
+                failures += 1
+                table.add_row(str(f), "-", "-", f"[yellow]{exc.code().name}[/]", "-", "-",
+                              exc.details() or "")
+                continue
+            table.add_row(str(f), f"{r.score:.5g}", f"{r.normalized_score:.3f}",
+                          "[red]NG[/]" if r.is_anomalous else "[green]OK[/]", f"{r.threshold:.5g}",
+                          f"{r.model.name}/{r.model.version} ({r.model.architecture}-{r.model.variant})",
+                          f"{r.timings['total_ms']:.1f}")
+    console.print(table)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command("models")
+def models_cmd(
+    target: Annotated[str, typer.Option(help="gRPC server address")] = DEFAULT_TARGET,
+) -> None:
+    """List the model versions loaded on a server."""
+    console = Console()
+    table = Table(title=f"models on {target}")
+    for col in ("name", "version", "aliases", "architecture", "variant", "input", "provider",
+                "categories"):
+        table.add_column(col)
+    with AnomalyClient(target) as client:
+        for m in client.list_models():
+            table.add_row(m.ref.name, m.ref.version, m.ref.alias, m.ref.architecture,
+                          m.ref.variant, f"{m.input_height}x{m.input_width}", m.provider,
+                          ",".join(m.categories))
+    console.print(table)
+
+
+def _mount_optional() -> None:
+    """Add the serve / train commands when their extras are installed."""
+    try:
+        from service.cli import gateway_cmd, serve_cmd
+    except ImportError:  # base install: client only
+        pass
+    else:
+        app.command("serve")(serve_cmd)
+        app.command("gateway")(gateway_cmd)
+    try:
+        import typer as _  # noqa: F401
+
+        from registry.cli import demo_cmd, sample_data_cmd, train_cmd
+    except ImportError:
+        return
+    app.command("sample-data")(sample_data_cmd)
+    app.command("train")(train_cmd)
+    app.command("demo")(demo_cmd)
+
+
+_mount_optional()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf package `anomaly` (from protos/anomaly)."""

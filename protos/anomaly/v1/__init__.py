@@ -1,0 +1,1 @@
+"""anomaly.v1: the inference contract (generated stubs beside anomaly.proto)."""

@@ -1,0 +1,1 @@
+"""Registry side: training, export, quantization, evaluation, MLflow registration (needs torch)."""

@@ -1,0 +1,26 @@
+"""Anomaly-detection architectures behind one interface (`AnomalyModel`)."""
+
+from __future__ import annotations
+
+from registry.architectures.base import AnomalyModel, ModelConfig
+from registry.architectures.stfpm import STFPM
+
+ARCHITECTURES: dict[str, type[AnomalyModel]] = {
+    STFPM.name: STFPM,
+}
+
+
+def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
+    """Instantiate an architecture by name.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    try:
+        cls = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}") from None
+    return cls(config or ModelConfig())
+
+
+__all__ = ["ARCHITECTURES", "AnomalyModel", "ModelConfig", "build_model"]

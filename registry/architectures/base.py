@@ -1,0 +1,90 @@
+"""The one interface every anomaly-detection architecture implements.
+
+A model takes `(B, 3, H, W)` RGB in [0, 1] (ImageNet normalisation happens inside, so it
+is part of the exported graph). In training mode `loss(images)` returns the scalar to
+minimise; in eval mode `forward(images)` returns the anomaly map `(B, 1, H, W)` and the
+image score `(B,)` (max of the map, away from the edges). Every architecture therefore exports to the same
+ONNX contract and the server needs no per-architecture code. A new architecture is one
+new sub-package that subclasses `AnomalyModel` and registers itself in `ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """Options shared by all architectures (each may read extra keys from `extra`)."""
+
+    input_size: tuple[int, int] = (256, 256)
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = None  # a state-dict file; None = bundled weights
+    # The image score ignores this fraction of the side at each image edge: zero padding
+    # makes CNN features there unreliable, and the spurious maxima of normal images sit
+    # there (measured on the sample data). The anomaly map itself covers the whole image.
+    score_margin_fraction: float = 1 / 32
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Normalize(nn.Module):
+    """`(x - mean) / std` per channel, baked into the graph."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (x - self.mean) / self.std
+
+
+class AnomalyModel(nn.Module, ABC):
+    """Base class of all architectures. Subclasses implement `loss` and `anomaly_map`."""
+
+    name: str = ""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.normalize = Normalize()
+
+    @abstractmethod
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Training loss for a batch `(B, 3, H, W)` in [0, 1]."""
+
+    @abstractmethod
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Anomaly map `(B, 1, H, W)` at input resolution (higher = more anomalous)."""
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the optimiser updates (default: all that require grad)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The optimiser this architecture trains best with (override to change)."""
+        return torch.optim.Adam(self.trainable_parameters(), lr=lr)
+
+    @property
+    def score_margin(self) -> int:
+        """Pixels ignored at each edge when taking the image score."""
+        return int(round(min(self.config.input_size) * self.config.score_margin_fraction))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval/export path: `(anomaly_map (B, 1, H, W), score (B,))`.
+
+        The score is the maximum of the map inside the `score_margin` border.
+        """
+        amap = self.anomaly_map(images)
+        m = self.score_margin
+        inner = amap[..., m:amap.shape[-2] - m, m:amap.shape[-1] - m] if m else amap
+        return amap, inner.flatten(1).amax(dim=1)

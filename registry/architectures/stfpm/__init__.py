@@ -1,0 +1,5 @@
+"""STFPM architecture."""
+
+from registry.architectures.stfpm.model import STFPM
+
+__all__ = ["STFPM"]

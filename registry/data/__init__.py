@@ -1,0 +1,1 @@
+"""Datasets: the MVTec AD loader and the generated sample data."""

@@ -1,0 +1,155 @@
+"""The main job, end to end on the embedded default.
+
+sample data → train unified STFPM → export ONNX → evaluate through the serving engine →
+register in MLflow (SQLite + local artifacts) with aliases `stfpm-fp32` and `champion` →
+start the gRPC server and the HTTP gateway (real processes, loopback) → score good and
+defective images over both → print the comparison table and the MLflow UI command.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from registry.architectures import ModelConfig
+from registry.data.mvtec import load_test_split
+from registry.data.sample import SampleSpec, make_sample_dataset
+from registry.mlflow_registry import DEFAULT_MODEL_NAME, embedded_tracking_uri
+from registry.pipeline import BuildResult, build_variant_fp32
+from registry.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHAMPION_RULE = ("champion = the fastest variant (p50 ms/image) whose image AUROC is within "
+                 "1 point of its architecture's FP32; with only FP32 built, that is FP32")
+
+
+@dataclass
+class DemoConfig:
+    """Knobs of the demo (defaults fit the 15-minute budget on 2 cores)."""
+
+    home: Path = Path(".demo")
+    epochs: int = 40
+    input_size: int = 256
+    seed: int = 0
+    n_show: int = 2  # images per (category, good/defective) scored over the wire
+
+
+def choose_champion(results: list[BuildResult]) -> BuildResult:
+    """Apply `CHAMPION_RULE`."""
+    fp32 = {r.architecture: r.report.image_auroc for r in results if r.variant == "fp32"}
+    eligible = [r for r in results if r.report.image_auroc >= fp32.get(r.architecture, 0) - 0.01]
+    return min(eligible, key=lambda r: r.report.latency_ms_p50)
+
+
+def _score_over_wire(grpc_target: str, http_base: str, cfg: DemoConfig, data: Path,
+                     console: Console) -> list[float]:
+    from clients.sdk import AnomalyClient
+
+    samples = load_test_split(data)
+    picked = []
+    for cat in sorted({s.category for s in samples}):
+        for label in (0, 1):
+            picked += [s for s in samples if s.category == cat and s.label == label][: cfg.n_show]
+    table = Table(title="Scored over the wire (gRPC and HTTP gateway)")
+    for col in ("image", "truth", "gRPC score", "norm", "decision", "HTTP score", "HTTP decision",
+                "version", "ms (gRPC)"):
+        table.add_column(col)
+    latencies = []
+    with AnomalyClient(grpc_target) as client, httpx.Client(base_url=http_base, timeout=30) as http:
+        for s in picked:
+            rid = f"{s.category}-{s.defect}-{s.path.stem}"
+            t0 = time.perf_counter()
+            g = client.score(s.path, category=s.category, request_id=rid)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            r = http.post("/v1/score", params={"category": s.category, "request_id": rid},
+                          files={"image": (s.path.name, s.path.read_bytes(), "image/png")})
+            r.raise_for_status()
+            h = r.json()
+            table.add_row(f"{s.category}/{s.defect}/{s.path.name}", "NG" if s.label else "OK",
+                          f"{g.score:.4g}", f"{g.normalized_score:.2f}",
+                          "[red]NG[/]" if g.is_anomalous else "[green]OK[/]",
+                          f"{h['score']:.4g}", "NG" if h["is_anomalous"] else "OK",
+                          g.model.version, f"{latencies[-1]:.1f}")
+    console.print(table)
+    return latencies
+
+
+def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> list[BuildResult]:
+    """Run the whole demo; returns the build results (one per architecture/variant)."""
+    from service.launch import start_gateway, start_server
+
+    cfg = cfg or DemoConfig()
+    console = console or Console()
+    home = cfg.home.resolve()
+    data = home / "data"
+    t_start = time.perf_counter()
+    if not (data / "brick" / "train" / "good").is_dir():
+        console.rule("1. sample data")
+        make_sample_dataset(data, spec=SampleSpec(seed=cfg.seed),
+                            progress=lambda c: console.print(f"  wrote category [bold]{c}[/]"))
+    tracking_uri = embedded_tracking_uri(home)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    console.rule("2. train → export → evaluate → register")
+    console.print(f"MLflow store: {tracking_uri}")
+    results = [build_variant_fp32(
+        data, home / "build", architecture="stfpm",
+        model_config=ModelConfig(input_size=(cfg.input_size, cfg.input_size)),
+        train_config=TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
+        artifact_root=home / "mlartifacts",
+    )]
+    champion = choose_champion(results)
+    client = mlflow.MlflowClient()
+    assert champion.registered is not None
+    client.set_registered_model_alias(DEFAULT_MODEL_NAME, "champion", champion.registered.version)
+    console.print(f"{CHAMPION_RULE}\n→ champion = {champion.architecture}-{champion.variant} "
+                  f"(version {champion.registered.version})")
+
+    console.rule("3. serve (gRPC + HTTP gateway) and score")
+    server, target = start_server(tracking_uri, home / "logs" / "server.log", cache_dir=home / "cache")
+    try:
+        gateway, base = start_gateway(target, home / "logs" / "gateway.log")
+        try:
+            console.print(f"gRPC server on {target}, gateway on {base}")
+            wire_ms = _score_over_wire(target, base, cfg, data, console)
+        finally:
+            gateway.stop()
+    finally:
+        server.stop()
+
+    console.rule("4. comparison")
+    table = Table(title="Unified models on the sample data (evaluated through the serving engine)")
+    for col in ("architecture", "variant", "version", "image AUROC", "pixel AUROC",
+                "ms/image (ORT, b=1, p50)", "ms/image (gRPC round trip, p50)", "model MB"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r.architecture, r.variant, r.registered.version if r.registered else "-",
+                      f"{r.report.image_auroc:.3f}", f"{r.report.pixel_auroc:.3f}",
+                      f"{r.report.latency_ms_p50:.1f}", f"{statistics.median(wire_ms):.1f}",
+                      f"{r.model_mb:.1f}")
+    console.print(table)
+    per_cat = Table(title="Per category (champion)")
+    for col in ("category", "image AUROC", "pixel AUROC", "threshold"):
+        per_cat.add_column(col, justify="right")
+    for cat, m in champion.report.per_category.items():
+        per_cat.add_row(cat, f"{m['image_auroc']:.3f}", f"{m['pixel_auroc']:.3f}",
+                        f"{champion.metadata.image_stats[cat].threshold:.4g}")
+    console.print(per_cat)
+    console.print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
+    console.print("Open the MLflow UI on this store:\n  "
+                  f".venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
+                  f"--default-artifact-root {(home / 'mlartifacts').as_uri()} "
+                  "--host 127.0.0.1 --port 5000")
+    console.print("Serve it yourself:\n  "
+                  f".venv/bin/anomaly serve --tracking-uri {tracking_uri}   # gRPC :50051\n  "
+                  ".venv/bin/anomaly gateway                                  # HTTP :8000")
+    return results

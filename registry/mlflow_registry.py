@@ -1,0 +1,165 @@
+"""Log a built model variant to MLflow and register it as a version, like a flavor.
+
+Conventions (DESIGN.md): one registered model per inspection task (default
+`anomaly-detector`); each version is one (architecture, variant) build, tagged with
+`architecture`, `variant`, `precision`, `calibration`, `input_size`, `categories`,
+`threshold`, `dataset` and headline metrics; alias `<arch>-<variant>` points to the
+newest build of that variant and `champion` to what production serves.
+
+The artifact is the ONNX model logged with MLflow's `onnx` flavor (so stock
+`mlflow models serve` can load it) plus `anomaly_model.json` as an extra file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.metadata import GLOBAL, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "anomaly-detector"
+DEFAULT_EXPERIMENT = "anomaly-detection"
+ARTIFACT_PATH = "model"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered model version."""
+
+    name: str
+    version: str
+    run_id: str
+    aliases: tuple[str, ...]
+
+    @property
+    def uri(self) -> str:
+        """`models:/<name>/<version>`."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def embedded_tracking_uri(root: Path | str) -> str:
+    """The zero-set-up store: SQLite under `root` (honours `MLFLOW_TRACKING_URI`)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def ensure_experiment(name: str, artifact_root: Path | str | None = None) -> str:
+    """Get or create an experiment; new ones store artifacts under `artifact_root`."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+        return exp.experiment_id
+    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+    exp_id = mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _signature(metadata: ModelMetadata) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    h, w = metadata.input_size
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, h, w), metadata.input_name)]),
+        outputs=Schema([
+            TensorSpec(np.dtype(np.float32), (-1, 1, h, w), metadata.map_output),
+            TensorSpec(np.dtype(np.float32), (-1,), metadata.score_output),
+        ]),
+    )
+
+
+def version_tags(metadata: ModelMetadata, metrics: dict[str, float]) -> dict[str, str]:
+    """The tags every registered version carries."""
+    tags = {
+        "architecture": metadata.architecture,
+        "variant": metadata.variant,
+        "precision": metadata.precision,
+        "calibration": metadata.calibration or "none",
+        "input_size": f"{metadata.input_height}x{metadata.input_width}",
+        "categories": ",".join(metadata.categories),
+        "threshold": f"{metadata.image_stats[GLOBAL].threshold:.6g}",
+        "dataset": metadata.dataset,
+        "backbone": metadata.backbone,
+    }
+    for key in ("image_auroc", "pixel_auroc", "latency_ms_p50", "model_mb"):
+        if key in metrics:
+            tags[key] = f"{metrics[key]:.4f}"
+    return tags
+
+
+def log_and_register(
+    onnx_path: Path | str,
+    metadata: ModelMetadata,
+    *,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    history: list[dict[str, float]] | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    aliases: tuple[str, ...] = (),
+    experiment: str = DEFAULT_EXPERIMENT,
+    artifact_root: Path | str | None = None,
+) -> RegisteredVersion:
+    """Log one variant as an MLflow run and register it as a new version.
+
+    Args:
+        onnx_path: the exported (and evaluated) ONNX file.
+        metadata: its final metadata (with thresholds), stored beside the model.
+        params: run parameters (training configuration).
+        metrics: headline metrics (from evaluation).
+        history: per-epoch loss records, logged as metric curves.
+        model_name: registered model name.
+        aliases: aliases to point at the new version (`<arch>-<variant>` is always set).
+        experiment: MLflow experiment name.
+        artifact_root: artifact folder for a newly created experiment.
+
+    Returns:
+        The registered version.
+    """
+    import mlflow
+    import onnx
+    from mlflow import MlflowClient
+
+    ensure_experiment(experiment, artifact_root)
+    default_alias = f"{metadata.architecture}-{metadata.variant}"
+    all_aliases = tuple(dict.fromkeys((default_alias, *aliases)))
+    with mlflow.start_run(run_name=default_alias) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for rec in history or []:
+            step = int(rec["epoch"])
+            mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        mlflow.set_tags({"architecture": metadata.architecture, "variant": metadata.variant})
+        meta_dir = Path(onnx_path).parent
+        meta_file = metadata.save(meta_dir)
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name=ARTIFACT_PATH,
+            signature=_signature(metadata),
+            registered_model_name=model_name,
+            metadata={"anomaly_model": metadata.architecture, "variant": metadata.variant},
+            extra_files=[str(meta_file)],
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+        version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in version_tags(metadata, metrics).items():
+        client.set_model_version_tag(model_name, version, key, value)
+    for alias in all_aliases:
+        client.set_registered_model_alias(model_name, alias, version)
+    log.info("registered %s version %s with aliases %s", model_name, version, all_aliases)
+    return RegisteredVersion(model_name, version, run.info.run_id, all_aliases)

@@ -1,0 +1,1 @@
+"""Inference service: engine, model repository, gRPC server and HTTP gateway (no torch)."""

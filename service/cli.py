@@ -1,0 +1,71 @@
+"""`anomaly serve` and `anomaly gateway`: run the gRPC server or the HTTP gateway.
+
+Options override the `ANOMALY_*` environment variables (see `service.settings`).
+Run as `python -m service.cli serve …` too; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.settings import Settings
+
+app = typer.Typer(help="Inference server and HTTP gateway.", no_args_is_help=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command("serve")
+def serve_cmd(
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    model: Annotated[str | None, typer.Option(help="registered model to serve")] = None,
+    alias: Annotated[str | None, typer.Option(help="alias to serve, e.g. champion")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="model download cache")] = None,
+    log_level: Annotated[str | None, typer.Option(help="logging level")] = None,
+) -> None:
+    """Run the gRPC inference server (serves `models:/<model>@<alias>`)."""
+    from service.errors import ServiceError
+    from service.grpc_server import serve
+    from service.logs import configure_logging
+
+    settings = _settings(tracking_uri=tracking_uri, model_name=model, model_alias=alias,
+                         grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level)
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except ServiceError as exc:
+        typer.secho(f"error: cannot serve {settings.model_name}@{settings.model_alias} from "
+                    f"{settings.tracking_uri}: {exc.message}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command("gateway")
+def gateway_cmd(
+    grpc_target: Annotated[str | None, typer.Option(help="gRPC server address")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
+    log_level: Annotated[str | None, typer.Option(help="logging level")] = None,
+) -> None:
+    """Run the HTTP gateway in front of a gRPC server."""
+    import uvicorn
+
+    from service.gateway import create_app
+    from service.logs import configure_logging
+
+    settings = _settings(grpc_target=grpc_target, http_host=host, http_port=port,
+                         log_level=log_level)
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.grace_s))
+
+
+if __name__ == "__main__":
+    app()

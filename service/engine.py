@@ -1,0 +1,164 @@
+"""The inference engine: one ONNX Runtime session plus the model's metadata.
+
+`OnnxModel` is what both the server and the registry's evaluation run, so the numbers
+logged to MLflow come from the same artifact and the same pre/post-processing as serving.
+Every exported architecture has the same contract: input `image` `(B, 3, H, W)` float32
+RGB in [0, 1]; outputs `anomaly_map` `(B, 1, H, W)` and `score` `(B,)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InvalidInput, ModelLoadError
+from service.imaging import anomaly_map_png, preprocess
+from service.metadata import GLOBAL, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    """The outcome for one image."""
+
+    score: float
+    normalized_score: float
+    is_anomalous: bool
+    threshold: float
+    category: str
+    anomaly_map_png: bytes = b""
+
+
+def available_providers(requested: list[str]) -> list[str]:
+    """The requested execution providers that this ONNX Runtime build has, CPU last.
+
+    Unavailable ones are dropped with a warning; CPU is always appended as fallback.
+    """
+    have = set(ort.get_available_providers())
+    chosen = []
+    for p in requested:
+        if p in have:
+            chosen.append(p)
+        else:
+            log.warning("execution provider %s is not available here; falling back", p)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxModel:
+    """An ONNX anomaly detector ready to score preprocessed batches.
+
+    Args:
+        onnx_path: the exported model file.
+        metadata: its `ModelMetadata`.
+        providers: ONNX Runtime execution providers, in order of preference.
+        intra_op_threads: threads per operator (0 = ONNX Runtime's default).
+
+    Raises:
+        ModelLoadError: when the file does not load or does not match the contract.
+    """
+
+    def __init__(
+        self,
+        onnx_path: Path | str,
+        metadata: ModelMetadata,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.path = Path(onnx_path)
+        self.metadata = metadata
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=opts,
+                providers=available_providers(providers or ["CPUExecutionProvider"]),
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"ONNX Runtime could not load {self.path.name}: {exc}") from exc
+        self._check_contract()
+
+    def _check_contract(self) -> None:
+        m = self.metadata
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if m.input_name not in inputs:
+            raise ModelLoadError(f"model has no input {m.input_name!r} (has {sorted(inputs)})")
+        shape = inputs[m.input_name].shape
+        if len(shape) != 4 or list(shape[1:]) != [3, m.input_height, m.input_width]:
+            raise ModelLoadError(
+                f"model input shape {shape} does not match metadata "
+                f"(B, 3, {m.input_height}, {m.input_width})"
+            )
+        missing = {m.score_output, m.map_output} - outputs
+        if missing:
+            raise ModelLoadError(f"model lacks outputs {sorted(missing)} (has {sorted(outputs)})")
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs this session (the first in use)."""
+        return self.session.get_providers()[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run a preprocessed batch.
+
+        Args:
+            batch: `(B, 3, H, W)` float32 in [0, 1].
+
+        Returns:
+            scores `(B,)` and anomaly maps `(B, H, W)`, float32.
+        """
+        m = self.metadata
+        score, amap = self.session.run([m.score_output, m.map_output], {m.input_name: batch})
+        return score.reshape(-1), amap.reshape(amap.shape[0], *amap.shape[-2:])
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """Preprocess one decoded image to this model's `(3, H, W)` input."""
+        return preprocess(rgb, self.metadata.input_size)
+
+    def resolve_category(self, category: str) -> str:
+        """Validate a request's category ("" = global threshold).
+
+        Raises:
+            InvalidInput: for a category the model was not calibrated on.
+        """
+        if category and category not in self.metadata.image_stats:
+            raise InvalidInput(
+                f"unknown category {category!r}; this model knows {self.metadata.categories}"
+            )
+        return category or GLOBAL
+
+    def decide(
+        self, score: float, amap: np.ndarray | None, category: str,
+        original_size: tuple[int, int] | None = None,
+    ) -> Decision:
+        """Turn one raw score (and optionally its map) into a `Decision`."""
+        cat = self.resolve_category(category)
+        stats = self.metadata.stats_for(cat)
+        png = b""
+        if amap is not None:
+            lo, hi = self.metadata.map_range
+            png = anomaly_map_png(amap, original_size or amap.shape, lo, hi)
+        return Decision(
+            score=float(score),
+            normalized_score=stats.normalize(score),
+            is_anomalous=bool(score >= stats.threshold),
+            threshold=stats.threshold,
+            category=cat,
+            anomaly_map_png=png,
+        )
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run dummy batches so the first real request pays no lazy-initialisation cost."""
+        h, w = self.metadata.input_size
+        for b in batch_sizes:
+            self.run(np.full((b, 3, h, w), 0.5, dtype=np.float32))

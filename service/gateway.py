@@ -1,0 +1,287 @@
+"""HTTP gateway: a thin FastAPI translator in front of the gRPC server.
+
+It holds no model logic: every call is forwarded over gRPC, and gRPC status codes map to
+HTTP codes with RFC 9457 problem+json bodies. Routes:
+
+- `POST /v1/score` — multipart (`image` file + form fields) or a raw image body
+  (`image/*` / `application/octet-stream`, options as query parameters)
+- `GET /v1/models`, `GET /v1/models/{name}?alias=&version=`
+- `GET /healthz` (process up), `GET /readyz` (gRPC server reports SERVING)
+"""
+
+from __future__ import annotations
+
+import base64
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import grpc
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from service.grpc_server import grpc_options
+from service.settings import Settings
+
+PROBLEM = "application/problem+json"
+
+# gRPC status → HTTP status (as grpc-gateway maps them).
+GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class Problem(Exception):
+    """An error answered as problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str, grpc_code: str = "") -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.grpc_code = status, title, detail, grpc_code
+
+
+class ModelRefOut(BaseModel):
+    """The model version that answered."""
+
+    name: str
+    version: str
+    alias: str = ""
+    architecture: str = ""
+    variant: str = ""
+
+
+class TimingsOut(BaseModel):
+    """Server-side timings in milliseconds."""
+
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class ScoreOut(BaseModel):
+    """Result of `POST /v1/score`."""
+
+    request_id: str
+    score: float
+    normalized_score: float = Field(ge=0, le=1)
+    is_anomalous: bool
+    threshold: float
+    category: str
+    anomaly_map_png_base64: str | None = None
+    model: ModelRefOut
+    timings: TimingsOut
+
+
+class ModelOut(BaseModel):
+    """A model version as the server describes it."""
+
+    ref: ModelRefOut
+    input_height: int
+    input_width: int
+    categories: list[str]
+    thresholds: dict[str, float]
+    provider: str
+    precision: str
+    loaded_at: str
+    source_uri: str
+
+
+def _ref(r: pb.ModelRef) -> ModelRefOut:
+    return ModelRefOut(name=r.name, version=r.version, alias=r.alias,
+                       architecture=r.architecture, variant=r.variant)
+
+
+def _model(m: pb.ModelInfo) -> ModelOut:
+    return ModelOut(ref=_ref(m.ref), input_height=m.input_height, input_width=m.input_width,
+                    categories=list(m.categories), thresholds=dict(m.thresholds),
+                    provider=m.provider, precision=m.precision, loaded_at=m.loaded_at,
+                    source_uri=m.source_uri)
+
+
+def _score(r: pb.ScoreResponse) -> ScoreOut:
+    return ScoreOut(
+        request_id=r.request_id, score=r.score, normalized_score=r.normalized_score,
+        is_anomalous=r.is_anomalous, threshold=r.threshold, category=r.category,
+        anomaly_map_png_base64=base64.b64encode(r.anomaly_map_png).decode() if r.anomaly_map_png else None,
+        model=_ref(r.model),
+        timings=TimingsOut(decode_ms=r.timings.decode_ms, queue_ms=r.timings.queue_ms,
+                           inference_ms=r.timings.inference_ms, total_ms=r.timings.total_ms),
+    )
+
+
+async def _call(request: Request, method: str, message: object) -> object:
+    """Forward one unary call; gRPC errors become `Problem`s."""
+    state = request.app.state
+    try:
+        return await getattr(state.stub, method)(message, timeout=state.settings.request_timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        raise Problem(GRPC_TO_HTTP.get(code, 500), code.name.replace("_", " ").title(),
+                      exc.details() or code.name, code.name) from exc
+
+
+def _flag(value: str | bool | None) -> bool:
+    if isinstance(value, bool):
+        return value
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _int(value: str | int | None, name: str) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        raise Problem(400, "Invalid Argument", f"{name} must be an integer, got {value!r}",
+                      "INVALID_ARGUMENT") from None
+
+
+router = APIRouter()
+
+
+@router.post("/v1/score", response_model=ScoreOut, responses={
+    400: {"description": "bad image or fields (problem+json)"},
+    404: {"description": "unknown model, alias or version"},
+    429: {"description": "server overloaded"},
+    503: {"description": "server not ready"},
+})
+async def score(
+    request: Request,
+    model: Annotated[str, Query(description="registered model name")] = "",
+    alias: Annotated[str, Query(description="alias, e.g. champion")] = "",
+    version: Annotated[str, Query(description="version number")] = "",
+    category: Annotated[str, Query(description="product category")] = "",
+    return_anomaly_map: Annotated[bool, Query(description="include the heat map")] = False,
+    request_id: Annotated[str, Query(description="client part / serial id")] = "",
+) -> ScoreOut:
+    """Score one image: multipart upload (`image` field) or raw image bytes as the body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
+                                 "category": category, "return_anomaly_map": return_anomaly_map,
+                                 "request_id": request_id}
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_part_size=request.app.state.settings.max_image_bytes)
+        except Exception as exc:  # malformed multipart
+            raise Problem(400, "Invalid Argument", f"malformed multipart body: {exc}",
+                          "INVALID_ARGUMENT") from exc
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise Problem(400, "Invalid Argument", "multipart body needs a file field named 'image'",
+                          "INVALID_ARGUMENT")
+        data = await upload.read()
+        for key in fields:
+            if key in form and isinstance(form[key], str) and form[key] != "":
+                fields[key] = form[key]
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = await request.body()
+    else:
+        raise Problem(415, "Unsupported Media Type",
+                      f"content type {ctype or '(none)'!r}: send multipart/form-data with an "
+                      "'image' file, or the image bytes as image/* or application/octet-stream")
+    if len(data) > request.app.state.settings.max_image_bytes:
+        limit = request.app.state.settings.max_image_bytes
+        raise Problem(413, "Payload Too Large", f"image is {len(data)} bytes; the limit is {limit}",
+                      "INVALID_ARGUMENT")
+    message = pb.ScoreRequest(
+        encoded=data, model=str(fields["model"]), alias=str(fields["alias"]),
+        version=_int(fields["version"], "version"), category=str(fields["category"]),
+        return_anomaly_map=_flag(fields["return_anomaly_map"]),  # type: ignore[arg-type]
+        request_id=str(fields["request_id"]),
+    )
+    return _score(await _call(request, "Score", message))  # type: ignore[arg-type]
+
+
+@router.get("/v1/models", response_model=list[ModelOut])
+async def list_models(request: Request) -> list[ModelOut]:
+    """The model versions the server has loaded."""
+    resp = await _call(request, "ListModels", pb.ListModelsRequest())
+    return [_model(m) for m in resp.models]  # type: ignore[attr-defined]
+
+
+@router.get("/v1/models/{name}", response_model=ModelOut)
+async def get_model(request: Request, name: str, alias: str = "", version: str = "") -> ModelOut:
+    """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
+    msg = pb.GetModelRequest(model=name, alias=alias, version=_int(version, "version"))
+    return _model(await _call(request, "GetModel", msg))  # type: ignore[arg-type]
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the gateway process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> dict[str, str]:
+    """Readiness: the gRPC server behind reports SERVING."""
+    try:
+        resp = await request.app.state.health.Check(health_pb2.HealthCheckRequest(service=""),
+                                                    timeout=2.0)
+    except grpc.aio.AioRpcError as exc:
+        raise Problem(503, "Service Unavailable", f"gRPC server unreachable: {exc.code().name}",
+                      exc.code().name) from exc
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Problem(503, "Service Unavailable", f"gRPC server is {status}", "UNAVAILABLE")
+    return {"status": status}
+
+
+def _problem_response(request: Request, status: int, title: str, detail: str,
+                      grpc_code: str = "") -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+            "instance": str(request.url.path)}
+    if grpc_code:
+        body["grpc_status"] = grpc_code
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the gateway app; it connects to `settings.grpc_target` on start-up."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        channel = grpc.aio.insecure_channel(settings.grpc_target, options=grpc_options(settings))
+        app.state.settings = settings
+        app.state.channel = channel
+        app.state.stub = pb_grpc.AnomalyDetectionStub(channel)
+        app.state.health = health_pb2_grpc.HealthStub(channel)
+        yield
+        await channel.close()
+
+    app = FastAPI(title="Anomaly detection gateway", version="1.0",
+                  description="HTTP front of the anomaly.v1 gRPC service", lifespan=lifespan)
+    app.include_router(router)
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return _problem_response(request, exc.status, exc.title, exc.detail, exc.grpc_code)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _problem_response(request, exc.status_code, str(exc.detail), str(exc.detail))
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _problem_response(request, 422, "Unprocessable Content", str(exc.errors()),
+                                 "INVALID_ARGUMENT")
+
+    return app

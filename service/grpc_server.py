@@ -1,0 +1,183 @@
+"""The gRPC server: a thin translator between `anomaly.v1` messages and the data plane.
+
+Also serves the standard `grpc.health.v1` health service (NOT_SERVING until the default
+model is warm) and server reflection. Stops gracefully on SIGTERM/SIGINT, draining
+in-flight requests for `grace_s` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
+from service.errors import ServiceError
+from service.repository import LoadedModel
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AnomalyDetection"].full_name
+_BITS = {pb.PIXEL_TYPE_UNSPECIFIED: 8, pb.PIXEL_TYPE_UINT8: 8, pb.PIXEL_TYPE_UINT16: 16}
+
+
+def to_score_input(req: pb.ScoreRequest) -> ScoreInput:
+    """Proto request → data-plane input."""
+    kind = req.WhichOneof("image")
+    raw = None
+    if kind == "raw":
+        r = req.raw
+        raw = RawPixels(r.data, r.width, r.height, r.channels, _BITS.get(r.dtype, 0))
+    return ScoreInput(
+        encoded=req.encoded if kind == "encoded" else None, raw=raw,
+        model=req.model, alias=req.alias, version=req.version, category=req.category,
+        return_anomaly_map=req.return_anomaly_map, request_id=req.request_id,
+    )
+
+
+def model_ref(loaded: LoadedModel, alias: str = "") -> pb.ModelRef:
+    """Loaded model → `ModelRef`."""
+    return pb.ModelRef(name=loaded.name, version=loaded.version, alias=alias,
+                       architecture=loaded.metadata.architecture, variant=loaded.metadata.variant)
+
+
+def model_info(loaded: LoadedModel, alias: str = "") -> pb.ModelInfo:
+    """Loaded model → `ModelInfo`."""
+    md = loaded.metadata
+    return pb.ModelInfo(
+        ref=model_ref(loaded, alias or ",".join(sorted(loaded.aliases))),
+        input_height=md.input_height, input_width=md.input_width,
+        categories=md.categories, thresholds=md.thresholds(),
+        provider=loaded.model.provider, precision=md.precision,
+        loaded_at=loaded.loaded_at.isoformat(), source_uri=loaded.source_uri,
+    )
+
+
+def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
+    """Data-plane output → proto response."""
+    d = out.decision
+    return pb.ScoreResponse(
+        request_id=out.request_id, score=d.score, normalized_score=d.normalized_score,
+        is_anomalous=d.is_anomalous, threshold=d.threshold, category=d.category,
+        anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
+        timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in
+                              ("decode_ms", "queue_ms", "inference_ms", "total_ms")}),
+    )
+
+
+class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
+    """Implements `anomaly.v1.AnomalyDetection` on top of a `DataPlane`."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802, D102
+        try:
+            return to_score_response(await self.plane.score(to_score_input(request)))
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802, D102
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
+        async for request in request_iterator:
+            try:
+                yield to_score_response(await self.plane.score(to_score_input(request)))
+            except ServiceError as exc:
+                await context.abort(exc.code, f"request_id={request.request_id!r}: {exc.message}")
+
+    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802, D102
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m) for m in self.plane.list_models()])
+
+    async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802, D102
+                       context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            spec = self.plane.spec(request.model, request.alias, request.version)
+            loaded = await self.plane.get_model(request.model, request.alias, request.version)
+            return model_info(loaded, spec.alias)
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel options: message size limits follow the image byte limit."""
+    limit = settings.max_image_bytes + 64 * 1024
+    return [("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024))]
+
+
+class GrpcServer:
+    """The assembled server: data plane, servicer, health, reflection.
+
+    Use `await start()` then `await wait()`; `await stop()` drains and shuts down.
+    """
+
+    def __init__(self, settings: Settings, plane: DataPlane | None = None) -> None:
+        self.settings = settings
+        self.plane = plane or DataPlane(settings)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=grpc_options(settings))
+        pb_grpc.add_AnomalyDetectionServicer_to_server(AnomalyServicer(self.plane), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = 0
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind, start answering (health NOT_SERVING), load the default model, then SERVING.
+
+        Returns:
+            The bound port.
+        """
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind gRPC server to {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("gRPC server listening on %s:%d", self.settings.grpc_host, self.port)
+        loaded = await self.plane.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s/%s as %s@%s", loaded.name, loaded.version,
+                 self.settings.model_name, self.settings.model_alias)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, drain in-flight calls for `grace` seconds, stop."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.settings.grace_s if grace is None else grace)
+        self.plane.close()
+
+    async def wait(self) -> None:
+        """Block until the server terminates."""
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Run the gRPC server until SIGTERM/SIGINT, then shut down gracefully."""
+    server = GrpcServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except Exception:
+        await server.stop(0)
+        raise
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for %.1fs", settings.grace_s)
+    await server.stop()

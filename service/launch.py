@@ -1,0 +1,148 @@
+"""Start the gRPC server and the gateway as child processes and wait until they are ready.
+
+Used by the demo and the end-to-end tests: the real processes, on loopback ports, stopped
+with SIGTERM (graceful shutdown) when the context exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_grpc_serving(target: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `grpc.health.v1` until the server reports SERVING.
+
+    Raises:
+        TimeoutError: not SERVING within `timeout`.
+        RuntimeError: the process died first.
+    """
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"gRPC server exited with code {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"gRPC server at {target} not SERVING after {timeout:.0f}s")
+
+
+def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `GET url` until it answers 200.
+
+    Raises:
+        TimeoutError / RuntimeError: as `wait_grpc_serving`.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+
+
+class ChildProcess:
+    """A `python -m service.cli …` child, logging to a file, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = [sys.executable, "-m", "service.cli", *args]
+        self.log_path = Path(log_path)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        """Spawn the process."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, stdin=subprocess.DEVNULL)
+        return self.proc
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait (graceful drain), then SIGKILL if needed; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ChildProcess:
+        self.start()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
+                 cache_dir: Path | None = None, model: str = "", alias: str = "",
+                 timeout: float = 120.0) -> tuple[ChildProcess, str]:
+    """Start the gRPC server and wait for SERVING; returns (process, target)."""
+    port = port or free_port()
+    args = ["serve", "--tracking-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port)]
+    if cache_dir:
+        args += ["--cache-dir", str(cache_dir)]
+    if model:
+        args += ["--model", model]
+    if alias:
+        args += ["--alias", alias]
+    child = ChildProcess(args, log_path)
+    proc = child.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_grpc_serving(target, timeout, proc)
+    except Exception:
+        child.stop()
+        raise
+    return child, target
+
+
+def start_gateway(grpc_target: str, log_path: Path, *, port: int | None = None,
+                  timeout: float = 60.0) -> tuple[ChildProcess, str]:
+    """Start the HTTP gateway and wait until `/readyz` is 200; returns (process, base URL)."""
+    port = port or free_port()
+    child = ChildProcess(["gateway", "--grpc-target", grpc_target, "--host", "127.0.0.1",
+                          "--port", str(port)], log_path)
+    proc = child.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ready(f"{base}/readyz", timeout, proc)
+    except Exception:
+        child.stop()
+        raise
+    return child, base

@@ -1,0 +1,186 @@
+"""Model repository: resolve `name@alias` / `name/version` in the MLflow registry,
+download the artifact, load it into an ONNX Runtime session, warm it up, and keep it.
+
+Nothing here is unpickled: the artifact is read as ONNX + YAML (MLmodel) + JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from service.engine import OnnxModel
+from service.errors import ModelLoadError, ModelNotFound, NotReady
+from service.metadata import METADATA_FILE, ModelMetadata
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a request asks for: a model name and an alias or a version (0 = use alias)."""
+
+    name: str
+    alias: str = ""
+    version: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}" if self.version else f"{self.name}@{self.alias}"
+
+
+@dataclass
+class LoadedModel:
+    """A model version loaded and warm, ready to serve."""
+
+    name: str
+    version: str
+    model: OnnxModel
+    source_uri: str
+    aliases: set[str] = field(default_factory=set)
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        """The model's metadata."""
+        return self.model.metadata
+
+
+def read_model_dir(local_dir: Path) -> tuple[Path, ModelMetadata]:
+    """Find the ONNX file (from MLmodel's onnx flavor) and the metadata in a model folder.
+
+    Raises:
+        ModelLoadError: when the folder is not an MLflow ONNX model with our metadata.
+    """
+    mlmodel = local_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise ModelLoadError(f"{local_dir} has no MLmodel file")
+    spec = yaml.safe_load(mlmodel.read_text()) or {}
+    onnx_conf = (spec.get("flavors") or {}).get("onnx")
+    if not onnx_conf:
+        raise ModelLoadError("artifact is not an MLflow ONNX model (no onnx flavor)")
+    onnx_path = local_dir / onnx_conf.get("data", "model.onnx")
+    for candidate in (local_dir / METADATA_FILE, local_dir / "extra_files" / METADATA_FILE):
+        if candidate.is_file():
+            try:
+                return onnx_path, ModelMetadata.load(candidate)
+            except ValueError as exc:
+                raise ModelLoadError(f"invalid {METADATA_FILE}: {exc}") from exc
+    raise ModelLoadError(f"artifact has no {METADATA_FILE}")
+
+
+def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
+    """Load and warm up the model stored in an MLflow model folder."""
+    onnx_path, metadata = read_model_dir(local_dir)
+    model = OnnxModel(onnx_path, metadata, providers=settings.providers,
+                      intra_op_threads=settings.intra_op_threads)
+    try:
+        model.warmup()
+    except Exception as exc:
+        raise ModelLoadError(f"warm-up failed: {exc}") from exc
+    return model
+
+
+class ModelRepository:
+    """Thread-safe cache of loaded versions with alias resolution against MLflow."""
+
+    def __init__(self, settings: Settings) -> None:
+        from mlflow import MlflowClient
+
+        self.settings = settings
+        self.client = MlflowClient(tracking_uri=settings.tracking_uri,
+                                   registry_uri=settings.tracking_uri)
+        self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = threading.RLock()
+
+    def _resolve(self, spec: ModelSpec) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if spec.version:
+                return str(self.client.get_model_version(spec.name, str(spec.version)).version)
+            return str(self.client.get_model_version_by_alias(spec.name, spec.alias).version)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise ModelNotFound(f"model {spec} not found in the registry") from exc
+            raise NotReady(f"registry error resolving {spec}: {exc.message}") from exc
+        except Exception as exc:  # connection errors of any HTTP/DB client
+            raise NotReady(f"registry unreachable resolving {spec}: {exc}") from exc
+
+    def resolve(self, spec: ModelSpec) -> str:
+        """The version number `spec` names; alias lookups are cached `alias_refresh_s`."""
+        if spec.version:
+            return self._resolve(spec)
+        key = (spec.name, spec.alias)
+        cached = self._aliases.get(key)
+        if cached and time.monotonic() - cached[1] < self.settings.alias_refresh_s:
+            return cached[0]
+        version = self._resolve(spec)
+        self._aliases[key] = (version, time.monotonic())
+        return version
+
+    def _download(self, name: str, version: str) -> tuple[Path, str]:
+        import mlflow.artifacts
+
+        uri = f"models:/{name}/{version}"
+        dest = Path(self.settings.cache_dir) / name / version
+        if not (dest / "MLmodel").is_file():
+            try:
+                source = self.client.get_model_version_download_uri(name, version)
+                staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent.mkdir(
+                    parents=True, exist_ok=True) or dest.parent))
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(staging),
+                    tracking_uri=self.settings.tracking_uri))
+                if not (local / "MLmodel").is_file():
+                    raise ModelLoadError(f"{source} holds no MLmodel file")
+                shutil.rmtree(dest, ignore_errors=True)
+                local.rename(dest)  # atomic: a half-downloaded version is never used
+                shutil.rmtree(staging, ignore_errors=True)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"could not download {uri}: {exc}") from exc
+        return dest, uri
+
+    def load(self, name: str, version: str) -> LoadedModel:
+        """Return the loaded version, downloading and loading it on first use."""
+        key = (name, version)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            t0 = time.perf_counter()
+            local, uri = self._download(name, version)
+            loaded = LoadedModel(name, version, load_model_dir(local, self.settings), uri)
+            self._loaded[key] = loaded
+            while len(self._loaded) > self.settings.max_loaded_models:
+                old_key, _ = self._loaded.popitem(last=False)
+                log.info("unloaded %s/%s (LRU)", *old_key)
+            log.info("loaded %s/%s (%s, %s) in %.2fs on %s", name, version,
+                     loaded.metadata.architecture, loaded.metadata.variant,
+                     time.perf_counter() - t0, loaded.model.provider)
+            return loaded
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        """Resolve and load what `spec` names."""
+        version = self.resolve(spec)
+        loaded = self.load(spec.name, version)
+        if spec.alias and not spec.version:
+            loaded.aliases.add(spec.alias)
+        return loaded
+
+    def loaded(self) -> list[LoadedModel]:
+        """The versions currently loaded, least recently used first."""
+        with self._lock:
+            return list(self._loaded.values())

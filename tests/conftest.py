@@ -1,0 +1,92 @@
+"""Session fixtures: a small sample dataset, a tiny unified STFPM trained here, a real
+MLflow store (SQLite in a temp dir), and the real gRPC server and HTTP gateway as child
+processes on loopback ports."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from registry.data.sample import SampleSpec, make_sample_dataset
+
+TEST_CATEGORIES = ("brick", "coffee")
+TEST_INPUT = 128
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    spec = SampleSpec(image_size=160, n_train=16, n_test_good=4, n_test_per_defect=2, seed=0)
+    return make_sample_dataset(root, categories=TEST_CATEGORIES, spec=spec)
+
+
+@dataclass
+class Store:
+    tracking_uri: str
+    home: Path
+    model_name: str
+    version: str
+    build: object  # registry.pipeline.BuildResult
+
+
+@pytest.fixture(scope="session")
+def store(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """Train a tiny STFPM and register it as `anomaly-detector` with alias champion."""
+    import mlflow
+
+    from registry.architectures import ModelConfig
+    from registry.pipeline import build_variant_fp32
+    from registry.train import TrainConfig
+
+    home = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        build = build_variant_fp32(
+            sample_root, home / "build", architecture="stfpm",
+            model_config=ModelConfig(input_size=(TEST_INPUT, TEST_INPUT)),
+            train_config=TrainConfig(epochs=12, lr=3e-3, batch_size=8, seed=0),
+            aliases=("champion",), artifact_root=home / "artifacts", show_progress=False,
+        )
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    assert build.registered is not None
+    return Store(uri, home, build.registered.name, build.registered.version, build)
+
+
+@pytest.fixture(scope="session")
+def grpc_target(store: Store, tmp_path_factory: pytest.TempPathFactory):
+    from service.launch import start_server
+
+    logs = tmp_path_factory.mktemp("logs")
+    child, target = start_server(store.tracking_uri, logs / "server.log",
+                                 cache_dir=store.home / "cache")
+    yield target
+    code = child.stop()
+    assert code == 0, (logs / "server.log").read_text()
+
+
+@pytest.fixture(scope="session")
+def http_base(grpc_target: str, tmp_path_factory: pytest.TempPathFactory):
+    from service.launch import start_gateway
+
+    logs = tmp_path_factory.mktemp("gwlogs")
+    child, base = start_gateway(grpc_target, logs / "gateway.log")
+    yield base
+    child.stop()
+
+
+@pytest.fixture(scope="session")
+def good_and_defect(sample_root: Path) -> tuple[list[Path], list[Path]]:
+    from registry.data.mvtec import load_test_split
+
+    samples = load_test_split(sample_root)
+    return ([s.path for s in samples if s.label == 0], [s.path for s in samples if s.label == 1])

@@ -1,0 +1,33 @@
+"""`anomaly score` against the running server, and its errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _anomaly(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_score_folder_prints_table(grpc_target: str, store, sample_root: Path) -> None:
+    folder = sample_root / "brick" / "test" / "patch"
+    proc = _anomaly("score", str(folder), "--target", grpc_target, "--category", "brick")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 image(s) scored" in proc.stdout
+    assert f"{store.model_name}/{store.version}" in proc.stdout
+
+
+def test_score_missing_path_is_usage_error(grpc_target: str) -> None:
+    proc = _anomaly("score", "/no/such/file.png", "--target", grpc_target)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
+
+
+def test_models_lists_loaded(grpc_target: str, store) -> None:
+    proc = _anomaly("models", "--target", grpc_target)
+    assert proc.returncode == 0, proc.stderr
+    assert "stfpm" in proc.stdout and store.version in proc.stdout

@@ -1,0 +1,107 @@
+"""The real HTTP gateway (child process) in front of the real gRPC server."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def http(http_base: str):
+    with httpx.Client(base_url=http_base, timeout=30) as client:
+        yield client
+
+
+def _category(path: Path) -> str:
+    return path.parts[-4]
+
+
+def _problem(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
+def test_health_and_readiness(http: httpx.Client) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").json() == {"status": "SERVING"}
+
+
+def test_multipart_and_raw_body_agree(http: httpx.Client, store, good_and_defect) -> None:
+    path = good_and_defect[1][0]
+    multi = http.post("/v1/score", files={"image": (path.name, path.read_bytes(), "image/png")},
+                      data={"category": _category(path), "request_id": "P-1",
+                            "return_anomaly_map": "true"})
+    assert multi.status_code == 200, multi.text
+    m = multi.json()
+    raw = http.post("/v1/score", content=path.read_bytes(), headers={"content-type": "image/png"},
+                    params={"category": _category(path), "request_id": "P-2"})
+    assert raw.status_code == 200, raw.text
+    r = raw.json()
+    assert m["request_id"] == "P-1" and r["request_id"] == "P-2"
+    assert m["score"] == pytest.approx(r["score"])
+    assert m["model"]["version"] == store.version == r["model"]["version"]
+    assert m["anomaly_map_png_base64"] and r["anomaly_map_png_base64"] is None
+
+
+def test_defects_score_higher_over_http(http: httpx.Client, good_and_defect) -> None:
+    good, defect = good_and_defect
+
+    def score(p: Path) -> float:
+        resp = http.post("/v1/score", content=p.read_bytes(),
+                         headers={"content-type": "application/octet-stream"},
+                         params={"category": _category(p)})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["score"]
+
+    assert statistics.median(map(score, defect)) > statistics.median(map(score, good))
+
+
+def test_models_endpoints(http: httpx.Client, store) -> None:
+    listed = http.get("/v1/models").json()
+    assert store.version in {m["ref"]["version"] for m in listed}
+    one = http.get(f"/v1/models/{store.model_name}", params={"alias": "stfpm-fp32"}).json()
+    assert one["ref"]["version"] == store.version and one["categories"] == ["brick", "coffee"]
+    _problem(http.get("/v1/models/no-such-model"), 404)
+
+
+@pytest.mark.parametrize("case", ["empty", "not-image", "truncated", "wrong-type", "no-file",
+                                  "unknown-alias", "unknown-category", "bad-version"])
+def test_bad_input_problem_json_then_still_serving(case: str, http: httpx.Client,
+                                                   good_and_defect) -> None:
+    good = good_and_defect[0][0].read_bytes()
+    png = {"content-type": "image/png"}
+    if case == "empty":
+        body = _problem(http.post("/v1/score", content=b"", headers=png), 400)
+        assert body["grpc_status"] == "INVALID_ARGUMENT"
+    elif case == "not-image":
+        _problem(http.post("/v1/score", content=b"GIF? no, plain text" * 9, headers=png), 400)
+    elif case == "truncated":
+        _problem(http.post("/v1/score", content=good[:200], headers=png), 400)
+    elif case == "wrong-type":
+        _problem(http.post("/v1/score", json={"image": "abc"}), 415)
+    elif case == "no-file":
+        _problem(http.post("/v1/score", data={"category": "brick"},
+                           files={"other": ("x.txt", b"hello", "text/plain")}), 400)
+    elif case == "unknown-alias":
+        _problem(http.post("/v1/score", content=good, headers=png, params={"alias": "nope"}), 404)
+    elif case == "unknown-category":
+        _problem(http.post("/v1/score", content=good, headers=png, params={"category": "x"}), 400)
+    elif case == "bad-version":
+        _problem(http.post("/v1/score", content=good, headers=png, params={"version": "abc"}), 400)
+    ok = http.post("/v1/score", content=good, headers=png)
+    assert ok.status_code == 200 and ok.json()["model"]["version"]
+
+
+def test_unknown_route_is_problem_json(http: httpx.Client) -> None:
+    _problem(http.get("/v2/nothing"), 404)
+
+
+def test_openapi_lists_routes(http: httpx.Client) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/score", "/v1/models", "/v1/models/{name}", "/healthz", "/readyz"} <= set(paths)
