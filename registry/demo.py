@@ -145,11 +145,11 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> l
                         f"{champion.metadata.image_stats[cat].threshold:.4g}")
     console.print(per_cat)
     console.print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
-    console.print("Open the MLflow UI on this store:\n  "
-                  f".venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
-                  f"--default-artifact-root {(home / 'mlartifacts').as_uri()} "
-                  "--host 127.0.0.1 --port 5000")
-    console.print("Serve it yourself:\n  "
-                  f".venv/bin/anomaly serve --tracking-uri {tracking_uri}   # gRPC :50051\n  "
-                  ".venv/bin/anomaly gateway                                  # HTTP :8000")
+    ui = (f".venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
+          f"--default-artifact-root {(home / 'mlartifacts').as_uri()} --host 127.0.0.1 --port 5000")
+    console.print("Open the MLflow UI on this store:")
+    console.print(f"  {ui}", soft_wrap=True)
+    console.print("Serve it yourself:")
+    console.print(f"  .venv/bin/anomaly serve --tracking-uri {tracking_uri}   # gRPC :50051", soft_wrap=True)
+    console.print("  .venv/bin/anomaly gateway   # HTTP :8000 in front of it", soft_wrap=True)
     return results

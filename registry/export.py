@@ -8,6 +8,7 @@ torch outputs through ONNX Runtime before it is accepted.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,16 @@ def export_onnx(model: AnomalyModel, path: Path | str, opset: int = OPSET,
     h, w = model.config.input_size
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     dyn = {0: "batch"}
-    torch.onnx.export(
-        model, (example,), str(path),
-        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-        dynamic_axes={INPUT_NAME: dyn, OUTPUT_NAMES[0]: dyn, OUTPUT_NAMES[1]: dyn},
-        opset_version=opset, dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deliberate (stable QDQ export later); its
+        # deprecation and constant-folding notices are noise for users.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path),
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: dyn, OUTPUT_NAMES[0]: dyn, OUTPUT_NAMES[1]: dyn},
+            opset_version=opset, dynamo=False,
+        )
     onnx.checker.check_model(str(path), full_check=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     probe = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(1))

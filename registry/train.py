@@ -102,6 +102,7 @@ def train_model(
     train_idx, val_idx = _split(len(images), config.val_fraction, config.seed)
     train_x, val_x = images[train_idx], images[val_idx]
     model.to(memory_format=torch.channels_last)
+    model.fit_setup(train_x, config.batch_size, config.lr)
     optimizer = model.make_optimizer(config.lr)
     result = TrainResult(n_train=len(train_x), n_val=len(val_x))
     best_state = copy.deepcopy(model.state_dict())
@@ -143,7 +144,8 @@ def train_model(
             progress.update(task, advance=1, info=(
                 f"loss {record['train_loss']:.3f} val {record['val_loss']:.3f}"))
     model.load_state_dict(best_state)
-    model.to(memory_format=torch.contiguous_format)
     model.eval()
+    model.fit_finalize(train_x, config.batch_size, config.lr)
+    model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
     return result

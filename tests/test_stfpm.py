@@ -15,7 +15,7 @@ from registry.export import export_onnx
 
 
 def test_registry_of_architectures() -> None:
-    assert "stfpm" in ARCHITECTURES
+    assert set(ARCHITECTURES) == {"stfpm", "rd", "us"}
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("nope")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from registry.architectures.base import AnomalyModel, ModelConfig
+from registry.architectures.reverse_distillation import ReverseDistillation
 from registry.architectures.stfpm import STFPM
+from registry.architectures.uninformed_students import UninformedStudents
 
 ARCHITECTURES: dict[str, type[AnomalyModel]] = {
-    STFPM.name: STFPM,
+    cls.name: cls for cls in (STFPM, ReverseDistillation, UninformedStudents)
 }
 
 

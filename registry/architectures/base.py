@@ -4,8 +4,10 @@ A model takes `(B, 3, H, W)` RGB in [0, 1] (ImageNet normalisation happens insid
 is part of the exported graph). In training mode `loss(images)` returns the scalar to
 minimise; in eval mode `forward(images)` returns the anomaly map `(B, 1, H, W)` and the
 image score `(B,)` (max of the map, away from the edges). Every architecture therefore exports to the same
-ONNX contract and the server needs no per-architecture code. A new architecture is one
-new sub-package that subclasses `AnomalyModel` and registers itself in `ARCHITECTURES`.
+ONNX contract and the server needs no per-architecture code. Two optional hooks,
+`fit_setup` and `fit_finalize`, run before and after the training loop for methods with
+extra phases. A new architecture is one new sub-package that subclasses `AnomalyModel`
+and is listed in `ARCHITECTURES`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ class AnomalyModel(nn.Module, ABC):
     @abstractmethod
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
         """Anomaly map `(B, 1, H, W)` at input resolution (higher = more anomalous)."""
+
+    def fit_setup(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
+        """Hook before the main training loop (e.g. distil a teacher). Default: nothing.
+
+        Args:
+            images: all training images `(N, 3, H, W)` in [0, 1].
+            batch_size: batch size of the run.
+            lr: learning rate of the run.
+        """
+
+    def fit_finalize(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
+        """Hook after training, best weights loaded (e.g. normalisation statistics)."""
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimiser updates (default: all that require grad)."""

@@ -131,6 +131,10 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _bn(HEAD_CHANNELS)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
+    def channels(self, stage: int) -> int:
+        """Output channels of a stage."""
+        return STAGE_ENDS[stage].channels
+
     def features(self, x: torch.Tensor, stages: tuple[int, ...]) -> list[torch.Tensor]:
         """Outputs at the end of the given stages (0-based), shallowest first.
 

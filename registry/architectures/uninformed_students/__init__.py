@@ -1,0 +1,5 @@
+"""Uninformed Students architecture."""
+
+from registry.architectures.uninformed_students.model import UninformedStudents
+
+__all__ = ["UninformedStudents"]

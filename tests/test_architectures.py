@@ -1,0 +1,70 @@
+"""Every architecture: same interface, trains (loss falls), same ONNX contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from registry.architectures import ARCHITECTURES, ModelConfig, build_model
+from registry.export import export_onnx
+
+SIZE = (64, 64)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_interface_training_and_export(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, ModelConfig(input_size=SIZE, extra={"teacher_epochs": 2}))
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, *SIZE)
+    model.fit_setup(x, 4, 3e-3)
+    opt = model.make_optimizer(3e-3)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    model.fit_finalize(x, 4, 3e-3)
+    frozen_prefix = {"stfpm": "teacher.", "rd": "encoder.", "us": "backbone."}[name]
+    for key, value in model.state_dict().items():
+        if key.startswith(frozen_prefix):
+            assert torch.equal(value, frozen[key]), f"frozen {key} changed"
+    assert any(not torch.equal(v, frozen[k]) for k, v in model.state_dict().items()
+               if not k.startswith(frozen_prefix))
+    path = export_onnx(model, tmp_path / f"{name}.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert [o.name for o in sess.get_outputs()] == ["anomaly_map", "score"]
+    amap, score = sess.run(None, {"image": np.random.default_rng(0).random((3, 3, *SIZE), dtype=np.float32)})
+    assert amap.shape == (3, 1, *SIZE) and score.shape == (3,)
+
+
+def test_us_standardises_with_training_statistics() -> None:
+    torch.manual_seed(0)
+    model = build_model("us", ModelConfig(input_size=SIZE, extra={"teacher_epochs": 1}))
+    x = torch.rand(6, 3, *SIZE)
+    model.fit_setup(x, 6, 1e-3)
+    model.eval()
+    model.fit_finalize(x, 6, 1e-3)
+    with torch.no_grad():
+        target, _ = model._descriptors(x)
+        amap = model.anomaly_map(x)
+    # teacher descriptors standardised on the same data: mean ≈ 0, std ≈ 1 per channel
+    assert target.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (target.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
+    # error and variance standardised on the same data: the summed map averages ≈ 0
+    assert abs(float(amap.mean())) < 0.2
+
+
+def test_rd_needs_three_levels() -> None:
+    with pytest.raises(ValueError, match="three"):
+        build_model("rd", ModelConfig(input_size=SIZE, extra={"stages": (1, 2)}))
