@@ -98,11 +98,12 @@ def _mount_optional() -> None:
     try:
         import typer as _  # noqa: F401
 
-        from registry.cli import demo_cmd, sample_data_cmd, train_cmd
+        from registry.cli import compare_cmd, demo_cmd, sample_data_cmd, train_cmd
     except ImportError:
         return
     app.command("sample-data")(sample_data_cmd)
     app.command("train")(train_cmd)
+    app.command("compare")(compare_cmd)
     app.command("demo")(demo_cmd)
 
 

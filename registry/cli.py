@@ -34,6 +34,10 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(help="batch size")] = 8,
     lr: Annotated[float, typer.Option(help="learning rate (Adam)")] = 3e-3,
     input_size: Annotated[int, typer.Option(help="square input side (multiple of 32)")] = 256,
+    backbone: Annotated[str, typer.Option(help="efficientnet_lite0 | resnet18 | wide_resnet50_2")]
+    = "efficientnet_lite0",
+    backbone_weights: Annotated[Path | None, typer.Option(
+        help="torchvision/lukemelas state-dict file (required for the ResNets)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     work_dir: Annotated[Path, typer.Option(help="where ONNX files are written")] = Path("runs"),
     tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in .demo)")] = "",
@@ -58,7 +62,8 @@ def train_cmd(
     try:
         result = build_variant_fp32(
             data, work_dir, architecture=architecture,
-            model_config=ModelConfig(input_size=(input_size, input_size)),
+            model_config=ModelConfig(input_size=(input_size, input_size), backbone=backbone,
+                                     backbone_weights=str(backbone_weights) if backbone_weights else None),
             train_config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
             categories=[c for c in categories.split(",") if c] or None,
             model_name=model_name, aliases=tuple(alias or ()),
@@ -73,10 +78,48 @@ def train_cmd(
                f"aliases {', '.join(reg.aliases) if reg else '-'}")
 
 
+@app.command("compare")
+def compare_cmd(
+    data: Annotated[Path, typer.Option(help="dataset root in MVTec AD layout")] = Path(".demo/data"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    categories: Annotated[str, typer.Option(help="comma-separated subset (default: all)")] = "",
+    epochs: Annotated[int, typer.Option(help="epochs for every model (0 = per-architecture defaults)")] = 0,
+    input_size: Annotated[int, typer.Option(help="square input side")] = 256,
+    out: Annotated[Path, typer.Option(help="Markdown report to (re)write")] = Path("docs/results.md"),
+    work_dir: Annotated[Path, typer.Option(help="where ONNX files are written")] = Path("runs/compare"),
+    tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in .demo)")] = "",
+) -> None:
+    """Unified vs one-class for each architecture → MLflow metrics + docs/results.md."""
+    import shlex
+    import sys
+
+    import mlflow
+
+    from registry.architectures import ModelConfig
+    from registry.compare import run_and_write
+    from registry.mlflow_registry import embedded_tracking_uri
+    from registry.train import TrainConfig
+    from service.logs import configure_logging
+
+    configure_logging("INFO")
+    mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(Path(".demo")))
+    rows = run_and_write(
+        data, work_dir, out, [a for a in architectures.split(",") if a],
+        ModelConfig(input_size=(input_size, input_size)), TrainConfig(epochs=epochs),
+        command="anomaly " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        categories=[c for c in categories.split(",") if c] or None)
+    for r in rows:
+        typer.echo(f"{r.architecture:6s} {r.setup:9s} models={r.n_models} image AUROC "
+                   f"{r.mean('image_auroc'):.3f} pixel AUROC {r.mean('pixel_auroc'):.3f} "
+                   f"AUPRO {r.mean('aupro'):.3f}")
+    typer.echo(f"wrote {out}")
+
+
 @app.command("demo")
 def demo_cmd(
     home: Annotated[Path, typer.Option(help="folder for data, MLflow store, logs")] = Path(".demo"),
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 40,
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    epochs: Annotated[int, typer.Option(help="epochs for every architecture (0 = demo defaults)")] = 0,
     input_size: Annotated[int, typer.Option(help="square input side")] = 256,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
@@ -85,4 +128,5 @@ def demo_cmd(
     from service.logs import configure_logging
 
     configure_logging("WARNING")
-    run_demo(DemoConfig(home=home, epochs=epochs, input_size=input_size, seed=seed))
+    run_demo(DemoConfig(home=home, architectures=tuple(a for a in architectures.split(",") if a),
+                        epochs=epochs, input_size=input_size, seed=seed))

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve
 
 from registry.data.mvtec import Sample
+from registry.metrics import aupro, auroc
 from service.engine import OnnxModel
 from service.imaging import decode_image
 from service.metadata import GLOBAL, ModelMetadata, ScoreStats
@@ -46,6 +47,11 @@ class EvalReport:
         """Mean pixel AUROC over categories."""
         return self.metrics["pixel_auroc"]
 
+    @property
+    def aupro(self) -> float:
+        """Mean AUPRO (FPR ≤ 0.3) over categories."""
+        return self.metrics["aupro"]
+
 
 def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold that maximises F1 (anomalib's F1AdaptiveThreshold)."""
@@ -62,10 +68,6 @@ def _mask(sample: Sample, size: tuple[int, int]) -> np.ndarray:
         return np.zeros((h, w), dtype=bool)
     m = Image.open(sample.mask_path).convert("L").resize((w, h), Image.NEAREST)
     return np.asarray(m) > 127
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float(roc_auc_score(labels, scores)) if labels.min() != labels.max() else float("nan")
 
 
 def score_samples(model: OnnxModel, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -96,8 +98,8 @@ def evaluate(onnx_path: Path | str, metadata: ModelMetadata, samples: list[Sampl
         providers: ONNX Runtime execution providers.
 
     Returns:
-        An `EvalReport` (metrics keys: `image_auroc`, `pixel_auroc`, per category
-        `image_auroc/<cat>` and `pixel_auroc/<cat>`, `latency_ms_p50`).
+        An `EvalReport` (metrics keys: `image_auroc`, `pixel_auroc`, `aupro` (FPR ≤ 0.3),
+        the same per category as `<metric>/<cat>`, and `latency_ms_p50`).
     """
     model = OnnxModel(onnx_path, metadata, providers=providers)
     model.warmup()
@@ -108,17 +110,19 @@ def evaluate(onnx_path: Path | str, metadata: ModelMetadata, samples: list[Sampl
     for cat in sorted(set(cats)):
         sel = cats == cat
         masks = np.stack([_mask(s, metadata.input_size) for s in np.array(samples, dtype=object)[sel]])
-        img_auc = _auroc(labels[sel], scores[sel])
-        px_auc = _auroc(masks.ravel(), maps[sel].ravel())
-        report.per_category[cat] = {"image_auroc": img_auc, "pixel_auroc": px_auc}
-        report.metrics[f"image_auroc/{cat}"] = img_auc
-        report.metrics[f"pixel_auroc/{cat}"] = px_auc
+        report.per_category[cat] = {
+            "image_auroc": auroc(labels[sel], scores[sel]),
+            "pixel_auroc": auroc(masks, maps[sel]),
+            "aupro": aupro(masks, maps[sel]),
+        }
+        for key, value in report.per_category[cat].items():
+            report.metrics[f"{key}/{cat}"] = value
         report.image_stats[cat] = ScoreStats(
             threshold=f1_threshold(labels[sel], scores[sel]),
             min=float(scores[sel].min()), max=float(scores[sel].max()))
     report.image_stats[GLOBAL] = ScoreStats(
         threshold=f1_threshold(labels, scores), min=float(scores.min()), max=float(scores.max()))
-    for key in ("image_auroc", "pixel_auroc"):
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
         report.metrics[key] = float(np.nanmean([v[key] for v in report.per_category.values()]))
     report.metrics["latency_ms_p50"] = report.latency_ms_p50
     good_maps = maps[labels == 0]

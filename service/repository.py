@@ -101,7 +101,8 @@ class ModelRepository:
                                    registry_uri=settings.tracking_uri)
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
-        self._lock = threading.RLock()
+        self._lru_lock = threading.Lock()  # brief: LRU bookkeeping
+        self._load_lock = threading.Lock()  # long: one download/load at a time
 
     def _resolve(self, spec: ModelSpec) -> str:
         from mlflow.exceptions import MlflowException
@@ -153,20 +154,34 @@ class ModelRepository:
                 raise ModelLoadError(f"could not download {uri}: {exc}") from exc
         return dest, uri
 
-    def load(self, name: str, version: str) -> LoadedModel:
-        """Return the loaded version, downloading and loading it on first use."""
-        key = (name, version)
-        with self._lock:
-            if key in self._loaded:
+    def _cached(self, key: tuple[str, str]) -> LoadedModel | None:
+        with self._lru_lock:
+            loaded = self._loaded.get(key)
+            if loaded is not None:
                 self._loaded.move_to_end(key)
-                return self._loaded[key]
+            return loaded
+
+    def load(self, name: str, version: str) -> LoadedModel:
+        """Return the loaded version, downloading and loading it on first use.
+
+        Loads are serialised, but requests for versions already loaded never wait for one.
+        """
+        key = (name, version)
+        loaded = self._cached(key)
+        if loaded is not None:
+            return loaded
+        with self._load_lock:
+            loaded = self._cached(key)
+            if loaded is not None:
+                return loaded
             t0 = time.perf_counter()
             local, uri = self._download(name, version)
             loaded = LoadedModel(name, version, load_model_dir(local, self.settings), uri)
-            self._loaded[key] = loaded
-            while len(self._loaded) > self.settings.max_loaded_models:
-                old_key, _ = self._loaded.popitem(last=False)
-                log.info("unloaded %s/%s (LRU)", *old_key)
+            with self._lru_lock:
+                self._loaded[key] = loaded
+                while len(self._loaded) > self.settings.max_loaded_models:
+                    old_key, _ = self._loaded.popitem(last=False)
+                    log.info("unloaded %s/%s (LRU)", *old_key)
             log.info("loaded %s/%s (%s, %s) in %.2fs on %s", name, version,
                      loaded.metadata.architecture, loaded.metadata.variant,
                      time.perf_counter() - t0, loaded.model.provider)
@@ -182,5 +197,5 @@ class ModelRepository:
 
     def loaded(self) -> list[LoadedModel]:
         """The versions currently loaded, least recently used first."""
-        with self._lock:
+        with self._lru_lock:
             return list(self._loaded.values())

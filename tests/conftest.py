@@ -32,26 +32,25 @@ class Store:
     build: object  # registry.pipeline.BuildResult
 
 
-@pytest.fixture(scope="session")
-def store(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """Train a tiny STFPM and register it as `anomaly-detector` with alias champion."""
+def _build(sample_root: Path, home: Path, uri: str, architecture: str, epochs: int,
+           aliases: tuple[str, ...] = ()):
+    """Train, export, evaluate and register one tiny model into the store at `uri`."""
     import mlflow
 
     from registry.architectures import ModelConfig
     from registry.pipeline import build_variant_fp32
     from registry.train import TrainConfig
 
-    home = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     try:
         build = build_variant_fp32(
-            sample_root, home / "build", architecture="stfpm",
-            model_config=ModelConfig(input_size=(TEST_INPUT, TEST_INPUT)),
-            train_config=TrainConfig(epochs=12, lr=3e-3, batch_size=8, seed=0),
-            aliases=("champion",), artifact_root=home / "artifacts", show_progress=False,
+            sample_root, home / "build" / architecture, architecture=architecture,
+            model_config=ModelConfig(input_size=(TEST_INPUT, TEST_INPUT),
+                                     extra={"teacher_epochs": 8}),
+            train_config=TrainConfig(epochs=epochs, lr=3e-3, batch_size=8, seed=0),
+            aliases=aliases, artifact_root=home / "artifacts", show_progress=False,
         )
     finally:
         if old is None:
@@ -59,7 +58,23 @@ def store(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
     assert build.registered is not None
+    return build
+
+
+@pytest.fixture(scope="session")
+def store(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """Train a tiny STFPM and register it as `anomaly-detector` with alias champion."""
+    home = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    build = _build(sample_root, home, uri, "stfpm", 12, aliases=("champion",))
     return Store(uri, home, build.registered.name, build.registered.version, build)
+
+
+@pytest.fixture(scope="session")
+def other_architectures(store: Store, sample_root: Path) -> dict[str, object]:
+    """Tiny RD and Uninformed Students registered into the same store (`<arch>-fp32`)."""
+    return {arch: _build(sample_root, store.home, store.tracking_uri, arch, epochs)
+            for arch, epochs in (("rd", 12), ("us", 10))}
 
 
 @pytest.fixture(scope="session")

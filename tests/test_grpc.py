@@ -161,3 +161,18 @@ def test_truncated_png_and_unknown_category(stub, good_and_defect) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown category" in info.value.details()
     assert stub.Score(pb.ScoreRequest(encoded=data, category="brick"), timeout=30).category == "brick"
+
+
+@pytest.mark.parametrize("arch", ["rd", "us"])
+def test_every_architecture_is_served_by_the_same_server(arch: str, grpc_target: str,
+                                                         other_architectures, good_and_defect) -> None:
+    build = other_architectures[arch]
+    good, defect = good_and_defect
+    with AnomalyClient(grpc_target) as client:
+        g = [client.score(p, alias=f"{arch}-fp32", category=_category(p)) for p in good]
+        d = [client.score(p, alias=f"{arch}-fp32", category=_category(p)) for p in defect]
+        info = client.get_model(alias=f"{arch}-fp32")
+    assert info.ref.architecture == arch and info.ref.version == build.registered.version
+    for r in g + d:
+        assert r.model.architecture == arch and r.model.version == build.registered.version
+    assert statistics.median(r.score for r in d) > statistics.median(r.score for r in g)

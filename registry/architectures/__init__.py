@@ -11,6 +11,11 @@ ARCHITECTURES: dict[str, type[AnomalyModel]] = {
     cls.name: cls for cls in (STFPM, ReverseDistillation, UninformedStudents)
 }
 
+# CPU-budget schedules used by the demo and `anomaly compare` (sample data, 2 cores):
+# epochs per architecture and extra options. Pass explicit values for full training.
+DEFAULT_EPOCHS: dict[str, int] = {"stfpm": 40, "rd": 30, "us": 20}
+DEFAULT_EXTRA: dict[str, dict[str, object]] = {"us": {"teacher_epochs": 10}}
+
 
 def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
     """Instantiate an architecture by name.
@@ -25,4 +30,5 @@ def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
     return cls(config or ModelConfig())
 
 
-__all__ = ["ARCHITECTURES", "AnomalyModel", "ModelConfig", "build_model"]
+__all__ = ["ARCHITECTURES", "DEFAULT_EPOCHS", "DEFAULT_EXTRA", "AnomalyModel", "ModelConfig",
+           "build_model"]

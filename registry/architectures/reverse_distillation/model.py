@@ -54,16 +54,18 @@ class Bottleneck(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """×2 transposed-conv upsampling followed by a 3×3 conv, both with BN + ReLU."""
+    """×2 transposed-conv upsampling, a 3×3 conv (both BN + ReLU), and a linear 1×1
+    projection: encoder features may be negative (EfficientNet stage outputs are linear)."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.up = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2, bias=False),
                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.conv = _conv_bn_relu(cout, cout)
+        self.project = nn.Conv2d(cout, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.conv(self.up(x))
+        return self.project(self.conv(self.up(x)))
 
 
 class ReverseDistillation(AnomalyModel):

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class PatchNet(nn.Module):
     """Dense patch-descriptor network: `(B, 3, H, W)` → `(B, dim, H/4, W/4)`, RF 37 px."""
 
-    def __init__(self, dim: int = 64, width: int = 64) -> None:
+    def __init__(self, dim: int = 64, width: int = 32) -> None:
         super().__init__()
         act = nn.LeakyReLU(5e-3)
         self.net = nn.Sequential(
