@@ -24,6 +24,8 @@ def test_interface_training_and_export(name: str, tmp_path: Path) -> None:
     model.fit_setup(x, 4, 3e-3)
     opt = model.make_optimizer(3e-3)
     model.train()
+    frozen_module = getattr(model, {"stfpm": "teacher", "rd": "encoder", "us": "backbone"}[name])
+    assert not frozen_module.training and model.training
     losses = []
     for _ in range(10):
         loss = model.loss(x)

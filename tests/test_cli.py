@@ -31,3 +31,12 @@ def test_models_lists_loaded(grpc_target: str, store) -> None:
     proc = _anomaly("models", "--target", grpc_target)
     assert proc.returncode == 0, proc.stderr
     assert "stfpm" in proc.stdout and store.version in proc.stdout
+
+
+def test_train_on_a_wrong_layout_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "img.png").write_bytes(b"not really")
+    proc = _anomaly("train", "--data", str(tmp_path / "flat"), "--tracking-uri",
+                    f"sqlite:///{tmp_path / 'm.db'}", "--work-dir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert "MVTec AD layout" in proc.stderr

@@ -68,6 +68,31 @@ class AnomalyModel(nn.Module, ABC):
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
         """Anomaly map `(B, 1, H, W)` at input resolution (higher = more anomalous)."""
 
+    @staticmethod
+    def freeze(module: nn.Module) -> nn.Module:
+        """Stop gradients into `module` and keep it in eval mode (frozen batch-norm), even
+        when the model is switched to training."""
+        for p in module.parameters():
+            p.requires_grad_(False)
+        module.frozen = True  # read by `train`
+        return module.eval()
+
+    def pretrained_backbone(self) -> nn.Module:
+        """The configured ImageNet backbone, frozen, truncated to the levels in use."""
+        from registry.backbones import build_backbone
+
+        return self.freeze(build_backbone(self.config.backbone, pretrained=True,
+                                          weights=self.config.backbone_weights,
+                                          stages=self.config.extra.get("stages")))
+
+    def train(self, mode: bool = True) -> AnomalyModel:
+        """Switch mode; frozen sub-modules stay in eval."""
+        super().train(mode)
+        for m in self.modules():
+            if getattr(m, "frozen", False):
+                m.eval()
+        return self
+
     def fit_setup(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
         """Hook before the main training loop (e.g. distil a teacher). Default: nothing.
 

@@ -16,7 +16,6 @@ from registry.architectures.base import AnomalyModel, ModelConfig
 from registry.architectures.common import GaussianBlur
 from registry.architectures.reverse_distillation.anomaly_map import rd_anomaly_map
 from registry.architectures.reverse_distillation.loss import rd_loss
-from registry.backbones import build_backbone
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -76,27 +75,16 @@ class ReverseDistillation(AnomalyModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        stages = config.extra.get("stages")
-        self.encoder = build_backbone(config.backbone, pretrained=True,
-                                      weights=config.backbone_weights, stages=stages)
-        self.stages = tuple(stages or self.encoder.default_stages)
+        self.encoder = self.pretrained_backbone()
+        self.stages = tuple(config.extra.get("stages") or self.encoder.default_stages)
         if len(self.stages) != 3:
             raise ValueError("reverse distillation uses exactly three encoder levels")
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
-        self.encoder.eval()
         ch = [self.encoder.channels(s) for s in self.stages]
         emb = int(config.extra.get("embedding", 4 * ch[2]))
         self.bottleneck = Bottleneck(ch, emb)
         self.decoder = nn.ModuleList([DecoderStage(emb, ch[2]), DecoderStage(ch[2], ch[1]),
                                       DecoderStage(ch[1], ch[0])])
         self.blur = GaussianBlur(float(config.extra.get("blur_sigma", 4.0)))
-
-    def train(self, mode: bool = True) -> ReverseDistillation:
-        """Switch mode; the encoder always stays in eval (frozen batch-norm)."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():

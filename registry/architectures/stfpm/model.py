@@ -28,19 +28,9 @@ class STFPM(AnomalyModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         stages = config.extra.get("stages")
-        self.teacher = build_backbone(config.backbone, pretrained=True,
-                                      weights=config.backbone_weights, stages=stages)
+        self.teacher = self.pretrained_backbone()
         self.student = build_backbone(config.backbone, pretrained=False, stages=stages)
         self.stages = tuple(stages or self.teacher.default_stages)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> STFPM:
-        """Switch mode; the teacher always stays in eval (frozen batch-norm)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         x = self.normalize(images)

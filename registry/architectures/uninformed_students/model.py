@@ -59,12 +59,9 @@ class UninformedStudents(AnomalyModel):
         super().__init__(config)
         dim = int(config.extra.get("dim", 64))
         self.teacher_epochs = int(config.extra.get("teacher_epochs", 20))
-        self.backbone = build_backbone(config.backbone, pretrained=True,
-                                       weights=config.backbone_weights)
+        self.backbone = self.freeze(build_backbone(config.backbone, pretrained=True,
+                                                   weights=config.backbone_weights))
         self.backbone_stages = tuple(self.backbone.default_stages[:2])
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
         target_ch = sum(self.backbone.channels(s) for s in self.backbone_stages)
         self.teacher = PatchNet(dim)
         self.decoder = nn.Conv2d(dim, target_ch, 1)  # teacher → backbone feature space
@@ -73,12 +70,6 @@ class UninformedStudents(AnomalyModel):
         self.register_buffer("t_std", torch.ones(1, dim, 1, 1))
         self.register_buffer("err_stats", torch.tensor([0.0, 1.0]))
         self.register_buffer("var_stats", torch.tensor([0.0, 1.0]))
-
-    def train(self, mode: bool = True) -> UninformedStudents:
-        """Switch mode; backbone and teacher stay frozen in eval once distilled."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
 
     def trainable_parameters(self):  # noqa: D102
         return self.students.parameters()
@@ -107,8 +98,8 @@ class UninformedStudents(AnomalyModel):
                 opt.step()
                 losses.append(loss.item())
             log.info("teacher distillation epoch %d loss %.4f", epoch + 1, sum(losses) / len(losses))
-        for p in params:
-            p.requires_grad_(False)
+        self.freeze(self.teacher)
+        self.freeze(self.decoder)
         with torch.no_grad():
             desc = torch.cat([self.teacher(self.normalize(images[i:i + batch_size]))
                               for i in range(0, len(images), batch_size)])
