@@ -38,7 +38,7 @@ def serve_cmd(
 
     settings = _settings(tracking_uri=tracking_uri, model_name=model, model_alias=alias,
                          grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ServiceError as exc:
@@ -62,7 +62,7 @@ def gateway_cmd(
 
     settings = _settings(grpc_target=grpc_target, http_host=host, http_port=port,
                          log_level=log_level)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.grace_s))
 

@@ -3,8 +3,10 @@
 The gRPC servicer and (through it) the HTTP gateway only translate to and from these
 calls. Blocking work — registry look-ups, image decoding, ONNX Runtime — runs in a
 bounded thread pool, so the asyncio loop that serves the transport stays responsive.
-Admission is bounded: beyond `max_inflight` requests the answer is `Overloaded`
-(RESOURCE_EXHAUSTED / HTTP 429), never an unbounded queue.
+Images are decoded in parallel, then queue into the model's dynamic batcher
+(`service.batcher`). Admission is bounded twice: beyond `max_inflight` requests, or a
+full model queue, the answer is `Overloaded` (RESOURCE_EXHAUSTED / HTTP 429).
+Watched aliases are followed by `service.watcher` and answered from memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from service import metrics
+from service.batcher import Batcher
 from service.engine import Decision
 from service.errors import InvalidInput, Overloaded
 from service.imaging import decode_image, raw_to_rgb
 from service.repository import LoadedModel, ModelRepository, ModelSpec
 from service.settings import Settings
+from service.watcher import ModelWatcher
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ class ScoreInput:
     category: str = ""
     return_anomaly_map: bool = False
     request_id: str = ""
+    deadline: float | None = None  # time.monotonic() by which the answer is needed
 
 
 @dataclass
@@ -66,7 +73,7 @@ class ScoreOutput:
 
 
 class DataPlane:
-    """Scores images with models from a `ModelRepository`.
+    """Scores images with models from a `ModelRepository`, through per-model batchers.
 
     Args:
         settings: server settings.
@@ -77,8 +84,11 @@ class DataPlane:
         self.settings = settings
         self.repository = repository or ModelRepository(settings)
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="infer")
+        self._batchers: dict[tuple[str, str], Batcher] = {}
         self._inflight = 0
         self.ready = False
+        self.watcher = ModelWatcher(self.repository, settings, self._run)
+        self.on_ready_change: Callable[[bool], None] | None = None
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -94,50 +104,104 @@ class DataPlane:
         return ModelSpec(model or self.settings.model_name,
                          "" if version else (alias or self.settings.model_alias), version)
 
-    async def start(self) -> LoadedModel:
-        """Load and warm up the default model; the plane is ready once it is."""
-        loaded = await self._run(self.repository.get, self.spec())
-        self.ready = True
-        return loaded
+    def _update_ready(self) -> None:
+        ready = self.repository.current(*self.settings.watched()[0]) is not None
+        if ready != self.ready:
+            self.ready = ready
+            if self.on_ready_change:
+                self.on_ready_change(ready)
+
+    async def start(self) -> bool:
+        """Load every watched alias, then follow the registry in the background.
+
+        Returns:
+            Whether the default model is serving (readiness). If not, the watcher keeps
+            trying and readiness flips once it loads.
+        """
+        await self.watcher.refresh_all()
+        self._update_ready()
+        self.watcher.on_change = self._update_ready
+        self.watcher.start()
+        return self.ready
 
     async def get_model(self, model: str = "", alias: str = "", version: int = 0) -> LoadedModel:
         """Resolve (and load) a model; raises ModelNotFound / NotReady / ModelLoadError."""
-        return await self._run(self.repository.get, self.spec(model, alias, version))
+        spec = self.spec(model, alias, version)
+        if spec.alias:
+            current = self.repository.current(spec.name, spec.alias)
+            if current is not None:
+                return current
+        return await self._run(self.repository.get, spec)
 
     def list_models(self) -> list[LoadedModel]:
         """The versions loaded now."""
         return self.repository.loaded()
 
+    def _batcher(self, loaded: LoadedModel) -> Batcher:
+        key = (loaded.name, loaded.version)
+        batcher = self._batchers.get(key)
+        if batcher is None or batcher.model is not loaded.model:
+            s = self.settings
+            batcher = Batcher(loaded.model, self._run, max_batch=s.max_batch_size,
+                              max_delay_s=s.max_queue_delay_ms / 1e3, max_queue=s.max_queue,
+                              workers=1 if s.max_batch_size > 1 else s.workers,
+                              label=f"{loaded.name}/{loaded.version}")
+            self._batchers[key] = batcher
+            self._prune_batchers()
+        return batcher
+
+    def _prune_batchers(self) -> None:
+        """Stop the idle batchers of versions that are no longer loaded."""
+        loaded = {(m.name, m.version) for m in self.repository.loaded()}
+        for key, batcher in list(self._batchers.items()):
+            if key not in loaded and batcher.idle:
+                del self._batchers[key]
+                asyncio.get_running_loop().create_task(batcher.close(0))
+
     async def score(self, req: ScoreInput) -> ScoreOutput:
         """Score one image.
 
         Raises:
-            Overloaded: when `max_inflight` requests are already admitted.
+            Overloaded: too many requests admitted, or the model's queue is full.
             InvalidInput: bad image or fields.
             ModelNotFound, NotReady, ModelLoadError: model selection problems.
+            DeadlineExceeded: the deadline passed while queued.
         """
         if self._inflight >= self.settings.max_inflight:
             raise Overloaded(f"server busy: {self._inflight} requests in flight; retry later")
         self._inflight += 1
         t0 = time.perf_counter()
         try:
-            spec = self.spec(req.model, req.alias, req.version)
             if req.encoded is None and req.raw is None:
                 raise InvalidInput("request has no image: set `encoded` bytes or `raw` pixels")
-            loaded = await self._run(self.repository.get, spec)
-            queued = time.perf_counter()
-            decision, timings = await self._run(self._score_sync, loaded, req)
-            timings["queue_ms"] = (queued - t0) * 1e3
-            timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+            loaded = await self.get_model(req.model, req.alias, req.version)
+            x, category, size, decode_s = await self._run(self._prepare, loaded, req)
+            result = await self._batcher(loaded).submit(x, req.deadline)
+            amap = result.amap if req.return_anomaly_map else None
+            if amap is None:
+                decision = loaded.model.decide(result.score, None, category, size)
+            else:
+                decision = await self._run(loaded.model.decide, result.score, amap, category, size)
+            total = time.perf_counter() - t0
+            timings = {"decode_ms": decode_s * 1e3, "queue_ms": result.queue_s * 1e3,
+                       "inference_ms": result.inference_s * 1e3, "total_ms": total * 1e3}
+            metrics.LATENCY.labels("decode").observe(decode_s)
+            metrics.LATENCY.labels("queue").observe(result.queue_s)
+            metrics.LATENCY.labels("inference").observe(result.inference_s)
+            metrics.LATENCY.labels("total").observe(total)
             rid = req.request_id or uuid.uuid4().hex
-            log.info("scored request_id=%s model=%s/%s category=%s score=%.5g anomalous=%s ms=%.1f",
-                     rid, loaded.name, loaded.version, decision.category or "-", decision.score,
-                     decision.is_anomalous, timings["total_ms"])
-            return ScoreOutput(rid, decision, loaded, spec.alias, timings)
+            log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
+                                      "category": decision.category, "score": decision.score,
+                                      "anomalous": decision.is_anomalous, "batch": result.batch_size,
+                                      "ms": round(total * 1e3, 2)})
+            alias = "" if req.version else (req.alias or self.settings.model_alias)
+            return ScoreOutput(rid, decision, loaded, alias, timings)
         finally:
             self._inflight -= 1
 
-    def _score_sync(self, loaded: LoadedModel, req: ScoreInput) -> tuple[Decision, dict[str, float]]:
+    def _prepare(self, loaded: LoadedModel,
+                 req: ScoreInput) -> tuple[np.ndarray, str, tuple[int, int], float]:
+        """Validate the category, decode and preprocess (runs in the pool)."""
         model = loaded.model
         category = model.resolve_category(req.category)  # validate before any work
         t0 = time.perf_counter()
@@ -148,14 +212,11 @@ class DataPlane:
         else:
             rgb = decode_image(req.encoded or b"", max_bytes=self.settings.max_image_bytes,
                                max_pixels=self.settings.max_image_pixels)
-        batch = model.prepare(rgb)[np.newaxis]
-        t1 = time.perf_counter()
-        scores, maps = model.run(batch)
-        t2 = time.perf_counter()
-        decision = model.decide(scores[0], maps[0] if req.return_anomaly_map else None,
-                                category, original_size=rgb.shape[:2])
-        return decision, {"decode_ms": (t1 - t0) * 1e3, "inference_ms": (t2 - t1) * 1e3}
+        x = model.prepare(rgb)
+        return x, category, rgb.shape[:2], time.perf_counter() - t0
 
-    def close(self) -> None:
-        """Stop the worker threads (after in-flight work finishes)."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop following the registry, drain the batchers, stop the worker threads."""
+        await self.watcher.stop()
+        await asyncio.gather(*(b.close(timeout) for b in self._batchers.values()))
         self.executor.shutdown(wait=True, cancel_futures=False)

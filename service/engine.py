@@ -59,6 +59,7 @@ class OnnxModel:
         metadata: its `ModelMetadata`.
         providers: ONNX Runtime execution providers, in order of preference.
         intra_op_threads: threads per operator (0 = ONNX Runtime's default).
+        provider_options: per-provider options (e.g. TensorRT engine cache settings).
 
     Raises:
         ModelLoadError: when the file does not load or does not match the contract.
@@ -70,6 +71,7 @@ class OnnxModel:
         metadata: ModelMetadata,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        provider_options: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.path = Path(onnx_path)
         self.metadata = metadata
@@ -78,11 +80,11 @@ class OnnxModel:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        chosen = available_providers(providers or ["CPUExecutionProvider"])
+        options = [(provider_options or {}).get(p, {}) for p in chosen]
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=opts,
-                providers=available_providers(providers or ["CPUExecutionProvider"]),
-            )
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                providers=chosen, provider_options=options)
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelLoadError(f"ONNX Runtime could not load {self.path.name}: {exc}") from exc
         self._check_contract()
@@ -156,6 +158,24 @@ class OnnxModel:
             category=cat,
             anomaly_map_png=png,
         )
+
+    def validate(self) -> None:
+        """Warm up and smoke-test: a batch of two must give finite outputs of the right shapes.
+
+        Raises:
+            ModelLoadError: when the model fails the smoke test.
+        """
+        h, w = self.metadata.input_size
+        try:
+            self.warmup((1,))
+            scores, maps = self.run(np.stack([np.full((3, h, w), v, np.float32) for v in (0.2, 0.7)]))
+        except Exception as exc:
+            raise ModelLoadError(f"smoke test failed: {exc}") from exc
+        if scores.shape != (2,) or maps.shape != (2, h, w):
+            raise ModelLoadError(f"smoke test: output shapes {scores.shape}, {maps.shape}; expected "
+                                 f"(2,) and (2, {h}, {w})")
+        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+            raise ModelLoadError("smoke test: the model produced non-finite outputs")
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run dummy batches so the first real request pays no lazy-initialisation cost."""

@@ -7,11 +7,13 @@ HTTP codes with RFC 9457 problem+json bodies. Routes:
   (`image/*` / `application/octet-stream`, options as query parameters)
 - `GET /v1/models`, `GET /v1/models/{name}?alias=&version=`
 - `GET /healthz` (process up), `GET /readyz` (gRPC server reports SERVING)
+- `GET /metrics` (Prometheus: requests by route and status, latency)
 """
 
 from __future__ import annotations
 
 import base64
+import time
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -19,8 +21,9 @@ import grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -28,6 +31,10 @@ from service.grpc_server import grpc_options
 from service.settings import Settings
 
 PROBLEM = "application/problem+json"
+
+HTTP_REQUESTS = Counter("anomaly_http_requests_total", "Gateway requests", ["route", "status"])
+HTTP_LATENCY = Histogram("anomaly_http_request_seconds", "Gateway request latency", ["route"],
+                         buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5.0))
 
 # gRPC status → HTTP status (as grpc-gateway maps them).
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
@@ -242,6 +249,12 @@ async def readyz(request: Request) -> dict[str, str]:
     return {"status": status}
 
 
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    """Prometheus exposition of the gateway's metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 def _problem_response(request: Request, status: int, title: str, detail: str,
                       grpc_code: str = "") -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
@@ -268,6 +281,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Anomaly detection gateway", version="1.0",
                   description="HTTP front of the anomaly.v1 gRPC service", lifespan=lifespan)
     app.include_router(router)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        HTTP_REQUESTS.labels(path, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(path).observe(time.perf_counter() - t0)
+        return response
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,6 +20,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import metrics
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError
 from service.repository import LoadedModel
@@ -26,11 +29,12 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AnomalyDetection"].full_name
+STREAM_WINDOW = 16
 _BITS = {pb.PIXEL_TYPE_UNSPECIFIED: 8, pb.PIXEL_TYPE_UINT8: 8, pb.PIXEL_TYPE_UINT16: 16}
 
 
-def to_score_input(req: pb.ScoreRequest) -> ScoreInput:
-    """Proto request → data-plane input."""
+def to_score_input(req: pb.ScoreRequest, time_remaining: float | None = None) -> ScoreInput:
+    """Proto request → data-plane input (with the call's deadline, if any)."""
     kind = req.WhichOneof("image")
     raw = None
     if kind == "raw":
@@ -40,6 +44,7 @@ def to_score_input(req: pb.ScoreRequest) -> ScoreInput:
         encoded=req.encoded if kind == "encoded" else None, raw=raw,
         model=req.model, alias=req.alias, version=req.version, category=req.category,
         return_anomaly_map=req.return_anomaly_map, request_id=req.request_id,
+        deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
     )
 
 
@@ -49,10 +54,12 @@ def model_ref(loaded: LoadedModel, alias: str = "") -> pb.ModelRef:
                        architecture=loaded.metadata.architecture, variant=loaded.metadata.variant)
 
 
-def model_info(loaded: LoadedModel, alias: str = "") -> pb.ModelInfo:
-    """Loaded model → `ModelInfo`."""
+def model_info(loaded: LoadedModel, alias: str = "",
+               error: tuple[str, str] | None = None) -> pb.ModelInfo:
+    """Loaded model → `ModelInfo` (with the alias's last failed move, if any)."""
     md = loaded.metadata
     return pb.ModelInfo(
+        last_error=error[1] if error else "", last_error_version=error[0] if error else "",
         ref=model_ref(loaded, alias or ",".join(sorted(loaded.aliases))),
         input_height=md.input_height, input_width=md.input_width,
         categories=md.categories, thresholds=md.thresholds(),
@@ -79,19 +86,46 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
+    async def _score(self, request: pb.ScoreRequest,
+                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        model = request.model or self.plane.settings.model_name
+        try:
+            out = await self.plane.score(to_score_input(request, context.time_remaining()))
+        except ServiceError as exc:
+            metrics.REQUESTS.labels(model, exc.code.name).inc()
+            raise
+        metrics.REQUESTS.labels(model, "OK").inc()
+        return to_score_response(out)
+
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802, D102
         try:
-            return to_score_response(await self.plane.score(to_score_input(request)))
+            return await self._score(request, context)
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802, D102
+    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
-        async for request in request_iterator:
+        """Pipelined: up to `STREAM_WINDOW` images in flight, answers in request order.
+
+        A request that fails ends the stream with its status (message names its request id).
+        """
+        pending: deque[tuple[pb.ScoreRequest, asyncio.Task]] = deque()
+
+        async def answer(req: pb.ScoreRequest, task: asyncio.Task) -> pb.ScoreResponse:
             try:
-                yield to_score_response(await self.plane.score(to_score_input(request)))
+                return await task
             except ServiceError as exc:
-                await context.abort(exc.code, f"request_id={request.request_id!r}: {exc.message}")
+                for _, t in pending:
+                    t.cancel()
+                await context.abort(exc.code, f"request_id={req.request_id!r}: {exc.message}")
+                raise  # unreachable: abort raises
+
+        async for request in request_iterator:
+            pending.append((request, asyncio.create_task(self._score(request, context))))
+            while len(pending) >= STREAM_WINDOW or (pending and pending[0][1].done()):
+                yield await answer(*pending.popleft())
+        while pending:
+            yield await answer(*pending.popleft())
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802, D102
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -102,7 +136,8 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
         try:
             spec = self.plane.spec(request.model, request.alias, request.version)
             loaded = await self.plane.get_model(request.model, request.alias, request.version)
-            return model_info(loaded, spec.alias)
+            error = self.plane.repository.errors.get((spec.name, spec.alias)) if spec.alias else None
+            return model_info(loaded, spec.alias, error)
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
 
@@ -137,7 +172,9 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def start(self) -> int:
-        """Bind, start answering (health NOT_SERVING), load the default model, then SERVING.
+        """Bind and start answering (health NOT_SERVING), load the watched models, then
+        report SERVING. If the default model cannot be loaded yet, the server stays
+        NOT_SERVING while the watcher retries, and turns SERVING when it succeeds.
 
         Returns:
             The bound port.
@@ -148,18 +185,36 @@ class GrpcServer:
             raise RuntimeError(f"could not bind gRPC server to {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
         log.info("gRPC server listening on %s:%d", self.settings.grpc_host, self.port)
-        loaded = await self.plane.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s/%s as %s@%s", loaded.name, loaded.version,
-                 self.settings.model_name, self.settings.model_alias)
+        loop = asyncio.get_running_loop()
+
+        def on_ready_change(ready: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            loop.create_task(self._set_health(status))
+            log.info("readiness: %s", "SERVING" if ready else "NOT_SERVING")
+
+        self.plane.on_ready_change = on_ready_change
+        if await self.plane.start():
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            current = self.plane.repository.current(self.settings.model_name, self.settings.model_alias)
+            log.info("serving %s@%s = version %s", self.settings.model_name,
+                     self.settings.model_alias, current.version if current else "?")
+        else:
+            log.error("default model %s@%s is not loaded yet (see errors above); NOT_SERVING "
+                      "until the watcher loads it", self.settings.model_name, self.settings.model_alias)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for `grace` seconds, stop."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(self.settings.grace_s if grace is None else grace)
-        self.plane.close()
+        grace = self.settings.grace_s if grace is None else grace
+        await self.server.stop(grace)
+        await self.plane.close(grace)
 
     async def wait(self) -> None:
         """Block until the server terminates."""

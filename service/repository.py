@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from service import metrics
 from service.engine import OnnxModel
-from service.errors import ModelLoadError, ModelNotFound, NotReady
+from service.errors import ModelLoadError, ModelNotFound, NotReady, ServiceError
 from service.metadata import METADATA_FILE, ModelMetadata
 from service.settings import Settings
 
@@ -79,15 +80,23 @@ def read_model_dir(local_dir: Path) -> tuple[Path, ModelMetadata]:
 
 
 def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
-    """Load and warm up the model stored in an MLflow model folder."""
+    """Load, warm up and validate the model stored in an MLflow model folder."""
     onnx_path, metadata = read_model_dir(local_dir)
     model = OnnxModel(onnx_path, metadata, providers=settings.providers,
-                      intra_op_threads=settings.intra_op_threads)
-    try:
-        model.warmup()
-    except Exception as exc:
-        raise ModelLoadError(f"warm-up failed: {exc}") from exc
+                      intra_op_threads=settings.intra_op_threads,
+                      provider_options=provider_options(settings))
+    model.validate()
     return model
+
+
+def provider_options(settings: Settings) -> dict[str, dict[str, str]]:
+    """Execution-provider options from settings (TensorRT engine cache, FP16/INT8)."""
+    trt: dict[str, str] = {"trt_fp16_enable": str(settings.trt_fp16),
+                           "trt_int8_enable": str(settings.trt_int8)}
+    if settings.trt_engine_cache_dir:
+        trt.update(trt_engine_cache_enable="True",
+                   trt_engine_cache_path=str(settings.trt_engine_cache_dir))
+    return {"TensorrtExecutionProvider": trt}
 
 
 class ModelRepository:
@@ -101,6 +110,9 @@ class ModelRepository:
                                    registry_uri=settings.tracking_uri)
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
+        # Watched aliases: what each serves now, and the last failed attempt to move it.
+        self._current: dict[tuple[str, str], LoadedModel] = {}
+        self.errors: dict[tuple[str, str], tuple[str, str]] = {}
         self._lru_lock = threading.Lock()  # brief: LRU bookkeeping
         self._load_lock = threading.Lock()  # long: one download/load at a time
 
@@ -119,8 +131,10 @@ class ModelRepository:
             raise NotReady(f"registry unreachable resolving {spec}: {exc}") from exc
 
     def resolve(self, spec: ModelSpec) -> str:
-        """The version number `spec` names; alias lookups are cached `alias_refresh_s`."""
+        """The version number `spec` names; ad-hoc alias lookups are cached `alias_refresh_s`."""
         if spec.version:
+            if (spec.name, str(spec.version)) in self._loaded:
+                return str(spec.version)
             return self._resolve(spec)
         key = (spec.name, spec.alias)
         cached = self._aliases.get(key)
@@ -179,16 +193,79 @@ class ModelRepository:
             loaded = LoadedModel(name, version, load_model_dir(local, self.settings), uri)
             with self._lru_lock:
                 self._loaded[key] = loaded
-                while len(self._loaded) > self.settings.max_loaded_models:
-                    old_key, _ = self._loaded.popitem(last=False)
-                    log.info("unloaded %s/%s (LRU)", *old_key)
+                self._evict()
+            md = loaded.metadata
+            metrics.MODEL_INFO.labels(name, version, md.architecture, md.variant,
+                                      loaded.model.provider).set(1)
             log.info("loaded %s/%s (%s, %s) in %.2fs on %s", name, version,
                      loaded.metadata.architecture, loaded.metadata.variant,
                      time.perf_counter() - t0, loaded.model.provider)
             return loaded
 
+    def _evict(self) -> None:
+        """Drop least recently used versions beyond the cap; never one a watched alias serves."""
+        pinned = {(m.name, m.version) for m in self._current.values()}
+        for key in list(self._loaded):
+            if len(self._loaded) <= self.settings.max_loaded_models:
+                break
+            if key not in pinned:
+                old = self._loaded.pop(key)
+                md = old.metadata
+                metrics.MODEL_INFO.remove(old.name, old.version, md.architecture, md.variant,
+                                          old.model.provider)
+                log.info("unloaded %s/%s (LRU)", *key)
+
+    def current(self, name: str, alias: str) -> LoadedModel | None:
+        """What a watched alias serves now (no registry call), or None if not watched/loaded."""
+        return self._current.get((name, alias))
+
+    def refresh(self, name: str, alias: str) -> LoadedModel | None:
+        """Re-resolve a watched alias; if it moved, load, warm up and validate the new version
+        and only then swap it in. A failure leaves the serving version in place and is
+        recorded in `errors`.
+
+        Returns:
+            The newly swapped-in version, or None when nothing changed or the load failed.
+
+        Raises:
+            NotReady: the registry cannot be reached (keep serving, retry later).
+        """
+        key = (name, alias)
+        try:
+            version = self._resolve(ModelSpec(name, alias))
+        except ModelNotFound as exc:
+            self.errors[key] = ("", exc.message)
+            metrics.LOAD_FAILURES.labels(name, alias).inc()
+            log.error("watched alias %s@%s: %s", name, alias, exc.message)
+            return None
+        serving = self._current.get(key)
+        if serving is not None and serving.version == version:
+            return None
+        try:
+            loaded = self.load(name, version)
+        except ServiceError as exc:
+            self.errors[key] = (version, exc.message)
+            metrics.LOAD_FAILURES.labels(name, alias).inc()
+            log.error("alias %s@%s moved to version %s, which failed to load; still serving %s: %s",
+                      name, alias, version, serving.version if serving else "nothing", exc.message)
+            return None
+        loaded.aliases.add(alias)
+        self._current[key] = loaded  # the swap: one reference assignment
+        self.errors.pop(key, None)
+        if serving is not None:
+            serving.aliases.discard(alias)
+            metrics.SWAPS.labels(name, alias).inc()
+        metrics.SERVED_VERSION.labels(name, alias).set(float(version))
+        log.info("alias %s@%s now serves version %s (was %s)", name, alias, version,
+                 serving.version if serving else "none")
+        return loaded
+
     def get(self, spec: ModelSpec) -> LoadedModel:
-        """Resolve and load what `spec` names."""
+        """Resolve and load what `spec` names (watched aliases answer from memory)."""
+        if not spec.version:
+            current = self._current.get((spec.name, spec.alias))
+            if current is not None:
+                return current
         version = self.resolve(spec)
         loaded = self.load(spec.name, version)
         if spec.alias and not spec.version:

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         description="MLflow tracking/registry URI",
     )
     model_name: str = Field("anomaly-detector", description="registered model served by default")
-    model_alias: str = Field("champion", description="alias served by default")
+    model_alias: str = Field("champion", description="alias served by default (and followed)")
     grpc_host: str = Field("127.0.0.1", description="gRPC bind address")
     grpc_port: int = Field(50051, description="gRPC port (0 = pick a free one)")
     http_host: str = Field("127.0.0.1", description="gateway bind address")
@@ -38,11 +38,35 @@ class Settings(BaseSettings):
                                  description="ONNX Runtime execution providers, in order")
     intra_op_threads: int = Field(0, ge=0, description="ORT threads per operator (0 = default)")
     workers: int = Field(4, ge=1, description="threads decoding and running inference")
-    max_inflight: int = Field(64, ge=1, description="requests admitted at once; more get RESOURCE_EXHAUSTED")
+    max_inflight: int = Field(256, ge=1,
+                              description="requests admitted at once; more get RESOURCE_EXHAUSTED")
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest encoded image accepted")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width × height)")
-    alias_refresh_s: float = Field(30.0, ge=0, description="how long an alias → version lookup is trusted")
+    models: list[str] = Field(default_factory=list,
+                              description='extra "name@alias" entries served and followed (JSON list)')
+    poll_interval_s: float = Field(10.0, gt=0, description="how often watched aliases are re-resolved")
+    alias_refresh_s: float = Field(30.0, ge=0,
+                                   description="how long an ad-hoc (unwatched) alias lookup is trusted")
+    max_batch_size: int = Field(8, ge=1, description="dynamic batching: largest batch (1 = off)")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: wait for more requests")
+    max_queue: int = Field(64, ge=1, description="queued images per model; beyond → RESOURCE_EXHAUSTED")
+    metrics_port: int = Field(0, ge=0, description="Prometheus metrics port of the gRPC server (0 = off)")
+    log_format: str = Field("text", pattern="^(text|json)$", description="text | json log lines")
+    trt_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache folder")
+    trt_fp16: bool = Field(False, description="let TensorRT build FP16 engines")
+    trt_int8: bool = Field(False, description="let TensorRT use INT8 (explicit Q/DQ models)")
     max_loaded_models: int = Field(4, ge=1, description="versions kept loaded at once (LRU)")
     request_timeout_s: float = Field(10.0, gt=0, description="gateway deadline for a gRPC call")
     grace_s: float = Field(5.0, ge=0, description="graceful-shutdown drain time")
     log_level: str = Field("INFO", description="logging level")
+
+    def watched(self) -> list[tuple[str, str]]:
+        """(name, alias) pairs the server keeps loaded and follows: the default first."""
+        pairs = [(self.model_name, self.model_alias)]
+        for entry in self.models:
+            name, sep, alias = entry.partition("@")
+            if not sep or not name or not alias:
+                raise ValueError(f"models entry {entry!r} is not of the form name@alias")
+            if (name, alias) not in pairs:
+                pairs.append((name, alias))
+        return pairs

@@ -119,7 +119,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri")
+    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,8 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_VERSION_FIELD_NUMBER: _ClassVar[int]
     ref: ModelRef
     input_height: int
     input_width: int
@@ -145,4 +147,6 @@ class ModelInfo(_message.Message):
     precision: str
     loaded_at: str
     source_uri: str
-    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ...) -> None: ...
+    last_error: str
+    last_error_version: str
+    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ...) -> None: ...

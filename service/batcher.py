@@ -1,0 +1,162 @@
+"""Dynamic batching: requests for one model queue up and run as micro-batches.
+
+Like Triton's dynamic batcher: a worker takes the first queued image, waits up to
+`max_delay_s` for more (never past `max_batch`), and runs them as one ONNX Runtime call
+in the thread pool. The queue is bounded: a full queue answers `Overloaded` at once
+(RESOURCE_EXHAUSTED / HTTP 429) instead of growing. Requests whose deadline passed
+while queued are dropped before inference. Decoding happens before `submit`, in the
+pool, so it overlaps with inference of earlier batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from service import metrics
+from service.engine import OnnxModel
+from service.errors import Overloaded, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it reached the model."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None
+
+
+@dataclass
+class BatchResult:
+    """One image's share of a batch run."""
+
+    score: float
+    amap: np.ndarray
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class Batcher:
+    """Micro-batching queue in front of one `OnnxModel`.
+
+    Args:
+        model: the model to run.
+        run: coroutine function that runs a callable in the inference thread pool.
+        max_batch: largest batch (1 disables batching).
+        max_delay_s: how long the first request of a batch waits for company.
+        max_queue: bound of the queue.
+        workers: concurrent batch loops (more than one when batching is off).
+        label: model label for metrics.
+    """
+
+    def __init__(self, model: OnnxModel, run: Callable[..., Awaitable], *, max_batch: int,
+                 max_delay_s: float, max_queue: int, workers: int = 1, label: str = "") -> None:
+        self.model = model
+        self._run = run
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self.label = label
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(workers)]
+        self._busy = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return self.queue.empty() and self._busy == 0
+
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Queue one preprocessed image `(3, H, W)` and wait for its result.
+
+        Raises:
+            Overloaded: the queue is full.
+            DeadlineExceeded: the deadline (monotonic time) passed while queued.
+        """
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Item(x, fut, time.monotonic(), deadline))
+        except asyncio.QueueFull:
+            raise Overloaded(f"inference queue full ({self.queue.maxsize} images waiting); "
+                             "retry later") from None
+        metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
+        return await fut
+
+    async def _collect(self) -> list[_Item]:
+        items = [await self.queue.get()]
+        end = time.monotonic() + self.max_delay_s
+        while len(items) < self.max_batch:
+            try:
+                items.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return items
+
+    async def _loop(self) -> None:
+        while True:
+            items = await self._collect()
+            self._busy += 1
+            try:
+                await self._run_batch(items)
+            except Exception as exc:  # never let the loop die; fail this batch's requests
+                log.exception("batch of %d failed", len(items))
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+            finally:
+                self._busy -= 1
+                metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
+
+    async def _run_batch(self, items: list[_Item]) -> None:
+        now = time.monotonic()
+        live = []
+        for it in items:
+            if it.future.done():  # cancelled by the client
+                continue
+            if it.deadline is not None and now >= it.deadline:
+                it.future.set_exception(DeadlineExceeded(
+                    f"deadline passed after {1e3 * (now - it.enqueued):.0f} ms in the queue"))
+                continue
+            live.append(it)
+        if not live:
+            return
+        batch = np.stack([it.x for it in live])
+        t0 = time.perf_counter()
+        scores, maps = await self._run(self.model.run, batch)
+        inference_s = time.perf_counter() - t0
+        metrics.BATCH_SIZE.observe(len(live))
+        for i, it in enumerate(live):
+            if not it.future.done():
+                it.future.set_result(BatchResult(float(scores[i]), maps[i], now - it.enqueued,
+                                                 inference_s, len(live)))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Let queued work finish (up to `timeout`), then stop the workers."""
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

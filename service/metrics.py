@@ -1,0 +1,25 @@
+"""Prometheus metrics of the inference server (the gateway has its own in `gateway.py`).
+
+Exposed by `start_http_server(settings.metrics_port)` when the port is set.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+
+REQUESTS = Counter("anomaly_requests_total", "Score requests by gRPC status code",
+                   ["model", "code"])
+LATENCY = Histogram("anomaly_request_seconds", "Time per request stage",
+                    ["stage"], buckets=LATENCY_BUCKETS)  # stage: decode | queue | inference | total
+BATCH_SIZE = Histogram("anomaly_batch_size", "Images per ONNX Runtime call",
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+QUEUE_DEPTH = Gauge("anomaly_queue_depth", "Images waiting for inference", ["model"])
+MODEL_INFO = Gauge("anomaly_model_loaded", "1 for each model version loaded",
+                   ["name", "version", "architecture", "variant", "provider"])
+SERVED_VERSION = Gauge("anomaly_served_version", "Version a watched alias currently serves",
+                       ["name", "alias"])
+LOAD_FAILURES = Counter("anomaly_model_load_failures_total",
+                        "Failed attempts to load a model version", ["name", "alias"])
+SWAPS = Counter("anomaly_model_swaps_total", "Alias moves followed", ["name", "alias"])
