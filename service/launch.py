@@ -111,8 +111,11 @@ class ChildProcess:
 
 def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
                  cache_dir: Path | None = None, model: str = "", alias: str = "",
-                 timeout: float = 120.0) -> tuple[ChildProcess, str]:
-    """Start the gRPC server and wait for SERVING; returns (process, target)."""
+                 timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[ChildProcess, str]:
+    """Start the gRPC server and wait for SERVING; returns (process, target).
+
+    `env` adds `ANOMALY_*` settings (e.g. a short poll interval) for this server.
+    """
     port = port or free_port()
     args = ["serve", "--tracking-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port)]
     if cache_dir:
@@ -121,7 +124,7 @@ def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
         args += ["--model", model]
     if alias:
         args += ["--alias", alias]
-    child = ChildProcess(args, log_path)
+    child = ChildProcess(args, log_path, env)
     proc = child.start()
     target = f"127.0.0.1:{port}"
     try:
@@ -133,11 +136,11 @@ def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
 
 
 def start_gateway(grpc_target: str, log_path: Path, *, port: int | None = None,
-                  timeout: float = 60.0) -> tuple[ChildProcess, str]:
+                  timeout: float = 60.0, env: dict[str, str] | None = None) -> tuple[ChildProcess, str]:
     """Start the HTTP gateway and wait until `/readyz` is 200; returns (process, base URL)."""
     port = port or free_port()
     child = ChildProcess(["gateway", "--grpc-target", grpc_target, "--host", "127.0.0.1",
-                          "--port", str(port)], log_path)
+                          "--port", str(port)], log_path, env)
     proc = child.start()
     base = f"http://127.0.0.1:{port}"
     try:
