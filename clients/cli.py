@@ -89,12 +89,13 @@ def models_cmd(
 def _mount_optional() -> None:
     """Add the serve / train commands when their extras are installed."""
     try:
-        from service.cli import gateway_cmd, serve_cmd
+        from service.cli import bench_cmd, gateway_cmd, serve_cmd
     except ImportError:  # base install: client only
         pass
     else:
         app.command("serve")(serve_cmd)
         app.command("gateway")(gateway_cmd)
+        app.command("bench")(bench_cmd)
     try:
         import typer as _  # noqa: F401
 

@@ -67,5 +67,27 @@ def gateway_cmd(
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.grace_s))
 
 
+@app.command("bench")
+def bench_cmd(
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    model: Annotated[str, typer.Option(help="registered model")] = "anomaly-detector",
+    alias: Annotated[str, typer.Option(help="alias to benchmark")] = "champion",
+    images: Annotated[Path, typer.Option(help="folder of PNG images")] = Path(".demo/data"),
+    seconds: Annotated[float, typer.Option(help="seconds per phase")] = 10.0,
+    concurrency: Annotated[int, typer.Option(help="concurrent clients at saturation")] = 8,
+    out: Annotated[Path, typer.Option(help="Markdown report")] = Path("docs/benchmarks.md"),
+) -> None:
+    """Bare ONNX Runtime vs gRPC server (batching on/off) vs HTTP gateway, one run."""
+    from loadtests.bench import run_benchmark
+
+    settings = _settings(tracking_uri=tracking_uri)
+    results = run_benchmark(settings.tracking_uri, model, alias, images, seconds=seconds,
+                            concurrency=concurrency, out=out)
+    for r in results:
+        typer.echo(f"{r.name:22s} {r.mode:28s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
+                   f"p99 {r.p99_ms:7.1f} ms")
+    typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()
