@@ -4,7 +4,8 @@ same machine, one run; prints throughput and p50/p99 and their ratios to bare OR
 - bare ORT: `InferenceSession.run` on preprocessed tensors (no decoding), batch-1 latency
   and saturation (the best of `concurrency` threads at batch 1 and one thread at batch 8);
 - gRPC: the real server as a child process, batching on and off, driven by asyncio
-  clients sending PNG bytes (decoding is part of what a server does);
+  clients sending PNG bytes (decoding is part of what a server does), and, batching on,
+  decoded pixels (`RawImage`, as a line camera would send);
 - HTTP: the real gateway in front of the batching server.
 
 Loopback only; every phase is bounded by a request count and a time limit.
@@ -113,8 +114,11 @@ async def _drive(call, payloads: list, *, concurrency: int, seconds: float, max_
 
 
 def bench_grpc(target: str, images: list[bytes], name: str, *, seconds: float, concurrency: int,
-               max_requests: int) -> list[Result]:
-    """Batch-1 latency (one client, sequential) and saturation (`concurrency` clients)."""
+               max_requests: int, raw: bool = False) -> list[Result]:
+    """Batch-1 latency (one client, sequential) and saturation (`concurrency` clients).
+
+    With `raw`, images are sent as decoded pixels (`RawImage`) instead of PNG bytes.
+    """
     import grpc
     from anomaly.v1 import anomaly_pb2 as pb
     from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
@@ -122,7 +126,15 @@ def bench_grpc(target: str, images: list[bytes], name: str, *, seconds: float, c
     async def run() -> list[Result]:
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
-            reqs = [pb.ScoreRequest(encoded=b) for b in images]
+            if raw:
+                from service.imaging import decode_image
+
+                arrays = [decode_image(b) for b in images]
+                reqs = [pb.ScoreRequest(raw=pb.RawImage(data=a.tobytes(), width=a.shape[1],
+                                                        height=a.shape[0], channels=3))
+                        for a in arrays]
+            else:
+                reqs = [pb.ScoreRequest(encoded=b) for b in images]
 
             async def call(req):  # noqa: ANN001, ANN202
                 return await stub.Score(req, timeout=30)
@@ -223,6 +235,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         try:
             results += bench_grpc(target, images, label, **kw)
             if label == "gRPC (batching on)":
+                results += bench_grpc(target, images, "gRPC raw pixels (batching on)", raw=True, **kw)
                 gateway, base = start_gateway(target, work / "gateway.log",
                                               env={"ANOMALY_LOG_LEVEL": "WARNING"})
                 try:

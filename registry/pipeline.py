@@ -73,7 +73,8 @@ def build_variant_fp32(
     train_set = load_train_split(data_root, categories)
     test_set = load_test_split(data_root, categories)
     cats = sorted({s.category for s in train_set})
-    log.info("training unified %s on %d images of %d categories", architecture, len(train_set), len(cats))
+    log.info("training %s (%s) on %d images of %d categories", architecture,
+             "unified" if len(cats) > 1 else "one-class", len(train_set), len(cats))
     model = build_model(architecture, model_config)
     result = train_model(model, train_set, train_config, show_progress=show_progress)
     onnx_path = export_onnx(model, work_dir / f"{architecture}-fp32.onnx")

@@ -89,6 +89,8 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
     async def _score(self, request: pb.ScoreRequest,
                      context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         model = request.model or self.plane.settings.model_name
+        if model not in {m.name for m in self.plane.list_models()}:
+            model = "other"  # bounded label values: clients cannot mint metric series
         try:
             out = await self.plane.score(to_score_input(request, context.time_remaining()))
         except ServiceError as exc:
