@@ -113,6 +113,25 @@ async def _drive(call, payloads: list, *, concurrency: int, seconds: float, max_
     return lats, time.perf_counter() - t0, failures
 
 
+async def _latency_and_saturation(name: str, call, payloads: list, *, seconds: float,  # noqa: ANN001
+                                   concurrency: int, max_requests: int) -> list[Result]:
+    """Warm up, then batch-1 latency (one client) and saturation (`concurrency` clients).
+
+    Raises:
+        RuntimeError: if any request failed (a benchmark with failures is not a result).
+    """
+    for p in payloads[:8]:
+        await call(p)
+    out = []
+    for mode, conc in (("batch-1 latency", 1), ("saturation", concurrency)):
+        lats, wall, failed = await _drive(call, payloads, concurrency=conc, seconds=seconds,
+                                          max_requests=max_requests)
+        if failed:
+            raise RuntimeError(f"{name}: {failed} failed requests")
+        out.append(_summary(name, mode, lats, wall, len(lats)))
+    return out
+
+
 def bench_grpc(target: str, images: list[bytes], name: str, *, seconds: float, concurrency: int,
                max_requests: int, raw: bool = False) -> list[Result]:
     """Batch-1 latency (one client, sequential) and saturation (`concurrency` clients).
@@ -139,16 +158,8 @@ def bench_grpc(target: str, images: list[bytes], name: str, *, seconds: float, c
             async def call(req):  # noqa: ANN001, ANN202
                 return await stub.Score(req, timeout=30)
 
-            for r in reqs[:8]:
-                await call(r)
-            out = []
-            for mode, conc in (("batch-1 latency", 1), ("saturation", concurrency)):
-                lats, wall, failed = await _drive(call, reqs, concurrency=conc, seconds=seconds,
-                                                  max_requests=max_requests)
-                if failed:
-                    raise RuntimeError(f"{name}: {failed} failed requests")
-                out.append(_summary(name, mode, lats, wall, len(lats)))
-            return out
+            return await _latency_and_saturation(name, call, reqs, seconds=seconds,
+                                                 concurrency=concurrency, max_requests=max_requests)
 
     return asyncio.run(run())
 
@@ -165,16 +176,8 @@ def bench_http(base: str, images: list[bytes], *, seconds: float, concurrency: i
                 r = await http.post("/v1/score", content=body, headers={"content-type": "image/png"})
                 r.raise_for_status()
 
-            for b in images[:8]:
-                await call(b)
-            out = []
-            for mode, conc in (("batch-1 latency", 1), ("saturation", concurrency)):
-                lats, wall, failed = await _drive(call, images, concurrency=conc, seconds=seconds,
-                                                  max_requests=max_requests)
-                if failed:
-                    raise RuntimeError(f"HTTP gateway: {failed} failed requests")
-                out.append(_summary("HTTP gateway", mode, lats, wall, len(lats)))
-            return out
+            return await _latency_and_saturation("HTTP gateway", call, images, seconds=seconds,
+                                                 concurrency=concurrency, max_requests=max_requests)
 
     return asyncio.run(run())
 
