@@ -209,28 +209,22 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                   seconds: float = 10.0, concurrency: int = 8, max_requests: int = 5000,
                   out: Path | None = None) -> list[Result]:
     """The whole benchmark; returns the results and (optionally) writes Markdown to `out`."""
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-
-    from service.engine import OnnxModel
     from service.imaging import decode_image
     from service.launch import start_gateway, start_server
-    from service.repository import read_model_dir
+    from service.repository import ModelRepository, ModelSpec
+    from service.settings import Settings
 
-    version = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(model_name, alias).version
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{model_name}/{version}", dst_path=str(work / "model"),
-        tracking_uri=tracking_uri))
-    onnx_path, metadata = read_model_dir(local)
+    repository = ModelRepository(Settings(tracking_uri=tracking_uri, cache_dir=work / "cache"))
+    loaded = repository.get(ModelSpec(model_name, alias))  # the same download/load path as serving
+    model, metadata, version = loaded.model, loaded.metadata, loaded.version
     files = sorted(p for p in Path(image_dir).rglob("*.png") if "ground_truth" not in p.parts)[:64]
     if not files:
         raise ValueError(f"no PNG images under {image_dir}")
     images = [p.read_bytes() for p in files]
-    model = OnnxModel(onnx_path, metadata)
     inputs = [model.prepare(decode_image(b)) for b in images]
     results = bench_bare_ort(model, inputs, seconds=seconds, concurrency=concurrency)
-    del model
+    del model, loaded, repository
     kw = {"seconds": seconds, "concurrency": concurrency, "max_requests": max_requests}
     for label, env in (("gRPC (batching on)", {}), ("gRPC (batching off)", {"ANOMALY_MAX_BATCH_SIZE": "1"})):
         server, target = start_server(tracking_uri, work / f"{label}.log", model=model_name, alias=alias,

@@ -60,6 +60,7 @@ class OnnxModel:
         providers: ONNX Runtime execution providers, in order of preference.
         intra_op_threads: threads per operator (0 = ONNX Runtime's default).
         provider_options: per-provider options (e.g. TensorRT engine cache settings).
+        spinning: let idle intra-op threads spin-wait (best when ORT has the CPU alone).
 
     Raises:
         ModelLoadError: when the file does not load or does not match the contract.
@@ -72,6 +73,7 @@ class OnnxModel:
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
         provider_options: dict[str, dict[str, str]] | None = None,
+        spinning: bool = True,
     ) -> None:
         self.path = Path(onnx_path)
         self.metadata = metadata
@@ -80,6 +82,8 @@ class OnnxModel:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = available_providers(providers or ["CPUExecutionProvider"])
         options = [(provider_options or {}).get(p, {}) for p in chosen]
         try:

@@ -84,7 +84,7 @@ def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
     onnx_path, metadata = read_model_dir(local_dir)
     model = OnnxModel(onnx_path, metadata, providers=settings.providers,
                       intra_op_threads=settings.intra_op_threads,
-                      provider_options=provider_options(settings))
+                      provider_options=provider_options(settings), spinning=settings.ort_spinning)
     model.validate()
     return model
 

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"],
                                  description="ONNX Runtime execution providers, in order")
     intra_op_threads: int = Field(0, ge=0, description="ORT threads per operator (0 = default)")
+    ort_spinning: bool = Field(False, description="let idle ORT threads spin (faster alone, "
+                                                  "steals CPU from decoding and gRPC when shared)")
     workers: int = Field(4, ge=1, description="threads decoding and running inference")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
@@ -50,6 +52,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="dynamic batching: largest batch (1 = off)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: wait for more requests")
     max_queue: int = Field(64, ge=1, description="queued images per model; beyond → RESOURCE_EXHAUSTED")
+    batch_workers: int = Field(2, ge=1, description="batches run concurrently per model")
     metrics_port: int = Field(0, ge=0, description="Prometheus metrics port of the gRPC server (0 = off)")
     log_format: str = Field("text", pattern="^(text|json)$", description="text | json log lines")
     trt_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache folder")
