@@ -97,8 +97,6 @@ def _mount_optional() -> None:
         app.command("gateway")(gateway_cmd)
         app.command("bench")(bench_cmd)
     try:
-        import typer as _  # noqa: F401
-
         from registry.cli import compare_cmd, demo_cmd, sample_data_cmd, train_cmd
     except ImportError:
         return
