@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".demo")
@@ -63,13 +63,20 @@ class Settings(BaseSettings):
     grace_s: float = Field(5.0, ge=0, description="graceful-shutdown drain time")
     log_level: str = Field("INFO", description="logging level")
 
+    @field_validator("models")
+    @classmethod
+    def _name_at_alias(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            name, sep, alias = entry.partition("@")
+            if not (sep and name and alias):
+                raise ValueError(f"models entry {entry!r} is not of the form name@alias")
+        return value
+
     def watched(self) -> list[tuple[str, str]]:
         """(name, alias) pairs the server keeps loaded and follows: the default first."""
         pairs = [(self.model_name, self.model_alias)]
         for entry in self.models:
-            name, sep, alias = entry.partition("@")
-            if not sep or not name or not alias:
-                raise ValueError(f"models entry {entry!r} is not of the form name@alias")
+            name, _, alias = entry.partition("@")
             if (name, alias) not in pairs:
                 pairs.append((name, alias))
         return pairs

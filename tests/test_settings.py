@@ -1,0 +1,26 @@
+"""The typed settings object: environment variables, defaults, validation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def test_environment_overrides_and_watched(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    monkeypatch.setenv("ANOMALY_GRPC_PORT", "50099")
+    monkeypatch.setenv("ANOMALY_MODELS", '["other@stfpm-fp32", "anomaly-detector@champion"]')
+    s = Settings()
+    assert s.tracking_uri == "sqlite:///x.db" and s.grpc_port == 50099
+    assert s.watched() == [("anomaly-detector", "champion"), ("other", "stfpm-fp32")]
+    monkeypatch.setenv("ANOMALY_TRACKING_URI", "postgresql://db/mlflow")
+    assert Settings().tracking_uri == "postgresql://db/mlflow"
+
+
+@pytest.mark.parametrize(("field", "value"), [("models", ["no-alias"]), ("max_batch_size", 0),
+                                              ("log_format", "xml"), ("max_queue", -1)])
+def test_bad_values_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**{field: value})
