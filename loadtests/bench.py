@@ -36,12 +36,15 @@ class Result:
     p50_ms: float
     p99_ms: float
     n: int
+    client_cores: float = float("nan")  # CPU the load generator itself used (served paths)
 
 
-def _summary(name: str, mode: str, latencies_s: list[float], wall_s: float, images: int) -> Result:
+def _summary(name: str, mode: str, latencies_s: list[float], wall_s: float, images: int,
+             client_cpu_s: float = float("nan")) -> Result:
     lat = sorted(latencies_s)
     p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-    return Result(name, mode, images / wall_s, 1e3 * statistics.median(lat), 1e3 * p99, images)
+    return Result(name, mode, images / wall_s, 1e3 * statistics.median(lat), 1e3 * p99, images,
+                  client_cpu_s / wall_s)
 
 
 def bench_bare_ort(model, inputs: list[np.ndarray], *, seconds: float, concurrency: int) -> list[Result]:
@@ -90,7 +93,7 @@ def bench_bare_ort(model, inputs: list[np.ndarray], *, seconds: float, concurren
 
 
 async def _drive(call, payloads: list, *, concurrency: int, seconds: float, max_requests: int,
-                 ) -> tuple[list[float], float, int]:
+                 ) -> tuple[list[float], float, int, float]:
     lats: list[float] = []
     failures = 0
     stop = time.perf_counter() + seconds
@@ -108,9 +111,9 @@ async def _drive(call, payloads: list, *, concurrency: int, seconds: float, max_
             except Exception:  # counted, reported
                 failures += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return lats, time.perf_counter() - t0, failures
+    return lats, time.perf_counter() - t0, failures, time.process_time() - cpu0
 
 
 async def _latency_and_saturation(name: str, call, payloads: list, *, seconds: float,  # noqa: ANN001
@@ -124,11 +127,11 @@ async def _latency_and_saturation(name: str, call, payloads: list, *, seconds: f
         await call(p)
     out = []
     for mode, conc in (("batch-1 latency", 1), ("saturation", concurrency)):
-        lats, wall, failed = await _drive(call, payloads, concurrency=conc, seconds=seconds,
-                                          max_requests=max_requests)
+        lats, wall, failed, cpu = await _drive(call, payloads, concurrency=conc, seconds=seconds,
+                                               max_requests=max_requests)
         if failed:
             raise RuntimeError(f"{name}: {failed} failed requests")
-        out.append(_summary(name, mode, lats, wall, len(lats)))
+        out.append(_summary(name, mode, lats, wall, len(lats), cpu))
     return out
 
 
@@ -192,16 +195,18 @@ def render(results: list[Result], *, model: str, images: int, concurrency: int, 
         f"{len(os.sched_getaffinity(0))} CPU cores, {platform.processor() or platform.platform()}.",
         "Client and server share the machine's cores (loopback).",
         "",
-        "| path | mode | images/s | p50 ms | p99 ms | images/s ÷ bare ORT | images/s ÷ gRPC |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| path | mode | images/s | p50 ms | p99 ms | images/s ÷ bare ORT | images/s ÷ gRPC "
+        "| load-generator CPU (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ref = base.get(r.mode.split(" (")[0])
         ratio = f"{r.images_per_s / ref.images_per_s:.2f}" if ref else "-"
         vs_grpc = (f"{r.images_per_s / grpc_sat.images_per_s:.2f}"
                    if grpc_sat and r.name == "HTTP gateway" and r.mode == "saturation" else "")
+        cores = "" if r.client_cores != r.client_cores else f"{r.client_cores:.2f}"  # NaN → blank
         lines.append(f"| {r.name} | {r.mode} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | "
-                     f"{r.p99_ms:.1f} | {ratio} | {vs_grpc} |")
+                     f"{r.p99_ms:.1f} | {ratio} | {vs_grpc} | {cores} |")
     return "\n".join(lines) + "\n"
 
 

@@ -84,8 +84,8 @@ def bench_cmd(
     results = run_benchmark(settings.tracking_uri, model, alias, images, seconds=seconds,
                             concurrency=concurrency, out=out)
     for r in results:
-        typer.echo(f"{r.name:22s} {r.mode:28s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
-                   f"p99 {r.p99_ms:7.1f} ms")
+        typer.echo(f"{r.name:30s} {r.mode:22s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
+                   f"p99 {r.p99_ms:7.1f} ms  client CPU {r.client_cores:.2f} cores")
     typer.echo(f"wrote {out}")
 
 
