@@ -126,7 +126,10 @@ class DataPlane:
 
     async def get_model(self, model: str = "", alias: str = "", version: int = 0) -> LoadedModel:
         """Resolve (and load) a model; raises ModelNotFound / NotReady / ModelLoadError."""
-        spec = self.spec(model, alias, version)
+        return await self.get(self.spec(model, alias, version))
+
+    async def get(self, spec: ModelSpec) -> LoadedModel:
+        """`get_model` for a filled-in spec; watched aliases answer without a thread hop."""
         if spec.alias:
             current = self.repository.current(spec.name, spec.alias)
             if current is not None:
@@ -172,9 +175,10 @@ class DataPlane:
         self._inflight += 1
         t0 = time.perf_counter()
         try:
+            spec = self.spec(req.model, req.alias, req.version)
             if req.encoded is None and req.raw is None:
                 raise InvalidInput("request has no image: set `encoded` bytes or `raw` pixels")
-            loaded = await self.get_model(req.model, req.alias, req.version)
+            loaded = await self.get(spec)
             x, category, size, decode_s = await self._run(self._prepare, loaded, req)
             result = await self._batcher(loaded).submit(x, req.deadline)
             amap = result.amap if req.return_anomaly_map else None
@@ -194,8 +198,7 @@ class DataPlane:
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
                                       "ms": round(total * 1e3, 2)})
-            alias = "" if req.version else (req.alias or self.settings.model_alias)
-            return ScoreOutput(rid, decision, loaded, alias, timings)
+            return ScoreOutput(rid, decision, loaded, spec.alias, timings)
         finally:
             self._inflight -= 1
 

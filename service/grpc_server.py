@@ -137,7 +137,7 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             spec = self.plane.spec(request.model, request.alias, request.version)
-            loaded = await self.plane.get_model(request.model, request.alias, request.version)
+            loaded = await self.plane.get(spec)
             error = self.plane.repository.errors.get((spec.name, spec.alias)) if spec.alias else None
             return model_info(loaded, spec.alias, error)
         except ServiceError as exc:

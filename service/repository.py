@@ -234,9 +234,7 @@ class ModelRepository:
         try:
             version = self._resolve(ModelSpec(name, alias))
         except ModelNotFound as exc:
-            self.errors[key] = ("", exc.message)
-            metrics.LOAD_FAILURES.labels(name, alias).inc()
-            log.error("watched alias %s@%s: %s", name, alias, exc.message)
+            self._record_failure(key, "", exc.message, f"watched alias {name}@{alias}")
             return None
         serving = self._current.get(key)
         if serving is not None and serving.version == version:
@@ -244,10 +242,9 @@ class ModelRepository:
         try:
             loaded = self.load(name, version)
         except ServiceError as exc:
-            self.errors[key] = (version, exc.message)
-            metrics.LOAD_FAILURES.labels(name, alias).inc()
-            log.error("alias %s@%s moved to version %s, which failed to load; still serving %s: %s",
-                      name, alias, version, serving.version if serving else "nothing", exc.message)
+            self._record_failure(key, version, exc.message,
+                                 f"alias {name}@{alias} moved to version {version}, which failed to "
+                                 f"load; still serving {serving.version if serving else 'nothing'}")
             return None
         loaded.aliases.add(alias)
         self._current[key] = loaded  # the swap: one reference assignment
@@ -259,6 +256,12 @@ class ModelRepository:
         log.info("alias %s@%s now serves version %s (was %s)", name, alias, version,
                  serving.version if serving else "none")
         return loaded
+
+    def _record_failure(self, key: tuple[str, str], version: str, message: str, context: str) -> None:
+        """Remember (for GetModel), count and log a failed move of a watched alias."""
+        self.errors[key] = (version, message)
+        metrics.LOAD_FAILURES.labels(*key).inc()
+        log.error("%s: %s", context, message)
 
     def get(self, spec: ModelSpec) -> LoadedModel:
         """Resolve and load what `spec` names (watched aliases answer from memory)."""
