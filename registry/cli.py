@@ -115,6 +115,39 @@ def compare_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("quant-study")
+def quant_study_cmd(
+    home: Annotated[Path, typer.Option(help="the demo folder (data + MLflow store)")] = Path(".demo"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    images: Annotated[int, typer.Option(help="calibration images per source")] = 64,
+    out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
+    tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in --home)")] = "",
+) -> None:
+    """Variants table + PTQ calibration study (data × method) + AUROC-vs-latency plot."""
+    import shlex
+    import sys
+
+    import mlflow
+
+    from registry.mlflow_registry import embedded_tracking_uri
+    from registry.quant_study import run_and_write
+    from service.logs import configure_logging
+
+    configure_logging("INFO")
+    mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(home))
+    try:
+        variants, calib = run_and_write(home, out, [a for a in architectures.split(",") if a],
+                                        command="anomaly " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                                        n_images=images)
+    except LookupError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    for c in calib:
+        typer.echo(f"{c.architecture:6s} {c.data:7s} {c.method:10s} image AUROC {c.image_auroc:.3f} "
+                   f"pixel AUROC {c.pixel_auroc:.3f}")
+    typer.echo(f"wrote {out} and {out.parent / 'variants.png'} ({len(variants)} variants)")
+
+
 @app.command("demo")
 def demo_cmd(
     home: Annotated[Path, typer.Option(help="folder for data, MLflow store, logs")] = Path(".demo"),
@@ -122,11 +155,24 @@ def demo_cmd(
     epochs: Annotated[int, typer.Option(help="epochs for every architecture (0 = demo defaults)")] = 0,
     input_size: Annotated[int, typer.Option(help="square input side")] = 256,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    variants: Annotated[str, typer.Option(
+        help="comma-separated variants besides fp32 (fp16, ptq-int8, qat-int8; empty = none)")]
+    = "fp16,ptq-int8,qat-int8",
+    qat_epochs: Annotated[int, typer.Option(help="QAT fine-tuning epochs (0 = demo defaults)")] = 0,
+    rss: Annotated[bool, typer.Option(help="measure each version's peak memory in a server process")]
+    = True,
 ) -> None:
-    """The main job end to end: data → train → register → serve → score → table."""
+    """The main job end to end: data → train → variants → register → serve → score → table."""
     from registry.demo import DemoConfig, run_demo
+    from registry.variants import VARIANTS
     from service.logs import configure_logging
 
+    chosen = tuple(v for v in variants.split(",") if v)
+    unknown = [v for v in chosen if v not in VARIANTS or v == "fp32"]
+    if unknown:
+        raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(VARIANTS[1:])}",
+                                 param_hint="--variants")
     configure_logging("WARNING")
     run_demo(DemoConfig(home=home, architectures=tuple(a for a in architectures.split(",") if a),
-                        epochs=epochs, input_size=input_size, seed=seed))
+                        epochs=epochs, input_size=input_size, seed=seed, variants=chosen,
+                        qat_epochs=qat_epochs, measure_rss=rss))

@@ -17,6 +17,7 @@ from pathlib import Path
 from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
 from registry.data.mvtec import discover_categories
 from registry.pipeline import BuildResult, build_variant_fp32
+from registry.report import replace_section
 from registry.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -157,14 +158,5 @@ def run_and_write(data_root: Path, work_dir: Path, out: Path, architectures: lis
     section = render_markdown(rows, data=str(data_root),
                               input_size=model_config.input_size[0], command=command,
                               seconds=time.perf_counter() - t0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    marker = "## Unified vs one-class (FP32)"
-    text = out.read_text() if out.exists() else "# Results\n\n"
-    if marker in text:
-        head, _, tail = text.partition(marker)
-        rest = tail.split("\n## ", 1)
-        text = head + section + ("\n## " + rest[1] if len(rest) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
+    replace_section(out, "## Unified vs one-class (FP32)", section)
     return rows

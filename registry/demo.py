@@ -1,9 +1,12 @@
 """The main job, end to end on the embedded default.
 
-sample data → train unified STFPM → export ONNX → evaluate through the serving engine →
-register in MLflow (SQLite + local artifacts) with aliases `stfpm-fp32` and `champion` →
-start the gRPC server and the HTTP gateway (real processes, loopback) → score good and
-defective images over both → print the comparison table and the MLflow UI command.
+sample data → for each architecture: train a unified model → export ONNX → build its
+FP16, PTQ-INT8 and QAT-INT8 variants → evaluate each through the serving engine →
+register each in MLflow (SQLite + local artifacts) with alias `<arch>-<variant>` →
+measure each version's peak memory in a real server process → move `champion` by a
+documented rule → start the gRPC server and the HTTP gateway (real processes, loopback)
+→ score good and defective images over both → print the comparison table and the MLflow
+UI command.
 """
 
 from __future__ import annotations
@@ -21,14 +24,19 @@ from rich.table import Table
 from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
 from registry.data.mvtec import load_test_split
 from registry.data.sample import SampleSpec, make_sample_dataset
+from registry.footprint import serving_peak_rss
 from registry.mlflow_registry import DEFAULT_MODEL_NAME, embedded_tracking_uri
-from registry.pipeline import BuildResult, build_variant_fp32
+from registry.pipeline import BuildResult, build_variant_fp32, build_variants
 from registry.train import TrainConfig
+from registry.variants.qat import QATConfig
 
 log = logging.getLogger(__name__)
 
+# QAT fine-tuning epochs per architecture in the demo's CPU budget.
+QAT_EPOCHS: dict[str, int] = {"stfpm": 3, "rd": 3, "us": 2}
+
 CHAMPION_RULE = ("champion = the fastest build (p50 ms/image at batch 1) whose image AUROC is "
-                 "within 1 point of the best build's")
+                 "within 1 point of the best build's (all architectures and variants)")
 
 
 
@@ -38,6 +46,9 @@ class DemoConfig:
 
     home: Path = Path(".demo")
     architectures: tuple[str, ...] = ("stfpm", "rd", "us")
+    variants: tuple[str, ...] = ("fp16", "ptq-int8", "qat-int8")  # besides fp32
+    qat_epochs: int = 0  # 0 = QAT_EPOCHS per architecture
+    measure_rss: bool = True  # start one server per version to read its peak memory
     epochs: int = 0  # 0 = the per-architecture defaults (DEFAULT_EPOCHS)
     input_size: int = 256
     seed: int = 0
@@ -49,6 +60,44 @@ def choose_champion(results: list[BuildResult]) -> BuildResult:
     best = max(r.report.image_auroc for r in results)
     eligible = [r for r in results if r.report.image_auroc >= best - 0.01]
     return min(eligible, key=lambda r: r.report.latency_ms_p50)
+
+
+def _print_build(console: Console, r: BuildResult) -> None:
+    version = r.registered.version if r.registered else "-"
+    console.print(f"  {r.label}: image AUROC {r.report.image_auroc:.3f}, pixel AUROC "
+                  f"{r.report.pixel_auroc:.3f}, {r.report.latency_ms_p50:.1f} ms/image, "
+                  f"{r.model_mb:.1f} MB, built in {r.seconds:.0f}s → version {version}")
+
+
+def _measure_rss(tracking_uri: str, results: list[BuildResult], data: Path, home: Path) -> dict[str, float]:
+    samples = load_test_split(data)
+    cat = samples[0].category
+    images = [s.path for s in samples if s.category == cat][:4]
+    out = {}
+    for r in results:
+        if r.registered:
+            out[r.label] = serving_peak_rss(tracking_uri, r.registered.name, r.label, images, cat, home)
+    return out
+
+
+def comparison_table(results: list[BuildResult], champion: BuildResult | None,
+                     rss: dict[str, float]) -> Table:
+    """The demo's table: one row per (architecture, variant)."""
+    table = Table(title="Unified models and their variants on the sample data "
+                        "(evaluated through the serving engine, CPU)")
+    for col in ("architecture", "variant", "calibration", "version", "image AUROC", "pixel AUROC",
+                "AUPRO", "ms/image (b=1, p50)", "images/s (b=8)", "model MB", "server peak RSS MB",
+                "build s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        mark = " (champion)" if r is champion else ""
+        table.add_row(r.architecture + mark, r.variant, r.metadata.calibration or "-",
+                      r.registered.version if r.registered else "-",
+                      f"{r.report.image_auroc:.3f}", f"{r.report.pixel_auroc:.3f}",
+                      f"{r.report.aupro:.3f}", f"{r.report.latency_ms_p50:.1f}",
+                      f"{r.report.images_per_s_b8:.1f}", f"{r.model_mb:.2f}",
+                      f"{rss[r.label]:.0f}" if r.label in rss else "-", f"{r.seconds:.0f}")
+    return table
 
 
 def _score_over_wire(grpc_target: str, http_base: str, cfg: DemoConfig, data: Path,
@@ -103,26 +152,42 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> l
     mlflow.set_tracking_uri(tracking_uri)
     console.rule("2. train → export → evaluate → register")
     console.print(f"MLflow store: {tracking_uri}")
-    results = []
+    results: list[BuildResult] = []
     for arch in cfg.architectures:
         epochs = cfg.epochs or DEFAULT_EPOCHS.get(arch, 30)
         console.print(f"[bold]{arch}[/]: training {epochs} epochs …")
-        results.append(build_variant_fp32(
+        fp32 = build_variant_fp32(
             data, home / "build", architecture=arch,
             model_config=ModelConfig(input_size=(cfg.input_size, cfg.input_size),
                                      extra=dict(DEFAULT_EXTRA.get(arch, {}))),
             train_config=TrainConfig(epochs=epochs, seed=cfg.seed),
             artifact_root=home / "mlartifacts",
-        ))
-        r = results[-1]
-        version = r.registered.version if r.registered else "-"
-        console.print(f"  image AUROC {r.report.image_auroc:.3f}, pixel AUROC "
-                      f"{r.report.pixel_auroc:.3f}, trained in {r.train.seconds:.0f}s → version {version}")
-    champion = choose_champion(results)
+        )
+        builds = [fp32]
+        _print_build(console, fp32)
+        if cfg.variants:
+            console.print(f"  variants {', '.join(cfg.variants)} …")
+            builds += build_variants(
+                fp32, data, home / "build", variants=cfg.variants,
+                qat_config=QATConfig(epochs=cfg.qat_epochs or QAT_EPOCHS.get(arch, 3), seed=cfg.seed),
+                artifact_root=home / "mlartifacts")
+            for b in builds[1:]:
+                _print_build(console, b)
+        fp32.model = None  # free the torch model
+        results += builds
     client = mlflow.MlflowClient()
+    rss: dict[str, float] = {}
+    if cfg.measure_rss:
+        console.print("peak memory of a server process serving each version …")
+        rss = _measure_rss(tracking_uri, results, data, home)
+        for r in results:
+            if r.registered and r.label in rss:
+                client.set_model_version_tag(r.registered.name, r.registered.version, "peak_rss_mb",
+                                             f"{rss[r.label]:.0f}")
+    champion = choose_champion(results)
     assert champion.registered is not None
     client.set_registered_model_alias(DEFAULT_MODEL_NAME, "champion", champion.registered.version)
-    console.print(f"{CHAMPION_RULE}\n→ champion = {champion.architecture}-{champion.variant} "
+    console.print(f"{CHAMPION_RULE}\n→ champion = {champion.label} "
                   f"(version {champion.registered.version})")
 
     console.rule("3. serve (gRPC + HTTP gateway) and score")
@@ -138,17 +203,7 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> l
         server.stop()
 
     console.rule("4. comparison")
-    table = Table(title="Unified models on the sample data (evaluated through the serving engine)")
-    for col in ("architecture", "variant", "version", "image AUROC", "pixel AUROC", "AUPRO",
-                "ms/image (ORT, b=1, p50)", "model MB", "train s"):
-        table.add_column(col, justify="right")
-    for r in results:
-        mark = " (champion)" if r is champion else ""
-        table.add_row(r.architecture + mark, r.variant, r.registered.version if r.registered else "-",
-                      f"{r.report.image_auroc:.3f}", f"{r.report.pixel_auroc:.3f}",
-                      f"{r.report.aupro:.3f}", f"{r.report.latency_ms_p50:.1f}",
-                      f"{r.model_mb:.1f}", f"{r.train.seconds:.0f}")
-    console.print(table)
+    console.print(comparison_table(results, champion, rss))
     console.print(f"champion served over gRPC: p50 round trip {statistics.median(wire_ms):.1f} ms/image")
     per_cat = Table(title="Per category (champion)")
     for col in ("category", "image AUROC", "pixel AUROC", "threshold"):

@@ -1,41 +1,105 @@
 """The build pipeline for one architecture: train → export ONNX → evaluate through the
-serving engine → log and register in MLflow.
+serving engine → log and register in MLflow; then the FP16, PTQ-INT8 and QAT-INT8
+variants of that model, each evaluated and registered the same way.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from registry.architectures import ModelConfig, build_model
-from registry.data.mvtec import fingerprint, load_test_split, load_train_split
+from registry.architectures import AnomalyModel, ModelConfig, build_model
+from registry.data.mvtec import Sample, fingerprint, load_test_split, load_train_split
 from registry.evaluate import EvalReport, evaluate
 from registry.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from registry.mlflow_registry import DEFAULT_MODEL_NAME, RegisteredVersion, log_and_register
 from registry.train import TrainConfig, TrainResult, train_model
+from registry.variants import PRECISION
+from registry.variants.calibration import (
+    ArrayReader,
+    CalibrationAlgo,
+    CalibrationData,
+    random_normal_images,
+    real_images,
+)
+from registry.variants.fp16 import convert_fp16
+from registry.variants.graph import census
+from registry.variants.ptq import quantize_int8
+from registry.variants.qat import QATConfig, learned_overrides, qat_finetune, range_summary
 from service.metadata import ModelMetadata
 
 log = logging.getLogger(__name__)
 
+# The PTQ calibration the demo registers; `anomaly quant-study` compares all of them.
+DEFAULT_CALIBRATION: tuple[CalibrationData, CalibrationAlgo] = (CalibrationData.real, CalibrationAlgo.minmax)
+CALIBRATION_IMAGES = 64
+
 
 @dataclass
 class BuildResult:
-    """Everything one pipeline run produced."""
+    """Everything one (architecture, variant) build produced."""
 
     architecture: str
     variant: str
     onnx_path: Path
     metadata: ModelMetadata
     report: EvalReport
-    train: TrainResult
+    train: TrainResult | None
     registered: RegisteredVersion | None
+    model: AnomalyModel | None = field(default=None, repr=False)  # the trained torch model (fp32)
+    seconds: float = 0.0  # build time of this variant (training included)
 
     @property
     def model_mb(self) -> float:
         """Size of the ONNX file in MB."""
         return self.onnx_path.stat().st_size / 1e6
+
+    @property
+    def label(self) -> str:
+        """`<arch>-<variant>` (also the alias)."""
+        return f"{self.architecture}-{self.variant}"
+
+
+def calibration_label(data: CalibrationData, algo: CalibrationAlgo) -> str:
+    """The `calibration` tag value, e.g. `real-minmax`."""
+    return f"{data.value}-{algo.value}"
+
+
+def finish_build(
+    onnx_path: Path,
+    base: ModelMetadata,
+    test_set: list[Sample],
+    *,
+    variant: str,
+    calibration: str = "",
+    register: bool = True,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    history: list[dict[str, float]] | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    aliases: tuple[str, ...] = (),
+    artifact_root: Path | str | None = None,
+) -> tuple[ModelMetadata, EvalReport, RegisteredVersion | None]:
+    """Evaluate a built ONNX file through the serving engine, write its metadata beside it
+    and (optionally) register it as a version with the DESIGN tags."""
+    provisional = base.model_copy(update={"variant": variant, "precision": PRECISION[variant],
+                                          "calibration": calibration, "image_stats": {}})
+    report = evaluate(onnx_path, provisional, test_set)
+    metadata = provisional.model_copy(update={"image_stats": report.image_stats,
+                                              "map_range": report.map_range})
+    metadata.save(onnx_path.parent)
+    registered = None
+    if register:
+        all_metrics = {**report.metrics, **(metrics or {}), "model_mb": onnx_path.stat().st_size / 1e6}
+        registered = log_and_register(onnx_path, metadata, params={**(params or {}), "variant": variant,
+                                                                   "calibration": calibration or "none"},
+                                      metrics=all_metrics, history=history, model_name=model_name,
+                                      aliases=aliases, artifact_root=artifact_root)
+    return metadata, report, registered
 
 
 def build_variant_fp32(
@@ -56,7 +120,7 @@ def build_variant_fp32(
 
     Args:
         data_root: MVTec-AD-layout dataset.
-        work_dir: where the ONNX file and metadata are written.
+        work_dir: the ONNX file and metadata go to `<work_dir>/<arch>-fp32/`.
         architecture: name in `registry.architectures.ARCHITECTURES`.
         model_config: input size, backbone, architecture extras.
         train_config: epochs, batch size, learning rate, seed.
@@ -66,10 +130,15 @@ def build_variant_fp32(
         aliases: extra aliases for the new version (besides `<arch>-fp32`).
         artifact_root: artifact folder if the MLflow experiment must be created.
         show_progress: progress bar while training.
+
+    Returns:
+        The build, with the trained torch model in `.model` (for `build_variants`).
     """
+    import time
+
+    t0 = time.perf_counter()
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
-    work_dir = Path(work_dir)
     train_set = load_train_split(data_root, categories)
     test_set = load_test_split(data_root, categories)
     cats = sorted({s.category for s in train_set})
@@ -77,30 +146,120 @@ def build_variant_fp32(
              "unified" if len(cats) > 1 else "one-class", len(train_set), len(cats))
     model = build_model(architecture, model_config)
     result = train_model(model, train_set, train_config, show_progress=show_progress)
-    onnx_path = export_onnx(model, work_dir / f"{architecture}-fp32.onnx")
+    onnx_path = export_onnx(model, Path(work_dir) / f"{architecture}-fp32" / "model.onnx")
     h, w = model_config.input_size
-    provisional = ModelMetadata(
-        architecture=architecture, variant="fp32", precision="fp32",
-        input_name=INPUT_NAME, map_output=OUTPUT_NAMES[0], score_output=OUTPUT_NAMES[1],
-        input_height=h, input_width=w, categories=cats, image_stats={},
+    base = ModelMetadata(
+        architecture=architecture, input_name=INPUT_NAME, map_output=OUTPUT_NAMES[0],
+        score_output=OUTPUT_NAMES[1], input_height=h, input_width=w, categories=cats, image_stats={},
         dataset=fingerprint(train_set + test_set), backbone=model_config.backbone,
     )
-    report = evaluate(onnx_path, provisional, test_set)
-    metadata = provisional.model_copy(update={"image_stats": report.image_stats,
-                                              "map_range": report.map_range})
-    metadata.save(work_dir)
-    registered = None
-    if register:
-        params = {"architecture": architecture, "data": str(data_root), "categories": ",".join(cats),
-                  **{f"train.{k}": v for k, v in asdict(train_config).items()},
-                  "input_size": f"{h}x{w}", "backbone": model_config.backbone,
-                  "score_margin_fraction": model_config.score_margin_fraction,
-                  "n_train": result.n_train, "n_val": result.n_val, "best_epoch": result.best_epoch,
-                  "torch_threads": os.cpu_count()}
-        metrics = {**report.metrics, "train_seconds": result.seconds,
-                   "best_val_loss": result.best_val_loss,
-                   "model_mb": onnx_path.stat().st_size / 1e6}
-        registered = log_and_register(onnx_path, metadata, params=params, metrics=metrics,
-                                      history=result.history, model_name=model_name,
-                                      aliases=aliases, artifact_root=artifact_root)
-    return BuildResult(architecture, "fp32", onnx_path, metadata, report, result, registered)
+    params = {"architecture": architecture, "data": str(data_root), "categories": ",".join(cats),
+              **{f"train.{k}": v for k, v in asdict(train_config).items()},
+              "input_size": f"{h}x{w}", "backbone": model_config.backbone,
+              "score_margin_fraction": model_config.score_margin_fraction,
+              "n_train": result.n_train, "n_val": result.n_val, "best_epoch": result.best_epoch,
+              "torch_threads": os.cpu_count()}
+    metadata, report, registered = finish_build(
+        onnx_path, base, test_set, variant="fp32", register=register, params=params,
+        metrics={"train_seconds": result.seconds, "best_val_loss": result.best_val_loss},
+        history=result.history, model_name=model_name, aliases=aliases, artifact_root=artifact_root)
+    return BuildResult(architecture, "fp32", onnx_path, metadata, report, result, registered,
+                       model=model, seconds=time.perf_counter() - t0)
+
+
+def calibration_images(data: CalibrationData, train_set: list[Sample], metadata: ModelMetadata,
+                       n: int = CALIBRATION_IMAGES, seed: int = 0) -> ArrayReader:
+    """Calibration inputs from `data` for a model described by `metadata`."""
+    if data is CalibrationData.real:
+        arr = real_images(train_set, metadata.input_size, n, seed)
+    else:
+        arr = random_normal_images(metadata.input_size, n, metadata.mean, metadata.std, seed)
+    return ArrayReader(arr, metadata.input_name)
+
+
+def build_variants(
+    fp32: BuildResult,
+    data_root: Path | str,
+    work_dir: Path | str,
+    *,
+    variants: tuple[str, ...] = ("fp16", "ptq-int8", "qat-int8"),
+    calibration: tuple[CalibrationData, CalibrationAlgo] = DEFAULT_CALIBRATION,
+    qat_config: QATConfig | None = None,
+    categories: list[str] | None = None,
+    register: bool = True,
+    model_name: str = DEFAULT_MODEL_NAME,
+    artifact_root: Path | str | None = None,
+    show_progress: bool = True,
+) -> list[BuildResult]:
+    """Build, evaluate and register the FP16 / PTQ-INT8 / QAT-INT8 variants of an FP32 build.
+
+    Args:
+        fp32: the FP32 build (its `.model` is needed for `qat-int8`).
+        data_root: the dataset the FP32 model was trained on.
+        work_dir: each variant goes to `<work_dir>/<arch>-<variant>/model.onnx`.
+        variants: which to build, in order.
+        calibration: (data, method) of the PTQ variant.
+        qat_config: fine-tuning schedule of QAT.
+        categories: subset of categories (default: all).
+        register: log to MLflow and register each variant as a version.
+        model_name: registered model name.
+        artifact_root: artifact folder if the MLflow experiment must be created.
+        show_progress: progress bar while fine-tuning (QAT).
+    """
+    import time
+
+    work_dir = Path(work_dir)
+    train_set = load_train_split(data_root, categories)
+    test_set = load_test_split(data_root, categories)
+    arch = fp32.architecture
+    parent = {"parent_version": fp32.registered.version if fp32.registered else "",
+              "architecture": arch, "categories": ",".join(fp32.metadata.categories),
+              "input_size": f"{fp32.metadata.input_height}x{fp32.metadata.input_width}",
+              "backbone": fp32.metadata.backbone}
+    common = {"register": register, "model_name": model_name, "artifact_root": artifact_root}
+    out: list[BuildResult] = []
+    for variant in variants:
+        t0 = time.perf_counter()
+        path = work_dir / f"{arch}-{variant}" / "model.onnx"
+        train_result: TrainResult | None = None
+        params: dict[str, Any] = dict(parent)
+        calib = ""
+        if variant == "fp16":
+            convert_fp16(fp32.onnx_path, path)
+        elif variant == "ptq-int8":
+            data, algo = calibration
+            calib = calibration_label(data, algo)
+            quantize_int8(fp32.onnx_path, path, calibration_images(data, train_set, fp32.metadata), algo)
+            params.update(calibration_images=CALIBRATION_IMAGES, activations="uint8",
+                          weights="int8 per-channel")
+        elif variant == "qat-int8":
+            if fp32.model is None:
+                raise ValueError("qat-int8 needs the trained torch model (BuildResult.model)")
+            cfg = qat_config or QATConfig()
+            model = copy.deepcopy(fp32.model)
+            train_result, state = qat_finetune(model, train_set, cfg, show_progress=show_progress)
+            float_path = export_onnx(model, work_dir / f"{arch}-qat-fp32" / "model.onnx")
+            overrides = learned_overrides(float_path, state) if cfg.ranges == "learned" else {}
+            log.info("QAT ranges: %s", range_summary(overrides))
+            calib = calibration_label(CalibrationData.real, CalibrationAlgo.minmax)
+            if overrides:
+                calib = "learned+" + calib
+            quantize_int8(float_path, path,
+                          calibration_images(CalibrationData.real, train_set, fp32.metadata),
+                          CalibrationAlgo.minmax, tensor_overrides=overrides)
+            params.update({f"qat.{k}": v for k, v in asdict(cfg).items()},
+                          bn_folded=state["bn_folded"], learned_ranges=len(overrides))
+        else:
+            raise ValueError(f"unknown variant {variant!r}")
+        g = census(path)
+        metrics = {"int8_weight_fraction": g.int8_weight_fraction}
+        if train_result is not None:
+            metrics["train_seconds"] = train_result.seconds
+        metadata, report, registered = finish_build(
+            path, fp32.metadata, test_set, variant=variant, calibration=calib, params=params,
+            metrics=metrics, history=train_result.history if train_result else None, **common)
+        out.append(BuildResult(arch, variant, path, metadata, report, train_result, registered,
+                               seconds=time.perf_counter() - t0))
+        log.info("%s-%s: image AUROC %.3f (fp32 %.3f), %.1f MB", arch, variant, report.image_auroc,
+                 fp32.report.image_auroc, g.file_mb)
+    return out

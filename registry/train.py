@@ -79,6 +79,7 @@ def train_model(
     config: TrainConfig,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     show_progress: bool = True,
+    run_setup: bool = True,
 ) -> TrainResult:
     """Train `model` on good images; keep the weights of the best validation epoch.
 
@@ -88,6 +89,8 @@ def train_model(
         config: hyper-parameters.
         on_epoch: called with each epoch's record (epoch, train_loss, val_loss, seconds).
         show_progress: draw a rich progress bar.
+        run_setup: call the architecture's `fit_setup` hook first (False when fine-tuning
+            an already trained model, e.g. quantization-aware training).
 
     Returns:
         A `TrainResult`; `model` holds the best weights and is left in eval mode.
@@ -102,7 +105,8 @@ def train_model(
     train_idx, val_idx = _split(len(images), config.val_fraction, config.seed)
     train_x, val_x = images[train_idx], images[val_idx]
     model.to(memory_format=torch.channels_last)
-    model.fit_setup(train_x, config.batch_size, config.lr)
+    if run_setup:
+        model.fit_setup(train_x, config.batch_size, config.lr)
     optimizer = model.make_optimizer(config.lr)
     result = TrainResult(n_train=len(train_x), n_val=len(val_x))
     best_state = copy.deepcopy(model.state_dict())

@@ -78,6 +78,32 @@ def other_architectures(store: Store, sample_root: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="session")
+def variant_builds(store: Store, other_architectures: dict[str, object],
+                   sample_root: Path) -> dict[str, list]:
+    """FP16, PTQ-INT8 and QAT-INT8 (one fine-tuning epoch) of every architecture, registered
+    into the same store: `{arch: [fp16, ptq-int8, qat-int8]}`."""
+    import mlflow
+
+    from registry.pipeline import build_variants
+    from registry.variants.qat import QATConfig
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = store.tracking_uri
+    mlflow.set_tracking_uri(store.tracking_uri)
+    try:
+        fp32 = {"stfpm": store.build, **other_architectures}
+        return {arch: build_variants(b, sample_root, store.home / "build" / arch,
+                                     qat_config=QATConfig(epochs=1), artifact_root=store.home / "artifacts",
+                                     show_progress=False)
+                for arch, b in fp32.items()}
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
 def grpc_target(store: Store, tmp_path_factory: pytest.TempPathFactory):
     from service.launch import start_server
 

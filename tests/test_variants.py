@@ -1,0 +1,153 @@
+"""FP16 / PTQ-INT8 / QAT-INT8 variants: graph surgery, registration, serving, the study."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clients.sdk import AnomalyClient
+from registry.variants import VARIANTS
+
+ARCHS = ("stfpm", "rd", "us")
+
+
+def _category(path: Path) -> str:
+    return path.parents[2].name
+
+
+def test_network_nodes_leave_the_anomaly_map_head_in_fp32(store, other_architectures) -> None:
+    from registry.variants.graph import head_nodes, is_layer, network_nodes
+
+    for build in (store.build, other_architectures["rd"]):
+        model = onnx.load(str(build.onnx_path))
+        inits = {i.name: i for i in model.graph.initializer}
+        net = set(network_nodes(model))
+        by_name = {n.name: n for n in model.graph.node}
+        layers = [n.name for n in model.graph.node if is_layer(n, inits)]
+        assert layers and set(layers) <= net
+        head = head_nodes(model)
+        head_ops = {by_name[n].op_type for n in head}
+        assert {"ReduceMax", "Resize"} <= head_ops  # score and upsampling stay float
+        assert not net & set(head)
+    # RD's Gaussian blur is a single-channel Conv on the map: a filter, not a layer.
+    rd = onnx.load(str(other_architectures["rd"].onnx_path))
+    inits = {i.name: i for i in rd.graph.initializer}
+    blur = [n for n in rd.graph.node if n.op_type == "Conv" and not is_layer(n, inits)]
+    assert len(blur) == 2 and not {n.name for n in blur} & set(network_nodes(rd))
+
+
+def test_fold_batchnorm_keeps_the_output_and_removes_every_bn() -> None:
+    from registry.architectures import ModelConfig, build_model
+    from registry.variants.qat import fold_batchnorm
+
+    model = build_model("rd", ModelConfig(input_size=(64, 64))).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial statistics so folding is really exercised
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        before = model(x)[0]
+    n = fold_batchnorm(model, x)
+    with torch.no_grad():
+        after = model(x)[0]
+    assert n > 10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(before, after, rtol=1e-3, atol=1e-4 * float(before.abs().max()))
+
+
+def test_calibration_sources() -> None:
+    from registry.variants.calibration import random_normal_images
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = random_normal_images((32, 32), 16, mean, std, seed=1)
+    z = (x - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == np.float32
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+
+
+def test_all_variants_of_all_architectures_are_registered(store, variant_builds) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.tracking_uri)
+    for arch in ARCHS:
+        for variant in VARIANTS:
+            mv = client.get_model_version_by_alias(store.model_name, f"{arch}-{variant}")
+            assert mv.tags["architecture"] == arch and mv.tags["variant"] == variant
+            assert mv.tags["precision"] == {"fp32": "fp32", "fp16": "fp16"}.get(variant, "int8")
+            if variant == "ptq-int8":
+                assert mv.tags["calibration"] == "real-minmax"
+            assert float(mv.tags["image_auroc"]) > 0
+        fp16, ptq, qat = variant_builds[arch]
+        assert (fp16.variant, ptq.variant, qat.variant) == ("fp16", "ptq-int8", "qat-int8")
+        assert qat.train is not None and len(qat.train.history) == 1
+
+
+def test_int8_graphs_hold_int8_weights_at_a_quarter_of_the_size(store, variant_builds) -> None:
+    from registry.variants.graph import census
+
+    fp32 = census(store.build.onnx_path)
+    for build in variant_builds["stfpm"][1:]:
+        g = census(build.onnx_path)
+        assert g.ops.get("QuantizeLinear", 0) > 10 and g.ops.get("DequantizeLinear", 0) > 10
+        assert g.int8_weight_fraction > 0.6, g.initializer_bytes
+        assert g.file_mb < 0.45 * fp32.file_mb
+    fp16 = onnx.load(str(variant_builds["stfpm"][0].onnx_path))
+    types = {i.data_type for i in fp16.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+               for i in list(fp16.graph.input) + list(fp16.graph.output))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_variant_is_served_and_separates_defects(arch: str, grpc_target: str, variant_builds,
+                                                      good_and_defect) -> None:
+    good, defect = good_and_defect
+    with AnomalyClient(grpc_target) as client:
+        for build in variant_builds[arch]:
+            alias = build.label
+            g = [client.score(p, alias=alias, category=_category(p)).score for p in good]
+            d = [client.score(p, alias=alias, category=_category(p)) for p in defect]
+            assert {r.model.version for r in d} == {build.registered.version}
+            assert statistics.median(r.score for r in d) > statistics.median(g), alias
+
+
+def test_quant_study_writes_tables_and_plot(store, variant_builds, sample_root: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from registry import quant_study
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)
+    mlflow.set_tracking_uri(store.tracking_uri)
+    rows = quant_study.registered_variants(store.model_name, list(ARCHS))
+    assert {(r.architecture, r.variant) for r in rows} == {(a, v) for a in ARCHS for v in VARIANTS}
+    calib = quant_study.calibration_study(sample_root, store.model_name, ["stfpm"], n_images=8)
+    assert {(c.data, c.method) for c in calib} == {(d, m) for d in ("real", "random")
+                                                   for m in ("minmax", "entropy", "percentile")}
+    assert all(0 <= c.image_auroc <= 1 and c.images_per_s_b8 > 0 for c in calib)
+    png = quant_study.plot(rows, tmp_path / "variants.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "results.md"
+    out.write_text("# Results\n\n## Other\n\nkept\n")
+    section = quant_study.render(rows, calib, plot_name=png.name, command="anomaly quant-study",
+                                 seconds=1.0, n_images=8)
+    quant_study.replace_section(out, quant_study.HEADING, section)
+    quant_study.replace_section(out, quant_study.HEADING, section)  # idempotent
+    text = out.read_text()
+    assert text.count(quant_study.HEADING) == 1 and "kept" in text
+    assert "| stfpm | qat-int8 |" in text and "| stfpm | random | entropy |" in text
+
+
+def test_demo_rejects_an_unknown_variant() -> None:
+    from clients.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--variants", "int4"])
+    assert result.exit_code == 2
+    assert "unknown variant" in result.output
