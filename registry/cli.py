@@ -136,7 +136,7 @@ def quant_study_cmd(
     configure_logging("INFO")
     mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(home))
     try:
-        variants, calib = run_and_write(home, out, [a for a in architectures.split(",") if a],
+        variants, calib, speed = run_and_write(home, out, [a for a in architectures.split(",") if a],
                                         command="anomaly " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                                         n_images=images)
     except LookupError as exc:
@@ -145,6 +145,9 @@ def quant_study_cmd(
     for c in calib:
         typer.echo(f"{c.architecture:6s} {c.data:7s} {c.method:10s} image AUROC {c.image_auroc:.3f} "
                    f"pixel AUROC {c.pixel_auroc:.3f}")
+    for r in speed:
+        typer.echo(f"{r.architecture:6s} {r.variant:9s} {r.images_per_s_b1:7.1f} img/s (b=1) "
+                   f"{r.images_per_s_b8:7.1f} img/s (b=8)")
     typer.echo(f"wrote {out} and {out.parent / 'variants.png'} ({len(variants)} variants)")
 
 

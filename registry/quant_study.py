@@ -1,7 +1,8 @@
 """`anomaly quant-study`: the variants table, the PTQ calibration study and the plot.
 
-Reads what the demo registered (every `<arch>-<variant>` alias of the store), then, for
-each architecture's FP32 version, quantizes it with every calibration (real / random-normal
+Reads what the demo registered (every `<arch>-<variant>` alias of the store), times the
+variants of each architecture side by side (interleaved, one run), then, for each
+architecture's FP32 version, quantizes it with every calibration (real / random-normal
 data × MinMax / Entropy / Percentile) and evaluates each through the serving engine.
 Writes the "Variants" section of `docs/results.md` and a PNG of image AUROC against
 latency per variant.
@@ -114,6 +115,56 @@ def calibration_study(data_root: Path, model_name: str, architectures: list[str]
     return rows
 
 
+@dataclass
+class SpeedRow:
+    """Bare ONNX Runtime throughput of one variant, measured interleaved with the others."""
+
+    architecture: str
+    variant: str
+    images_per_s_b1: float
+    images_per_s_b8: float
+
+
+def side_by_side_speed(model_name: str, architectures: list[str], rounds: int = 5,
+                       seconds: float = 1.0) -> list[SpeedRow]:
+    """Images/s at batch 1 and 8 of every registered variant, in interleaved rounds (best
+    round kept), so the ratios between variants come from one run on the same machine state."""
+    import mlflow
+    import numpy as np
+
+    from service.engine import OnnxModel
+    from service.repository import read_model_dir
+
+    rows = []
+    for arch in architectures:
+        with tempfile.TemporaryDirectory() as tmp:
+            models = {}
+            for variant in VARIANTS:
+                try:
+                    local = Path(mlflow.artifacts.download_artifacts(
+                        f"models:/{model_name}@{arch}-{variant}", dst_path=str(Path(tmp) / variant)))
+                except Exception:  # noqa: BLE001 - a missing alias just leaves the row out
+                    continue
+                models[variant] = OnnxModel(*read_model_dir(local))
+            if not models:
+                continue
+            h, w = next(iter(models.values())).metadata.input_size
+            batch = np.random.default_rng(0).random((8, 3, h, w), dtype=np.float32)
+            best: dict[tuple[str, int], float] = {}
+            for _ in range(rounds):
+                for variant, model in models.items():
+                    for b in (1, 8):
+                        model.run(batch[:b])
+                        n, t0 = 0, time.perf_counter()
+                        while time.perf_counter() - t0 < seconds / 2:
+                            model.run(batch[:b])
+                            n += b
+                        rate = n / (time.perf_counter() - t0)
+                        best[(variant, b)] = max(best.get((variant, b), 0.0), rate)
+            rows += [SpeedRow(arch, v, best[(v, 1)], best[(v, 8)]) for v in models]
+    return rows
+
+
 def plot(rows: list[VariantRow], path: Path) -> Path:
     """Image AUROC against batch-1 latency, one marker per variant, one colour per architecture."""
     import matplotlib
@@ -142,7 +193,7 @@ def plot(rows: list[VariantRow], path: Path) -> Path:
 
 
 def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name: str, command: str,
-           seconds: float, n_images: int) -> str:
+           seconds: float, n_images: int, speed: list[SpeedRow] | None = None) -> str:
     """The Markdown section."""
     fp32 = {r.architecture: r for r in variants if r.variant == "fp32"}
     lines = [HEADING, "",
@@ -160,6 +211,19 @@ def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name
         lines.append(f"| {r.architecture} | {r.variant} | {r.calibration} | {r.version} "
                      f"| {r.image_auroc:.3f} | {r.pixel_auroc:.3f} | {r.latency_ms_p50:.1f} | {speed1:.2f}× "
                      f"| {r.images_per_s_b8:.1f} | {speed8:.2f}× | {r.model_mb:.2f} | {r.peak_rss_mb:.0f} |")
+    if speed:
+        base_speed = {r.architecture: r for r in speed if r.variant == "fp32"}
+        lines += ["", "### Speed, side by side", "",
+                  "Bare `InferenceSession.run` of each registered variant, loaded together and timed in "
+                  "interleaved rounds (best round), so the ratios come from one run:", "",
+                  "| architecture | variant | images/s (b=1) | × FP32 | images/s (b=8) | × FP32 |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in speed:
+            b = base_speed.get(r.architecture)
+            x1 = r.images_per_s_b1 / b.images_per_s_b1 if b else float("nan")
+            x8 = r.images_per_s_b8 / b.images_per_s_b8 if b else float("nan")
+            lines.append(f"| {r.architecture} | {r.variant} | {r.images_per_s_b1:.1f} | {x1:.2f}× "
+                         f"| {r.images_per_s_b8:.1f} | {x8:.2f}× |")
     lines += ["", f"![image AUROC vs latency per variant]({plot_name})", "",
               "### PTQ calibration study", "",
               "Each FP32 version quantized by `registry/variants/ptq.py` (QDQ, uint8 activations, "
@@ -180,16 +244,17 @@ def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name
 
 def run_and_write(home: Path, out: Path, architectures: list[str], command: str,
                   model_name: str = DEFAULT_MODEL_NAME,
-                  n_images: int = 64) -> tuple[list[VariantRow], list[CalibrationRow]]:
+                  n_images: int = 64) -> tuple[list[VariantRow], list[CalibrationRow], list[SpeedRow]]:
     """Everything `anomaly quant-study` does; returns the two tables."""
     t0 = time.perf_counter()
     variants = registered_variants(model_name, architectures)
     if not variants:
         raise LookupError(f"no <arch>-<variant> aliases of {model_name!r} in this store: "
                           "run `make demo` first")
+    speed = side_by_side_speed(model_name, architectures)
     calib = calibration_study(home / "data", model_name, architectures, n_images)
     png = plot(variants, out.parent / "variants.png")
     section = render(variants, calib, plot_name=png.name, command=command,
-                     seconds=time.perf_counter() - t0, n_images=n_images)
+                     seconds=time.perf_counter() - t0, n_images=n_images, speed=speed)
     replace_section(out, HEADING, section)
-    return variants, calib
+    return variants, calib, speed

@@ -132,17 +132,20 @@ def test_quant_study_writes_tables_and_plot(store, variant_builds, sample_root: 
     assert {(c.data, c.method) for c in calib} == {(d, m) for d in ("real", "random")
                                                    for m in ("minmax", "entropy", "percentile")}
     assert all(0 <= c.image_auroc <= 1 and c.images_per_s_b8 > 0 for c in calib)
+    speed = quant_study.side_by_side_speed(store.model_name, ["stfpm"], rounds=1, seconds=0.2)
+    assert [r.variant for r in speed] == list(VARIANTS) and all(r.images_per_s_b8 > 0 for r in speed)
     png = quant_study.plot(rows, tmp_path / "variants.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = tmp_path / "results.md"
     out.write_text("# Results\n\n## Other\n\nkept\n")
     section = quant_study.render(rows, calib, plot_name=png.name, command="anomaly quant-study",
-                                 seconds=1.0, n_images=8)
+                                 seconds=1.0, n_images=8, speed=speed)
     quant_study.replace_section(out, quant_study.HEADING, section)
     quant_study.replace_section(out, quant_study.HEADING, section)  # idempotent
     text = out.read_text()
     assert text.count(quant_study.HEADING) == 1 and "kept" in text
     assert "| stfpm | qat-int8 |" in text and "| stfpm | random | entropy |" in text
+    assert "### Speed, side by side" in text
 
 
 def test_demo_rejects_an_unknown_variant() -> None:
@@ -151,3 +154,21 @@ def test_demo_rejects_an_unknown_variant() -> None:
     result = CliRunner().invoke(app, ["demo", "--variants", "int4"])
     assert result.exit_code == 2
     assert "unknown variant" in result.output
+
+
+def test_tensorrt_target_uses_symmetric_int8_activations(store, sample_root: Path, tmp_path: Path) -> None:
+    from registry.data.mvtec import load_train_split
+    from registry.pipeline import calibration_images
+    from registry.variants.calibration import CalibrationAlgo, CalibrationData
+    from registry.variants.ptq import quantize_int8
+
+    reader = calibration_images(CalibrationData.real, load_train_split(sample_root), store.build.metadata, 8)
+    out = quantize_int8(store.build.onnx_path, tmp_path / "trt.onnx", reader, CalibrationAlgo.minmax,
+                        target="tensorrt")
+    model = onnx.load(str(out))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    with pytest.raises(ValueError, match="unknown target"):
+        quantize_int8(store.build.onnx_path, tmp_path / "x.onnx", reader, target="jetson")
