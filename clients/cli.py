@@ -97,12 +97,13 @@ def _mount_optional() -> None:
         app.command("gateway")(gateway_cmd)
         app.command("bench")(bench_cmd)
     try:
-        from registry.cli import compare_cmd, demo_cmd, sample_data_cmd, train_cmd
+        from registry.cli import compare_cmd, demo_cmd, quant_study_cmd, sample_data_cmd, train_cmd
     except ImportError:
         return
     app.command("sample-data")(sample_data_cmd)
     app.command("train")(train_cmd)
     app.command("compare")(compare_cmd)
+    app.command("quant-study")(quant_study_cmd)
     app.command("demo")(demo_cmd)
 
 

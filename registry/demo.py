@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,8 @@ def comparison_table(results: list[BuildResult], champion: BuildResult | None,
     """The demo's table: one row per (architecture, variant)."""
     table = Table(title="Unified models and their variants on the sample data "
                         "(evaluated through the serving engine, CPU)")
-    for col in ("architecture", "variant", "calibration", "version", "image AUROC", "pixel AUROC",
-                "AUPRO", "ms/image (b=1, p50)", "images/s (b=8)", "model MB", "server peak RSS MB",
-                "build s"):
+    for col in ("arch", "variant", "calibration", "version", "image AUROC", "pixel AUROC",
+                "AUPRO", "ms/img b=1 p50", "img/s b=8", "MB", "server RSS MB", "build s"):
         table.add_column(col, justify="right")
     for r in results:
         mark = " (champion)" if r is champion else ""
@@ -138,7 +138,8 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> l
     from service.launch import start_gateway, start_server
 
     cfg = cfg or DemoConfig()
-    console = console or Console()
+    # Wide enough for the comparison table when the output is a log file rather than a terminal.
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     home = cfg.home.resolve()
     data = home / "data"
     t_start = time.perf_counter()

@@ -62,6 +62,30 @@ def test_fold_batchnorm_keeps_the_output_and_removes_every_bn() -> None:
     assert torch.allclose(before, after, rtol=1e-3, atol=1e-4 * float(before.abs().max()))
 
 
+def test_fp16_keeps_the_head_in_float32_without_round_trips(other_architectures, variant_builds) -> None:
+    """RD's cosine head multiplies squared norms far beyond float16's 65504: the head must
+    stay float32 end to end, and the FP16 graph must score like the FP32 one."""
+    import onnxruntime as ort
+
+    fp32 = other_architectures["rd"]
+    fp16 = variant_builds["rd"][0].onnx_path
+    model = onnx.load(str(fp16))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    casts = {n.name: next(a.i for a in n.attribute if a.name == "to")
+             for n in model.graph.node if n.op_type == "Cast"}
+    for n in model.graph.node:
+        if n.op_type == "Cast" and casts[n.name] == onnx.TensorProto.FLOAT:
+            src = producer.get(n.input[0])
+            origin = producer.get(src.input[0]) if src is not None and src.op_type == "Cast" else None
+            assert not (origin is not None and origin.op_type not in ("Cast", "Constant")
+                        and casts.get(src.name) == onnx.TensorProto.FLOAT16), n.name
+    x = np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32)
+    a = ort.InferenceSession(str(fp32.onnx_path)).run(["score"], {"image": x})[0]
+    b = ort.InferenceSession(str(fp16)).run(["score"], {"image": x})[0]
+    assert np.isfinite(b).all()
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * float(np.abs(a).max()))
+
+
 def test_calibration_sources() -> None:
     from registry.variants.calibration import random_normal_images
 
@@ -172,3 +196,15 @@ def test_tensorrt_target_uses_symmetric_int8_activations(store, sample_root: Pat
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     with pytest.raises(ValueError, match="unknown target"):
         quantize_int8(store.build.onnx_path, tmp_path / "x.onnx", reader, target="jetson")
+
+
+def test_quant_study_command_is_mounted_and_refuses_an_empty_store(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(app, ["quant-study", "--home", str(tmp_path), "--out",
+                                      str(tmp_path / "r.md")])
+    assert result.exit_code == 2, result.output
+    assert "run `make demo` first" in result.output
+    assert not (tmp_path / "r.md").exists()
