@@ -208,3 +208,47 @@ def test_quant_study_command_is_mounted_and_refuses_an_empty_store(tmp_path: Pat
     assert result.exit_code == 2, result.output
     assert "run `make demo` first" in result.output
     assert not (tmp_path / "r.md").exists()
+
+
+def test_export_folds_same_padding_into_the_convolutions(store) -> None:
+    model = onnx.load(str(store.build.onnx_path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "Pad" not in ops and ops.count("Conv") > 20
+    padded = [n for n in model.graph.node if n.op_type == "Conv"
+              and any(a.name == "pads" and list(a.ints) in ([0, 0, 1, 1], [1, 1, 2, 2]) for a in n.attribute)]
+    assert padded  # the asymmetric TF "SAME" pads of the stride-2 convolutions live on the Conv now
+
+
+def test_qat_learned_ranges_reach_the_int8_graph(sample_root: Path, tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    from registry.architectures import ModelConfig, build_model
+    from registry.data.mvtec import load_train_split
+    from registry.export import export_onnx
+    from registry.variants.calibration import ArrayReader, CalibrationAlgo, real_images
+    from registry.variants.graph import is_layer
+    from registry.variants.ptq import quantize_int8
+    from registry.variants.qat import QATConfig, learned_overrides, qat_finetune
+
+    train = load_train_split(sample_root)[:12]
+    model = build_model("stfpm", ModelConfig(input_size=(64, 64)))
+    result, state = qat_finetune(model, train, QATConfig(epochs=1, ranges="learned"), show_progress=False)
+    assert state["bn_folded"] > 10 and len(result.history) == 1
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    path = export_onnx(model, tmp_path / "qat.onnx")
+    overrides = learned_overrides(path, state)
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    assert len(overrides) == len({n.input[0] for n in graph.node if is_layer(n, inits)})
+    out = quantize_int8(path, tmp_path / "qat-int8.onnx", ArrayReader(real_images(train, (64, 64), 4)),
+                        CalibrationAlgo.minmax, tensor_overrides=overrides)
+    q = onnx.load(str(out)).graph
+    qinits = {i.name: numpy_helper.to_array(i) for i in q.initializer}
+    checked = 0
+    for node in q.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in overrides:
+            o = overrides[node.input[0]][0]
+            lo, hi = min(float(o["rmin"]), 0.0), max(float(o["rmax"]), 0.0)
+            assert float(qinits[node.input[1]]) == pytest.approx((hi - lo) / 255, rel=1e-3)
+            checked += 1
+    assert checked >= 5
