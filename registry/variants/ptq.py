@@ -72,12 +72,14 @@ def quantize_int8(
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         nodes = network_nodes(onnx.load(str(prepared)))
         extra: dict[str, Any] = {"CalibTensorRangeSymmetric": False}
+        method = algo.ort
         if algo is CalibrationAlgo.entropy:
-            # The KL search picks a clipping range among histogram bins beyond the number of
-            # quantized bins. ONNX Runtime's default (128 bins for 128 quantized bins) leaves
-            # one candidate, the full range, i.e. the same ranges as MinMax (checked: every
-            # scale identical). TensorRT's entropy calibrator uses 2048 bins; so do we.
-            extra.update(CalibNumBins=ENTROPY_BINS, CalibNumQuantizedBins=128)
+            # `quantize_static` runs the entropy calibrator with 128 histogram bins for 128
+            # quantized bins: the KL search then has one candidate, the full range, and the
+            # scales come out identical to MinMax (checked scale by scale). So the entropy
+            # ranges are computed here with TensorRT's 2048 bins and passed as overrides.
+            tensor_overrides = {**entropy_ranges(prepared, reader, Path(tmp)), **(tensor_overrides or {})}
+            method = CalibrationAlgo.minmax.ort  # for tensors the entropy pass did not see
         if target == "tensorrt":
             extra.update(ActivationSymmetric=True, WeightSymmetric=True)
         if tensor_overrides:
@@ -90,9 +92,31 @@ def quantize_int8(
             activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
-            calibrate_method=algo.ort,
+            calibrate_method=method,
             extra_options=extra,
         )
     log.info("quantized %s → %s (%s, %d calibration images, %d nodes, %.1fs)", Path(fp32_path).name,
              out_path.name, algo.value, len(reader), len(nodes), time.perf_counter() - t0)
     return out_path
+
+
+def entropy_ranges(model_path: Path, reader: ArrayReader, tmp: Path,
+                   bins: int = ENTROPY_BINS) -> dict[str, list[dict[str, Any]]]:
+    """KL-divergence (entropy) activation ranges with `bins` histogram bins, as
+    `TensorQuantOverrides`."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "entropy-augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy,
+                                   extra_options={"num_bins": bins, "num_quantized_bins": 128,
+                                                  "symmetric": False})
+    reader.rewind()
+    calibrator.collect_data(reader)
+    data = calibrator.compute_data()
+    reader.rewind()
+    out = {}
+    for name, td in data.data.items():
+        lo, hi = (float(np.asarray(v).reshape(-1)[0]) for v in td.range_value)
+        out[name] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+    return out
