@@ -125,8 +125,8 @@ class SpeedRow:
     images_per_s_b8: float
 
 
-def side_by_side_speed(model_name: str, architectures: list[str], rounds: int = 5,
-                       seconds: float = 1.0) -> list[SpeedRow]:
+def side_by_side_speed(model_name: str, architectures: list[str], rounds: int = 8,
+                       seconds: float = 2.0) -> list[SpeedRow]:
     """Images/s at batch 1 and 8 of every registered variant, in interleaved rounds (best
     round kept), so the ratios between variants come from one run on the same machine state."""
     import mlflow
