@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,6 @@ def build_variant_fp32(
     Returns:
         The build, with the trained torch model in `.model` (for `build_variants`).
     """
-    import time
-
     t0 = time.perf_counter()
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -206,8 +205,6 @@ def build_variants(
         artifact_root: artifact folder if the MLflow experiment must be created.
         show_progress: progress bar while fine-tuning (QAT).
     """
-    import time
-
     work_dir = Path(work_dir)
     train_set = load_train_split(data_root, categories)
     test_set = load_test_split(data_root, categories)

@@ -192,6 +192,10 @@ def plot(rows: list[VariantRow], path: Path) -> Path:
     return path
 
 
+def _ratio(num: float | None, den: float | None) -> float:
+    return num / den if num is not None and den else float("nan")
+
+
 def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name: str, command: str,
            seconds: float, n_images: int, speed: list[SpeedRow] | None = None) -> str:
     """The Markdown section."""
@@ -206,8 +210,8 @@ def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in variants:
         base = fp32.get(r.architecture)
-        speed1 = base.latency_ms_p50 / r.latency_ms_p50 if base else float("nan")
-        speed8 = r.images_per_s_b8 / base.images_per_s_b8 if base else float("nan")
+        speed1 = _ratio(base.latency_ms_p50 if base else None, r.latency_ms_p50)
+        speed8 = _ratio(r.images_per_s_b8, base.images_per_s_b8 if base else None)
         lines.append(f"| {r.architecture} | {r.variant} | {r.calibration} | {r.version} "
                      f"| {r.image_auroc:.3f} | {r.pixel_auroc:.3f} | {r.latency_ms_p50:.1f} | {speed1:.2f}× "
                      f"| {r.images_per_s_b8:.1f} | {speed8:.2f}× | {r.model_mb:.2f} | {r.peak_rss_mb:.0f} |")
@@ -220,8 +224,8 @@ def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name
                   "|---|---|---:|---:|---:|---:|"]
         for r in speed:
             b = base_speed.get(r.architecture)
-            x1 = r.images_per_s_b1 / b.images_per_s_b1 if b else float("nan")
-            x8 = r.images_per_s_b8 / b.images_per_s_b8 if b else float("nan")
+            x1 = _ratio(r.images_per_s_b1, b.images_per_s_b1 if b else None)
+            x8 = _ratio(r.images_per_s_b8, b.images_per_s_b8 if b else None)
             lines.append(f"| {r.architecture} | {r.variant} | {r.images_per_s_b1:.1f} | {x1:.2f}× "
                          f"| {r.images_per_s_b8:.1f} | {x8:.2f}× |")
     lines += ["", f"![image AUROC vs latency per variant]({plot_name})", "",
