@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.data.mvtec import load_test_split, load_train_split
-from registry.evaluate import evaluate
+from registry.evaluate import batch_throughput, evaluate
 from registry.mlflow_registry import DEFAULT_MODEL_NAME
 from registry.pipeline import calibration_images, calibration_label
 from registry.report import replace_section
@@ -154,12 +154,7 @@ def side_by_side_speed(model_name: str, architectures: list[str], rounds: int = 
             for _ in range(rounds):
                 for variant, model in models.items():
                     for b in (1, 8):
-                        model.run(batch[:b])
-                        n, t0 = 0, time.perf_counter()
-                        while time.perf_counter() - t0 < seconds / 2:
-                            model.run(batch[:b])
-                            n += b
-                        rate = n / (time.perf_counter() - t0)
+                        rate = batch_throughput(model, batch, b, seconds=seconds / 2, rounds=1)
                         best[(variant, b)] = max(best.get((variant, b), 0.0), rate)
             rows += [SpeedRow(arch, v, best[(v, 1)], best[(v, 8)]) for v in models]
     return rows

@@ -67,8 +67,8 @@ def quantize_int8(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # Shape inference + graph clean-up (constant folding of the static padding, …),
-        # which the ONNX Runtime docs recommend before quantization.
+        # Shape inference + graph clean-up, which the ONNX Runtime docs recommend before
+        # quantization.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         nodes = network_nodes(onnx.load(str(prepared)))
         extra: dict[str, Any] = {"CalibTensorRangeSymmetric": False}
