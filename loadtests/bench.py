@@ -1,14 +1,20 @@
-"""Serving benchmark: bare ONNX Runtime vs the gRPC server vs the HTTP gateway, same model,
-same machine, one run; prints throughput and p50/p99 and their ratios to bare ORT.
+"""Serving benchmark: the same model through bare ONNX Runtime, this project's gRPC server
+and HTTP gateway, and (optionally) peer servers, measured in one run, interleaved.
 
-- bare ORT: `InferenceSession.run` on preprocessed tensors (no decoding), batch-1 latency
-  and saturation (the best of `concurrency` threads at batch 1 and one thread at batch 8);
-- gRPC: the real server as a child process, batching on and off, driven by asyncio
-  clients sending PNG bytes (decoding is part of what a server does), and, batching on,
+Paths:
+- bare ORT: `InferenceSession.run` on preprocessed tensors (no decoding), in-process;
+  saturation uses the best of a few thread/batch configurations, probed first;
+- gRPC: the real server as a child process, batching off (the CPU default) and on, driven
+  by asyncio clients sending PNG bytes (decoding is part of what a server does), and
   decoded pixels (`RawImage`, as a line camera would send);
-- HTTP: the real gateway in front of the batching server.
+- HTTP: the real gateway in front of the batching-off server;
+- peers (`loadtests.peers`): stock `mlflow models serve` on the registered version and a
+  KServe `ModelServer`, when asked for.
 
-Loopback only; every phase is bounded by a request count and a time limit.
+Shared machines are noisy, so the paths are measured in `rounds` interleaved rounds (each
+path once per round, batch-1 latency then saturation) and every ratio is the median of the
+per-round ratios to bare ORT in the same round. Loopback only; every phase is bounded by a
+request count and a time limit.
 """
 
 from __future__ import annotations
@@ -20,58 +26,129 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+LATENCY, SATURATION = "batch-1 latency", "saturation"
+BARE = "bare ORT"
+GRPC_OFF, GRPC_RAW, GRPC_ON, HTTP = ("gRPC (batching off)", "gRPC raw pixels (batching off)",
+                                     "gRPC (batching on)", "HTTP gateway")
+
+
+@dataclass
+class Phase:
+    """What one path did in one phase of one round."""
+
+    latencies_s: list[float]
+    wall_s: float
+    images: int
+    client_cpu_s: float = float("nan")
+
+    @property
+    def images_per_s(self) -> float:  # noqa: D102
+        return self.images / self.wall_s if self.wall_s > 0 else 0.0
+
 
 @dataclass
 class Result:
-    """One measured configuration."""
+    """One path in one mode, over all rounds."""
 
     name: str
-    mode: str  # "batch-1 latency" | "saturation"
-    images_per_s: float
-    p50_ms: float
+    mode: str  # LATENCY | SATURATION
+    images_per_s: float  # median over rounds
+    p50_ms: float  # over all rounds' latencies
     p99_ms: float
     n: int
     client_cores: float = float("nan")  # CPU the load generator itself used (served paths)
+    ratio: float = float("nan")  # median over rounds of images/s ÷ bare ORT's in that round
+    ratio_range: tuple[float, float] = (float("nan"), float("nan"))
+    per_round: list[float] = field(default_factory=list)
+    detail: str = ""
 
 
-def _summary(name: str, mode: str, latencies_s: list[float], wall_s: float, images: int,
-             client_cpu_s: float = float("nan")) -> Result:
-    lat = sorted(latencies_s)
-    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-    return Result(name, mode, images / wall_s, 1e3 * statistics.median(lat), 1e3 * p99, images,
-                  client_cpu_s / wall_s)
+class Target:
+    """A path under test: `latency` and `saturate` each return one `Phase`."""
+
+    name: str
+
+    async def latency(self, seconds: float, max_requests: int) -> Phase:  # noqa: D102
+        raise NotImplementedError
+
+    async def saturate(self, seconds: float, concurrency: int, max_requests: int) -> Phase:  # noqa: D102
+        raise NotImplementedError
 
 
-def bench_bare_ort(model, inputs: list[np.ndarray], *, seconds: float, concurrency: int) -> list[Result]:
-    """Bare `InferenceSession.run`: batch-1 latency, then saturation."""
-    model.warmup((1, 8))
-    lat = []
-    t_end = time.perf_counter() + seconds
-    i = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() < t_end:
-        s = time.perf_counter()
-        model.run(inputs[i % len(inputs)][None])
-        lat.append(time.perf_counter() - s)
-        i += 1
-    out = [_summary("bare ORT", "batch-1 latency", lat, time.perf_counter() - t0, i)]
+class ClientTarget(Target):
+    """A served path driven by asyncio clients: `call(i)` sends payload number `i`.
 
-    def threaded(batch: int, threads: int) -> Result:
+    Every failed request is counted; a phase with failures raises (not a result).
+    """
+
+    def __init__(self, name: str, call: Callable[[int], Awaitable[object]]) -> None:
+        self.name = name
+        self.call = call
+        self.warm = False
+
+    async def _drive(self, concurrency: int, seconds: float, max_requests: int) -> Phase:
+        if not self.warm:
+            for i in range(8):
+                await self.call(i)
+            self.warm = True
+        lats: list[float] = []
+        failures: list[BaseException] = []
+        stop = time.perf_counter() + seconds
+        counter = iter(range(max_requests))
+
+        async def worker() -> None:
+            for i in counter:
+                if time.perf_counter() > stop:
+                    return
+                s = time.perf_counter()
+                try:
+                    await self.call(i)
+                    lats.append(time.perf_counter() - s)
+                except Exception as exc:  # counted, reported
+                    failures.append(exc)
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        if failures:
+            raise RuntimeError(f"{self.name}: {len(failures)} failed requests, e.g. {failures[0]!r}")
+        return Phase(lats, wall, len(lats), cpu)
+
+    async def latency(self, seconds: float, max_requests: int) -> Phase:  # noqa: D102
+        return await self._drive(1, seconds, max_requests)
+
+    async def saturate(self, seconds: float, concurrency: int, max_requests: int) -> Phase:  # noqa: D102
+        return await self._drive(concurrency, seconds, max_requests)
+
+
+class BareOrt(Target):
+    """`OnnxModel.run` in this process, on preprocessed inputs, from plain threads."""
+
+    name = BARE
+
+    def __init__(self, model, inputs: list[np.ndarray]) -> None:  # noqa: ANN001
+        self.model = model
+        self.inputs = inputs
+        self.config = (1, 1)  # (batch, threads) used at saturation; `probe` picks the best
+        model.warmup((1, 8))
+
+    def _threaded(self, batch: int, threads: int, seconds: float) -> Phase:
         lats: list[float] = []
         count = [0]
         lock = threading.Lock()
         stop = time.perf_counter() + seconds
-        x = np.stack([inputs[k % len(inputs)] for k in range(batch)])
+        x = np.stack([self.inputs[k % len(self.inputs)] for k in range(batch)])
 
         def work() -> None:
             while time.perf_counter() < stop:
                 s = time.perf_counter()
-                model.run(x)
+                self.model.run(x)
                 with lock:
                     lats.append(time.perf_counter() - s)
                     count[0] += batch
@@ -82,138 +159,178 @@ def bench_bare_ort(model, inputs: list[np.ndarray], *, seconds: float, concurren
             t.start()
         for t in ts:
             t.join()
-        return _summary(f"bare ORT (b={batch}, {threads} thr)", "saturation", lats,
-                        time.perf_counter() - t0, count[0])
+        return Phase(lats, time.perf_counter() - t0, count[0])
 
-    candidates = [threaded(1, concurrency), threaded(8, 1)]
-    best = max(candidates, key=lambda r: r.images_per_s)
-    best.name = "bare ORT"
-    best.mode = f"saturation ({'b=8' if best is candidates[1] else f'b=1 x{concurrency}'})"
-    return out + [best]
+    def probe(self, seconds: float, concurrency: int) -> dict[tuple[int, int], float]:
+        """Try batch 1 on one thread per core and on `concurrency` threads, and batch 8 on one
+        thread; keep the fastest for saturation (the strongest baseline). Returns images/s."""
+        cores = max(1, len(os.sched_getaffinity(0)))
+        configs = list(dict.fromkeys([(1, cores), (1, concurrency), (8, 1)]))
+        speeds = {c: self._threaded(*c, seconds).images_per_s for c in configs}
+        self.config = max(speeds, key=speeds.__getitem__)
+        return speeds
 
-
-async def _drive(call, payloads: list, *, concurrency: int, seconds: float, max_requests: int,
-                 ) -> tuple[list[float], float, int, float]:
-    lats: list[float] = []
-    failures = 0
-    stop = time.perf_counter() + seconds
-    counter = iter(range(max_requests))
-
-    async def worker() -> None:
-        nonlocal failures
-        for i in counter:
-            if time.perf_counter() > stop:
-                return
-            s = time.perf_counter()
-            try:
-                await call(payloads[i % len(payloads)])
+    async def latency(self, seconds: float, max_requests: int) -> Phase:  # noqa: D102
+        def run() -> Phase:
+            lats = []
+            t_end = time.perf_counter() + seconds
+            t0 = time.perf_counter()
+            while time.perf_counter() < t_end and len(lats) < max_requests:
+                s = time.perf_counter()
+                self.model.run(self.inputs[len(lats) % len(self.inputs)][None])
                 lats.append(time.perf_counter() - s)
-            except Exception:  # counted, reported
-                failures += 1
+            return Phase(lats, time.perf_counter() - t0, len(lats))
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return lats, time.perf_counter() - t0, failures, time.process_time() - cpu0
+        return await asyncio.to_thread(run)
 
-
-async def _latency_and_saturation(name: str, call, payloads: list, *, seconds: float,  # noqa: ANN001
-                                   concurrency: int, max_requests: int) -> list[Result]:
-    """Warm up, then batch-1 latency (one client) and saturation (`concurrency` clients).
-
-    Raises:
-        RuntimeError: if any request failed (a benchmark with failures is not a result).
-    """
-    for p in payloads[:8]:
-        await call(p)
-    out = []
-    for mode, conc in (("batch-1 latency", 1), ("saturation", concurrency)):
-        lats, wall, failed, cpu = await _drive(call, payloads, concurrency=conc, seconds=seconds,
-                                               max_requests=max_requests)
-        if failed:
-            raise RuntimeError(f"{name}: {failed} failed requests")
-        out.append(_summary(name, mode, lats, wall, len(lats), cpu))
-    return out
+    async def saturate(self, seconds: float, concurrency: int, max_requests: int) -> Phase:  # noqa: D102
+        return await asyncio.to_thread(self._threaded, *self.config, seconds)
 
 
-def bench_grpc(target: str, images: list[bytes], name: str, *, seconds: float, concurrency: int,
-               max_requests: int, raw: bool = False) -> list[Result]:
-    """Batch-1 latency (one client, sequential) and saturation (`concurrency` clients).
-
-    With `raw`, images are sent as decoded pixels (`RawImage`) instead of PNG bytes.
-    """
-    import grpc
+def grpc_target(name: str, channel, images: list[bytes], *, raw: bool = False) -> ClientTarget:  # noqa: ANN001
+    """A `Score` client over an open `grpc.aio` channel; PNG bytes, or decoded `RawImage`s."""
     from anomaly.v1 import anomaly_pb2 as pb
     from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 
-    async def run() -> list[Result]:
-        async with grpc.aio.insecure_channel(target) as ch:
-            stub = pb_grpc.AnomalyDetectionStub(ch)
-            if raw:
-                from service.imaging import decode_image
+    stub = pb_grpc.AnomalyDetectionStub(channel)
+    if raw:
+        from service.imaging import decode_image
 
-                arrays = [decode_image(b) for b in images]
-                reqs = [pb.ScoreRequest(raw=pb.RawImage(data=a.tobytes(), width=a.shape[1],
-                                                        height=a.shape[0], channels=3))
-                        for a in arrays]
-            else:
-                reqs = [pb.ScoreRequest(encoded=b) for b in images]
+        arrays = [decode_image(b) for b in images]
+        reqs = [pb.ScoreRequest(raw=pb.RawImage(data=a.tobytes(), width=a.shape[1],
+                                                height=a.shape[0], channels=3)) for a in arrays]
+    else:
+        reqs = [pb.ScoreRequest(encoded=b) for b in images]
 
-            async def call(req):  # noqa: ANN001, ANN202
-                return await stub.Score(req, timeout=30)
+    async def call(i: int) -> object:
+        return await stub.Score(reqs[i % len(reqs)], timeout=30)
 
-            return await _latency_and_saturation(name, call, reqs, seconds=seconds,
-                                                 concurrency=concurrency, max_requests=max_requests)
-
-    return asyncio.run(run())
+    return ClientTarget(name, call)
 
 
-def bench_http(base: str, images: list[bytes], *, seconds: float, concurrency: int,
-               max_requests: int) -> list[Result]:
-    """Same as `bench_grpc`, through the HTTP gateway (raw image bodies)."""
-    import httpx
+def http_target(http, images: list[bytes]) -> ClientTarget:  # noqa: ANN001
+    """`POST /v1/score` with the raw image body through an `httpx.AsyncClient`."""
 
-    async def run() -> list[Result]:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
-            async def call(body: bytes):  # noqa: ANN202
-                r = await http.post("/v1/score", content=body, headers={"content-type": "image/png"})
-                r.raise_for_status()
+    async def call(i: int) -> object:
+        r = await http.post("/v1/score", content=images[i % len(images)],
+                            headers={"content-type": "image/png"})
+        r.raise_for_status()
+        return r
 
-            return await _latency_and_saturation("HTTP gateway", call, images, seconds=seconds,
-                                                 concurrency=concurrency, max_requests=max_requests)
-
-    return asyncio.run(run())
+    return ClientTarget(HTTP, call)
 
 
-def render(results: list[Result], *, model: str, images: int, concurrency: int, seconds: float) -> str:
-    """Markdown table with ratios to bare ORT (same mode)."""
-    base = {r.mode.split(" (")[0]: r for r in results if r.name == "bare ORT"}
-    grpc_sat = next((r for r in results if r.name == "gRPC (batching on)" and r.mode == "saturation"), None)
+def summarize(phases: dict[tuple[str, str], list[Phase]], details: dict[str, str] | None = None,
+              ) -> list[Result]:
+    """Per (path, mode): median images/s, pooled p50/p99, median per-round ratio to bare ORT."""
+    out = []
+    for (name, mode), runs in phases.items():
+        lat = sorted(x for p in runs for x in p.latencies_s)
+        if not lat:
+            continue
+        bare = phases.get((BARE, mode), [])
+        ratios = [p.images_per_s / b.images_per_s for p, b in zip(runs, bare, strict=False)
+                  if b.images_per_s > 0]
+        cpu = [p.client_cpu_s / p.wall_s for p in runs if p.client_cpu_s == p.client_cpu_s]
+        out.append(Result(
+            name, mode, statistics.median(p.images_per_s for p in runs), 1e3 * statistics.median(lat),
+            1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(lat),
+            statistics.median(cpu) if cpu else float("nan"),
+            statistics.median(ratios) if ratios else float("nan"),
+            (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan")),
+            [p.images_per_s for p in runs], (details or {}).get(name, "")))
+    return out
+
+
+async def measure(targets: list[Target], *, rounds: int, seconds: float, concurrency: int,
+                  max_requests: int, progress: Callable[[str], None] = lambda _: None,
+                  ) -> dict[tuple[str, str], list[Phase]]:
+    """`rounds` rounds; in each, every target's batch-1 latency then saturation, in turn."""
+    phases: dict[tuple[str, str], list[Phase]] = {}
+    for r in range(rounds):
+        for t in targets:
+            progress(f"round {r + 1}/{rounds}: {t.name}")
+            phases.setdefault((t.name, LATENCY), []).append(await t.latency(seconds, max_requests))
+            phases.setdefault((t.name, SATURATION), []).append(
+                await t.saturate(seconds, concurrency, max_requests))
+    return phases
+
+
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return "" if x != x else format(x, spec)  # NaN → blank
+
+
+def render(results: list[Result], *, model: str, images: int, concurrency: int, seconds: float,
+           rounds: int, command: str = "", skipped: list[str] | None = None) -> str:
+    """Markdown: the machine, the command, and one table with ratios to bare ORT."""
+    by = {(r.name, r.mode): r for r in results}
+    grpc_sat = by.get((GRPC_OFF, SATURATION))
     lines = [
         f"Model: `{model}`; {images} real PNG images from the sample data; {concurrency} concurrent "
-        f"clients at saturation; {seconds:.0f} s per phase. Machine: {platform.machine()}, "
-        f"{len(os.sched_getaffinity(0))} CPU cores, {platform.processor() or platform.platform()}.",
-        "Client and server share the machine's cores (loopback).",
+        f"clients at saturation; {rounds} interleaved rounds of {seconds:g} s per path and mode. "
+        f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
+        f"{platform.platform()}, Python {platform.python_version()}. Clients and servers share "
+        "the machine's cores (loopback).",
         "",
-        "| path | mode | images/s | p50 ms | p99 ms | images/s ÷ bare ORT | images/s ÷ gRPC "
-        "| load-generator CPU (cores) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        "| path | mode | images/s | p50 ms | p99 ms | ÷ bare ORT (median of rounds) | range over rounds "
+        "| HTTP ÷ gRPC | load-generator CPU (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ref = base.get(r.mode.split(" (")[0])
-        ratio = f"{r.images_per_s / ref.images_per_s:.2f}" if ref else "-"
-        vs_grpc = (f"{r.images_per_s / grpc_sat.images_per_s:.2f}"
-                   if grpc_sat and r.name == "HTTP gateway" and r.mode == "saturation" else "")
-        cores = "" if r.client_cores != r.client_cores else f"{r.client_cores:.2f}"  # NaN → blank
-        lines.append(f"| {r.name} | {r.mode} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | "
-                     f"{r.p99_ms:.1f} | {ratio} | {vs_grpc} | {cores} |")
+        vs_grpc = ""
+        if r.name == HTTP and r.mode == SATURATION and grpc_sat:
+            vs = [a / b for a, b in zip(r.per_round, grpc_sat.per_round, strict=False) if b > 0]
+            vs_grpc = _fmt(statistics.median(vs)) if vs else ""
+        span = "" if r.name == BARE else f"{_fmt(r.ratio_range[0])}–{_fmt(r.ratio_range[1])}"
+        name = f"{r.name} ({r.detail})" if r.detail and r.mode == SATURATION else r.name
+        lines.append(f"| {name} | {r.mode} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
+                     f"{_fmt(r.ratio)} | {span} | {vs_grpc} | {_fmt(r.client_cores)} |")
+    if skipped:
+        lines += ["", "Peers not measured:", *skipped]
     return "\n".join(lines) + "\n"
 
 
+def load_images(image_dir: Path, limit: int = 64) -> list[bytes]:
+    """Up to `limit` real PNG images (no ground-truth masks) under `image_dir`.
+
+    Raises:
+        ValueError: there are none.
+    """
+    files = sorted(p for p in Path(image_dir).rglob("*.png") if "ground_truth" not in p.parts)[:limit]
+    if not files:
+        raise ValueError(f"no PNG images under {image_dir}")
+    return [p.read_bytes() for p in files]
+
+
 def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Path, *,
-                  seconds: float = 10.0, concurrency: int = 8, max_requests: int = 5000,
-                  out: Path | None = None) -> list[Result]:
-    """The whole benchmark; returns the results and (optionally) writes Markdown to `out`."""
+                  seconds: float = 5.0, rounds: int = 3, concurrency: int = 8,
+                  max_requests: int = 5000, peers: tuple[str, ...] = (), out: Path | None = None,
+                  command: str = "", progress: Callable[[str], None] = lambda _: None,
+                  ) -> list[Result]:
+    """The whole benchmark; returns the results and (optionally) writes Markdown to `out`.
+
+    Args:
+        tracking_uri: MLflow store holding the model.
+        model_name: registered model.
+        alias: the alias whose version is measured.
+        image_dir: folder of real PNG images (the first 64 are used).
+        seconds: length of each phase (path × mode × round).
+        rounds: interleaved rounds; ratios are the median of the per-round ratios.
+        concurrency: concurrent clients (and bare-ORT threads tried) at saturation.
+        max_requests: cap on requests per phase.
+        peers: any of `loadtests.peers.PEERS` ("mlflow", "kserve") to measure beside ours.
+        out: Markdown file whose `bench` section receives the table.
+        command: the command line, written into the report.
+        progress: called with a line before each phase.
+    """
+    import grpc
+    import httpx
+
+    from loadtests import peers as peer_servers
     from service.imaging import decode_image
     from service.launch import start_gateway, start_server
     from service.repository import ModelRepository, ModelSpec
@@ -223,32 +340,66 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     repository = ModelRepository(Settings(tracking_uri=tracking_uri, cache_dir=work / "cache"))
     loaded = repository.get(ModelSpec(model_name, alias))  # the same download/load path as serving
     model, metadata, version = loaded.model, loaded.metadata, loaded.version
-    files = sorted(p for p in Path(image_dir).rglob("*.png") if "ground_truth" not in p.parts)[:64]
-    if not files:
-        raise ValueError(f"no PNG images under {image_dir}")
-    images = [p.read_bytes() for p in files]
+    images = load_images(image_dir)
     inputs = [model.prepare(decode_image(b)) for b in images]
-    results = bench_bare_ort(model, inputs, seconds=seconds, concurrency=concurrency)
-    del model, loaded, repository
-    kw = {"seconds": seconds, "concurrency": concurrency, "max_requests": max_requests}
-    for label, env in (("gRPC (batching on)", {}), ("gRPC (batching off)", {"ANOMALY_MAX_BATCH_SIZE": "1"})):
-        server, target = start_server(tracking_uri, work / f"{label}.log", model=model_name, alias=alias,
-                                      cache_dir=work / "cache", env={**env, "ANOMALY_LOG_LEVEL": "WARNING"})
-        try:
-            results += bench_grpc(target, images, label, **kw)
-            if label == "gRPC (batching on)":
-                results += bench_grpc(target, images, "gRPC raw pixels (batching on)", raw=True, **kw)
-                gateway, base = start_gateway(target, work / "gateway.log",
-                                              env={"ANOMALY_LOG_LEVEL": "WARNING"})
-                try:
-                    results += bench_http(base, images, **kw)
-                finally:
-                    gateway.stop()
-        finally:
-            server.stop()
+    bare = BareOrt(model, inputs)
+    progress("probing bare ORT configurations")
+    speeds = bare.probe(seconds, concurrency)
+    details = {BARE: f"b={bare.config[0]} x{bare.config[1]} threads; probed "
+                     + ", ".join(f"b={b} x{t}: {v:.1f}" for (b, t), v in speeds.items())}
+    quiet = {"ANOMALY_LOG_LEVEL": "WARNING"}
+    children = []
+
+    async def run_all() -> dict[tuple[str, str], list[Phase]]:
+        opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with (grpc.aio.insecure_channel(addresses["off"], options=opts) as off,
+                    grpc.aio.insecure_channel(addresses["on"], options=opts) as on,
+                    httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http):
+            paths: list[Target] = [bare, grpc_target(GRPC_OFF, off, images),
+                                   grpc_target(GRPC_RAW, off, images, raw=True),
+                                   grpc_target(GRPC_ON, on, images), http_target(http, images)]
+            async with peer_servers.started(peers, tracking_uri, model_name, version, inputs, images,
+                                            work, concurrency) as peer_targets:
+                return await measure(paths + peer_targets, rounds=rounds, seconds=seconds,
+                                     concurrency=concurrency, max_requests=max_requests,
+                                     progress=progress)
+
+    try:
+        addresses: dict[str, str] = {}
+        for key, batch in (("off", "1"), ("on", "8")):
+            progress(f"starting gRPC server (batching {key})")
+            child, addresses[key] = start_server(
+                tracking_uri, work / f"server-{key}.log", model=model_name, alias=alias,
+                cache_dir=work / "cache", env={**quiet, "ANOMALY_MAX_BATCH_SIZE": batch})
+            children.append(child)
+        child, base = start_gateway(addresses["off"], work / "gateway.log", env=quiet)
+        children.append(child)
+        phases = asyncio.run(run_all())
+    finally:
+        for child in reversed(children):
+            child.stop()
+    results = summarize(phases, details)
     if out is not None:
         text = render(results, model=f"{model_name}/{version} ({metadata.architecture}-{metadata.variant})",
-                      images=len(images), concurrency=concurrency, seconds=seconds)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("# Serving benchmarks\n\nProduced by `anomaly bench` (loadtests/bench.py).\n\n" + text)
+                      images=len(images), concurrency=concurrency, seconds=seconds, rounds=rounds,
+                      command=command, skipped=peer_servers.status_lines())
+        write_report(out, text)
     return results
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_report(out: Path, table: str) -> None:
+    """Put the generated part between the `bench:begin/end` markers of `out`, keeping the
+    hand-written reading around it; a new file gets a heading and the markers."""
+    block = f"{BEGIN}\n{table.rstrip()}\n{END}"
+    text = out.read_text() if out.exists() else ""
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        text = head + block + rest.partition(END)[2]
+    else:
+        text = f"# Serving benchmarks\n\nProduced by `anomaly bench` (loadtests/bench.py).\n\n{block}\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)

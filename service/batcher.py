@@ -6,12 +6,18 @@ in the thread pool. The queue is bounded: a full queue answers `Overloaded` at o
 (RESOURCE_EXHAUSTED / HTTP 429) instead of growing. Requests whose deadline passed
 while queued are dropped before inference. Decoding happens before `submit`, in the
 pool, so it overlaps with inference of earlier batches.
+
+With batching off (`max_batch == 1`, the CPU default) `submit_unbatched` skips the queue
+task: one thread-pool call decodes, checks the deadline and runs the model, so a request
+costs one hand-off between the event loop and the pool instead of two, and no copy into a
+batch. The same bound applies to the requests waiting for a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,13 +78,66 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self.label = label
-        self._tasks = [asyncio.create_task(self._loop()) for _ in range(workers)]
+        self._tasks = ([asyncio.create_task(self._loop()) for _ in range(workers)]
+                       if max_batch > 1 else [])
         self._busy = 0
+        self._unbatched = 0  # submitted through `submit_unbatched`, not finished
+        self._waiting = 0  # of those, not yet started on a thread
+        self._lock = threading.Lock()
 
     @property
     def idle(self) -> bool:
         """Nothing queued and nothing running."""
-        return self.queue.empty() and self._busy == 0
+        return self.queue.empty() and self._busy == 0 and self._unbatched == 0
+
+    async def submit_unbatched(self, prepare: Callable[[], tuple], deadline: float | None = None,
+                               ) -> tuple[BatchResult, tuple]:
+        """Batching off: in one pool call, `prepare()` → `(x, *extra)`, then run `x` alone.
+
+        Returns:
+            The result and `extra` (what `prepare` returned besides the input).
+
+        Raises:
+            Overloaded: `max_queue` requests are already waiting for a thread.
+            DeadlineExceeded: the deadline passed before a thread took the request.
+        """
+        with self._lock:
+            if self._waiting >= self.queue.maxsize:
+                raise Overloaded(f"inference queue full ({self._waiting} images waiting); retry later")
+            self._waiting += 1
+        enqueued = time.monotonic()
+        claimed = [False]  # left the waiting count: by a thread starting it, or by cancellation
+
+        def leave_queue() -> bool:
+            with self._lock:
+                if claimed[0]:
+                    return False
+                claimed[0] = True
+                self._waiting -= 1
+                return True
+
+        def work() -> tuple[BatchResult, tuple]:
+            started = time.monotonic()
+            if not leave_queue():  # the caller went away while it waited
+                raise asyncio.CancelledError()
+            if deadline is not None and started >= deadline:
+                raise DeadlineExceeded(f"deadline passed after {1e3 * (started - enqueued):.0f} ms "
+                                       "in the queue")
+            x, *extra = prepare()
+            t0 = time.perf_counter()
+            scores, maps = self.model.run(x[None])
+            result = BatchResult(float(scores[0]), maps[0], started - enqueued,
+                                 time.perf_counter() - t0, 1)
+            return result, tuple(extra)
+
+        self._unbatched += 1
+        try:
+            out = await self._run(work)
+        finally:
+            self._unbatched -= 1
+            leave_queue()  # no-op unless the call was cancelled before a thread took it
+        metrics.BATCH_SIZE.observe(1)
+        return out
 
     async def submit(self, x: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Queue one preprocessed image `(3, H, W)` and wait for its result.

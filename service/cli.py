@@ -73,19 +73,28 @@ def bench_cmd(
     model: Annotated[str, typer.Option(help="registered model")] = "anomaly-detector",
     alias: Annotated[str, typer.Option(help="alias to benchmark")] = "champion",
     images: Annotated[Path, typer.Option(help="folder of PNG images")] = Path(".demo/data"),
-    seconds: Annotated[float, typer.Option(help="seconds per phase")] = 10.0,
+    seconds: Annotated[float, typer.Option(help="seconds per path, mode and round")] = 5.0,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (ratios are their median)")] = 3,
     concurrency: Annotated[int, typer.Option(help="concurrent clients at saturation")] = 8,
-    out: Annotated[Path, typer.Option(help="Markdown report")] = Path("docs/benchmarks.md"),
+    peers: Annotated[str, typer.Option(help="peers to measure too: mlflow,kserve (empty = none)")] = "",
+    out: Annotated[Path, typer.Option(help="Markdown report (table between bench markers)")] = Path(
+        "docs/benchmarks.md"),
 ) -> None:
-    """Bare ONNX Runtime vs gRPC server (batching on/off) vs HTTP gateway, one run."""
+    """Bare ONNX Runtime vs the gRPC server (batching off/on, PNG/raw) vs the HTTP gateway
+    (and peers), interleaved rounds in one run."""
+    import shlex
+    import sys
+
     from loadtests.bench import run_benchmark
 
     settings = _settings(tracking_uri=tracking_uri)
-    results = run_benchmark(settings.tracking_uri, model, alias, images, seconds=seconds,
-                            concurrency=concurrency, out=out)
+    results = run_benchmark(
+        settings.tracking_uri, model, alias, images, seconds=seconds, rounds=rounds,
+        concurrency=concurrency, peers=tuple(p for p in peers.split(",") if p), out=out,
+        command="anomaly " + shlex.join(sys.argv[1:]), progress=lambda m: typer.echo(m, err=True))
     for r in results:
-        typer.echo(f"{r.name:30s} {r.mode:22s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
-                   f"p99 {r.p99_ms:7.1f} ms  client CPU {r.client_cores:.2f} cores")
+        typer.echo(f"{r.name:32s} {r.mode:16s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
+                   f"p99 {r.p99_ms:7.1f} ms  ÷ bare ORT {r.ratio:5.2f}")
     typer.echo(f"wrote {out}")
 
 

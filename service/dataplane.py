@@ -179,8 +179,13 @@ class DataPlane:
             if req.encoded is None and req.raw is None:
                 raise InvalidInput("request has no image: set `encoded` bytes or `raw` pixels")
             loaded = await self.get(spec)
-            x, category, size, decode_s = await self._run(self._prepare, loaded, req)
-            result = await self._batcher(loaded).submit(x, req.deadline)
+            batcher = self._batcher(loaded)
+            if batcher.max_batch == 1:  # decode and run in one pool call
+                result, (category, size, decode_s) = await batcher.submit_unbatched(
+                    partial(self._prepare, loaded, req), req.deadline)
+            else:
+                x, category, size, decode_s = await self._run(self._prepare, loaded, req)
+                result = await batcher.submit(x, req.deadline)
             amap = result.amap if req.return_anomaly_map else None
             if amap is None:
                 decision = loaded.model.decide(result.score, None, category, size)

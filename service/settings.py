@@ -7,12 +7,14 @@ for the registry. The README lists them all.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".demo")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 class Settings(BaseSettings):
@@ -39,7 +41,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ORT threads per operator (0 = default)")
     ort_spinning: bool = Field(False, description="let idle ORT threads spin (faster alone, "
                                                   "steals CPU from decoding and gRPC when shared)")
-    workers: int = Field(4, ge=1, description="threads decoding and running inference")
+    workers: int = Field(0, ge=0, description="threads decoding and running inference "
+                                              "(0 = one per CPU core this process may use)")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest encoded image accepted")
@@ -49,7 +52,8 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(10.0, gt=0, description="how often watched aliases are re-resolved")
     alias_refresh_s: float = Field(30.0, ge=0,
                                    description="how long an ad-hoc (unwatched) alias lookup is trusted")
-    max_batch_size: int = Field(8, ge=1, description="dynamic batching: largest batch (1 = off)")
+    max_batch_size: int = Field(0, ge=0, description="dynamic batching: largest batch (1 = off; 0 = "
+                                                     "off on CPU-only providers, 8 with a GPU provider)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: wait for more requests")
     max_queue: int = Field(64, ge=1, description="queued images per model; beyond → RESOURCE_EXHAUSTED")
     batch_workers: int = Field(2, ge=1, description="batches run concurrently per model")
@@ -71,6 +75,18 @@ class Settings(BaseSettings):
             if not (sep and name and alias):
                 raise ValueError(f"models entry {entry!r} is not of the form name@alias")
         return value
+
+    @model_validator(mode="after")
+    def _resolve_auto(self) -> Settings:
+        """Resolve the 0 = automatic defaults, measured in docs/benchmarks.md: on a CPU, one
+        inference thread per core and no batching gave the most images/s (more threads
+        than cores, or batches, only made ONNX Runtime's threads compete for the cores)."""
+        if self.workers == 0:
+            self.workers = max(1, len(os.sched_getaffinity(0)))
+        if self.max_batch_size == 0:
+            gpu = any(p in GPU_PROVIDERS for p in self.providers)
+            self.max_batch_size = 8 if gpu else 1
+        return self
 
     def watched(self) -> list[tuple[str, str]]:
         """(name, alias) pairs the server keeps loaded and follows: the default first."""

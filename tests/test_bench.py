@@ -1,21 +1,35 @@
-"""The serving benchmark runs end to end (tiny budget) and reports ratios to bare ORT."""
+"""The serving benchmark runs end to end (tiny budget) and reports ratios to bare ORT,
+with stock `mlflow models serve` as a peer and KServe reported when it cannot run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from loadtests.bench import run_benchmark
+import pytest
+
+from loadtests import peers
+from loadtests.bench import BARE, GRPC_OFF, GRPC_ON, GRPC_RAW, HTTP, LATENCY, SATURATION, run_benchmark
 
 
-def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
+@pytest.mark.timeout(600)
+def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ANOMALY_KSERVE_PYTHON", str(tmp_path / "no-such-python"))
     out = tmp_path / "benchmarks.md"
+    out.write_text("# Mine\n\nbefore\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\nafter\n")
     results = run_benchmark(store.tracking_uri, store.model_name, "champion", sample_root,
-                            seconds=1.0, concurrency=2, max_requests=40, out=out)
-    names = {(r.name, r.mode.split(" (")[0]) for r in results}
-    for path in ("bare ORT", "gRPC (batching on)", "gRPC raw pixels (batching on)",
-                 "gRPC (batching off)", "HTTP gateway"):
-        assert (path, "batch-1 latency") in names and (path, "saturation") in names, path
-    assert all(r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms for r in results)
+                            seconds=1.0, rounds=2, concurrency=2, max_requests=40,
+                            peers=("mlflow", "kserve"), out=out)
+    got = {(r.name, r.mode): r for r in results}
+    for path in (BARE, GRPC_OFF, GRPC_RAW, GRPC_ON, HTTP, peers.MLFLOW):
+        for mode in (LATENCY, SATURATION):
+            r = got[(path, mode)]
+            assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms, r
+            assert len(r.per_round) == 2 and r.ratio > 0, r
+    assert (peers.KSERVE, SATURATION) not in got
+    assert got[(BARE, SATURATION)].ratio == 1.0
     text = out.read_text()
-    assert "| bare ORT | batch-1 latency |" in text and "÷ bare ORT" in text
-    assert text.count("\n| ") == 11  # header + 10 rows
+    assert text.startswith("# Mine\n\nbefore") and text.rstrip().endswith("after")  # hand-written kept
+    assert "old table" not in text and "| bare ORT | batch-1 latency |" in text
+    assert "| mlflow models serve | saturation |" in text
+    assert "KServe ModelServer: not measured (no environment with KServe" in text
+    assert text.count("\n| ") == 13  # header + 6 paths × 2 modes

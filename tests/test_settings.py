@@ -19,8 +19,20 @@ def test_environment_overrides_and_watched(monkeypatch: pytest.MonkeyPatch) -> N
     assert Settings().tracking_uri == "postgresql://db/mlflow"
 
 
-@pytest.mark.parametrize(("field", "value"), [("models", ["no-alias"]), ("max_batch_size", 0),
+@pytest.mark.parametrize(("field", "value"), [("models", ["no-alias"]), ("max_batch_size", -1),
                                               ("log_format", "xml"), ("max_queue", -1)])
 def test_bad_values_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
         Settings(**{field: value})
+
+
+def test_automatic_defaults_follow_the_hardware() -> None:
+    """0 = automatic: one worker per usable core; batching off on CPU, on with a GPU provider."""
+    import os
+
+    cpu = Settings()
+    assert cpu.workers == len(os.sched_getaffinity(0)) and cpu.max_batch_size == 1
+    gpu = Settings(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.max_batch_size == 8
+    assert Settings(workers=3, max_batch_size=4).workers == 3
+    assert Settings(workers=3, max_batch_size=4).max_batch_size == 4

@@ -1,0 +1,65 @@
+"""A KServe `ModelServer` serving the same anomaly model, for the peers benchmark.
+
+Runs in its own virtual environment (KServe pins protobuf 6, this project uses 7; see
+`make peers-venv`), with the repository on `PYTHONPATH` so it scores through the very
+same engine and pre-processing as our server (`service.engine.OnnxModel`): the comparison
+measures the serving framework, not the model code. KServe's documented custom-model
+pattern: a `kserve.Model` with a synchronous `predict`, V1 protocol, images as base64::
+
+    POST /v1/models/anomaly:predict  {"instances": [{"b64": "<PNG bytes, base64>"}]}
+
+    python loadtests/kserve_model.py --model_dir <MLflow model folder> --http_port 8080 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+from pathlib import Path
+
+import kserve
+
+from service.engine import OnnxModel
+from service.imaging import decode_image
+from service.repository import read_model_dir
+
+
+class AnomalyModel(kserve.Model):
+    """One image per instance → its anomaly score and decision."""
+
+    def __init__(self, name: str, model_dir: str) -> None:
+        super().__init__(name)
+        self.model_dir = model_dir
+        self.engine: OnnxModel | None = None
+        self.load()
+
+    def load(self) -> bool:
+        """Check the model folder; the session itself opens in each worker process on first
+        use (KServe pickles the model into its worker processes, and a session cannot be)."""
+        read_model_dir(Path(self.model_dir))
+        self.ready = True
+        return self.ready
+
+    def __getstate__(self) -> dict:  # noqa: D105
+        return {**self.__dict__, "engine": None}
+
+    def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:  # noqa: D102
+        import numpy as np
+
+        if self.engine is None:
+            self.engine = OnnxModel(*read_model_dir(Path(self.model_dir)), spinning=False)
+        batch = np.stack([self.engine.prepare(decode_image(base64.b64decode(inst["b64"])))
+                          for inst in payload["instances"]])
+        scores, _ = self.engine.run(batch)
+        return {"predictions": [
+            {"score": float(s), "is_anomalous": self.engine.decide(float(s), None, "").is_anomalous}
+            for s in scores]}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
+    parser.add_argument("--model_dir", required=True, help="MLflow ONNX model folder")
+    args, _ = parser.parse_known_args()
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                       enable_grpc=False, enable_latency_logging=False).start(
+        [AnomalyModel(args.model_name or "anomaly", args.model_dir)])
