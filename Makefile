@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos venv clean
+.PHONY: demo test lint format protos venv peers-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
+
+## KServe for the peers benchmark, in its own environment (it pins protobuf 6; we use 7).
+peers-venv:
+	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install --quiet kserve onnxruntime pillow numpy pydantic-settings pyyaml
 
 ## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto.
 protos: $(STAMP)

@@ -385,10 +385,45 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                       images=len(images), concurrency=concurrency, seconds=seconds, rounds=rounds,
                       command=command, skipped=peer_servers.status_lines())
         write_report(out, text)
+        try:
+            plot(results, out.with_suffix(".png"), f"{model_name}/{version}: same model, one run, "
+                 f"{rounds} interleaved rounds")
+        except ImportError:  # a serve-only install has no matplotlib: the table is the result
+            pass
     return results
 
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def plot(results: list[Result], path: Path, title: str) -> None:
+    """Bar chart: images/s at saturation and p50 at batch 1, one bar per path (log scale, so
+    the slow peers stay visible). Needs matplotlib (the `train` extra has it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in results if r.mode == SATURATION]
+    by = {(r.name, r.mode): r for r in results}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, mode, attr, label in ((axes[0], SATURATION, "images_per_s", "images/s at saturation"),
+                                  (axes[1], LATENCY, "p50_ms", "p50 ms at batch 1")):
+        values = [getattr(by[(n, mode)], attr) for n in names]
+        colors = ["#888888" if n == BARE else "#1f77b4" if n.startswith(("gRPC", "HTTP")) else "#d62728"
+                  for n in names]
+        ax.barh(names, values, color=colors)
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.1f}", (v, y), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(out: Path, table: str) -> None:

@@ -76,38 +76,39 @@ class _Process:
         self.log.close()
 
 
+def _launch(cmd: list[str], log: Path, env: dict[str, str], ready_url: str,
+            timeout: float = 180) -> _Process:
+    """Start a process and wait until `ready_url` answers 200 (stopping it if it never does)."""
+    proc = _Process(cmd, log, env)
+    try:
+        proc.wait_http(ready_url, timeout)
+    except Exception:
+        proc.stop()
+        raise
+    return proc
+
+
 def start_mlflow(tracking_uri: str, name: str, version: str, work: Path,
                  workers: int) -> tuple[_Process, str]:
     """`mlflow models serve` on `models:/name/version`; returns (process, base URL)."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # it runs `uvicorn` by name
-    proc = _Process([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}",
-                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
-                    work / "mlflow-serve.log",
-                    {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     base = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(f"{base}/ping", 180)
-    except Exception:
-        proc.stop()
-        raise
-    return proc, base
+    return _launch([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}",
+                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
+                   work / "mlflow-serve.log",
+                   {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                   f"{base}/ping"), base
 
 
 def start_kserve(python: Path, model_dir: Path, work: Path, workers: int) -> tuple[_Process, str]:
     """`loadtests/kserve_model.py` under `python`; returns (process, base URL)."""
     port = free_port()
-    proc = _Process([str(python), str(ROOT / "loadtests" / "kserve_model.py"), "--model_dir", str(model_dir),
-                     "--model_name", "anomaly", "--http_port", str(port), "--grpc_port", str(free_port()),
-                     "--workers", str(workers)],
-                    work / "kserve.log", {"PYTHONPATH": str(ROOT)})
     base = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(f"{base}/v1/models/anomaly", 180)
-    except Exception:
-        proc.stop()
-        raise
-    return proc, base
+    return _launch([str(python), str(ROOT / "loadtests" / "kserve_model.py"), "--model_dir", str(model_dir),
+                    "--model_name", "anomaly", "--http_port", str(port), "--grpc_port", str(free_port()),
+                    "--workers", str(workers)],
+                   work / "kserve.log", {"PYTHONPATH": str(ROOT)}, f"{base}/v1/models/anomaly"), base
 
 
 @contextlib.asynccontextmanager

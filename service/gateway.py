@@ -270,7 +270,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        channel = grpc.aio.insecure_channel(settings.grpc_target, options=grpc_options(settings))
+        # round_robin: with a `dns:///` target naming several server replicas (compose,
+        # a headless Kubernetes Service), requests spread over all of them.
+        channel = grpc.aio.insecure_channel(
+            settings.grpc_target, options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")])
         app.state.settings = settings
         app.state.channel = channel
         app.state.stub = pb_grpc.AnomalyDetectionStub(channel)

@@ -4,7 +4,9 @@ processes on loopback ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +34,32 @@ class Store:
     build: object  # registry.pipeline.BuildResult
 
 
+@contextlib.contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (and child processes' environment) at `uri` for a block."""
+    import mlflow
+
+    old, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+        mlflow.set_tracking_uri(previous)
+
+
 def _build(sample_root: Path, home: Path, uri: str, architecture: str, epochs: int,
            aliases: tuple[str, ...] = ()):
     """Train, export, evaluate and register one tiny model into the store at `uri`."""
-    import mlflow
-
     from registry.architectures import ModelConfig
     from registry.pipeline import build_variant_fp32
     from registry.train import TrainConfig
 
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_uri(uri):
         build = build_variant_fp32(
             sample_root, home / "build" / architecture, architecture=architecture,
             model_config=ModelConfig(input_size=(TEST_INPUT, TEST_INPUT),
@@ -52,11 +67,6 @@ def _build(sample_root: Path, home: Path, uri: str, architecture: str, epochs: i
             train_config=TrainConfig(epochs=epochs, lr=3e-3, batch_size=8, seed=0),
             aliases=aliases, artifact_root=home / "artifacts", show_progress=False,
         )
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
     assert build.registered is not None
     return build
 
@@ -82,25 +92,15 @@ def variant_builds(store: Store, other_architectures: dict[str, object],
                    sample_root: Path) -> dict[str, list]:
     """FP16, PTQ-INT8 and QAT-INT8 (one fine-tuning epoch) of every architecture, registered
     into the same store: `{arch: [fp16, ptq-int8, qat-int8]}`."""
-    import mlflow
-
     from registry.pipeline import build_variants
     from registry.variants.qat import QATConfig
 
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = store.tracking_uri
-    mlflow.set_tracking_uri(store.tracking_uri)
-    try:
+    with tracking_uri(store.tracking_uri):
         fp32 = {"stfpm": store.build, **other_architectures}
         return {arch: build_variants(b, sample_root, store.home / "build" / arch,
                                      qat_config=QATConfig(epochs=1), artifact_root=store.home / "artifacts",
                                      show_progress=False)
                 for arch, b in fp32.items()}
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @pytest.fixture(scope="session")

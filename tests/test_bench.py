@@ -33,3 +33,4 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
     assert "| mlflow models serve | saturation |" in text
     assert "KServe ModelServer: not measured (no environment with KServe" in text
     assert text.count("\n| ") == 13  # header + 6 paths × 2 modes
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from conftest import tracking_uri
 from mlflow import MlflowClient
 
 from service.metadata import GLOBAL, ModelMetadata
@@ -41,9 +42,9 @@ def test_run_has_metrics_params_and_loss_curve(store) -> None:
 def test_artifact_is_onnx_flavor_with_metadata(store, tmp_path: Path) -> None:
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{store.model_name}/{store.version}", dst_path=str(tmp_path),
-        tracking_uri=store.tracking_uri))
+    with tracking_uri(store.tracking_uri):  # models:/ URIs resolve through the global registry
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{store.model_name}/{store.version}", dst_path=str(tmp_path)))
     onnx_path, meta = read_model_dir(local)
     assert onnx_path.is_file() and onnx_path.suffix == ".onnx"
     assert meta.categories == ["brick", "coffee"]

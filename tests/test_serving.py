@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from conftest import tracking_uri
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -113,16 +114,15 @@ def test_broken_version_never_replaces_the_serving_one(canary_server, store, cli
                                                        tmp_path: Path) -> None:
     target, _ = canary_server
     # A version whose ONNX file is garbage (e.g. a bad upload): registered like any other.
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{store.model_name}/{store.version}", dst_path=str(tmp_path / "src"),
-        tracking_uri=store.tracking_uri))
-    broken = tmp_path / "broken"
-    shutil.copytree(local, broken)
-    (broken / "model.onnx").write_bytes(b"\x08\x07garbage, not an ONNX graph")
-    mlflow.set_tracking_uri(store.tracking_uri)
-    experiment = client.get_experiment_by_name("anomaly-detection").experiment_id
-    with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_artifacts(str(broken), "model")
+    with tracking_uri(store.tracking_uri):  # models:/ URIs resolve through the global registry
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{store.model_name}/{store.version}", dst_path=str(tmp_path / "src")))
+        broken = tmp_path / "broken"
+        shutil.copytree(local, broken)
+        (broken / "model.onnx").write_bytes(b"\x08\x07garbage, not an ONNX graph")
+        experiment = client.get_experiment_by_name("anomaly-detection").experiment_id
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_artifacts(str(broken), "model")
     bad = client.create_model_version(store.model_name, f"runs:/{run.info.run_id}/model",
                                       run_id=run.info.run_id).version
     with grpc.insecure_channel(target) as ch:
