@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clients.sdk import DEFAULT_TARGET, AnomalyClient
+from clients.sdk import DEFAULT_TARGET, AnomalyClient, AnomalyError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -34,7 +34,8 @@ def _expand(paths: list[Path]) -> list[Path]:
 @app.command("score")
 def score_cmd(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
-    target: Annotated[str, typer.Option(help="gRPC server address")] = DEFAULT_TARGET,
+    target: Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")
+                      ] = DEFAULT_TARGET,
     model: Annotated[str, typer.Option(help="registered model name")] = "",
     alias: Annotated[str, typer.Option(help="alias (default: server's)")] = "",
     version: Annotated[int, typer.Option(help="version number")] = 0,
@@ -42,8 +43,6 @@ def score_cmd(
     timeout: Annotated[float, typer.Option(help="deadline per image, seconds")] = 30.0,
 ) -> None:
     """Score image files (or every image in folders) and print a table."""
-    import grpc
-
     files = _expand(paths)
     console = Console()
     table = Table(title=f"{len(files)} image(s) scored by {target}")
@@ -54,10 +53,9 @@ def score_cmd(
         for f in files:
             try:
                 r = client.score(f, version=version, category=category, request_id=f.name)
-            except grpc.RpcError as exc:
+            except AnomalyError as exc:
                 failures += 1
-                table.add_row(str(f), "-", "-", f"[yellow]{exc.code().name}[/]", "-", "-",
-                              exc.details() or "")
+                table.add_row(str(f), "-", "-", f"[yellow]{exc.code}[/]", "-", "-", exc.message)
                 continue
             table.add_row(str(f), f"{r.score:.5g}", f"{r.normalized_score:.3f}",
                           "[red]NG[/]" if r.is_anomalous else "[green]OK[/]", f"{r.threshold:.5g}",
@@ -70,7 +68,8 @@ def score_cmd(
 
 @app.command("models")
 def models_cmd(
-    target: Annotated[str, typer.Option(help="gRPC server address")] = DEFAULT_TARGET,
+    target: Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")
+                      ] = DEFAULT_TARGET,
 ) -> None:
     """List the model versions loaded on a server."""
     console = Console()

@@ -1,27 +1,67 @@
-"""Python SDK: `AnomalyClient` (sync) and `AsyncAnomalyClient` (asyncio) over gRPC.
+"""Python SDK: `AnomalyClient` (sync) and `AsyncAnomalyClient` (asyncio), over gRPC or HTTP.
 
-Shaped like httpx: `_BaseClient` builds requests and parses responses (no I/O); the two
-clients mirror each other method for method and differ only in `await`. Results are
-typed dataclasses. Both are context managers::
+Shaped like httpx: `_BaseClient` builds calls, parses answers and decides retries (no I/O);
+the two clients mirror each other method for method and differ only in `await`. The target
+picks the transport: `host:port` (or `dns:///…`) speaks gRPC to the server, an
+`http(s)://` URL speaks HTTP to the gateway. Results are typed dataclasses; every failure
+is an `AnomalyError` carrying the gRPC status name (the gateway's problem+json carries it
+too). Both are context managers::
 
     with AnomalyClient("127.0.0.1:50051") as client:
         result = client.score("part.png", category="brick", request_id="SN-001")
         print(result.is_anomalous, result.model.version)
+
+Retries: `UNAVAILABLE` (server down or restarting) and `RESOURCE_EXHAUSTED` (queue full)
+are retried with exponential backoff and jitter, within the call's deadline (`timeout`,
+which covers all attempts). Each `score` carries a request id (generated when not given)
+that stays the same across its retries, so the server's log and a caller's records can
+de-duplicate.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import random
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 
 ImageInput = bytes | str | Path
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MODEL = "anomaly-detector"  # the server's default; HTTP paths need a name
 MAX_MESSAGE = 64 * 1024 * 1024
+RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+_HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
+               415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+               504: "DEADLINE_EXCEEDED"}
+
+
+class AnomalyError(Exception):
+    """The service refused or could not answer a call.
+
+    Attributes:
+        code: gRPC status name (`INVALID_ARGUMENT`, `NOT_FOUND`, `UNAVAILABLE`, …).
+        message: the server's explanation.
+        http_status: the HTTP status, over the gateway.
+        attempts: how many attempts were made.
+    """
+
+    def __init__(self, code: str, message: str, http_status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.http_status, self.attempts = code, message, http_status, attempts
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again later may succeed."""
+        return self.code in RETRYABLE
 
 
 @dataclass(frozen=True)
@@ -65,15 +105,41 @@ class ModelInfo:
     source_uri: str
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One logical call, in both transports' terms."""
+
+    rpc: str  # gRPC method name
+    message: Any  # its request message
+    http_method: str
+    http_path: str
+    params: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:  # noqa: D102
+        return {"content-type": "application/octet-stream"} if self.body is not None else None
+
+
+def _timings(t: Any) -> dict[str, float]:
+    get = t.get if isinstance(t, dict) else lambda k: getattr(t, k)
+    return {k: float(get(k)) for k in ("decode_ms", "queue_ms", "inference_ms", "total_ms")}
+
+
 class _BaseClient:
-    """Everything that does no I/O: options, request building, response parsing."""
+    """Everything that does no I/O: options, calls, parsing, the retry policy."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, model: str = "", alias: str = "",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, retries: int = 3, backoff_s: float = 0.2,
+                 max_backoff_s: float = 5.0) -> None:
         self.target = target
+        self.http = target.startswith(("http://", "https://"))
         self.model = model
         self.alias = alias
         self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self._options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                          ("grpc.max_send_message_length", MAX_MESSAGE)]
 
@@ -83,64 +149,154 @@ class _BaseClient:
             return bytes(image)
         return Path(image).read_bytes()
 
-    def _score_request(self, image: ImageInput, *, model: str, alias: str, version: int,
-                       category: str, return_anomaly_map: bool, request_id: str) -> pb.ScoreRequest:
-        return pb.ScoreRequest(
-            encoded=self._image_bytes(image), model=model or self.model,
-            alias="" if version else (alias or self.alias), version=version, category=category,
-            return_anomaly_map=return_anomaly_map, request_id=request_id,
-        )
+    def _score_call(self, image: ImageInput, *, model: str, alias: str, version: int, category: str,
+                    return_anomaly_map: bool, request_id: str) -> _Call:
+        data = self._image_bytes(image)
+        request_id = request_id or uuid.uuid4().hex  # the same for every retry of this call
+        fields = {"model": model or self.model, "alias": "" if version else (alias or self.alias),
+                  "version": version, "category": category, "request_id": request_id}
+        message = pb.ScoreRequest(encoded=data, return_anomaly_map=return_anomaly_map, **fields)
+        params = {k: str(v) for k, v in fields.items() if v}
+        if return_anomaly_map:
+            params["return_anomaly_map"] = "true"
+        return _Call("Score", message, "POST", "/v1/score", params, data)
 
+    def _list_call(self) -> _Call:
+        return _Call("ListModels", pb.ListModelsRequest(), "GET", "/v1/models")
+
+    def _get_call(self, model: str, alias: str, version: int) -> _Call:
+        name = model or self.model or DEFAULT_MODEL
+        params = {k: str(v) for k, v in (("alias", alias), ("version", version)) if v}
+        return _Call("GetModel", pb.GetModelRequest(model=model or self.model, alias=alias, version=version),
+                     "GET", f"/v1/models/{name}", params)
+
+    # -- parsing (proto over gRPC, JSON over HTTP) --------------------------------------
     @staticmethod
-    def _ref(r: pb.ModelRef) -> ModelRef:
+    def _ref(r: Any) -> ModelRef:
+        if isinstance(r, dict):
+            return ModelRef(r["name"], r["version"], r.get("alias", ""), r.get("architecture", ""),
+                            r.get("variant", ""))
         return ModelRef(r.name, r.version, r.alias, r.architecture, r.variant)
 
-    def _score_result(self, r: pb.ScoreResponse) -> ScoreResult:
-        t = r.timings
-        return ScoreResult(
-            request_id=r.request_id, score=r.score, normalized_score=r.normalized_score,
-            is_anomalous=r.is_anomalous, threshold=r.threshold, category=r.category,
-            model=self._ref(r.model), anomaly_map_png=r.anomaly_map_png,
-            timings={"decode_ms": t.decode_ms, "queue_ms": t.queue_ms,
-                     "inference_ms": t.inference_ms, "total_ms": t.total_ms},
-        )
+    def _score_result(self, r: Any) -> ScoreResult:
+        if isinstance(r, dict):
+            amap = base64.b64decode(r["anomaly_map_png_base64"]) if r.get("anomaly_map_png_base64") else b""
+            return ScoreResult(r["request_id"], r["score"], r["normalized_score"], r["is_anomalous"],
+                               r["threshold"], r["category"], self._ref(r["model"]), amap,
+                               _timings(r["timings"]))
+        return ScoreResult(r.request_id, r.score, r.normalized_score, r.is_anomalous, r.threshold,
+                           r.category, self._ref(r.model), r.anomaly_map_png, _timings(r.timings))
 
-    def _model_info(self, m: pb.ModelInfo) -> ModelInfo:
+    def _model_info(self, m: Any) -> ModelInfo:
+        if isinstance(m, dict):
+            return ModelInfo(self._ref(m["ref"]), m["input_height"], m["input_width"], list(m["categories"]),
+                             dict(m["thresholds"]), m["provider"], m["precision"], m["loaded_at"],
+                             m["source_uri"])
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
                          dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri)
 
+    def _parse(self, rpc: str, raw: Any) -> Any:
+        if rpc == "Score":
+            return self._score_result(raw)
+        if rpc == "ListModels":
+            return [self._model_info(m) for m in (raw if isinstance(raw, list) else raw.models)]
+        return self._model_info(raw)
+
+    # -- errors and retries ---------------------------------------------------------------
+    @staticmethod
+    def _error(exc: Exception) -> AnomalyError:
+        """Any transport failure → `AnomalyError` (unknown exceptions are re-raised)."""
+        if isinstance(exc, AnomalyError):
+            return exc
+        if isinstance(exc, grpc.RpcError):
+            return AnomalyError(exc.code().name, exc.details() or "")  # type: ignore[attr-defined]
+        if isinstance(exc, httpx.TimeoutException):
+            return AnomalyError("DEADLINE_EXCEEDED", f"no answer in time: {exc!r}")
+        if isinstance(exc, httpx.TransportError):
+            return AnomalyError("UNAVAILABLE", f"cannot reach the gateway: {exc!r}")
+        raise exc
+
+    @staticmethod
+    def _http_error(r: httpx.Response) -> AnomalyError:
+        try:
+            body = r.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        code = body.get("grpc_status") or _HTTP_CODES.get(r.status_code, "UNKNOWN")
+        return AnomalyError(code, str(body.get("detail") or r.text[:500]), r.status_code)
+
+    def _next_delay(self, err: AnomalyError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up now."""
+        if not err.retryable or attempt >= self.retries:
+            return None
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+        return delay if time.monotonic() + delay < deadline else None
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        return max(0.001, deadline - time.monotonic())
+
 
 class AnomalyClient(_BaseClient):
-    """Blocking gRPC client. Raises `grpc.RpcError` with the server's status and message."""
+    """Blocking client. Raises `AnomalyError` with the server's status and message."""
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self._channel = grpc.insecure_channel(target, options=self._options)
-        self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
+        if self.http:
+            self._http = httpx.Client(base_url=target, timeout=self.timeout)
+        else:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+            self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
+
+    def _send(self, call: _Call, timeout: float) -> Any:
+        if not self.http:
+            return getattr(self._stub, call.rpc)(call.message, timeout=timeout)
+        r = self._http.request(call.http_method, call.http_path, params=call.params, content=call.body,
+                               headers=call.headers, timeout=timeout)
+        if r.status_code >= 400:
+            raise self._http_error(r)
+        return r.json()
+
+    def _invoke(self, call: _Call, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            try:
+                return self._parse(call.rpc, self._send(call, self._remaining(deadline)))
+            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _error
+                err = self._error(exc)
+                delay = self._next_delay(err, attempt, deadline)
+                if delay is None:
+                    err.attempts = attempt + 1
+                    raise err from exc
+            time.sleep(delay)
+            attempt += 1
 
     def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
               category: str = "", return_anomaly_map: bool = False, request_id: str = "",
               timeout: float | None = None) -> ScoreResult:
         """Score one image (bytes or a file path)."""
-        req = self._score_request(image, model=model, alias=alias, version=version,
-                                  category=category, return_anomaly_map=return_anomaly_map,
-                                  request_id=request_id)
-        return self._score_result(self._stub.Score(req, timeout=timeout or self.timeout))
+        return self._invoke(self._score_call(image, model=model, alias=alias, version=version,
+                                             category=category, return_anomaly_map=return_anomaly_map,
+                                             request_id=request_id), timeout)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The model versions loaded on the server."""
-        resp = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
-        return [self._model_info(m) for m in resp.models]
+        return self._invoke(self._list_call(), timeout)
 
     def get_model(self, *, model: str = "", alias: str = "", version: int = 0,
                   timeout: float | None = None) -> ModelInfo:
         """Describe one model version."""
-        req = pb.GetModelRequest(model=model or self.model, alias=alias, version=version)
-        return self._model_info(self._stub.GetModel(req, timeout=timeout or self.timeout))
+        return self._invoke(self._get_call(model, alias, version), timeout)
 
     def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+        """Close the connection."""
+        if self.http:
+            self._http.close()
+        else:
+            self._channel.close()
 
     def __enter__(self) -> AnomalyClient:
         return self
@@ -150,36 +306,63 @@ class AnomalyClient(_BaseClient):
 
 
 class AsyncAnomalyClient(_BaseClient):
-    """asyncio gRPC client with the same methods as `AnomalyClient`."""
+    """asyncio client with the same methods as `AnomalyClient`."""
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
+        if self.http:
+            self._http = httpx.AsyncClient(base_url=target, timeout=self.timeout)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+            self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
+
+    async def _send(self, call: _Call, timeout: float) -> Any:
+        if not self.http:
+            return await getattr(self._stub, call.rpc)(call.message, timeout=timeout)
+        r = await self._http.request(call.http_method, call.http_path, params=call.params,
+                                     content=call.body, headers=call.headers, timeout=timeout)
+        if r.status_code >= 400:
+            raise self._http_error(r)
+        return r.json()
+
+    async def _invoke(self, call: _Call, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            try:
+                return self._parse(call.rpc, await self._send(call, self._remaining(deadline)))
+            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _error
+                err = self._error(exc)
+                delay = self._next_delay(err, attempt, deadline)
+                if delay is None:
+                    err.attempts = attempt + 1
+                    raise err from exc
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
                     category: str = "", return_anomaly_map: bool = False, request_id: str = "",
                     timeout: float | None = None) -> ScoreResult:
         """Score one image (bytes or a file path)."""
-        req = self._score_request(image, model=model, alias=alias, version=version,
-                                  category=category, return_anomaly_map=return_anomaly_map,
-                                  request_id=request_id)
-        return self._score_result(await self._stub.Score(req, timeout=timeout or self.timeout))
+        return await self._invoke(self._score_call(image, model=model, alias=alias, version=version,
+                                                   category=category, return_anomaly_map=return_anomaly_map,
+                                                   request_id=request_id), timeout)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The model versions loaded on the server."""
-        resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
-        return [self._model_info(m) for m in resp.models]
+        return await self._invoke(self._list_call(), timeout)
 
     async def get_model(self, *, model: str = "", alias: str = "", version: int = 0,
                         timeout: float | None = None) -> ModelInfo:
         """Describe one model version."""
-        req = pb.GetModelRequest(model=model or self.model, alias=alias, version=version)
-        return self._model_info(await self._stub.GetModel(req, timeout=timeout or self.timeout))
+        return await self._invoke(self._get_call(model, alias, version), timeout)
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close()
+        """Close the connection."""
+        if self.http:
+            await self._http.aclose()
+        else:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncAnomalyClient:
         return self

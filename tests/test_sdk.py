@@ -1,0 +1,102 @@
+"""The SDK against the session's real server and gateway: both transports and both clients
+give the same typed results; errors are `AnomalyError` with the status; UNAVAILABLE is
+retried with backoff inside the deadline, other errors are not."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clients.sdk import AnomalyClient, AnomalyError, AsyncAnomalyClient
+from service.launch import free_port, start_server
+
+
+@pytest.fixture(scope="module")
+def image(good_and_defect) -> bytes:
+    return good_and_defect[1][0].read_bytes()
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def target(request, grpc_target: str, http_base: str) -> str:
+    return grpc_target if request.param == "grpc" else http_base
+
+
+def test_sync_and_async_agree_over_both_transports(target: str, grpc_target: str, store,
+                                                    image: bytes) -> None:
+    with AnomalyClient(grpc_target) as reference:
+        expected = reference.score(image, request_id="ref")
+    with AnomalyClient(target) as client:
+        got = client.score(image, request_id="SN-1", return_anomaly_map=True)
+        auto = client.score(image)
+        models = client.list_models()
+        info = client.get_model(alias="champion")
+
+    async def run():  # noqa: ANN202
+        async with AsyncAnomalyClient(target) as client:
+            return await client.score(image, request_id="SN-2"), await client.list_models()
+
+    got_async, models_async = asyncio.run(run())
+    assert got.request_id == "SN-1" and got_async.request_id == "SN-2"
+    assert len(auto.request_id) == 32 and auto.request_id != got.request_id  # generated per call
+    for r in (got, got_async, auto):
+        assert r.score == pytest.approx(expected.score, rel=1e-5)
+        assert r.is_anomalous == expected.is_anomalous and r.model == expected.model
+        assert r.model.version == store.version and r.timings["total_ms"] > 0
+    assert got.anomaly_map_png.startswith(b"\x89PNG") and not auto.anomaly_map_png
+    assert [m.ref.version for m in models] == [m.ref.version for m in models_async]
+    assert info.ref.version == store.version and info.categories
+
+
+def test_errors_carry_the_status_and_are_not_retried(target: str, image: bytes) -> None:
+    with AnomalyClient(target, retries=5) as client:
+        with pytest.raises(AnomalyError) as info:
+            client.score(image, alias="no-such-alias")
+        assert info.value.code == "NOT_FOUND" and "no-such-alias" in info.value.message
+        assert info.value.attempts == 1 and not info.value.retryable
+        if target.startswith("http"):
+            assert info.value.http_status == 404
+        with pytest.raises(AnomalyError) as info:
+            client.score(b"not an image at all")
+        assert info.value.code == "INVALID_ARGUMENT" and info.value.attempts == 1
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "http"])
+def test_unavailable_is_retried_until_the_deadline(scheme: str) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}" if scheme == "grpc" else f"http://127.0.0.1:{port}"
+    with AnomalyClient(target, retries=3, backoff_s=0.05) as client:
+        t0 = time.monotonic()
+        with pytest.raises(AnomalyError) as info:
+            client.score(b"x", timeout=10)
+        assert info.value.code == "UNAVAILABLE" and info.value.attempts == 4
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(AnomalyError) as info:  # the deadline bounds all attempts together
+            AnomalyClient(target, retries=100, backoff_s=0.2).score(b"x", timeout=1.0)
+        assert info.value.code in {"UNAVAILABLE", "DEADLINE_EXCEEDED"} and info.value.attempts < 100
+
+
+@pytest.mark.timeout(180)
+def test_call_survives_a_server_that_starts_late(store, image: bytes, tmp_path: Path) -> None:
+    """The server is down when the call starts; retries carry it until the server is up."""
+    port = free_port()
+    started: list = []
+
+    def start_later() -> None:
+        time.sleep(1.0)
+        started.append(start_server(store.tracking_uri, tmp_path / "late.log", port=port,
+                                    cache_dir=tmp_path / "cache"))
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        with AnomalyClient(f"127.0.0.1:{port}", retries=30, backoff_s=0.2, max_backoff_s=2.0) as client:
+            result = client.score(image, request_id="late-1", timeout=120)
+        assert result.request_id == "late-1" and result.model.version == store.version
+    finally:
+        thread.join()
+        for child, _ in started:
+            child.stop()
