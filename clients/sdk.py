@@ -150,11 +150,11 @@ class _BaseClient:
         return Path(image).read_bytes()
 
     def _score_call(self, image: ImageInput, *, model: str, alias: str, version: int, category: str,
-                    return_anomaly_map: bool, request_id: str) -> _Call:
+                    return_anomaly_map: bool, request_id: str, station: str) -> _Call:
         data = self._image_bytes(image)
         request_id = request_id or uuid.uuid4().hex  # the same for every retry of this call
         fields = {"model": model or self.model, "alias": "" if version else (alias or self.alias),
-                  "version": version, "category": category, "request_id": request_id}
+                  "version": version, "category": category, "request_id": request_id, "station": station}
         message = pb.ScoreRequest(encoded=data, return_anomaly_map=return_anomaly_map, **fields)
         params = {k: str(v) for k, v in fields.items() if v}
         if return_anomaly_map:
@@ -276,11 +276,11 @@ class AnomalyClient(_BaseClient):
 
     def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
               category: str = "", return_anomaly_map: bool = False, request_id: str = "",
-              timeout: float | None = None) -> ScoreResult:
+              station: str = "", timeout: float | None = None) -> ScoreResult:
         """Score one image (bytes or a file path)."""
         return self._invoke(self._score_call(image, model=model, alias=alias, version=version,
                                              category=category, return_anomaly_map=return_anomaly_map,
-                                             request_id=request_id), timeout)
+                                             request_id=request_id, station=station), timeout)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The model versions loaded on the server."""
@@ -342,11 +342,11 @@ class AsyncAnomalyClient(_BaseClient):
 
     async def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
                     category: str = "", return_anomaly_map: bool = False, request_id: str = "",
-                    timeout: float | None = None) -> ScoreResult:
+                    station: str = "", timeout: float | None = None) -> ScoreResult:
         """Score one image (bytes or a file path)."""
         return await self._invoke(self._score_call(image, model=model, alias=alias, version=version,
                                                    category=category, return_anomaly_map=return_anomaly_map,
-                                                   request_id=request_id), timeout)
+                                                   request_id=request_id, station=station), timeout)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The model versions loaded on the server."""

@@ -7,6 +7,7 @@ Run as `python -m service.cli serve …` too; nothing here imports torch.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -96,6 +97,22 @@ def bench_cmd(
         typer.echo(f"{r.name:32s} {r.mode:16s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
                    f"p99 {r.p99_ms:7.1f} ms  ÷ bare ORT {r.ratio:5.2f}")
     typer.echo(f"wrote {out}")
+
+
+@app.command("inspections-export")
+def inspections_export_cmd(
+    out: Annotated[Path, typer.Argument(help="CSV file to write")],
+    db: Annotated[str | None, typer.Option(help="inspection-log database URL")] = None,
+    since: Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")
+                     ] = None,
+    until: Annotated[datetime | None, typer.Option(help="up to (not including) this time")] = None,
+) -> None:
+    """Export the inspection log's decisions in a time range to CSV."""
+    from service.inspection import export_csv
+
+    url = db or _settings().inspection_db_url
+    n = export_csv(url, out, since, until)
+    typer.echo(f"wrote {n} decisions to {out}")
 
 
 if __name__ == "__main__":

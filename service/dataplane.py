@@ -28,6 +28,7 @@ from service.batcher import Batcher
 from service.engine import Decision
 from service.errors import InvalidInput, Overloaded
 from service.imaging import decode_image, raw_to_rgb
+from service.inspection import Decided, InspectionLog
 from service.repository import LoadedModel, ModelRepository, ModelSpec
 from service.settings import Settings
 from service.watcher import ModelWatcher
@@ -58,6 +59,7 @@ class ScoreInput:
     category: str = ""
     return_anomaly_map: bool = False
     request_id: str = ""
+    station: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer is needed
 
 
@@ -89,6 +91,7 @@ class DataPlane:
         self.ready = False
         self.watcher = ModelWatcher(self.repository, settings, self._run)
         self.on_ready_change: Callable[[bool], None] | None = None
+        self.inspections = InspectionLog(settings.inspection_db_url) if settings.inspection_log else None
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -118,6 +121,8 @@ class DataPlane:
             Whether the default model is serving (readiness). If not, the watcher keeps
             trying and readiness flips once it loads.
         """
+        if self.inspections is not None:
+            await self.inspections.start()
         await self.watcher.refresh_all()
         self._update_ready()
         self.watcher.on_change = self._update_ready
@@ -199,6 +204,10 @@ class DataPlane:
             metrics.LATENCY.labels("inference").observe(result.inference_s)
             metrics.LATENCY.labels("total").observe(total)
             rid = req.request_id or uuid.uuid4().hex
+            if self.inspections is not None:
+                self.inspections.record(Decided(
+                    rid, req.station, decision.category, loaded.name, loaded.version, decision.score,
+                    decision.normalized_score, decision.threshold, decision.is_anomalous, total * 1e3))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
@@ -228,3 +237,5 @@ class DataPlane:
         await self.watcher.stop()
         await asyncio.gather(*(b.close(timeout) for b in self._batchers.values()))
         self.executor.shutdown(wait=True, cancel_futures=False)
+        if self.inspections is not None:  # after the drain: every answered request is recorded
+            await self.inspections.close(max(timeout, 10.0))

@@ -175,12 +175,13 @@ async def score(
     category: Annotated[str, Query(description="product category")] = "",
     return_anomaly_map: Annotated[bool, Query(description="include the heat map")] = False,
     request_id: Annotated[str, Query(description="client part / serial id")] = "",
+    station: Annotated[str, Query(description="inspection station / line (inspection log)")] = "",
 ) -> ScoreOut:
     """Score one image: multipart upload (`image` field) or raw image bytes as the body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
                                  "category": category, "return_anomaly_map": return_anomaly_map,
-                                 "request_id": request_id}
+                                 "request_id": request_id, "station": station}
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_part_size=request.app.state.settings.max_image_bytes)
@@ -209,7 +210,7 @@ async def score(
         encoded=data, model=str(fields["model"]), alias=str(fields["alias"]),
         version=_int(fields["version"], "version"), category=str(fields["category"]),
         return_anomaly_map=_flag(fields["return_anomaly_map"]),  # type: ignore[arg-type]
-        request_id=str(fields["request_id"]),
+        request_id=str(fields["request_id"]), station=str(fields["station"]),
     )
     return _score(await _call(request, "Score", message))  # type: ignore[arg-type]
 

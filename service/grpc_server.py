@@ -43,7 +43,7 @@ def to_score_input(req: pb.ScoreRequest, time_remaining: float | None = None) ->
     return ScoreInput(
         encoded=req.encoded if kind == "encoded" else None, raw=raw,
         model=req.model, alias=req.alias, version=req.version, category=req.category,
-        return_anomaly_map=req.return_anomaly_map, request_id=req.request_id,
+        return_anomaly_map=req.return_anomaly_map, request_id=req.request_id, station=req.station,
         deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
     )
 

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="gateway deadline for a gRPC call")
     grace_s: float = Field(5.0, ge=0, description="graceful-shutdown drain time")
     log_level: str = Field("INFO", description="logging level")
+    inspection_log: bool = Field(False, description="record every decision in the inspection log")
+    inspection_db_url: str = Field("sqlite:///inspections.db",
+                                   description="inspection-log database (any SQLAlchemy URL)")
 
     @field_validator("models")
     @classmethod

@@ -52,6 +52,28 @@ def tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
+POSTGRES = os.environ.get("ANOMALY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, empty database on the machine's PostgreSQL (dropped afterwards); yields its URL.
+
+    PostgreSQL is part of the development and CI machines, so it being unreachable fails.
+    """
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=5, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{POSTGRES}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def _build(sample_root: Path, home: Path, uri: str, architecture: str, epochs: int,
            aliases: tuple[str, ...] = ()):
     """Train, export, evaluate and register one tiny model into the store at `uri`."""

@@ -116,3 +116,14 @@ def test_docker_compose_config_validates() -> None:
     result = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_package_is_installed_by_a_non_editable_install() -> None:
+    """Docker images run `pip install .`: every package folder must be listed in pyproject."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(ROOT)).replace("/", ".").removeprefix("protos.")
+             for top in ("registry", "service", "clients", "loadtests", "protos")
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import grpc
@@ -21,25 +20,16 @@ import httpx
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from conftest import tracking_uri
+from conftest import fresh_postgres_database, tracking_uri
 
 from service.launch import free_port, start_server
-
-POSTGRES = os.environ.get("ANOMALY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 
 @pytest.fixture(scope="module")
 def database() -> str:
     """A new, empty database; dropped afterwards."""
-    import psycopg
-
-    name = f"mlflow_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=5, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{POSTGRES}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("mlflow_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

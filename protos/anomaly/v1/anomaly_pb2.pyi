@@ -31,7 +31,7 @@ class RawImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., dtype: _Optional[_Union[PixelType, str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "model", "alias", "version", "category", "return_anomaly_map", "request_id")
+    __slots__ = ("encoded", "raw", "model", "alias", "version", "category", "return_anomaly_map", "request_id", "station")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ScoreRequest(_message.Message):
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     RETURN_ANOMALY_MAP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATION_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     model: str
@@ -48,7 +49,8 @@ class ScoreRequest(_message.Message):
     category: str
     return_anomaly_map: bool
     request_id: str
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., category: _Optional[str] = ..., return_anomaly_map: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    station: str
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., category: _Optional[str] = ..., return_anomaly_map: _Optional[bool] = ..., request_id: _Optional[str] = ..., station: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "queue_ms", "inference_ms", "total_ms")
