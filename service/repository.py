@@ -103,8 +103,15 @@ class ModelRepository:
     """Thread-safe cache of loaded versions with alias resolution against MLflow."""
 
     def __init__(self, settings: Settings) -> None:
+        import os
+
         from mlflow import MlflowClient
 
+        # MLflow's REST client retries a refused connection 7 times with exponential backoff
+        # (minutes) by default; the watcher has its own backoff, so fail fast and let it retry.
+        # Either can still be set in the environment.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.settings = settings
         self.client = MlflowClient(tracking_uri=settings.tracking_uri,
                                    registry_uri=settings.tracking_uri)

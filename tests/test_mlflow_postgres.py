@@ -9,20 +9,16 @@ failure here, not a skip.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from conftest import fresh_postgres_database, tracking_uri
+from conftest import fresh_postgres_database, mlflow_server_process, tracking_uri
 
-from service.launch import free_port, start_server
+from service.launch import start_server
 
 
 @pytest.fixture(scope="module")
@@ -35,33 +31,8 @@ def database() -> str:
 @pytest.fixture(scope="module")
 def mlflow_server(database: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`mlflow server` on the PostgreSQL backend store, serving artifacts from a folder."""
-    home = tmp_path_factory.mktemp("mlflow-pg")
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    log = (home / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database,
-         "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.3)
+    with mlflow_server_process(database, tmp_path_factory.mktemp("mlflow-pg")) as (url, _):
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            proc.wait(30)
-        log.close()
 
 
 def _rows(database: str, sql: str) -> list[tuple]:

@@ -1,0 +1,107 @@
+"""Bounded fuzzing: property tests (hypothesis) of image decoding and request parsing, and
+schemathesis against the gateway's own OpenAPI document on the session's real gateway.
+
+The property: whatever the bytes or fields, the answer is a value or the service's own
+`InvalidInput` / problem+json, never another exception, never a 5xx, never a crash; and
+the server answers a good request afterwards. Budgets are fixed and small (CI time).
+"""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+
+from service.errors import InvalidInput
+from service.imaging import decode_image, raw_to_rgb
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+def _decodes_or_refuses(data: bytes) -> None:
+    try:
+        rgb = decode_image(data, max_bytes=1 << 20, max_pixels=1 << 22)
+    except InvalidInput:
+        return
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.size > 0
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_decode_arbitrary_bytes(data: bytes) -> None:
+    _decodes_or_refuses(data)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, len(PNG) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(8, len(PNG)))
+def test_decode_mutated_png(flips: list[tuple[int, int]], keep: int) -> None:
+    data = bytearray(PNG)
+    for pos, value in flips:
+        data[pos] = value
+    _decodes_or_refuses(bytes(data[:keep]))
+
+
+@FAST
+@given(st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 6), st.sampled_from([0, 1, 8, 12, 16, 32]),
+       st.integers(0, 4096))
+def test_raw_pixels_arbitrary_fields(width: int, height: int, channels: int, bits: int, n: int) -> None:
+    try:
+        rgb = raw_to_rgb(b"\x7f" * n, width, height, channels, bits, max_pixels=1 << 20)
+    except InvalidInput:
+        return
+    assert rgb.shape == (height, width, 3) and rgb.dtype == np.uint8
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(params=st.dictionaries(st.sampled_from(["model", "alias", "version", "category", "request_id",
+                                                "return_anomaly_map", "station", "junk"]),
+                              st.text(max_size=40), max_size=5),
+       ctype=st.sampled_from(["image/png", "application/octet-stream", "multipart/form-data",
+                              "multipart/form-data; boundary=x", "application/json", "", "text/plain"]),
+       body=st.binary(max_size=256))
+def test_gateway_score_parsing(http_base: str, params: dict, ctype: str, body: bytes) -> None:
+    """Arbitrary query fields, content types and bodies: 2xx or 4xx problem+json, never 5xx."""
+    r = httpx.post(f"{http_base}/v1/score", params=params, content=body,
+                   headers={"content-type": ctype} if ctype else {}, timeout=30)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_gateway_openapi(http_base: str) -> None:
+    """Every operation of the gateway's OpenAPI document, 25 schemathesis cases each: no 5xx.
+
+    Driven through `as_strategy`: schemathesis' pytest fixture loader fails under pytest 9.
+    """
+    schema = schemathesis.openapi.from_url(f"{http_base}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/score", "/v1/models", "/v1/models/{name}"}
+    for operation in operations:
+        @given(operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        def fuzz(case) -> None:  # noqa: ANN001
+            case.call_and_validate(checks=[not_a_server_error])
+
+        fuzz()
+
+
+def test_still_serving_after_fuzzing(http_base: str, good_and_defect) -> None:
+    r = httpx.post(f"{http_base}/v1/score", content=good_and_defect[0][0].read_bytes(),
+                   headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 200
