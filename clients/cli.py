@@ -85,6 +85,56 @@ def models_cmd(
     console.print(table)
 
 
+@app.command("hotfolder")
+def hotfolder_cmd(
+    inbox: Annotated[Path, typer.Argument(help="folder the MES drops images into")],
+    target: Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")
+                      ] = DEFAULT_TARGET,
+    out: Annotated[Path | None, typer.Option(help="where OK/, NG/, error/ go (default: the inbox)")] = None,
+    category: Annotated[str, typer.Option(help="product category (threshold)")] = "",
+    station: Annotated[str, typer.Option(help="station / line name for the inspection log")] = "",
+    seconds: Annotated[float | None, typer.Option(help="stop after this long (default: run until Ctrl-C)")
+                       ] = None,
+    until_empty: Annotated[bool, typer.Option(help="stop once the inbox is empty")] = False,
+    settle: Annotated[float, typer.Option(help="seconds a file must stay unchanged before scoring")] = 0.5,
+) -> None:
+    """Watch a folder: score each new image, write <image>.json beside it, move both to OK/NG/error.
+
+    At least once and idempotent: images wait in the inbox while the server is down, and a
+    restart never loses or double-moves a file.
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from clients.hotfolder import HotFolder
+
+    console = Console()
+    with AnomalyClient(target, retries=1) as client, Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+            transient=True) as progress:
+        folder = HotFolder(client, inbox, out, category=category, station=station, settle_s=settle)
+        task = progress.add_task(f"watching {inbox}")
+        counts = {"OK": 0, "NG": 0, "error": 0}
+
+        def done(image: Path, outcome: str) -> None:
+            counts[outcome] += 1
+            progress.update(task, description=f"watching {inbox}: OK {counts['OK']}  NG {counts['NG']}  "
+                                              f"error {counts['error']}  (last: {image.name} → {outcome})")
+
+        try:
+            summary = folder.run(seconds=seconds, until_empty=until_empty, on_done=done)
+        except KeyboardInterrupt:
+            summary = None
+    table = Table(title=f"hot folder {inbox}")
+    for col in ("OK", "NG", "error", "retried", "still in inbox"):
+        table.add_column(col)
+    if summary is not None:
+        table.add_row(str(summary.ok), str(summary.ng), str(summary.error), str(summary.retries),
+                      str(summary.pending))
+    else:
+        table.add_row(str(counts["OK"]), str(counts["NG"]), str(counts["error"]), "-", "-")
+    console.print(table)
+
+
 def _mount_optional() -> None:
     """Add the serve / train commands when their extras are installed."""
     try:
