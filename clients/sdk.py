@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 _HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
                415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
                504: "DEADLINE_EXCEEDED"}
+
+
+def channel_credentials(ca_file: Path | str | None, cert_file: Path | str | None = None,
+                        key_file: Path | str | None = None) -> grpc.ChannelCredentials:
+    """Client-side gRPC TLS credentials: trust `ca_file` (None = system roots), optionally
+    with a client certificate and key for mutual TLS."""
+    def read(p: Path | str | None) -> bytes | None:
+        return Path(p).read_bytes() if p else None
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 class AnomalyError(Exception):
@@ -131,8 +142,12 @@ class _BaseClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, model: str = "", alias: str = "",
                  timeout: float = 30.0, retries: int = 3, backoff_s: float = 0.2,
-                 max_backoff_s: float = 5.0) -> None:
+                 max_backoff_s: float = 5.0, api_key: str = "", tls_ca_file: str | Path | None = None,
+                 client_cert_file: str | Path | None = None,
+                 client_key_file: str | Path | None = None) -> None:
         self.target = target
+        self._api_key = api_key  # sent as `x-api-key`; never part of repr or errors
+        self._tls = (tls_ca_file, client_cert_file, client_key_file)
         self.http = target.startswith(("http://", "https://"))
         self.model = model
         self.alias = alias
@@ -169,6 +184,26 @@ class _BaseClient:
         params = {k: str(v) for k, v in (("alias", alias), ("version", version)) if v}
         return _Call("GetModel", pb.GetModelRequest(model=model or self.model, alias=alias, version=version),
                      "GET", f"/v1/models/{name}", params)
+
+    def _grpc_channel(self, aio: bool) -> grpc.Channel:
+        api = grpc.aio if aio else grpc
+        if not any(self._tls):
+            return api.insecure_channel(self.target, options=self._options)
+        return api.secure_channel(self.target, channel_credentials(*self._tls), options=self._options)
+
+    @property
+    def _metadata(self) -> list[tuple[str, str]] | None:
+        return [("x-api-key", self._api_key)] if self._api_key else None
+
+    def _http_options(self) -> dict[str, Any]:
+        verify: ssl.SSLContext | bool = True
+        ca, cert, key = self._tls
+        if ca or cert:
+            verify = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if cert:
+                verify.load_cert_chain(str(cert), str(key) if key else None)
+        return {"base_url": self.target, "timeout": self.timeout, "verify": verify,
+                "headers": {"x-api-key": self._api_key} if self._api_key else None}
 
     # -- parsing (proto over gRPC, JSON over HTTP) --------------------------------------
     @staticmethod
@@ -245,14 +280,14 @@ class AnomalyClient(_BaseClient):
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         if self.http:
-            self._http = httpx.Client(base_url=target, timeout=self.timeout)
+            self._http = httpx.Client(**self._http_options())
         else:
-            self._channel = grpc.insecure_channel(target, options=self._options)
+            self._channel = self._grpc_channel(aio=False)
             self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
 
     def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
-            return getattr(self._stub, call.rpc)(call.message, timeout=timeout)
+            return getattr(self._stub, call.rpc)(call.message, timeout=timeout, metadata=self._metadata)
         r = self._http.request(call.http_method, call.http_path, params=call.params, content=call.body,
                                headers=call.headers, timeout=timeout)
         if r.status_code >= 400:
@@ -311,14 +346,15 @@ class AsyncAnomalyClient(_BaseClient):
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         if self.http:
-            self._http = httpx.AsyncClient(base_url=target, timeout=self.timeout)
+            self._http = httpx.AsyncClient(**self._http_options())
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+            self._channel = self._grpc_channel(aio=True)
             self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
 
     async def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
-            return await getattr(self._stub, call.rpc)(call.message, timeout=timeout)
+            return await getattr(self._stub, call.rpc)(call.message, timeout=timeout,
+                                                       metadata=self._metadata)
         r = await self._http.request(call.http_method, call.http_path, params=call.params,
                                      content=call.body, headers=call.headers, timeout=timeout)
         if r.status_code >= 400:

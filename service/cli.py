@@ -64,8 +64,10 @@ def gateway_cmd(
     settings = _settings(grpc_target=grpc_target, http_host=host, http_port=port,
                          log_level=log_level)
     configure_logging(settings.log_level, settings.log_format)
+    tls = {"ssl_certfile": str(settings.https_cert_file), "ssl_keyfile": str(settings.https_key_file)} \
+        if settings.https_cert_file else {}
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.grace_s))
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.grace_s), **tls)
 
 
 @app.command("bench")

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from service.grpc_server import grpc_options
+from service.security import channel_credentials
 from service.settings import Settings
 
 PROBLEM = "application/problem+json"
@@ -136,8 +137,11 @@ def _score(r: pb.ScoreResponse) -> ScoreOut:
 async def _call(request: Request, method: str, message: object) -> object:
     """Forward one unary call; gRPC errors become `Problem`s."""
     state = request.app.state
+    metadata = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
+                                    ("authorization", request.headers.get("authorization"))) if v]
     try:
-        return await getattr(state.stub, method)(message, timeout=state.settings.request_timeout_s)
+        return await getattr(state.stub, method)(message, timeout=state.settings.request_timeout_s,
+                                                 metadata=metadata or None)
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         raise Problem(GRPC_TO_HTTP.get(code, 500), code.name.replace("_", " ").title(),
@@ -273,8 +277,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         # round_robin: with a `dns:///` target naming several server replicas (compose,
         # a headless Kubernetes Service), requests spread over all of them.
-        channel = grpc.aio.insecure_channel(
-            settings.grpc_target, options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")])
+        options = [*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")]
+        if settings.grpc_tls_ca_file or settings.grpc_client_cert_file:
+            creds = channel_credentials(settings.grpc_tls_ca_file, settings.grpc_client_cert_file,
+                                        settings.grpc_client_key_file)
+            channel = grpc.aio.secure_channel(settings.grpc_target, creds, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(settings.grpc_target, options=options)
         app.state.settings = settings
         app.state.channel = channel
         app.state.stub = pb_grpc.AnomalyDetectionStub(channel)

@@ -24,6 +24,7 @@ from service import metrics
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError
 from service.repository import LoadedModel
+from service.security import ApiKeyInterceptor, load_api_keys, server_credentials
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,11 @@ class GrpcServer:
         self.settings = settings
         self.plane = plane or DataPlane(settings)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=grpc_options(settings))
+        keys = load_api_keys(settings)
+        self.server = grpc.aio.server(options=grpc_options(settings),
+                                      interceptors=[ApiKeyInterceptor(keys)] if keys else None)
+        if keys:
+            log.info("API keys required (%d configured); health and reflection stay open", len(keys))
         pb_grpc.add_AnomalyDetectionServicer_to_server(AnomalyServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -182,7 +187,13 @@ class GrpcServer:
             The bound port.
         """
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+            log.info("TLS on%s", " with client certificates required (mTLS)"
+                     if self.settings.tls_client_ca_file else "")
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC server to {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

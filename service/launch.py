@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_grpc_serving(target: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+def wait_grpc_serving(target: str, timeout: float = 120.0, proc: subprocess.Popen | None = None,
+                      credentials: grpc.ChannelCredentials | None = None) -> None:
     """Poll `grpc.health.v1` until the server reports SERVING.
 
     Raises:
@@ -35,7 +37,8 @@ def wait_grpc_serving(target: str, timeout: float = 120.0, proc: subprocess.Pope
         RuntimeError: the process died first.
     """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -50,18 +53,21 @@ def wait_grpc_serving(target: str, timeout: float = 120.0, proc: subprocess.Pope
     raise TimeoutError(f"gRPC server at {target} not SERVING after {timeout:.0f}s")
 
 
-def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+                    verify: str | bool | ssl.SSLContext = True) -> None:
     """Poll `GET url` until it answers 200.
 
     Raises:
         TimeoutError / RuntimeError: as `wait_grpc_serving`.
     """
     deadline = time.monotonic() + timeout
+    if isinstance(verify, str):  # a CA file
+        verify = ssl.create_default_context(cafile=verify)
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"gateway exited with code {proc.returncode}")
         try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
+            if httpx.get(url, timeout=1.0, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -111,10 +117,12 @@ class ChildProcess:
 
 def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
                  cache_dir: Path | None = None, model: str = "", alias: str = "",
-                 timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[ChildProcess, str]:
+                 timeout: float = 120.0, env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> tuple[ChildProcess, str]:
     """Start the gRPC server and wait for SERVING; returns (process, target).
 
-    `env` adds `ANOMALY_*` settings (e.g. a short poll interval) for this server.
+    `env` adds `ANOMALY_*` settings (e.g. a short poll interval) for this server;
+    `credentials` are needed to probe a server that serves TLS.
     """
     port = port or free_port()
     args = ["serve", "--tracking-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port)]
@@ -128,7 +136,7 @@ def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
     proc = child.start()
     target = f"127.0.0.1:{port}"
     try:
-        wait_grpc_serving(target, timeout, proc)
+        wait_grpc_serving(target, timeout, proc, credentials)
     except Exception:
         child.stop()
         raise
@@ -136,15 +144,19 @@ def start_server(tracking_uri: str, log_path: Path, *, port: int | None = None,
 
 
 def start_gateway(grpc_target: str, log_path: Path, *, port: int | None = None,
-                  timeout: float = 60.0, env: dict[str, str] | None = None) -> tuple[ChildProcess, str]:
-    """Start the HTTP gateway and wait until `/readyz` is 200; returns (process, base URL)."""
+                  timeout: float = 60.0, env: dict[str, str] | None = None,
+                  verify: str | bool = True) -> tuple[ChildProcess, str]:
+    """Start the HTTP gateway and wait until `/readyz` is 200; returns (process, base URL).
+
+    With `ANOMALY_HTTPS_CERT_FILE` in `env` the URL is https (`verify`: the CA to trust).
+    """
     port = port or free_port()
     child = ChildProcess(["gateway", "--grpc-target", grpc_target, "--host", "127.0.0.1",
                           "--port", str(port)], log_path, env)
     proc = child.start()
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if (env or {}).get('ANOMALY_HTTPS_CERT_FILE') else 'http'}://127.0.0.1:{port}"
     try:
-        wait_http_ready(f"{base}/readyz", timeout, proc)
+        wait_http_ready(f"{base}/readyz", timeout, proc, verify)
     except Exception:
         child.stop()
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".demo")
@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="gateway deadline for a gRPC call")
     grace_s: float = Field(5.0, ge=0, description="graceful-shutdown drain time")
     log_level: str = Field("INFO", description="logging level")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="API keys the gRPC server accepts (JSON list; empty = no auth)")
+    api_keys_file: Path | None = Field(None, description="file with more API keys, one per line")
+    tls_cert_file: Path | None = Field(None, description="gRPC server certificate (PEM): serve TLS")
+    tls_key_file: Path | None = Field(None, description="gRPC server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(None, description="CA of client certificates: require mutual TLS")
+    grpc_tls_ca_file: Path | None = Field(None, description="gateway → server: CA to trust (TLS)")
+    grpc_client_cert_file: Path | None = Field(None,
+                                               description="gateway → server: client certificate (mTLS)")
+    grpc_client_key_file: Path | None = Field(None, description="gateway → server: client key (mTLS)")
+    https_cert_file: Path | None = Field(None, description="gateway HTTPS certificate (PEM)")
+    https_key_file: Path | None = Field(None, description="gateway HTTPS private key (PEM)")
     inspection_log: bool = Field(False, description="record every decision in the inspection log")
     inspection_db_url: str = Field("sqlite:///inspections.db",
                                    description="inspection-log database (any SQLAlchemy URL)")
