@@ -9,9 +9,9 @@ ignored), the client
 2. writes the result JSON beside it (`<image>.json`, atomically: temp file + rename),
 3. moves the image, then its JSON, into `<out>/OK`, `<out>/NG` or `<out>/error`.
 
-Delivery is at least once and idempotent: when the server is unreachable (UNAVAILABLE,
-RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) the image stays in the inbox and is retried on a
-later pass. Restarting the client at any point loses nothing and moves nothing twice: an
+Delivery is at least once and idempotent: when the server is unreachable, busy or shutting
+down (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, ABORTED) the image
+stays in the inbox and is retried on a later pass. Restarting the client at any point loses nothing and moves nothing twice: an
 image whose JSON already exists is moved without being scored again, and a JSON whose image
 was already moved follows it. Requests the server refuses for good (a corrupt image, an
 unknown category) go to `error/` with the reason in their JSON.
@@ -33,7 +33,8 @@ from clients.sdk import AnomalyClient, AnomalyError, ScoreResult
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-TRANSIENT = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+# The server is down, busy, shutting down (a call caught by its shutdown is CANCELLED) or slow.
+TRANSIENT = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}
 OUTCOMES = ("OK", "NG", "error")
 
 

@@ -269,6 +269,16 @@ class _BaseClient:
         delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
         return delay if time.monotonic() + delay < deadline else None
 
+    def _retry_delay(self, exc: Exception, attempt: int, deadline: float) -> float:
+        """How long to wait before retrying after `exc`; raises the `AnomalyError` instead
+        when the call should not (or can no longer) be retried."""
+        err = self._error(exc)
+        delay = self._next_delay(err, attempt, deadline)
+        if delay is None:
+            err.attempts = attempt + 1
+            raise err from exc
+        return delay
+
     @staticmethod
     def _remaining(deadline: float) -> float:
         return max(0.001, deadline - time.monotonic())
@@ -300,12 +310,8 @@ class AnomalyClient(_BaseClient):
         while True:
             try:
                 return self._parse(call.rpc, self._send(call, self._remaining(deadline)))
-            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _error
-                err = self._error(exc)
-                delay = self._next_delay(err, attempt, deadline)
-                if delay is None:
-                    err.attempts = attempt + 1
-                    raise err from exc
+            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _retry_delay
+                delay = self._retry_delay(exc, attempt, deadline)
             time.sleep(delay)
             attempt += 1
 
@@ -367,12 +373,8 @@ class AsyncAnomalyClient(_BaseClient):
         while True:
             try:
                 return self._parse(call.rpc, await self._send(call, self._remaining(deadline)))
-            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _error
-                err = self._error(exc)
-                delay = self._next_delay(err, attempt, deadline)
-                if delay is None:
-                    err.attempts = attempt + 1
-                    raise err from exc
+            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _retry_delay
+                delay = self._retry_delay(exc, attempt, deadline)
             await asyncio.sleep(delay)
             attempt += 1
 
