@@ -13,8 +13,9 @@ Delivery is at least once and idempotent: when the server is unreachable, busy o
 down (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, ABORTED) the image
 stays in the inbox and is retried on a later pass. Restarting the client at any point loses
 nothing and moves nothing twice: an image whose JSON already exists is moved without being
-scored again, and a JSON whose image was already moved follows it. Requests the server refuses for good (a corrupt image, an
-unknown category) go to `error/` with the reason in their JSON.
+scored again, and a JSON whose image was already moved follows it. Requests the server
+refuses for good (a corrupt image, an unknown category) go to `error/` with the reason in
+their JSON.
 """
 
 from __future__ import annotations
