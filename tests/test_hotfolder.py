@@ -109,6 +109,7 @@ def test_server_restart_midway_every_image_exactly_once(store, good_and_defect, 
             while len(done) < 80 and worker.is_alive():
                 time.sleep(0.02)
             assert server.stop() == 0  # SIGTERM midway: in-flight drain, the log is flushed
+            time.sleep(0.5)  # let the client finish filing the answers it got before the stop
             stopped_at = len(done)
             time.sleep(1.5)  # the client meets a dead server and keeps the images
             assert len(done) == stopped_at and stopped_at < 240
