@@ -20,9 +20,7 @@ import base64
 import contextlib
 import json
 import os
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import httpx
 import numpy as np
 
 from loadtests.bench import ClientTarget, Target
-from service.launch import free_port
+from service.launch import ChildProcess, free_port, wait_http_ready
 
 PEERS = ("mlflow", "kserve")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,50 +44,22 @@ def kserve_python() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-class _Process:
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]) -> None:
-        self.log = log.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **env},
-                                     start_new_session=True)
-
-    def wait_http(self, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"exited with code {self.proc.returncode} (log: {self.log.name})")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.3)
-        raise TimeoutError(f"{url} not ready after {timeout:.0f}s (log: {self.log.name})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15)  # uvicorn workers are children: stop the group
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self.log.close()
-
-
 def _launch(cmd: list[str], log: Path, env: dict[str, str], ready_url: str,
-            timeout: float = 180) -> _Process:
-    """Start a process and wait until `ready_url` answers 200 (stopping it if it never does)."""
-    proc = _Process(cmd, log, env)
+            timeout: float = 180) -> ChildProcess:
+    """Start a process (its own group: these servers fork workers) and wait until
+    `ready_url` answers 200, stopping it if it never does."""
+    child = ChildProcess([], log, env, command=cmd, group=True)
+    proc = child.start()
     try:
-        proc.wait_http(ready_url, timeout)
-    except Exception:
-        proc.stop()
-        raise
-    return proc
+        wait_http_ready(ready_url, timeout, proc)
+    except Exception as exc:
+        child.stop()
+        raise RuntimeError(f"{exc} (log: {log})") from exc
+    return child
 
 
 def start_mlflow(tracking_uri: str, name: str, version: str, work: Path,
-                 workers: int) -> tuple[_Process, str]:
+                 workers: int) -> tuple[ChildProcess, str]:
     """`mlflow models serve` on `models:/name/version`; returns (process, base URL)."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # it runs `uvicorn` by name
@@ -101,7 +71,7 @@ def start_mlflow(tracking_uri: str, name: str, version: str, work: Path,
                    f"{base}/ping"), base
 
 
-def start_kserve(python: Path, model_dir: Path, work: Path, workers: int) -> tuple[_Process, str]:
+def start_kserve(python: Path, model_dir: Path, work: Path, workers: int) -> tuple[ChildProcess, str]:
     """`loadtests/kserve_model.py` under `python`; returns (process, base URL)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -121,7 +91,7 @@ async def started(peers: tuple[str, ...], tracking_uri: str, name: str, version:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
     SKIPPED.clear()
     workers = max(1, len(os.sched_getaffinity(0)))  # as many worker processes as our server's threads
-    procs: list[_Process] = []
+    procs: list[ChildProcess] = []
     targets: list[Target] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:

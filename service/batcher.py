@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -30,6 +31,28 @@ from service.engine import OnnxModel
 from service.errors import Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def collect(queue: asyncio.Queue[T], max_items: int, max_delay_s: float) -> list[T]:
+    """Wait for one item, then take more for up to `max_delay_s` (never over `max_items`):
+    the micro-batching step, shared by the batcher and the inspection log's writer."""
+    items = [await queue.get()]
+    end = time.monotonic() + max_delay_s
+    while len(items) < max_items:
+        try:
+            items.append(queue.get_nowait())
+            continue
+        except asyncio.QueueEmpty:
+            pass
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            items.append(await asyncio.wait_for(queue.get(), remaining))
+        except TimeoutError:
+            break
+    return items
 
 
 class DeadlineExceeded(ServiceError):
@@ -155,27 +178,9 @@ class Batcher:
         metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
         return await fut
 
-    async def _collect(self) -> list[_Item]:
-        items = [await self.queue.get()]
-        end = time.monotonic() + self.max_delay_s
-        while len(items) < self.max_batch:
-            try:
-                items.append(self.queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                items.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
-        return items
-
     async def _loop(self) -> None:
         while True:
-            items = await self._collect()
+            items = await collect(self.queue, self.max_batch, self.max_delay_s)
             self._busy += 1
             try:
                 await self._run_batch(items)

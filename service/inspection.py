@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 from sqlalchemy import DateTime, Float, Index, Integer, String, create_engine, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.batcher import collect
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -138,34 +139,12 @@ class InspectionLog:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _take(self) -> tuple[list[dict], bool]:
-        """The next batch, and whether `close` asked the writer to stop after it."""
-        rows: list[dict] = []
-        first = await self.queue.get()
-        if first is None:
-            return rows, True
-        rows.append(first)
-        deadline = time.monotonic() + self.flush_s
-        while len(rows) < self.batch_size:
-            try:
-                row = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    row = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if row is None:
-                return rows, True
-            rows.append(row)
-        return rows, False
-
     async def _loop(self) -> None:
         stop = False
         while not stop:
-            rows, stop = await self._take()
+            batch = await collect(self.queue, self.batch_size, self.flush_s)
+            rows = [row for row in batch if row is not None]
+            stop = len(rows) < len(batch)  # `close` queued None: write what came before, then stop
             if rows:
                 await self._flush(rows)
 

@@ -65,7 +65,7 @@ def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | No
         verify = ssl.create_default_context(cafile=verify)
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with code {proc.returncode}")
+            raise RuntimeError(f"the process serving {url} exited with code {proc.returncode}")
         try:
             if httpx.get(url, timeout=1.0, verify=verify).status_code == 200:
                 return
@@ -76,12 +76,19 @@ def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | No
 
 
 class ChildProcess:
-    """A `python -m service.cli …` child, logging to a file, stopped with SIGTERM."""
+    """A `python -m service.cli …` child (or any `command`), logging to a file, stopped with
+    SIGTERM.
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.args = [sys.executable, "-m", "service.cli", *args]
+    With `group`, the child leads its own process group and the signals go to the whole
+    group: for servers that fork workers (`mlflow server`, `mlflow models serve`, KServe).
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None, *,
+                 command: list[str] | None = None, group: bool = False) -> None:
+        self.args = command if command is not None else [sys.executable, "-m", "service.cli", *args]
         self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
+        self.group = group
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> subprocess.Popen:
@@ -89,19 +96,30 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, stdin=subprocess.DEVNULL)
+                                     env=self.env, stdin=subprocess.DEVNULL, start_new_session=self.group)
         return self.proc
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the child (its whole group, with `group`)."""
+        assert self.proc is not None
+        try:
+            if self.group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait (graceful drain), then SIGKILL if needed; returns the exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.signal(signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode

@@ -77,42 +77,27 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 @contextlib.contextmanager
 def mlflow_server_process(backend_uri: str, home: Path) -> Iterator[tuple[str, object]]:
     """A real `mlflow server` (backend store `backend_uri`, artifacts served from `home`) on a
-    loopback port; yields (URL, Popen). Stopped (process group) on exit."""
-    import signal
-    import subprocess
+    loopback port; yields (URL, its `ChildProcess`). Stopped (process group) on exit."""
     import sys
-    import time
 
-    import httpx
-
-    from service.launch import free_port
+    from service.launch import ChildProcess, free_port, wait_http_ready
 
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    log = (home / "mlflow-server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # it runs uvicorn by name
+    child = ChildProcess([], home / "mlflow-server.log", env, group=True, command=[
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1"])
     url = f"http://127.0.0.1:{port}"
+    proc = child.start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "mlflow-server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.3)
-        yield url, proc
+        try:
+            wait_http_ready(f"{url}/health", 120, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError((home / "mlflow-server.log").read_text()[-3000:]) from exc
+        yield url, child
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        log.close()
+        child.stop(30)
 
 
 def _build(sample_root: Path, home: Path, uri: str, architecture: str, epochs: int,

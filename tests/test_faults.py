@@ -6,7 +6,6 @@ gRPC server following it, and a gateway pointed at a port where nothing listens.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import mlflow_server_process, tracking_uri
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.launch import ChildProcess, free_port, start_server
+from service.launch import ChildProcess, free_port, start_server, wait_http_ready
 
 
 def test_registry_stopped_scoring_and_readiness_hold(store, good_and_defect, tmp_path: Path) -> None:
@@ -36,8 +35,8 @@ def test_registry_stopped_scoring_and_readiness_hold(store, good_and_defect, tmp
                 stub = pb_grpc.AnomalyDetectionStub(ch)
                 health = health_pb2_grpc.HealthStub(ch)
                 assert stub.Score(pb.ScoreRequest(encoded=image), timeout=10).model.version == version
-                os.killpg(registry.pid, signal.SIGKILL)  # the registry (and its workers) vanish
-                registry.wait(10)
+                registry.signal(signal.SIGKILL)  # the registry (and its workers) vanish
+                registry.proc.wait(10)
                 stop = time.monotonic() + 4.0  # > 10 poll intervals against a dead registry
                 n = 0
                 while time.monotonic() < stop:
@@ -63,15 +62,7 @@ def test_gateway_with_server_down_answers_503_quickly(tmp_path: Path) -> None:
     child.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # up (liveness), though not ready
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_http_ready(f"{base}/healthz", 60, child.proc)  # up (liveness), though not ready
         ready = httpx.get(f"{base}/readyz", timeout=10)
         assert ready.status_code == 503
         assert ready.headers["content-type"].startswith("application/problem+json")
