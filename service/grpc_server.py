@@ -11,7 +11,6 @@ import asyncio
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
@@ -108,27 +107,40 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
-        """Pipelined: up to `STREAM_WINDOW` images in flight, answers in request order.
+        """Pipelined: up to `STREAM_WINDOW` images in flight, answers in request order, each
+        sent as soon as it and those before it are done (a client may wait for every answer
+        before sending the next image, or keep sending).
 
         A request that fails ends the stream with its status (message names its request id).
         """
-        pending: deque[tuple[pb.ScoreRequest, asyncio.Task]] = deque()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        order: asyncio.Queue[tuple[pb.ScoreRequest, asyncio.Task] | None] = asyncio.Queue()
 
-        async def answer(req: pb.ScoreRequest, task: asyncio.Task) -> pb.ScoreResponse:
+        async def read() -> None:
             try:
-                return await task
-            except ServiceError as exc:
-                for _, t in pending:
-                    t.cancel()
-                await context.abort(exc.code, f"request_id={req.request_id!r}: {exc.message}")
-                raise  # unreachable: abort raises
+                async for request in request_iterator:
+                    await window.acquire()
+                    order.put_nowait((request, asyncio.create_task(self._score(request, context))))
+            finally:
+                order.put_nowait(None)
 
-        async for request in request_iterator:
-            pending.append((request, asyncio.create_task(self._score(request, context))))
-            while len(pending) >= STREAM_WINDOW or (pending and pending[0][1].done()):
-                yield await answer(*pending.popleft())
-        while pending:
-            yield await answer(*pending.popleft())
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await order.get()) is not None:
+                request, task = item
+                try:
+                    response = await task
+                except ServiceError as exc:
+                    await context.abort(exc.code, f"request_id={request.request_id!r}: {exc.message}")
+                window.release()
+                yield response
+            await reader  # re-raises what ended the request stream, if it failed
+        finally:
+            reader.cancel()
+            while not order.empty():
+                item = order.get_nowait()
+                if item is not None:
+                    item[1].cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802, D102
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

@@ -105,6 +105,45 @@ def test_score_stream_keeps_order(grpc_target: str, good_and_defect) -> None:
     assert asyncio.run(run()) == [f"id-{i}" for i in range(len(paths))]
 
 
+def test_score_stream_answers_a_client_that_waits_for_each_answer(grpc_target: str,
+                                                                 good_and_defect) -> None:
+    """A line camera in lock-step: send one image, read its answer, send the next. Each answer
+    must come back while the stream is open, without more requests behind it."""
+    image = good_and_defect[0][0].read_bytes()
+
+    async def run() -> list[str]:
+        async with AsyncAnomalyClient(grpc_target) as client:
+            call = client._stub.ScoreStream(timeout=30)
+            ids = []
+            for i in range(3):
+                await call.write(pb.ScoreRequest(encoded=image, request_id=f"step-{i}"))
+                ids.append((await asyncio.wait_for(call.read(), 20)).request_id)
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            return ids
+
+    import asyncio
+
+    assert asyncio.run(run()) == ["step-0", "step-1", "step-2"]
+
+
+def test_score_stream_failure_names_the_request(grpc_target: str, good_and_defect) -> None:
+    """A bad image mid-stream ends the stream with its status and request id, after the
+    answers before it."""
+    image = good_and_defect[0][0].read_bytes()
+    reqs = [pb.ScoreRequest(encoded=image, request_id="ok-0"),
+            pb.ScoreRequest(encoded=b"not an image", request_id="bad-1"),
+            pb.ScoreRequest(encoded=image, request_id="ok-2")]
+    with grpc.insecure_channel(grpc_target) as ch:
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for r in pb_grpc.AnomalyDetectionStub(ch).ScoreStream(iter(reqs), timeout=30):
+                got.append(r.request_id)
+    assert got == ["ok-0"]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad-1" in info.value.details() and "not an image" in info.value.details()
+
+
 def test_async_client_mirrors_sync(grpc_target: str, good_and_defect) -> None:
     import asyncio
 
