@@ -46,6 +46,32 @@ def test_gray_palette_rgba_become_rgb(rgb: np.ndarray) -> None:
     assert np.array_equal(decode_image(_encode(Image.fromarray(rgba), "PNG")), rgb)
 
 
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "RGB+tRNS", "P", "1"])
+def test_libpng_and_pillow_paths_give_the_same_pixels(rgb: np.ndarray, mode: str) -> None:
+    """8-bit non-palette PNGs go through libpng (imagecodecs), the rest through Pillow; both
+    must give what Pillow's `convert("RGB")` gives for every flavour."""
+    im = Image.fromarray(rgb)
+    kw: dict[str, object] = {}
+    if mode == "RGB+tRNS":
+        kw["transparency"] = (1, 2, 3)
+    else:
+        im = im.convert(mode)
+    data = _encode(im, "PNG", **kw)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(decode_image(data), expected)
+
+
+def test_png_size_limits_come_from_the_header() -> None:
+    """Width × height are read from IHDR: a zero or oversized PNG is refused undecoded."""
+    data = bytearray(_encode(Image.new("RGB", (4, 4)), "PNG"))
+    data[16:20] = (0).to_bytes(4, "big")
+    with pytest.raises(InvalidInput, match="zero size"):
+        decode_image(bytes(data))
+    data[16:20] = (1 << 20).to_bytes(4, "big")
+    with pytest.raises(InvalidInput, match="pixels; the limit"):
+        decode_image(bytes(data), max_pixels=1_000_000)
+
+
 def test_sixteen_bit_png_scaled_to_eight_bit() -> None:
     arr16 = np.linspace(0, 65535, 40 * 60).reshape(40, 60).astype(np.uint16)
     data = _encode(Image.fromarray(arr16), "PNG")
