@@ -152,7 +152,7 @@ class DataPlane:
             s = self.settings
             batcher = Batcher(loaded.model, self._run, max_batch=s.max_batch_size,
                               max_delay_s=s.max_queue_delay_ms / 1e3, max_queue=s.max_queue,
-                              workers=s.batch_workers if s.max_batch_size > 1 else s.workers,
+                              workers=s.concurrent_runs,
                               label=f"{loaded.name}/{loaded.version}")
             self._batchers[key] = batcher
             self._prune_batchers()

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
                             description="where downloaded model versions are kept")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"],
                                  description="ONNX Runtime execution providers, in order")
-    intra_op_threads: int = Field(0, ge=0, description="ORT threads per operator (0 = default)")
+    intra_op_threads: int = Field(0, ge=0, description="ORT threads per inference call (0 = auto: the "
+                                                       "cores shared among the concurrent calls)")
     ort_spinning: bool = Field(False, description="let idle ORT threads spin (faster alone, "
                                                   "steals CPU from decoding and gRPC when shared)")
     workers: int = Field(0, ge=0, description="threads decoding and running inference "
@@ -94,14 +95,26 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_auto(self) -> Settings:
         """Resolve the 0 = automatic defaults, measured in docs/benchmarks.md: on a CPU, one
-        inference thread per core and no batching gave the most images/s (more threads
-        than cores, or batches, only made ONNX Runtime's threads compete for the cores)."""
+        inference call per core, each on one ONNX Runtime thread, and no batching gave the
+        most images/s. More ORT threads than cores (2 calls × 2 threads on 2 cores), or
+        batches, only made the threads wait for each other and for decoding. The price is
+        batch-1 latency: one call alone uses one core. `ANOMALY_WORKERS=1` (auto intra-op
+        threads = all cores) is the low-latency setting for one camera at a time."""
+        cores = max(1, len(os.sched_getaffinity(0)))
         if self.workers == 0:
-            self.workers = max(1, len(os.sched_getaffinity(0)))
+            self.workers = cores
         if self.max_batch_size == 0:
             gpu = any(p in GPU_PROVIDERS for p in self.providers)
             self.max_batch_size = 8 if gpu else 1
+        if self.intra_op_threads == 0:
+            self.intra_op_threads = max(1, cores // self.concurrent_runs)
         return self
+
+    @property
+    def concurrent_runs(self) -> int:
+        """How many ONNX Runtime calls per model may run at once: one per worker thread with
+        batching off, `batch_workers` batches with batching on."""
+        return self.workers if self.max_batch_size == 1 else self.batch_workers
 
     def watched(self) -> list[tuple[str, str]]:
         """(name, alias) pairs the server keeps loaded and follows: the default first."""

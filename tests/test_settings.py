@@ -36,3 +36,17 @@ def test_automatic_defaults_follow_the_hardware() -> None:
     assert gpu.max_batch_size == 8
     assert Settings(workers=3, max_batch_size=4).workers == 3
     assert Settings(workers=3, max_batch_size=4).max_batch_size == 4
+
+
+def test_automatic_intra_op_threads_never_oversubscribe_the_cores() -> None:
+    """0 = automatic: the usable cores shared among the ONNX Runtime calls that may run at
+    once (one per worker with batching off, `batch_workers` with batching on), at least 1."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert Settings().intra_op_threads == 1  # a worker per core, each call on one core
+    assert Settings(workers=1).intra_op_threads == cores  # one call at a time: all cores
+    assert Settings(max_batch_size=8, batch_workers=1).intra_op_threads == cores
+    assert Settings(max_batch_size=8, batch_workers=2).intra_op_threads == max(1, cores // 2)
+    assert Settings(workers=4 * cores).intra_op_threads == 1
+    assert Settings(intra_op_threads=3).intra_op_threads == 3
