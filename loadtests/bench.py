@@ -3,10 +3,12 @@ and HTTP gateway, and (optionally) peer servers, measured in one run, interleave
 
 Paths:
 - bare ORT: `InferenceSession.run` on preprocessed tensors (no decoding), in-process;
-  saturation uses the best of a few thread/batch configurations, probed first;
+  saturation uses the best of a few thread/batch/intra-op configurations, probed first;
+  batch-1 latency uses all cores per call (the fastest alone);
 - gRPC: the real server as a child process, batching off (the CPU default) and on, driven
   by asyncio clients sending PNG bytes (decoding is part of what a server does), and
-  decoded pixels (`RawImage`, as a line camera would send);
+  decoded pixels (`RawImage`, as a line camera would send); `ScoreStream` with PNG bytes;
+  and the low-latency setting (`ANOMALY_WORKERS=1`: one call at a time on all cores);
 - HTTP: the real gateway in front of the batching-off server;
 - peers (`loadtests.peers`): stock `mlflow models serve` on the registered version and a
   KServe `ModelServer`, when asked for.
@@ -26,16 +28,19 @@ import statistics
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 LATENCY, SATURATION = "batch-1 latency", "saturation"
 BARE = "bare ORT"
-GRPC_OFF, GRPC_RAW, GRPC_ON, HTTP = ("gRPC (batching off)", "gRPC raw pixels (batching off)",
-                                     "gRPC (batching on)", "HTTP gateway")
+GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP = (
+    "gRPC (batching off)", "gRPC raw pixels (batching off)", "gRPC ScoreStream (batching off)",
+    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "HTTP gateway")
 
 
 @dataclass
@@ -128,17 +133,23 @@ class ClientTarget(Target):
 
 
 class BareOrt(Target):
-    """`OnnxModel.run` in this process, on preprocessed inputs, from plain threads."""
+    """`OnnxModel.run` in this process, on preprocessed inputs, from plain threads.
+
+    `models` maps intra-op thread counts to sessions of the same model file: the probe tries
+    both one thread per call (what the server runs by default) and all cores per call.
+    """
 
     name = BARE
 
-    def __init__(self, model, inputs: list[np.ndarray]) -> None:  # noqa: ANN001
-        self.model = model
+    def __init__(self, models: dict[int, Any], inputs: list[np.ndarray]) -> None:
+        self.models = models
         self.inputs = inputs
-        self.config = (1, 1)  # (batch, threads) used at saturation; `probe` picks the best
-        model.warmup((1, 8))
+        self.config = (1, 1, max(models))  # (batch, caller threads, intra-op threads); see probe
+        for model in models.values():
+            model.warmup((1, 8))
 
-    def _threaded(self, batch: int, threads: int, seconds: float) -> Phase:
+    def _threaded(self, batch: int, threads: int, intra: int, seconds: float) -> Phase:
+        model = self.models[intra]
         lats: list[float] = []
         count = [0]
         lock = threading.Lock()
@@ -148,7 +159,7 @@ class BareOrt(Target):
         def work() -> None:
             while time.perf_counter() < stop:
                 s = time.perf_counter()
-                self.model.run(x)
+                model.run(x)
                 with lock:
                     lats.append(time.perf_counter() - s)
                     count[0] += batch
@@ -161,23 +172,30 @@ class BareOrt(Target):
             t.join()
         return Phase(lats, time.perf_counter() - t0, count[0])
 
-    def probe(self, seconds: float, concurrency: int) -> dict[tuple[int, int], float]:
-        """Try batch 1 on one thread per core and on `concurrency` threads, and batch 8 on one
-        thread; keep the fastest for saturation (the strongest baseline). Returns images/s."""
+    def probe(self, seconds: float, concurrency: int) -> dict[tuple[int, int, int], float]:
+        """Try batch 1 from one caller thread per core and from `concurrency` threads (each
+        call on one ORT thread, and on all cores), batch 1 from one thread on all cores, and
+        batch 8 from one thread; keep the fastest for saturation (the strongest baseline).
+        Returns images/s per (batch, caller threads, intra-op threads)."""
         cores = max(1, len(os.sched_getaffinity(0)))
-        configs = list(dict.fromkeys([(1, cores), (1, concurrency), (8, 1)]))
+        one, most = min(self.models), max(self.models)
+        configs = list(dict.fromkeys([(1, cores, one), (1, concurrency, one), (1, 1, most),
+                                      (1, cores, most), (8, 1, most)]))
         speeds = {c: self._threaded(*c, seconds).images_per_s for c in configs}
         self.config = max(speeds, key=speeds.__getitem__)
         return speeds
 
-    async def latency(self, seconds: float, max_requests: int) -> Phase:  # noqa: D102
+    async def latency(self, seconds: float, max_requests: int) -> Phase:
+        """One caller, batch 1, the session with the most intra-op threads (the fastest alone)."""
+        model = self.models[max(self.models)]
+
         def run() -> Phase:
             lats = []
             t_end = time.perf_counter() + seconds
             t0 = time.perf_counter()
             while time.perf_counter() < t_end and len(lats) < max_requests:
                 s = time.perf_counter()
-                self.model.run(self.inputs[len(lats) % len(self.inputs)][None])
+                model.run(self.inputs[len(lats) % len(self.inputs)][None])
                 lats.append(time.perf_counter() - s)
             return Phase(lats, time.perf_counter() - t0, len(lats))
 
@@ -206,6 +224,63 @@ def grpc_target(name: str, channel, images: list[bytes], *, raw: bool = False) -
         return await stub.Score(reqs[i % len(reqs)], timeout=30)
 
     return ClientTarget(name, call)
+
+
+class StreamTarget(Target):
+    """`ScoreStream` over an open `grpc.aio` channel with PNG bytes: bidirectional streams, each
+    keeping up to `window` images in flight. Batch-1 latency is one stream in lock-step (send,
+    wait for the answer, send the next: a camera that needs each verdict); saturation is two
+    streams sharing `concurrency` images in flight. A failed stream fails the phase."""
+
+    name = GRPC_STREAM
+
+    def __init__(self, channel, images: list[bytes]) -> None:  # noqa: ANN001
+        from anomaly.v1 import anomaly_pb2 as pb
+        from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+
+        self.stub = pb_grpc.AnomalyDetectionStub(channel)
+        self.reqs = [pb.ScoreRequest(encoded=b) for b in images]
+        self.warm = False
+
+    async def _stream(self, window: int, stop: float, counter: Any, lats: list[float]) -> None:
+        call = self.stub.ScoreStream(timeout=max(0.0, stop - time.perf_counter()) + 30)
+        sent: deque[float] = deque()
+        slots = asyncio.Semaphore(window)
+
+        async def write() -> None:
+            for i in counter:
+                if time.perf_counter() > stop:
+                    break
+                await slots.acquire()
+                sent.append(time.perf_counter())
+                await call.write(self.reqs[i % len(self.reqs)])
+            await call.done_writing()
+
+        writer = asyncio.create_task(write())
+        try:
+            async for _ in call:  # answers come in request order
+                lats.append(time.perf_counter() - sent.popleft())
+                slots.release()
+        finally:
+            writer.cancel()
+
+    async def _drive(self, streams: int, window: int, seconds: float, max_requests: int) -> Phase:
+        if not self.warm:
+            await self._stream(1, time.perf_counter() + 60, iter(range(8)), [])
+            self.warm = True
+        lats: list[float] = []
+        counter = iter(range(max_requests))  # shared: the request cap holds across streams
+        stop = time.perf_counter() + seconds
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(self._stream(window, stop, counter, lats) for _ in range(streams)))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        return Phase(lats, wall, len(lats), cpu)
+
+    async def latency(self, seconds: float, max_requests: int) -> Phase:  # noqa: D102
+        return await self._drive(1, 1, seconds, max_requests)
+
+    async def saturate(self, seconds: float, concurrency: int, max_requests: int) -> Phase:  # noqa: D102
+        return await self._drive(2, max(1, concurrency // 2), seconds, max_requests)
 
 
 def http_target(http, images: list[bytes]) -> ClientTarget:  # noqa: ANN001
@@ -331,6 +406,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     import httpx
 
     from loadtests import peers as peer_servers
+    from service.engine import OnnxModel
     from service.imaging import decode_image
     from service.launch import start_gateway, start_server
     from service.repository import ModelRepository, ModelSpec
@@ -342,11 +418,12 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     model, metadata, version = loaded.model, loaded.metadata, loaded.version
     images = load_images(image_dir)
     inputs = [model.prepare(decode_image(b)) for b in images]
-    bare = BareOrt(model, inputs)
+    cores = max(1, len(os.sched_getaffinity(0)))
+    bare = BareOrt({n: OnnxModel(model.path, metadata, intra_op_threads=n) for n in {1, cores}}, inputs)
     progress("probing bare ORT configurations")
     speeds = bare.probe(seconds, concurrency)
-    details = {BARE: f"b={bare.config[0]} x{bare.config[1]} threads; probed "
-                     + ", ".join(f"b={b} x{t}: {v:.1f}" for (b, t), v in speeds.items())}
+    details = {BARE: "b={} x{} callers x{} ORT threads; probed ".format(*bare.config)
+                     + ", ".join(f"b={b} x{t}x{i}: {v:.1f}" for (b, t, i), v in speeds.items())}
     quiet = {"ANOMALY_LOG_LEVEL": "WARNING"}
     children = []
 
@@ -355,10 +432,12 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with (grpc.aio.insecure_channel(addresses["off"], options=opts) as off,
                     grpc.aio.insecure_channel(addresses["on"], options=opts) as on,
+                    grpc.aio.insecure_channel(addresses["one"], options=opts) as one,
                     httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http):
             paths: list[Target] = [bare, grpc_target(GRPC_OFF, off, images),
                                    grpc_target(GRPC_RAW, off, images, raw=True),
-                                   grpc_target(GRPC_ON, on, images), http_target(http, images)]
+                                   StreamTarget(off, images), grpc_target(GRPC_ON, on, images),
+                                   grpc_target(GRPC_ONE, one, images), http_target(http, images)]
             async with peer_servers.started(peers, tracking_uri, model_name, version, inputs, images,
                                             work, concurrency) as peer_targets:
                 return await measure(paths + peer_targets, rounds=rounds, seconds=seconds,
@@ -367,11 +446,13 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
 
     try:
         addresses: dict[str, str] = {}
-        for key, batch in (("off", "1"), ("on", "8")):
-            progress(f"starting gRPC server (batching {key})")
+        servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"}, "on": {"ANOMALY_MAX_BATCH_SIZE": "8"},
+                   "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"}}
+        for key, env in servers.items():
+            progress(f"starting gRPC server ({key}: {env})")
             child, addresses[key] = start_server(
                 tracking_uri, work / f"server-{key}.log", model=model_name, alias=alias,
-                cache_dir=work / "cache", env={**quiet, "ANOMALY_MAX_BATCH_SIZE": batch})
+                cache_dir=work / "cache", env={**quiet, **env})
             children.append(child)
         child, base = start_gateway(addresses["off"], work / "gateway.log", env=quiet)
         children.append(child)

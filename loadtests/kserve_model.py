@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 from pathlib import Path
 
 import kserve
@@ -27,9 +28,10 @@ from service.repository import read_model_dir
 class AnomalyModel(kserve.Model):
     """One image per instance → its anomaly score and decision."""
 
-    def __init__(self, name: str, model_dir: str) -> None:
+    def __init__(self, name: str, model_dir: str, intra_op_threads: int = 1) -> None:
         super().__init__(name)
         self.model_dir = model_dir
+        self.intra_op_threads = intra_op_threads
         self.engine: OnnxModel | None = None
         self.load()
 
@@ -47,7 +49,8 @@ class AnomalyModel(kserve.Model):
         import numpy as np
 
         if self.engine is None:
-            self.engine = OnnxModel(*read_model_dir(Path(self.model_dir)), spinning=False)
+            self.engine = OnnxModel(*read_model_dir(Path(self.model_dir)), spinning=False,
+                                    intra_op_threads=self.intra_op_threads)
         batch = np.stack([self.engine.prepare(decode_image(base64.b64decode(inst["b64"])))
                           for inst in payload["instances"]])
         scores, _ = self.engine.run(batch)
@@ -62,4 +65,6 @@ if __name__ == "__main__":
     args, _ = parser.parse_known_args()
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                        enable_grpc=False, enable_latency_logging=False).start(
-        [AnomalyModel(args.model_name or "anomaly", args.model_dir)])
+        [AnomalyModel(args.model_name or "anomaly", args.model_dir,
+                      # as our server's default: the cores shared among the worker processes
+                      max(1, len(os.sched_getaffinity(0)) // max(1, args.workers)))])

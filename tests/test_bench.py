@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from loadtests import peers
-from loadtests.bench import BARE, GRPC_OFF, GRPC_ON, GRPC_RAW, HTTP, LATENCY, SATURATION, run_benchmark
+from loadtests.bench import (BARE, GRPC_OFF, GRPC_ON, GRPC_ONE, GRPC_RAW, GRPC_STREAM, HTTP, LATENCY,
+                             SATURATION, run_benchmark)
 
 
 @pytest.mark.timeout(600)
@@ -20,7 +21,7 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
                             seconds=1.0, rounds=2, concurrency=2, max_requests=40,
                             peers=("mlflow", "kserve"), out=out)
     got = {(r.name, r.mode): r for r in results}
-    for path in (BARE, GRPC_OFF, GRPC_RAW, GRPC_ON, HTTP, peers.MLFLOW):
+    for path in (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, peers.MLFLOW):
         for mode in (LATENCY, SATURATION):
             r = got[(path, mode)]
             assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms, r
@@ -32,5 +33,5 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
     assert "old table" not in text and "| bare ORT | batch-1 latency |" in text
     assert "| mlflow models serve | saturation |" in text
     assert "KServe ModelServer: not measured (no environment with KServe" in text
-    assert text.count("\n| ") == 13  # header + 6 paths × 2 modes
+    assert text.count("\n| ") == 17  # header + 8 paths × 2 modes
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
