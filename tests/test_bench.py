@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from loadtests import peers
-from loadtests.bench import (BARE, GRPC_OFF, GRPC_ON, GRPC_ONE, GRPC_RAW, GRPC_STREAM, HTTP, LATENCY,
-                             SATURATION, run_benchmark)
+from loadtests.bench import (
+    BARE,
+    GRPC_OFF,
+    GRPC_ON,
+    GRPC_ONE,
+    GRPC_RAW,
+    GRPC_STREAM,
+    HTTP,
+    LATENCY,
+    SATURATION,
+    run_benchmark,
+)
 
 
 @pytest.mark.timeout(600)
