@@ -16,6 +16,11 @@ are retried with exponential backoff and jitter, within the call's deadline (`ti
 which covers all attempts). Each `score` carries a request id (generated when not given)
 that stays the same across its retries, so the server's log and a caller's records can
 de-duplicate.
+
+`score_stream` (gRPC only) scores a sequence of images over one `ScoreStream`, e.g. a line
+camera's frames as a generator, and yields the results in input order as they arrive. A
+stream is not retried: an error ends it with an `AnomalyError` whose message names the
+request id, and the caller resumes with a new stream from that image.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import random
 import ssl
 import time
 import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 
 ImageInput = bytes | str | Path
+StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request id)
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MODEL = "anomaly-detector"  # the server's default; HTTP paths need a name
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -175,6 +182,14 @@ class _BaseClient:
         if return_anomaly_map:
             params["return_anomaly_map"] = "true"
         return _Call("Score", message, "POST", "/v1/score", params, data)
+
+    def _stream_message(self, item: StreamItem, **fields: Any) -> pb.ScoreRequest:
+        """One `ScoreStream` request; raises `AnomalyError` for an HTTP target."""
+        if self.http:
+            raise AnomalyError("UNIMPLEMENTED", "score_stream needs a gRPC target (host:port): the "
+                                                "HTTP gateway has no streaming endpoint")
+        image, request_id = item if isinstance(item, tuple) else (item, "")
+        return self._score_call(image, request_id=request_id, **fields).message
 
     def _list_call(self) -> _Call:
         return _Call("ListModels", pb.ListModelsRequest(), "GET", "/v1/models")
@@ -323,6 +338,26 @@ class AnomalyClient(_BaseClient):
                                              category=category, return_anomaly_map=return_anomaly_map,
                                              request_id=request_id, station=station), timeout)
 
+    def score_stream(self, images: Iterable[StreamItem], *, model: str = "", alias: str = "",
+                     version: int = 0, category: str = "", return_anomaly_map: bool = False,
+                     station: str = "", timeout: float | None = None) -> Iterator[ScoreResult]:
+        """Score `images` (bytes, paths, or `(image, request_id)` pairs) over one gRPC stream;
+        yields results in input order. `timeout` bounds the whole stream (None: no bound).
+
+        Raises:
+            AnomalyError: the first failure, which ends the stream (not retried).
+        """
+        fields = {"model": model, "alias": alias, "version": version, "category": category,
+                  "return_anomaly_map": return_anomaly_map, "station": station}
+        if self.http:
+            self._stream_message(b"", **fields)  # raises UNIMPLEMENTED
+        requests = (self._stream_message(item, **fields) for item in images)
+        try:
+            for response in self._stub.ScoreStream(requests, timeout=timeout, metadata=self._metadata):
+                yield self._score_result(response)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The model versions loaded on the server."""
         return self._invoke(self._list_call(), timeout)
@@ -385,6 +420,33 @@ class AsyncAnomalyClient(_BaseClient):
         return await self._invoke(self._score_call(image, model=model, alias=alias, version=version,
                                                    category=category, return_anomaly_map=return_anomaly_map,
                                                    request_id=request_id, station=station), timeout)
+
+    async def score_stream(self, images: Iterable[StreamItem] | AsyncIterable[StreamItem], *,
+                           model: str = "", alias: str = "", version: int = 0, category: str = "",
+                           return_anomaly_map: bool = False, station: str = "",
+                           timeout: float | None = None) -> AsyncIterator[ScoreResult]:
+        """As `AnomalyClient.score_stream`; `images` may also be an async iterable."""
+        fields = {"model": model, "alias": alias, "version": version, "category": category,
+                  "return_anomaly_map": return_anomaly_map, "station": station}
+        if self.http:
+            self._stream_message(b"", **fields)  # raises UNIMPLEMENTED
+
+        async def requests() -> AsyncIterator[pb.ScoreRequest]:
+            if isinstance(images, AsyncIterable):
+                async for item in images:
+                    yield self._stream_message(item, **fields)
+            else:
+                for item in images:
+                    yield self._stream_message(item, **fields)
+
+        call = self._stub.ScoreStream(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield self._score_result(response)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            call.cancel()  # no-op when the stream ended; stops it when the caller breaks off
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The model versions loaded on the server."""

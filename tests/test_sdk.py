@@ -100,3 +100,49 @@ def test_call_survives_a_server_that_starts_late(store, image: bytes, tmp_path: 
         thread.join()
         for child, _ in started:
             child.stop()
+
+
+def test_score_stream_with_both_clients(grpc_target: str, image: bytes, good_and_defect) -> None:
+    """One stream of images (bytes, a path, `(image, id)` pairs): results in input order, the
+    same scores as unary calls; the async client also takes an async generator."""
+    good = good_and_defect[0][0]
+    items = [(image, "frame-a"), good, (good.read_bytes(), "frame-c")]
+    with AnomalyClient(grpc_target) as client:
+        got = list(client.score_stream(items))
+        expected = [client.score(image).score, client.score(good).score, client.score(good).score]
+    assert got[0].request_id == "frame-a" and got[2].request_id == "frame-c"
+    assert len(got[1].request_id) == 32  # generated
+    assert [r.score for r in got] == pytest.approx(expected, rel=1e-5)
+
+    async def run() -> list:
+        async def frames():  # noqa: ANN202
+            for item in items:
+                yield item
+
+        async with AsyncAnomalyClient(grpc_target) as client:
+            return [r async for r in client.score_stream(frames())]
+
+    got_async = asyncio.run(run())
+    assert [r.request_id for r in got_async][::2] == ["frame-a", "frame-c"]
+    assert [r.score for r in got_async] == pytest.approx(expected, rel=1e-5)
+
+
+def test_score_stream_errors(grpc_target: str, http_base: str, image: bytes) -> None:
+    """A bad image ends the stream with its status and request id, after the answers before
+    it; an HTTP target has no stream and says so."""
+    done = []
+    with AnomalyClient(grpc_target) as client, pytest.raises(AnomalyError) as info:
+        for r in client.score_stream([(image, "ok-1"), (b"not an image", "bad-2"), (image, "ok-3")]):
+            done.append(r.request_id)
+    assert done == ["ok-1"] and info.value.code == "INVALID_ARGUMENT"
+    assert "bad-2" in info.value.message and "not an image" in info.value.message
+    with AnomalyClient(http_base) as client, pytest.raises(AnomalyError) as info:
+        list(client.score_stream([image]))
+    assert info.value.code == "UNIMPLEMENTED"
+
+    async def run() -> None:
+        async with AsyncAnomalyClient(http_base) as client:
+            [r async for r in client.score_stream([image])]
+
+    with pytest.raises(AnomalyError, match="UNIMPLEMENTED|gRPC target"):
+        asyncio.run(run())
