@@ -15,6 +15,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".demo")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its CPU affinity, capped by the cgroup v2 CPU quota
+    (a container's CPU limit, e.g. Kubernetes `limits.cpu: 2` on a 32-core node → 2),
+    rounded down, at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) // int(period))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here
+        pass
+    return max(1, cores)
 
 
 class Settings(BaseSettings):
@@ -42,8 +57,8 @@ class Settings(BaseSettings):
                                                        "cores shared among the concurrent calls)")
     ort_spinning: bool = Field(False, description="let idle ORT threads spin (faster alone, "
                                                   "steals CPU from decoding and gRPC when shared)")
-    workers: int = Field(0, ge=0, description="threads decoding and running inference "
-                                              "(0 = one per CPU core this process may use)")
+    workers: int = Field(0, ge=0, description="threads decoding and running inference (0 = one per "
+                                              "CPU core this process may use, container limit included)")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest encoded image accepted")
@@ -100,7 +115,7 @@ class Settings(BaseSettings):
         batches, only made the threads wait for each other and for decoding. The price is
         batch-1 latency: one call alone uses one core. `ANOMALY_WORKERS=1` (auto intra-op
         threads = all cores) is the low-latency setting for one camera at a time."""
-        cores = max(1, len(os.sched_getaffinity(0)))
+        cores = usable_cores()
         if self.workers == 0:
             self.workers = cores
         if self.max_batch_size == 0:
