@@ -31,7 +31,7 @@ format: $(STAMP)
 ## KServe for the peers benchmark, in its own environment (it pins protobuf 6; we use 7).
 peers-venv:
 	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
-	.venv-peers/bin/pip install --quiet kserve onnxruntime pillow imagecodecs numpy pydantic-settings pyyaml
+	.venv-peers/bin/pip install --quiet kserve onnxruntime pillow numpy pydantic-settings pyyaml
 
 ## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto.
 protos: $(STAMP)

@@ -77,6 +77,7 @@ _FLOAT = _encode(Image.new("F", (32, 32), 0.5), "TIFF")
 _GOOD = _encode(_photo(), "PNG")
 _TRUNCATED_JPEG = _encode(_photo(), "JPEG")[:600]
 _TRUNCATED_PNG = _encode(_photo(), "PNG")[:300]
+_BAD_CHUNK_PNG = _GOOD[:37] + b"\0" + _GOOD[38:]  # the chunk after IHDR gets a non-ASCII name
 _TEXT = b"%PDF-1.4 definitely not pixels " * 8
 
 CASES = [
@@ -88,6 +89,8 @@ CASES = [
          "not an image"),
     Case("truncated PNG", lambda: pb.ScoreRequest(encoded=_TRUNCATED_PNG), "INVALID_ARGUMENT",
          _body(_TRUNCATED_PNG), 400, "corrupt or truncated"),
+    Case("PNG with a corrupt chunk name", lambda: pb.ScoreRequest(encoded=_BAD_CHUNK_PNG),
+         "INVALID_ARGUMENT", _body(_BAD_CHUNK_PNG), 400, "not an image|corrupt or truncated"),
     Case("truncated JPEG", lambda: pb.ScoreRequest(encoded=_TRUNCATED_JPEG), "INVALID_ARGUMENT",
          _body(_TRUNCATED_JPEG, "image/jpeg"), 400, "corrupt or truncated"),
     Case("over the byte limit", lambda: pb.ScoreRequest(encoded=b"\x89PNG" + b"\0" * LIMIT),
