@@ -62,6 +62,17 @@ def channel_credentials(ca_file: Path | str | None, cert_file: Path | str | None
     return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
+def grpc_channel(target: str, *, aio: bool, options: list[tuple[str, Any]] | None = None,
+                 tls: tuple[Path | str | None, Path | str | None, Path | str | None] = (None, None, None),
+                 ) -> grpc.Channel:
+    """A sync or `grpc.aio` channel to `target`: plaintext, or TLS when any of
+    `tls` = (CA file, client certificate, client key) is given (see `channel_credentials`)."""
+    api = grpc.aio if aio else grpc
+    if not any(tls):
+        return api.insecure_channel(target, options=options)
+    return api.secure_channel(target, channel_credentials(*tls), options=options)
+
+
 class AnomalyError(Exception):
     """The service refused or could not answer a call.
 
@@ -183,11 +194,14 @@ class _BaseClient:
             params["return_anomaly_map"] = "true"
         return _Call("Score", message, "POST", "/v1/score", params, data)
 
-    def _stream_message(self, item: StreamItem, **fields: Any) -> pb.ScoreRequest:
-        """One `ScoreStream` request; raises `AnomalyError` for an HTTP target."""
+    def _require_grpc(self) -> None:
+        """Streaming is gRPC only: raises `AnomalyError` (UNIMPLEMENTED) for an HTTP target."""
         if self.http:
             raise AnomalyError("UNIMPLEMENTED", "score_stream needs a gRPC target (host:port): the "
                                                 "HTTP gateway has no streaming endpoint")
+
+    def _stream_message(self, item: StreamItem, **fields: Any) -> pb.ScoreRequest:
+        """One `ScoreStream` request."""
         image, request_id = item if isinstance(item, tuple) else (item, "")
         return self._score_call(image, request_id=request_id, **fields).message
 
@@ -201,10 +215,7 @@ class _BaseClient:
                      "GET", f"/v1/models/{name}", params)
 
     def _grpc_channel(self, aio: bool) -> grpc.Channel:
-        api = grpc.aio if aio else grpc
-        if not any(self._tls):
-            return api.insecure_channel(self.target, options=self._options)
-        return api.secure_channel(self.target, channel_credentials(*self._tls), options=self._options)
+        return grpc_channel(self.target, aio=aio, options=self._options, tls=self._tls)
 
     @property
     def _metadata(self) -> list[tuple[str, str]] | None:
@@ -349,8 +360,7 @@ class AnomalyClient(_BaseClient):
         """
         fields = {"model": model, "alias": alias, "version": version, "category": category,
                   "return_anomaly_map": return_anomaly_map, "station": station}
-        if self.http:
-            self._stream_message(b"", **fields)  # raises UNIMPLEMENTED
+        self._require_grpc()
         requests = (self._stream_message(item, **fields) for item in images)
         try:
             for response in self._stub.ScoreStream(requests, timeout=timeout, metadata=self._metadata):
@@ -428,8 +438,7 @@ class AsyncAnomalyClient(_BaseClient):
         """As `AnomalyClient.score_stream`; `images` may also be an async iterable."""
         fields = {"model": model, "alias": alias, "version": version, "category": category,
                   "return_anomaly_map": return_anomaly_map, "station": station}
-        if self.http:
-            self._stream_message(b"", **fields)  # raises UNIMPLEMENTED
+        self._require_grpc()
 
         async def requests() -> AsyncIterator[pb.ScoreRequest]:
             if isinstance(images, AsyncIterable):

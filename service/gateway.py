@@ -27,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from clients.sdk import grpc_channel
 from service.grpc_server import grpc_options
-from service.security import channel_credentials
 from service.settings import Settings
 
 PROBLEM = "application/problem+json"
@@ -277,13 +277,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         # round_robin: with a `dns:///` target naming several server replicas (compose,
         # a headless Kubernetes Service), requests spread over all of them.
-        options = [*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        if settings.grpc_tls_ca_file or settings.grpc_client_cert_file:
-            creds = channel_credentials(settings.grpc_tls_ca_file, settings.grpc_client_cert_file,
-                                        settings.grpc_client_key_file)
-            channel = grpc.aio.secure_channel(settings.grpc_target, creds, options=options)
-        else:
-            channel = grpc.aio.insecure_channel(settings.grpc_target, options=options)
+        channel = grpc_channel(
+            settings.grpc_target, aio=True,
+            options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")],
+            tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file))
         app.state.settings = settings
         app.state.channel = channel
         app.state.stub = pb_grpc.AnomalyDetectionStub(channel)
