@@ -177,7 +177,9 @@ class BareOrt(Target):
         call on one ORT thread, and on all cores), batch 1 from one thread on all cores, and
         batch 8 from one thread; keep the fastest for saturation (the strongest baseline).
         Returns images/s per (batch, caller threads, intra-op threads)."""
-        cores = max(1, len(os.sched_getaffinity(0)))
+        from service.settings import usable_cores
+
+        cores = usable_cores()
         one, most = min(self.models), max(self.models)
         configs = list(dict.fromkeys([(1, cores, one), (1, concurrency, one), (1, 1, most),
                                       (1, cores, most), (8, 1, most)]))
@@ -410,7 +412,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     from service.imaging import decode_image
     from service.launch import start_gateway, start_server
     from service.repository import ModelRepository, ModelSpec
-    from service.settings import Settings
+    from service.settings import Settings, usable_cores
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     repository = ModelRepository(Settings(tracking_uri=tracking_uri, cache_dir=work / "cache"))
@@ -418,7 +420,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     model, metadata, version = loaded.model, loaded.metadata, loaded.version
     images = load_images(image_dir)
     inputs = [model.prepare(decode_image(b)) for b in images]
-    cores = max(1, len(os.sched_getaffinity(0)))
+    cores = usable_cores()
     bare = BareOrt({n: OnnxModel(model.path, metadata, intra_op_threads=n) for n in {1, cores}}, inputs)
     progress("probing bare ORT configurations")
     speeds = bare.probe(seconds, concurrency)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 from pathlib import Path
 
 import kserve
@@ -23,6 +22,7 @@ import kserve
 from service.engine import OnnxModel
 from service.imaging import decode_image
 from service.repository import read_model_dir
+from service.settings import Settings
 
 
 class AnomalyModel(kserve.Model):
@@ -66,5 +66,5 @@ if __name__ == "__main__":
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                        enable_grpc=False, enable_latency_logging=False).start(
         [AnomalyModel(args.model_name or "anomaly", args.model_dir,
-                      # as our server's default: the cores shared among the worker processes
-                      max(1, len(os.sched_getaffinity(0)) // max(1, args.workers)))])
+                      # our server's rule: the cores shared among the concurrent calls
+                      Settings(workers=args.workers, max_batch_size=1).intra_op_threads)])

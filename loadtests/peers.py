@@ -29,6 +29,7 @@ import numpy as np
 
 from loadtests.bench import ClientTarget, Target
 from service.launch import ChildProcess, free_port, wait_http_ready
+from service.settings import usable_cores
 
 PEERS = ("mlflow", "kserve")
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ async def started(peers: tuple[str, ...], tracking_uri: str, name: str, version:
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
     SKIPPED.clear()
-    workers = max(1, len(os.sched_getaffinity(0)))  # as many worker processes as our server's threads
+    workers = usable_cores()  # as many worker processes as our server has worker threads
     procs: list[ChildProcess] = []
     targets: list[Target] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
