@@ -11,9 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clients.sdk import DEFAULT_TARGET, AnomalyClient, AnomalyError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from clients.sdk import DEFAULT_TARGET, IMAGE_SUFFIXES, AnomalyClient, AnomalyError
 
 app = typer.Typer(help="Industrial visual anomaly detection: score, serve, train.",
                   no_args_is_help=True)

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from clients.sdk import AnomalyClient, AnomalyError, ScoreResult
+from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError, ScoreResult
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # The server is down, busy, shutting down (a call caught by its shutdown is CANCELLED) or slow.
 TRANSIENT = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}
 OUTCOMES = ("OK", "NG", "error")

@@ -29,9 +29,9 @@ from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from locust import HttpUser, User, between, events, task
 
-grpc_gevent.init_gevent()  # gRPC's C core must cooperate with Locust's gevent loop
+from clients.sdk import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+grpc_gevent.init_gevent()  # gRPC's C core must cooperate with Locust's gevent loop
 
 
 @events.init_command_line_parser.add_listener
