@@ -136,7 +136,13 @@ def hotfolder_cmd(
 def _mount_optional() -> None:
     """Add the serve / train commands when their extras are installed."""
     try:
-        from service.cli import bench_cmd, gateway_cmd, inspections_export_cmd, serve_cmd
+        from service.cli import (
+            bench_cmd,
+            gateway_cmd,
+            inspections_export_cmd,
+            providers_check_cmd,
+            serve_cmd,
+        )
     except ImportError:  # base install: client only
         pass
     else:
@@ -144,6 +150,7 @@ def _mount_optional() -> None:
         app.command("gateway")(gateway_cmd)
         app.command("bench")(bench_cmd)
         app.command("inspections-export")(inspections_export_cmd)
+        app.command("providers-check")(providers_check_cmd)
     try:
         from registry.cli import compare_cmd, demo_cmd, quant_study_cmd, sample_data_cmd, train_cmd
     except ImportError:

@@ -13,6 +13,11 @@ Paths:
 - peers (`loadtests.peers`): stock `mlflow models serve` on the registered version and a
   KServe `ModelServer`, when asked for.
 
+Execution providers: `providers` (e.g. CUDA) applies to bare ORT and every server alike, so
+the ratios compare like with like; bare ORT is then also probed at the batching server's
+batch size (GPUs want batches). The report names the provider that actually ran (after
+ONNX Runtime's fallback) and the GPU.
+
 Shared machines are noisy, so the paths are measured in `rounds` interleaved rounds (each
 path once per round, batch-1 latency then saturation) and every ratio is the median of the
 per-round ratios to bare ORT in the same round. Loopback only; every phase is bounded by a
@@ -22,6 +27,7 @@ request count and a time limit.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -141,10 +147,12 @@ class BareOrt(Target):
 
     name = BARE
 
-    def __init__(self, models: dict[int, Any], inputs: list[np.ndarray]) -> None:
+    def __init__(self, models: dict[int, Any], inputs: list[np.ndarray],
+                 extra_configs: tuple[tuple[int, int, int], ...] = ()) -> None:
         self.models = models
         self.inputs = inputs
         self.config = (1, 1, max(models))  # (batch, caller threads, intra-op threads); see probe
+        self.extra_configs = extra_configs  # more (batch, threads, intra) to probe (GPU batches)
         for model in models.values():
             model.warmup((1, 8))
 
@@ -182,7 +190,7 @@ class BareOrt(Target):
         cores = usable_cores()
         one, most = min(self.models), max(self.models)
         configs = list(dict.fromkeys([(1, cores, one), (1, concurrency, one), (1, 1, most),
-                                      (1, cores, most), (8, 1, most)]))
+                                      (1, cores, most), (8, 1, most), *self.extra_configs]))
         speeds = {c: self._threaded(*c, seconds).images_per_s for c in configs}
         self.config = max(speeds, key=speeds.__getitem__)
         return speeds
@@ -333,12 +341,27 @@ async def measure(targets: list[Target], *, rounds: int, seconds: float, concurr
     return phases
 
 
+def gpu_name(provider: str) -> str:
+    """", GPU: <name>" from nvidia-smi when a GPU provider runs, else ""."""
+    if provider == "CPUExecutionProvider":
+        return ""
+    import subprocess
+
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return ", GPU: unknown (no nvidia-smi)"
+    return f", GPU: {names[0].strip()}"
+
+
 def _fmt(x: float, spec: str = ".2f") -> str:
     return "" if x != x else format(x, spec)  # NaN → blank
 
 
 def render(results: list[Result], *, model: str, images: int, concurrency: int, seconds: float,
-           rounds: int, command: str = "", skipped: list[str] | None = None) -> str:
+           rounds: int, command: str = "", skipped: list[str] | None = None,
+           provider: str = "CPUExecutionProvider") -> str:
     """Markdown: the machine, the command, and one table with ratios to bare ORT."""
     by = {(r.name, r.mode): r for r in results}
     grpc_sat = by.get((GRPC_OFF, SATURATION))
@@ -346,8 +369,8 @@ def render(results: list[Result], *, model: str, images: int, concurrency: int, 
         f"Model: `{model}`; {images} real PNG images from the sample data; {concurrency} concurrent "
         f"clients at saturation; {rounds} interleaved rounds of {seconds:g} s per path and mode. "
         f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
-        f"{platform.platform()}, Python {platform.python_version()}. Clients and servers share "
-        "the machine's cores (loopback).",
+        f"{platform.platform()}, Python {platform.python_version()}{gpu_name(provider)}. "
+        f"Execution provider: {provider}. Clients and servers share the machine's cores (loopback).",
         "",
     ]
     if command:
@@ -387,6 +410,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                   seconds: float = 5.0, rounds: int = 3, concurrency: int = 8,
                   max_requests: int = 5000, peers: tuple[str, ...] = (), out: Path | None = None,
                   command: str = "", progress: Callable[[str], None] = lambda _: None,
+                  providers: tuple[str, ...] = (), max_batch_size: int = 8,
                   ) -> list[Result]:
     """The whole benchmark; returns the results and (optionally) writes Markdown to `out`.
 
@@ -403,6 +427,9 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         out: Markdown file whose `bench` section receives the table.
         command: the command line, written into the report.
         progress: called with a line before each phase.
+        providers: ONNX Runtime execution providers for bare ORT and every server (empty = CPU).
+        max_batch_size: largest batch of the batching-on server; bare ORT is probed at this
+            batch too, from as many threads as that server runs batches.
     """
     import grpc
     import httpx
@@ -411,22 +438,31 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     from service.engine import OnnxModel
     from service.imaging import decode_image
     from service.launch import start_gateway, start_server
-    from service.repository import ModelRepository, ModelSpec
+    from service.repository import ModelRepository, ModelSpec, provider_options
     from service.settings import Settings, usable_cores
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    repository = ModelRepository(Settings(tracking_uri=tracking_uri, cache_dir=work / "cache"))
+    chosen = {"providers": list(providers)} if providers else {}
+    settings = Settings(tracking_uri=tracking_uri, cache_dir=work / "cache", **chosen)
+    batching = Settings(max_batch_size=max_batch_size, **chosen)  # what the batching-on server runs
+    repository = ModelRepository(settings)
     loaded = repository.get(ModelSpec(model_name, alias))  # the same download/load path as serving
     model, metadata, version = loaded.model, loaded.metadata, loaded.version
     images = load_images(image_dir)
     inputs = [model.prepare(decode_image(b)) for b in images]
     cores = usable_cores()
-    bare = BareOrt({n: OnnxModel(model.path, metadata, intra_op_threads=n) for n in {1, cores}}, inputs)
+    per_batch = (max_batch_size, batching.batch_workers, batching.intra_op_threads)
+    bare = BareOrt({n: OnnxModel(model.path, metadata, intra_op_threads=n, providers=settings.providers,
+                                 provider_options=provider_options(settings))
+                    for n in {1, cores, per_batch[2]}},
+                   inputs, extra_configs=((max_batch_size, 1, cores), per_batch))
     progress("probing bare ORT configurations")
     speeds = bare.probe(seconds, concurrency)
     details = {BARE: "b={} x{} callers x{} ORT threads; probed ".format(*bare.config)
                      + ", ".join(f"b={b} x{t}x{i}: {v:.1f}" for (b, t, i), v in speeds.items())}
     quiet = {"ANOMALY_LOG_LEVEL": "WARNING"}
+    if providers:
+        quiet["ANOMALY_PROVIDERS"] = json.dumps(list(providers))
     children = []
 
     async def run_all() -> dict[tuple[str, str], list[Phase]]:
@@ -448,7 +484,8 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
 
     try:
         addresses: dict[str, str] = {}
-        servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"}, "on": {"ANOMALY_MAX_BATCH_SIZE": "8"},
+        servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"},
+                   "on": {"ANOMALY_MAX_BATCH_SIZE": str(max_batch_size)},
                    "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"}}
         for key, env in servers.items():
             progress(f"starting gRPC server ({key}: {env})")
@@ -466,7 +503,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     if out is not None:
         text = render(results, model=f"{model_name}/{version} ({metadata.architecture}-{metadata.variant})",
                       images=len(images), concurrency=concurrency, seconds=seconds, rounds=rounds,
-                      command=command, skipped=peer_servers.status_lines())
+                      command=command, skipped=peer_servers.status_lines(), provider=model.provider)
         write_report(out, text)
         try:
             plot(results, out.with_suffix(".png"), f"{model_name}/{version}: same model, one run, "
@@ -509,15 +546,19 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, table: str) -> None:
-    """Put the generated part between the `bench:begin/end` markers of `out`, keeping the
-    hand-written reading around it; a new file gets a heading and the markers."""
-    block = f"{BEGIN}\n{table.rstrip()}\n{END}"
+def write_report(out: Path, table: str, markers: tuple[str, str] = (BEGIN, END),
+                 heading: str = "# Serving benchmarks\n\nProduced by `anomaly bench` (loadtests/bench.py).",
+                 ) -> None:
+    """Put the generated part between the `markers` (`bench:begin/end`) of `out`, keeping
+    the hand-written reading around it; a file without them gets the block appended (a new
+    file: after `heading`)."""
+    begin, end = markers
+    block = f"{begin}\n{table.rstrip()}\n{end}"
     text = out.read_text() if out.exists() else ""
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + block + rest.partition(END)[2]
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + block + rest.partition(end)[2]
     else:
-        text = f"# Serving benchmarks\n\nProduced by `anomaly bench` (loadtests/bench.py).\n\n{block}\n"
+        text = f"{text.rstrip()}\n\n{block}\n" if text else f"{heading}\n\n{block}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -82,6 +82,9 @@ def bench_cmd(
     peers: Annotated[str, typer.Option(help="peers to measure too: mlflow,kserve (empty = none)")] = "",
     out: Annotated[Path, typer.Option(help="Markdown report (table between bench markers)")] = Path(
         "docs/benchmarks.md"),
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers for bare ORT and the servers, "
+                                                "comma-separated (empty = CPU)")] = "",
+    max_batch_size: Annotated[int, typer.Option(min=2, help="largest batch of the batching-on server")] = 8,
 ) -> None:
     """Bare ONNX Runtime vs the gRPC server (batching off/on, PNG/raw) vs the HTTP gateway
     (and peers), interleaved rounds in one run."""
@@ -94,10 +97,57 @@ def bench_cmd(
     results = run_benchmark(
         settings.tracking_uri, model, alias, images, seconds=seconds, rounds=rounds,
         concurrency=concurrency, peers=tuple(p for p in peers.split(",") if p), out=out,
-        command="anomaly " + shlex.join(sys.argv[1:]), progress=lambda m: typer.echo(m, err=True))
+        command="anomaly " + shlex.join(sys.argv[1:]), progress=lambda m: typer.echo(m, err=True),
+        providers=tuple(p for p in providers.split(",") if p), max_batch_size=max_batch_size)
     for r in results:
         typer.echo(f"{r.name:32s} {r.mode:16s} {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  "
                    f"p99 {r.p99_ms:7.1f} ms  ÷ bare ORT {r.ratio:5.2f}")
+    typer.echo(f"wrote {out}")
+
+
+@app.command("providers-check")
+def providers_check_cmd(
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    model: Annotated[str, typer.Option(help="registered model")] = "anomaly-detector",
+    providers: Annotated[str, typer.Option(
+        help="ONNX Runtime providers to check, comma-separated, in order of preference")
+    ] = "TensorrtExecutionProvider,CUDAExecutionProvider",
+    versions: Annotated[str, typer.Option(help="versions to check, comma-separated (empty = all)")] = "",
+    images: Annotated[Path, typer.Option(help="folder of PNG images")] = Path(".demo/data"),
+    batch: Annotated[int, typer.Option(min=1, help="batch size for throughput and the score comparison")
+                     ] = 8,
+    seconds: Annotated[float, typer.Option(help="seconds per version and provider")] = 4.0,
+    trt_cache_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder")] = None,
+    out: Annotated[Path, typer.Option(help="Markdown report (table between providers markers)")] = Path(
+        "docs/benchmarks-gpu.md"),
+) -> None:
+    """Load every registered version on the CPU provider and on the requested ones (CUDA,
+    TensorRT) through the serving path; compare speed, scores and OK/NG decisions."""
+    import platform
+    import shlex
+    import sys
+
+    from loadtests.bench import gpu_name, write_report
+    from loadtests.providers import BEGIN, END, check_providers, render
+
+    settings = _settings(tracking_uri=tracking_uri)
+    wanted = [p for p in providers.split(",") if p]
+    rows = check_providers(settings.tracking_uri, model, images, wanted,
+                           versions=[v for v in versions.split(",") if v] or None, batch=batch,
+                           seconds=seconds, trt_cache_dir=trt_cache_dir,
+                           progress=lambda m: typer.echo(m, err=True))
+    runs_on = rows[0].accel.provider if rows else "CPUExecutionProvider"
+    machine = (f"Machine: {platform.machine()}, {platform.platform()}, Python "
+               f"{platform.python_version()}{gpu_name(runs_on)}.")
+    table = render(rows, batch=batch, command="anomaly " + shlex.join(sys.argv[1:]), machine=machine)
+    write_report(out, table, markers=(BEGIN, END), heading="# Execution providers\n\nProduced by "
+                 "`anomaly providers-check` (loadtests/providers.py).")
+    for r in rows:
+        flag = " (fell back)" if r.fell_back else ""
+        typer.echo(f"v{r.version:4s} {r.variant:18s} {r.accel.provider}{flag}: p50 {r.accel.p50_ms:.2f} ms "
+                   f"(CPU {r.cpu.p50_ms:.2f}), {r.accel.images_per_s:.0f} img/s (CPU "
+                   f"{r.cpu.images_per_s:.0f}), max |Δscore| {r.max_score_diff:.2g}, "
+                   f"{r.decisions_changed} decisions changed")
     typer.echo(f"wrote {out}")
 
 

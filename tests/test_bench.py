@@ -1,5 +1,6 @@
 """The serving benchmark runs end to end (tiny budget) and reports ratios to bare ORT,
-with stock `mlflow models serve` as a peer and KServe reported when it cannot run."""
+with stock `mlflow models serve` as a peer and KServe reported when it cannot run; CUDA
+is requested and, on a CPU-only ONNX Runtime, everything falls back to CPU."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
     out.write_text("# Mine\n\nbefore\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\nafter\n")
     results = run_benchmark(store.tracking_uri, store.model_name, "champion", sample_root,
                             seconds=1.0, rounds=2, concurrency=2, max_requests=40,
-                            peers=("mlflow", "kserve"), out=out)
+                            peers=("mlflow", "kserve"), out=out,
+                            providers=("CUDAExecutionProvider",), max_batch_size=4)
     got = {(r.name, r.mode): r for r in results}
     for path in (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, peers.MLFLOW):
         for mode in (LATENCY, SATURATION):
@@ -42,6 +44,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
     assert text.startswith("# Mine\n\nbefore") and text.rstrip().endswith("after")  # hand-written kept
     assert "old table" not in text and "| bare ORT | batch-1 latency |" in text
     assert "| mlflow models serve | saturation |" in text
+    assert "Execution provider: CPUExecutionProvider." in text  # CUDA requested, not in this ORT
+    assert "b=4 x" in text  # bare ORT probed at the batching server's batch size
     assert "KServe ModelServer: not measured (no environment with KServe" in text
     assert text.count("\n| ") == 17  # header + 8 paths × 2 modes
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
