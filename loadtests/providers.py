@@ -113,6 +113,9 @@ def check_providers(tracking_uri: str, model_name: str, image_dir: Path, provide
         raise ValueError(f"no registered versions of {model_name!r} in {tracking_uri}")
     wanted = sorted((mv for mv in found if not versions or str(mv.version) in versions),
                     key=lambda mv: int(mv.version))
+    if not wanted:
+        have = ", ".join(sorted((str(mv.version) for mv in found), key=int))
+        raise ValueError(f"{model_name!r} has no version {', '.join(versions or [])} (has {have})")
     images = load_images(image_dir)
     rows = []
     for mv in wanted:

@@ -132,10 +132,14 @@ def providers_check_cmd(
 
     settings = _settings(tracking_uri=tracking_uri)
     wanted = [p for p in providers.split(",") if p]
-    rows = check_providers(settings.tracking_uri, model, images, wanted,
-                           versions=[v for v in versions.split(",") if v] or None, batch=batch,
-                           seconds=seconds, trt_cache_dir=trt_cache_dir,
-                           progress=lambda m: typer.echo(m, err=True))
+    try:
+        rows = check_providers(settings.tracking_uri, model, images, wanted,
+                               versions=[v for v in versions.split(",") if v] or None, batch=batch,
+                               seconds=seconds, trt_cache_dir=trt_cache_dir,
+                               progress=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
     runs_on = rows[0].accel.provider if rows else "CPUExecutionProvider"
     machine = (f"Machine: {platform.machine()}, {platform.platform()}, Python "
                f"{platform.python_version()}{gpu_name(runs_on)}.")

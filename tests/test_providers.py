@@ -59,3 +59,11 @@ def test_providers_check_cli_writes_the_report(store, sample_root: Path, tmp_pat
     again = CliRunner().invoke(app, args)  # a rerun replaces the table, keeps the reading
     assert again.exit_code == 0, again.output
     assert out.read_text().count(BEGIN) == 1 and out.read_text().startswith("# GPU\n\nmy reading\n")
+
+
+def test_unknown_version_is_a_clear_cli_error(store, sample_root: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["providers-check", "--tracking-uri", store.tracking_uri, "--versions",
+                                 "999", "--images", str(sample_root), "--out", str(tmp_path / "x.md")])
+    assert r.exit_code == 1
+    assert "has no version 999 (has " in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.md").exists()
