@@ -138,6 +138,48 @@ class ClientTarget(Target):
         return await self._drive(concurrency, seconds, max_requests)
 
 
+def time_batches(model: Any, inputs: list[np.ndarray], batch: int, threads: int,
+                 seconds: float) -> Phase:
+    """`model.run` on one batch of `inputs` from `threads` caller threads for `seconds`
+    (each thread makes at least one call)."""
+    lats: list[float] = []
+    count = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+    x = np.stack([inputs[k % len(inputs)] for k in range(batch)])
+
+    def work() -> None:
+        while True:
+            s = time.perf_counter()
+            model.run(x)
+            with lock:
+                lats.append(time.perf_counter() - s)
+                count[0] += batch
+            if time.perf_counter() >= stop:
+                break
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return Phase(lats, time.perf_counter() - t0, count[0])
+
+
+def time_batch1(model: Any, inputs: list[np.ndarray], seconds: float, max_calls: int) -> Phase:
+    """Batch-1 `model.run` calls, one after another, cycling through `inputs`, for `seconds`
+    or `max_calls` (at least one call)."""
+    lats: list[float] = []
+    t_end = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    while not lats or (time.perf_counter() < t_end and len(lats) < max_calls):
+        s = time.perf_counter()
+        model.run(inputs[len(lats) % len(inputs)][None])
+        lats.append(time.perf_counter() - s)
+    return Phase(lats, time.perf_counter() - t0, len(lats))
+
+
 class BareOrt(Target):
     """`OnnxModel.run` in this process, on preprocessed inputs, from plain threads.
 
@@ -157,28 +199,7 @@ class BareOrt(Target):
             model.warmup((1, 8))
 
     def _threaded(self, batch: int, threads: int, intra: int, seconds: float) -> Phase:
-        model = self.models[intra]
-        lats: list[float] = []
-        count = [0]
-        lock = threading.Lock()
-        stop = time.perf_counter() + seconds
-        x = np.stack([self.inputs[k % len(self.inputs)] for k in range(batch)])
-
-        def work() -> None:
-            while time.perf_counter() < stop:
-                s = time.perf_counter()
-                model.run(x)
-                with lock:
-                    lats.append(time.perf_counter() - s)
-                    count[0] += batch
-
-        t0 = time.perf_counter()
-        ts = [threading.Thread(target=work) for _ in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        return Phase(lats, time.perf_counter() - t0, count[0])
+        return time_batches(self.models[intra], self.inputs, batch, threads, seconds)
 
     def probe(self, seconds: float, concurrency: int) -> dict[tuple[int, int, int], float]:
         """Try batch 1 from one caller thread per core and from `concurrency` threads (each
@@ -197,19 +218,8 @@ class BareOrt(Target):
 
     async def latency(self, seconds: float, max_requests: int) -> Phase:
         """One caller, batch 1, the session with the most intra-op threads (the fastest alone)."""
-        model = self.models[max(self.models)]
-
-        def run() -> Phase:
-            lats = []
-            t_end = time.perf_counter() + seconds
-            t0 = time.perf_counter()
-            while time.perf_counter() < t_end and len(lats) < max_requests:
-                s = time.perf_counter()
-                model.run(self.inputs[len(lats) % len(self.inputs)][None])
-                lats.append(time.perf_counter() - s)
-            return Phase(lats, time.perf_counter() - t0, len(lats))
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(time_batch1, self.models[max(self.models)], self.inputs,
+                                       seconds, max_requests)
 
     async def saturate(self, seconds: float, concurrency: int, max_requests: int) -> Phase:  # noqa: D102
         return await asyncio.to_thread(self._threaded, *self.config, seconds)
@@ -341,18 +351,22 @@ async def measure(targets: list[Target], *, rounds: int, seconds: float, concurr
     return phases
 
 
-def gpu_name(provider: str) -> str:
-    """", GPU: <name>" from nvidia-smi when a GPU provider runs, else ""."""
-    if provider == "CPUExecutionProvider":
-        return ""
-    import subprocess
+def machine_line(provider: str) -> str:
+    """"Machine: …" for a report: architecture, cores, OS, Python, and (when a GPU provider
+    runs) the GPU and driver from nvidia-smi; then the execution provider."""
+    line = (f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
+            f"{platform.platform()}, Python {platform.python_version()}")
+    if provider != "CPUExecutionProvider":
+        import subprocess
 
-    try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError):
-        return ", GPU: unknown (no nvidia-smi)"
-    return f", GPU: {names[0].strip()}"
+        try:
+            gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=10, check=True).stdout
+            name, _, driver = gpus.split("\n")[0].partition(",")
+            line += f", GPU: {name.strip()} (driver {driver.strip()})"
+        except (OSError, subprocess.SubprocessError):
+            line += ", GPU: unknown (no nvidia-smi)"
+    return f"{line}. Execution provider: {provider}."
 
 
 def _fmt(x: float, spec: str = ".2f") -> str:
@@ -368,9 +382,7 @@ def render(results: list[Result], *, model: str, images: int, concurrency: int, 
     lines = [
         f"Model: `{model}`; {images} real PNG images from the sample data; {concurrency} concurrent "
         f"clients at saturation; {rounds} interleaved rounds of {seconds:g} s per path and mode. "
-        f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
-        f"{platform.platform()}, Python {platform.python_version()}{gpu_name(provider)}. "
-        f"Execution provider: {provider}. Clients and servers share the machine's cores (loopback).",
+        f"{machine_line(provider)} Clients and servers share the machine's cores (loopback).",
         "",
     ]
     if command:

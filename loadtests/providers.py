@@ -57,19 +57,13 @@ class ProviderRow:
 
 
 def _time(model, inputs: list[np.ndarray], batch: int, seconds: float) -> tuple[float, float]:  # noqa: ANN001
-    """Batch-1 p50 (ms) for seconds/2, then images/s at `batch` from one caller for seconds/2."""
-    lats = []
-    stop = time.perf_counter() + seconds / 2
-    while time.perf_counter() < stop and len(lats) < 5000:
-        s = time.perf_counter()
-        model.run(inputs[len(lats) % len(inputs)][None])
-        lats.append(time.perf_counter() - s)
-    x = np.stack([inputs[k % len(inputs)] for k in range(batch)])
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 2 or done == 0:
-        model.run(x)
-        done += batch
-    return 1e3 * statistics.median(lats), done / (time.perf_counter() - t0)
+    """Batch-1 p50 (ms) for seconds/2, then images/s at `batch` from one caller for seconds/2
+    (after a warm-up call at that batch: TensorRT may build an engine per shape)."""
+    from loadtests.bench import time_batch1, time_batches
+
+    p50_ms = 1e3 * statistics.median(time_batch1(model, inputs, seconds / 2, 5000).latencies_s)
+    model.warmup((batch,))
+    return p50_ms, time_batches(model, inputs, batch, 1, seconds / 2).images_per_s
 
 
 def _decisions(model, inputs: list[np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
@@ -116,7 +110,7 @@ def check_providers(tracking_uri: str, model_name: str, image_dir: Path, provide
     if not wanted:
         have = ", ".join(sorted((str(mv.version) for mv in found), key=int))
         raise ValueError(f"{model_name!r} has no version {', '.join(versions or [])} (has {have})")
-    images = load_images(image_dir)
+    images = [decode_image(b) for b in load_images(image_dir)]  # decoded once for every load
     rows = []
     for mv in wanted:
         version = str(mv.version)
@@ -127,7 +121,7 @@ def check_providers(tracking_uri: str, model_name: str, image_dir: Path, provide
             loaded = repo.load(model_name, version)
             load_s = time.perf_counter() - t0
             model = loaded.model
-            inputs = [model.prepare(decode_image(b)) for b in images]
+            inputs = [model.prepare(rgb) for rgb in images]
             p50, ips = _time(model, inputs, batch, seconds)
             timings.append(Timing(model.provider, load_s, p50, ips))
             outcomes.append(_decisions(model, inputs, batch))

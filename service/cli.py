@@ -123,11 +123,10 @@ def providers_check_cmd(
 ) -> None:
     """Load every registered version on the CPU provider and on the requested ones (CUDA,
     TensorRT) through the serving path; compare speed, scores and OK/NG decisions."""
-    import platform
     import shlex
     import sys
 
-    from loadtests.bench import gpu_name, write_report
+    from loadtests.bench import machine_line, write_report
     from loadtests.providers import BEGIN, END, check_providers, render
 
     settings = _settings(tracking_uri=tracking_uri)
@@ -140,10 +139,8 @@ def providers_check_cmd(
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
-    runs_on = rows[0].accel.provider if rows else "CPUExecutionProvider"
-    machine = (f"Machine: {platform.machine()}, {platform.platform()}, Python "
-               f"{platform.python_version()}{gpu_name(runs_on)}.")
-    table = render(rows, batch=batch, command="anomaly " + shlex.join(sys.argv[1:]), machine=machine)
+    table = render(rows, batch=batch, command="anomaly " + shlex.join(sys.argv[1:]),
+                   machine=machine_line(rows[0].accel.provider))
     write_report(out, table, markers=(BEGIN, END), heading="# Execution providers\n\nProduced by "
                  "`anomaly providers-check` (loadtests/providers.py).")
     for r in rows:
