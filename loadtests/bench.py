@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -354,7 +353,9 @@ async def measure(targets: list[Target], *, rounds: int, seconds: float, concurr
 def machine_line(provider: str) -> str:
     """"Machine: …" for a report: architecture, cores, OS, Python, and (when a GPU provider
     runs) the GPU and driver from nvidia-smi; then the execution provider."""
-    line = (f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
+    from service.settings import usable_cores
+
+    line = (f"Machine: {platform.machine()}, {usable_cores()} CPU cores, "
             f"{platform.platform()}, Python {platform.python_version()}")
     if provider != "CPUExecutionProvider":
         import subprocess
