@@ -179,3 +179,26 @@ def good_and_defect(sample_root: Path) -> tuple[list[Path], list[Path]]:
 
     samples = load_test_split(sample_root)
     return ([s.path for s in samples if s.label == 0], [s.path for s in samples if s.label == 1])
+
+
+def register_mutated(store: Store, client, mutate, tmp_path: Path) -> str:
+    """Register a new version of `store`'s model whose artifact folder is a copy of the good
+    one changed by `mutate(folder)` (e.g. a garbage ONNX file, a malformed `MLmodel`);
+    returns its version number. The kind of bad upload a registry can hold."""
+    import shutil
+    import uuid
+
+    import mlflow
+
+    with tracking_uri(store.tracking_uri):  # models:/ URIs resolve through the global registry
+        work = tmp_path / f"mutated-{uuid.uuid4().hex[:8]}"
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{store.model_name}/{store.version}", dst_path=str(work / "src")))
+        folder = work / "model"
+        shutil.copytree(local, folder)
+        mutate(folder)
+        experiment = client.get_experiment_by_name("anomaly-detection").experiment_id
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_artifacts(str(folder), "model")
+    return str(client.create_model_version(store.model_name, f"runs:/{run.info.run_id}/model",
+                                           run_id=run.info.run_id).version)

@@ -4,7 +4,6 @@ metrics, graceful drain. Real servers (child processes) on loopback, real MLflow
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import threading
 import time
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import grpc
 import httpx
-import mlflow
 import numpy as np
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from conftest import tracking_uri
+from conftest import register_mutated
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -114,17 +112,8 @@ def test_broken_version_never_replaces_the_serving_one(canary_server, store, cli
                                                        tmp_path: Path) -> None:
     target, _ = canary_server
     # A version whose ONNX file is garbage (e.g. a bad upload): registered like any other.
-    with tracking_uri(store.tracking_uri):  # models:/ URIs resolve through the global registry
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{store.model_name}/{store.version}", dst_path=str(tmp_path / "src")))
-        broken = tmp_path / "broken"
-        shutil.copytree(local, broken)
-        (broken / "model.onnx").write_bytes(b"\x08\x07garbage, not an ONNX graph")
-        experiment = client.get_experiment_by_name("anomaly-detection").experiment_id
-        with mlflow.start_run(experiment_id=experiment) as run:
-            mlflow.log_artifacts(str(broken), "model")
-    bad = client.create_model_version(store.model_name, f"runs:/{run.info.run_id}/model",
-                                      run_id=run.info.run_id).version
+    bad = register_mutated(store, client, lambda folder: (folder / "model.onnx").write_bytes(
+        b"\x08\x07garbage, not an ONNX graph"), tmp_path)
     with grpc.insecure_channel(target) as ch:
         stub = pb_grpc.AnomalyDetectionStub(ch)
         _wait_version(stub, raw_request, store.version, timeout=10)
