@@ -40,6 +40,7 @@ import grpc
 import httpx
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from anomaly.wire import identifier_problem
 
 ImageInput = bytes | str | Path
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images
@@ -133,6 +134,9 @@ class ModelInfo:
     precision: str
     loaded_at: str
     source_uri: str
+    state: str = "SERVING"  # NOT_SERVING: a watched alias with no version loaded (see last_error)
+    last_error: str = ""  # the alias's last failed move (the version above keeps serving)
+    last_error_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,10 @@ class _BaseClient:
 
     def _score_call(self, image: ImageInput, *, model: str, alias: str, version: int, category: str,
                     return_anomaly_map: bool, request_id: str, station: str) -> _Call:
+        for name, value in (("request_id", request_id), ("station", station)):
+            problem = identifier_problem(name, value)
+            if problem:  # what the server would answer, without the round trip
+                raise AnomalyError("INVALID_ARGUMENT", problem)
         data = self._image_bytes(image)
         request_id = request_id or uuid.uuid4().hex  # the same for every retry of this call
         fields = {"model": model or self.model, "alias": "" if version else (alias or self.alias),
@@ -253,9 +261,11 @@ class _BaseClient:
         if isinstance(m, dict):
             return ModelInfo(self._ref(m["ref"]), m["input_height"], m["input_width"], list(m["categories"]),
                              dict(m["thresholds"]), m["provider"], m["precision"], m["loaded_at"],
-                             m["source_uri"])
+                             m["source_uri"], m.get("state") or "SERVING", m.get("last_error", ""),
+                             m.get("last_error_version", ""))
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
-                         dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri)
+                         dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri,
+                         m.state or "SERVING", m.last_error, m.last_error_version)
 
     def _parse(self, rpc: str, raw: Any) -> Any:
         if rpc == "Score":

@@ -23,12 +23,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
 import numpy as np
 
 from service import metrics
-from service.engine import OnnxModel
-from service.errors import Overloaded, ServiceError
+from service.engine import OnnxModel, finite
+from service.errors import DeadlineExceeded, Overloaded
+
+__all__ = ["BatchResult", "Batcher", "DeadlineExceeded", "collect"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,12 +56,6 @@ async def collect(queue: asyncio.Queue[T], max_items: int, max_delay_s: float) -
     return items
 
 
-class DeadlineExceeded(ServiceError):
-    """The request's deadline passed before it reached the model."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
 @dataclass
 class _Item:
     x: np.ndarray
@@ -78,6 +73,7 @@ class BatchResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    finite: bool = True  # score and every map value finite (checked in the worker thread)
 
 
 class Batcher:
@@ -107,6 +103,11 @@ class Batcher:
         self._unbatched = 0  # submitted through `submit_unbatched`, not finished
         self._waiting = 0  # of those, not yet started on a thread
         self._lock = threading.Lock()
+
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run a batch (in a pool thread) and check every output for NaN/inf there too."""
+        scores, maps = self.model.run(batch)
+        return scores, maps, finite(scores, maps)
 
     @property
     def idle(self) -> bool:
@@ -148,9 +149,9 @@ class Batcher:
                                        "in the queue")
             x, *extra = prepare()
             t0 = time.perf_counter()
-            scores, maps = self.model.run(x[None])
+            scores, maps, ok = self._infer(x[None])
             result = BatchResult(float(scores[0]), maps[0], started - enqueued,
-                                 time.perf_counter() - t0, 1)
+                                 time.perf_counter() - t0, 1, bool(ok[0]))
             return result, tuple(extra)
 
         self._unbatched += 1
@@ -208,13 +209,13 @@ class Batcher:
             return
         batch = np.stack([it.x for it in live])
         t0 = time.perf_counter()
-        scores, maps = await self._run(self.model.run, batch)
+        scores, maps, ok = await self._run(self._infer, batch)
         inference_s = time.perf_counter() - t0
         metrics.BATCH_SIZE.observe(len(live))
         for i, it in enumerate(live):
             if not it.future.done():
                 it.future.set_result(BatchResult(float(scores[i]), maps[i], now - it.enqueued,
-                                                 inference_s, len(live)))
+                                                 inference_s, len(live), bool(ok[i])))
 
     async def close(self, timeout: float = 5.0) -> None:
         """Let queued work finish (up to `timeout`), then stop the workers."""

@@ -19,7 +19,18 @@ app = typer.Typer(help="Inference server and HTTP gateway.", no_args_is_help=Tru
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment and the given options; an inconsistent configuration
+    (e.g. TLS half set up) is a one-line error, exit code 2."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            typer.secho(f"error: invalid settings{f' ({where})' if where else ''}: "
+                        f"{error['msg'].removeprefix('Value error, ')}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("serve")
@@ -45,6 +56,9 @@ def serve_cmd(
     except ServiceError as exc:
         typer.secho(f"error: cannot serve {settings.model_name}@{settings.model_alias} from "
                     f"{settings.tracking_uri}: {exc.message}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    except (RuntimeError, OSError) as exc:  # e.g. a port or spool folder in use, a TLS file missing
+        typer.secho(f"error: cannot start the server: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
 
 

@@ -1,11 +1,19 @@
 """The transport-agnostic data plane: score, list and describe models.
 
 The gRPC servicer and (through it) the HTTP gateway only translate to and from these
-calls. Blocking work — registry look-ups, image decoding, ONNX Runtime — runs in a
-bounded thread pool, so the asyncio loop that serves the transport stays responsive.
-Images are decoded in parallel, then queue into the model's dynamic batcher
-(`service.batcher`). Admission is bounded twice: beyond `max_inflight` requests, or a
-full model queue, the answer is `Overloaded` (RESOURCE_EXHAUSTED / HTTP 429).
+calls. Blocking work runs off the asyncio loop that serves the transport: image decoding
+and ONNX Runtime in the inference pool (`workers` threads), registry look-ups, downloads
+and model loads in a separate loader pool, so a slow registry never takes an inference
+thread. Images are decoded in parallel, then queue into the model's dynamic batcher
+(`service.batcher`).
+
+Admission, in order, each refusal answered at once with a clear status:
+identifiers checked (`anomaly.wire`: INVALID_ARGUMENT); at most `max_inflight` requests
+(RESOURCE_EXHAUSTED); the image header probed and its decoding memory reserved from the
+`decode_memory_mb` budget (waits up to `decode_wait_s`, then RESOURCE_EXHAUSTED); a full
+model queue (RESOURCE_EXHAUSTED). A decision is never made from a NaN/inf score or map
+(INTERNAL, counted, logged with the version), and with the inspection log on, a response
+leaves only after its decision is durable in the spool (`service.inspection`).
 Watched aliases are followed by `service.watcher` and answered from memory.
 """
 
@@ -22,12 +30,14 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+from anomaly.wire import identifier_problem
 
 from service import metrics
-from service.batcher import Batcher
+from service.batcher import Batcher, BatchResult
+from service.budget import MemoryBudget
 from service.engine import Decision
-from service.errors import InvalidInput, Overloaded
-from service.imaging import decode_image, raw_to_rgb
+from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded
+from service.imaging import Probe, check_raw, decode_probe, probe_image, raw_cost, raw_pixels
 from service.inspection import Decided, InspectionLog
 from service.repository import LoadedModel, ModelRepository, ModelSpec
 from service.settings import Settings
@@ -86,15 +96,20 @@ class DataPlane:
         self.settings = settings
         self.repository = repository or ModelRepository(settings)
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="infer")
+        self.loader = ThreadPoolExecutor(2, thread_name_prefix="loader")
+        self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._inflight = 0
         self.ready = False
-        self.watcher = ModelWatcher(self.repository, settings, self._run)
+        self.watcher = ModelWatcher(self.repository, settings, self._load)
         self.on_ready_change: Callable[[bool], None] | None = None
-        self.inspections = InspectionLog(settings.inspection_db_url) if settings.inspection_log else None
+        self.inspections = InspectionLog.from_settings(settings) if settings.inspection_log else None
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+
+    async def _load(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.loader, partial(fn, *args))
 
     def spec(self, model: str = "", alias: str = "", version: int = 0) -> ModelSpec:
         """Fill defaults into a request's model selection.
@@ -119,7 +134,7 @@ class DataPlane:
 
         Returns:
             Whether the default model is serving (readiness). If not, the watcher keeps
-            trying and readiness flips once it loads.
+            trying and readiness flips once it loads; other watched models serve meanwhile.
         """
         if self.inspections is not None:
             await self.inspections.start()
@@ -133,13 +148,27 @@ class DataPlane:
         """Resolve (and load) a model; raises ModelNotFound / NotReady / ModelLoadError."""
         return await self.get(self.spec(model, alias, version))
 
-    async def get(self, spec: ModelSpec) -> LoadedModel:
-        """`get_model` for a filled-in spec; watched aliases answer without a thread hop."""
-        if spec.alias:
-            current = self.repository.current(spec.name, spec.alias)
-            if current is not None:
-                return current
-        return await self._run(self.repository.get, spec)
+    async def get(self, spec: ModelSpec, deadline: float | None = None) -> LoadedModel:
+        """`get_model` for a filled-in spec. Watched aliases and models already loaded answer
+        from memory; anything else is resolved and loaded on the loader threads, waiting at
+        most until `deadline` (the load goes on for the next request).
+
+        Raises:
+            NotReady: a watched alias serves nothing yet (the message says why).
+            DeadlineExceeded: the model is still loading when the deadline passes.
+        """
+        loaded = self.repository.cached_model(spec)
+        if loaded is not None:
+            return loaded
+        if spec.alias and self.repository.watched(spec.name, spec.alias):
+            raise NotReady(f"{spec} is not serving: {self.repository.not_serving_reason(*_key(spec))}")
+        future = asyncio.ensure_future(self._load(self.repository.get, spec))
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), remaining)
+        except TimeoutError:
+            future.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" log
+            raise DeadlineExceeded(f"model {spec} is still loading; try again shortly") from None
 
     def list_models(self) -> list[LoadedModel]:
         """The versions loaded now."""
@@ -166,16 +195,43 @@ class DataPlane:
                 del self._batchers[key]
                 asyncio.get_running_loop().create_task(batcher.close(0))
 
+    @staticmethod
+    def check_identifiers(req: ScoreInput) -> None:
+        """`request_id` and `station`: at most 128 printable characters (`anomaly.wire`).
+
+        Raises:
+            InvalidInput: naming the field and the problem.
+        """
+        for name in ("request_id", "station"):
+            problem = identifier_problem(name, getattr(req, name))
+            if problem:
+                raise InvalidInput(problem)
+
+    def _probe(self, req: ScoreInput) -> tuple[Probe | None, int]:
+        """Header-only look at the image: refuse what needs no decoding to refuse, and
+        estimate the bytes decoding will take."""
+        s = self.settings
+        if req.raw is not None:
+            r = req.raw
+            check_raw(len(r.data), r.width, r.height, r.channels, r.bits, max_pixels=s.max_image_pixels)
+            return None, raw_cost(r.width, r.height, r.channels, r.bits)
+        probe = probe_image(req.encoded or b"", max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        return probe, probe.cost
+
     async def score(self, req: ScoreInput) -> ScoreOutput:
         """Score one image.
 
         Raises:
-            Overloaded: too many requests admitted, or the model's queue is full.
+            Overloaded: too many requests admitted, no decode memory in time, or the
+                model's queue is full.
             InvalidInput: bad image or fields.
             ModelNotFound, NotReady, ModelLoadError: model selection problems.
             DeadlineExceeded: the deadline passed while queued.
+            NonFiniteOutput: the model produced a NaN/inf score or map (no decision).
         """
+        self.check_identifiers(req)
         if self._inflight >= self.settings.max_inflight:
+            metrics.ADMISSION_REFUSALS.labels("inflight").inc()
             raise Overloaded(f"server busy: {self._inflight} requests in flight; retry later")
         self._inflight += 1
         t0 = time.perf_counter()
@@ -183,14 +239,17 @@ class DataPlane:
             spec = self.spec(req.model, req.alias, req.version)
             if req.encoded is None and req.raw is None:
                 raise InvalidInput("request has no image: set `encoded` bytes or `raw` pixels")
-            loaded = await self.get(spec)
-            batcher = self._batcher(loaded)
-            if batcher.max_batch == 1:  # decode and run in one pool call
-                result, (category, size, decode_s) = await batcher.submit_unbatched(
-                    partial(self._prepare, loaded, req), req.deadline)
-            else:
-                x, category, size, decode_s = await self._run(self._prepare, loaded, req)
-                result = await batcher.submit(x, req.deadline)
+            loaded = await self.get(spec, req.deadline)
+            category = loaded.model.resolve_category(req.category)  # validate before any work
+            probe, cost = self._probe(req)
+            result, size, decode_s = await self._infer(loaded, req, probe, cost)
+            rid = req.request_id or uuid.uuid4().hex
+            if not result.finite:
+                metrics.NONFINITE.labels(loaded.name, loaded.version).inc()
+                log.error("model produced a non-finite score or map; no decision made",
+                          extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}"})
+                raise NonFiniteOutput(f"model produced a non-finite score (model {loaded.name} version "
+                                      f"{loaded.version}); no decision was made for request_id={rid}")
             amap = result.amap if req.return_anomaly_map else None
             if amap is None:
                 decision = loaded.model.decide(result.score, None, category, size)
@@ -203,9 +262,8 @@ class DataPlane:
             metrics.LATENCY.labels("queue").observe(result.queue_s)
             metrics.LATENCY.labels("inference").observe(result.inference_s)
             metrics.LATENCY.labels("total").observe(total)
-            rid = req.request_id or uuid.uuid4().hex
-            if self.inspections is not None:
-                self.inspections.record(Decided(
+            if self.inspections is not None:  # durable before the answer leaves (sync mode)
+                await self.inspections.record(Decided(
                     rid, req.station, decision.category, loaded.name, loaded.version, decision.score,
                     decision.normalized_score, decision.threshold, decision.is_anomalous, total * 1e3))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
@@ -216,26 +274,59 @@ class DataPlane:
         finally:
             self._inflight -= 1
 
-    def _prepare(self, loaded: LoadedModel,
-                 req: ScoreInput) -> tuple[np.ndarray, str, tuple[int, int], float]:
-        """Validate the category, decode and preprocess (runs in the pool)."""
-        model = loaded.model
-        category = model.resolve_category(req.category)  # validate before any work
+    async def _infer(self, loaded: LoadedModel, req: ScoreInput, probe: Probe | None,
+                     cost: int) -> tuple[BatchResult, tuple[int, int], float]:
+        """Reserve decode memory, decode and preprocess, run the model."""
+        budget = self.decode_budget
+        if cost > budget.capacity:
+            metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
+            raise InvalidInput(f"image needs ~{cost >> 20} MB to decode, more than the server's whole "
+                               f"decode budget ({budget.capacity >> 20} MB, ANOMALY_DECODE_MEMORY_MB); "
+                               "send a smaller image")
+        wait = self.settings.decode_wait_s
+        if req.deadline is not None:
+            wait = min(wait, max(0.0, req.deadline - time.monotonic()))
+        async with budget.reserve(cost, wait) as ok:
+            if not ok:
+                metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
+                raise Overloaded(f"decode memory busy ({budget.in_use >> 20} of {budget.capacity >> 20} MB "
+                                 f"reserved; this image needs ~{max(1, cost >> 20)} MB); retry later")
+            metrics.DECODE_MEMORY.set(budget.in_use)
+            batcher = self._batcher(loaded)
+            prepare = partial(self._prepare, loaded, req, probe)
+            if batcher.max_batch == 1:  # decode and run in one pool call
+                result, (size, decode_s) = await batcher.submit_unbatched(prepare, req.deadline)
+                return result, size, decode_s
+            x, size, decode_s = await self._run(prepare)
+        metrics.DECODE_MEMORY.set(budget.in_use)
+        return await batcher.submit(x, req.deadline), size, decode_s
+
+    def _prepare(self, loaded: LoadedModel, req: ScoreInput,
+                 probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float]:
+        """Decode and preprocess (runs in the pool)."""
         t0 = time.perf_counter()
         if req.raw is not None:
             r = req.raw
-            rgb = raw_to_rgb(r.data, r.width, r.height, r.channels, r.bits,
-                             max_pixels=self.settings.max_image_pixels)
-        else:
-            rgb = decode_image(req.encoded or b"", max_bytes=self.settings.max_image_bytes,
+            image = raw_pixels(r.data, r.width, r.height, r.channels, r.bits,
                                max_pixels=self.settings.max_image_pixels)
-        x = model.prepare(rgb)
-        return x, category, rgb.shape[:2], time.perf_counter() - t0
+            size = image.shape[:2]
+        else:
+            assert probe is not None
+            image = decode_probe(probe)
+            size = (image.height, image.width)
+        x = loaded.model.prepare(image)
+        return x, size, time.perf_counter() - t0
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Stop following the registry, drain the batchers, stop the worker threads."""
+        """Stop following the registry, drain the batchers, stop the worker threads, then
+        ship what the inspection log still holds (what is left stays in the spool)."""
         await self.watcher.stop()
         await asyncio.gather(*(b.close(timeout) for b in self._batchers.values()))
         self.executor.shutdown(wait=True, cancel_futures=False)
+        self.loader.shutdown(wait=False, cancel_futures=True)
         if self.inspections is not None:  # after the drain: every answered request is recorded
             await self.inspections.close(max(timeout, 10.0))
+
+
+def _key(spec: ModelSpec) -> tuple[str, str]:
+    return spec.name, spec.alias

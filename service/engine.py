@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
-from service.errors import InvalidInput, ModelLoadError
+from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
 from service.imaging import anomaly_map_png, preprocess
 from service.metadata import GLOBAL, ModelMetadata
 
@@ -49,6 +50,16 @@ def available_providers(requested: list[str]) -> list[str]:
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def finite(scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """Per image of a batch: whether its score and every value of its map are finite.
+
+    Args:
+        scores: `(B,)`.
+        maps: `(B, H, W)`.
+    """
+    return np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
 
 
 class OnnxModel:
@@ -127,9 +138,10 @@ class OnnxModel:
         score, amap = self.session.run([m.score_output, m.map_output], {m.input_name: batch})
         return score.reshape(-1), amap.reshape(amap.shape[0], *amap.shape[-2:])
 
-    def prepare(self, rgb: np.ndarray) -> np.ndarray:
-        """Preprocess one decoded image to this model's `(3, H, W)` input."""
-        return preprocess(rgb, self.metadata.input_size)
+    def prepare(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """Preprocess one decoded image (array or `L`/`RGB` Pillow image) to this model's
+        `(3, H, W)` input."""
+        return preprocess(image, self.metadata.input_size)
 
     def resolve_category(self, category: str) -> str:
         """Validate a request's category ("" = global threshold).
@@ -147,7 +159,14 @@ class OnnxModel:
         self, score: float, amap: np.ndarray | None, category: str,
         original_size: tuple[int, int] | None = None,
     ) -> Decision:
-        """Turn one raw score (and optionally its map) into a `Decision`."""
+        """Turn one raw score (and optionally its map) into a `Decision`.
+
+        Raises:
+            NonFiniteOutput: the score is NaN or infinite (`NaN >= threshold` is false, so it
+                would otherwise pass as OK): no decision is made from it.
+        """
+        if not np.isfinite(score):
+            raise NonFiniteOutput(f"model produced a non-finite score ({score}); no decision was made")
         cat = self.resolve_category(category)
         stats = self.metadata.stats_for(cat)
         png = b""
@@ -163,23 +182,39 @@ class OnnxModel:
             anomaly_map_png=png,
         )
 
-    def validate(self) -> None:
-        """Warm up and smoke-test: a batch of two must give finite outputs of the right shapes.
+    def validation_inputs(self, reference: list[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
+        """The batches a new version must pass: two flat grays, seeded uniform noise, and the
+        version's reference images (preprocessed inputs), if it has any."""
+        h, w = self.metadata.input_size
+        noise = np.random.default_rng(0).random((2, 3, h, w), dtype=np.float32)
+        batches = [("flat gray", np.stack([np.full((3, h, w), v, np.float32) for v in (0.2, 0.7)])),
+                   ("noise", noise)]
+        batches += [(f"reference image {i}", x[None]) for i, x in enumerate(reference)]
+        return batches
+
+    def validate(self, reference: list[np.ndarray] = ()) -> None:
+        """Warm up and smoke-test: every batch of `validation_inputs` must give finite outputs
+        of the right shapes.
 
         Raises:
-            ModelLoadError: when the model fails the smoke test.
+            ModelLoadError: when the model fails the smoke test (the message says which input).
         """
         h, w = self.metadata.input_size
         try:
             self.warmup((1,))
-            scores, maps = self.run(np.stack([np.full((3, h, w), v, np.float32) for v in (0.2, 0.7)]))
         except Exception as exc:
             raise ModelLoadError(f"smoke test failed: {exc}") from exc
-        if scores.shape != (2,) or maps.shape != (2, h, w):
-            raise ModelLoadError(f"smoke test: output shapes {scores.shape}, {maps.shape}; expected "
-                                 f"(2,) and (2, {h}, {w})")
-        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
-            raise ModelLoadError("smoke test: the model produced non-finite outputs")
+        for name, batch in self.validation_inputs(reference):
+            try:
+                scores, maps = self.run(batch)
+            except Exception as exc:
+                raise ModelLoadError(f"smoke test failed on {name}: {exc}") from exc
+            n = len(batch)
+            if scores.shape != (n,) or maps.shape != (n, h, w):
+                raise ModelLoadError(f"smoke test: output shapes {scores.shape}, {maps.shape} for {name}; "
+                                     f"expected ({n},) and ({n}, {h}, {w})")
+            if not finite(scores, maps).all():
+                raise ModelLoadError(f"smoke test: the model produced non-finite outputs on {name}")
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run dummy batches so the first real request pays no lazy-initialisation cost."""

@@ -47,3 +47,15 @@ class ModelLoadError(ServiceError):
     """A model version exists but could not be downloaded, loaded or validated."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NonFiniteOutput(ServiceError):
+    """The model produced a NaN or infinite score or map: no decision is made from it."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it reached the model (or its model loaded)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

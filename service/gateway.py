@@ -1,7 +1,9 @@
 """HTTP gateway: a thin FastAPI translator in front of the gRPC server.
 
 It holds no model logic: every call is forwarded over gRPC, and gRPC status codes map to
-HTTP codes with RFC 9457 problem+json bodies. Routes:
+HTTP codes with RFC 9457 problem+json bodies. Request bodies are bounded while they stream
+in, and their memory is budgeted (`service.http_body`). An unforeseen error answers 500
+with a reference to the log line, never the error's text. Routes:
 
 - `POST /v1/score` — multipart (`image` file + form fields) or a raw image body
   (`image/*` / `application/octet-stream`, options as query parameters)
@@ -13,7 +15,9 @@ HTTP codes with RFC 9457 problem+json bodies. Routes:
 from __future__ import annotations
 
 import base64
+import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -28,10 +32,14 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from clients.sdk import grpc_channel
+from service import http_body
+from service.budget import MemoryBudget
 from service.grpc_server import grpc_options
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
+MAX_VERSION = 2**32 - 1  # the proto's uint32
 
 HTTP_REQUESTS = Counter("anomaly_http_requests_total", "Gateway requests", ["route", "status"])
 HTTP_LATENCY = Histogram("anomaly_http_request_seconds", "Gateway request latency", ["route"],
@@ -109,6 +117,9 @@ class ModelOut(BaseModel):
     precision: str
     loaded_at: str
     source_uri: str
+    state: str = "SERVING"
+    last_error: str = ""
+    last_error_version: str = ""
 
 
 def _ref(r: pb.ModelRef) -> ModelRefOut:
@@ -120,7 +131,8 @@ def _model(m: pb.ModelInfo) -> ModelOut:
     return ModelOut(ref=_ref(m.ref), input_height=m.input_height, input_width=m.input_width,
                     categories=list(m.categories), thresholds=dict(m.thresholds),
                     provider=m.provider, precision=m.precision, loaded_at=m.loaded_at,
-                    source_uri=m.source_uri)
+                    source_uri=m.source_uri, state=m.state or "SERVING", last_error=m.last_error,
+                    last_error_version=m.last_error_version)
 
 
 def _score(r: pb.ScoreResponse) -> ScoreOut:
@@ -154,12 +166,41 @@ def _flag(value: str | bool | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _int(value: str | int | None, name: str) -> int:
+def _version(value: str | int | None) -> int:
     try:
-        return int(value or 0)
+        version = int(value or 0)
     except ValueError:
-        raise Problem(400, "Invalid Argument", f"{name} must be an integer, got {value!r}",
+        raise Problem(400, "Invalid Argument", f"version must be an integer, got {value!r}",
                       "INVALID_ARGUMENT") from None
+    if not 0 <= version <= MAX_VERSION:
+        raise Problem(400, "Invalid Argument", f"version must be between 0 and {MAX_VERSION}, got {version}",
+                      "INVALID_ARGUMENT")
+    return version
+
+
+async def _read_image(request: Request, ctype: str, fields: dict[str, object]) -> bytes:
+    """The image bytes of a score request (raw body or the multipart `image` part), bounded
+    while they stream in; multipart text fields override `fields`."""
+    settings = request.app.state.settings
+    limit = http_body.body_limit(request, settings.max_image_bytes)
+    try:
+        if ctype == "multipart/form-data":
+            form = await http_body.read_form(request, limit)
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise Problem(400, "Invalid Argument", "multipart body needs a file field named 'image'",
+                              "INVALID_ARGUMENT")
+            data = await upload.read()
+            await form.close()
+            for key in fields:
+                if key in form and isinstance(form[key], str) and form[key] != "":
+                    fields[key] = form[key]
+            return data
+        return await http_body.read_body(request, limit)
+    except http_body.BodyTooLarge as exc:
+        raise Problem(413, "Payload Too Large", str(exc), "INVALID_ARGUMENT") from exc
+    except http_body.BadBody as exc:
+        raise Problem(400, "Invalid Argument", str(exc), "INVALID_ARGUMENT") from exc
 
 
 router = APIRouter()
@@ -186,37 +227,38 @@ async def score(
     fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
                                  "category": category, "return_anomaly_map": return_anomaly_map,
                                  "request_id": request_id, "station": station}
-    if ctype == "multipart/form-data":
-        try:
-            form = await request.form(max_part_size=request.app.state.settings.max_image_bytes)
-        except Exception as exc:  # malformed multipart
-            raise Problem(400, "Invalid Argument", f"malformed multipart body: {exc}",
-                          "INVALID_ARGUMENT") from exc
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise Problem(400, "Invalid Argument", "multipart body needs a file field named 'image'",
-                          "INVALID_ARGUMENT")
-        data = await upload.read()
-        for key in fields:
-            if key in form and isinstance(form[key], str) and form[key] != "":
-                fields[key] = form[key]
-    elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        data = await request.body()
-    else:
+    if ctype != "multipart/form-data" and not (ctype.startswith("image/") or
+                                               ctype == "application/octet-stream"):
         raise Problem(415, "Unsupported Media Type",
                       f"content type {ctype or '(none)'!r}: send multipart/form-data with an "
                       "'image' file, or the image bytes as image/* or application/octet-stream")
-    if len(data) > request.app.state.settings.max_image_bytes:
-        limit = request.app.state.settings.max_image_bytes
-        raise Problem(413, "Payload Too Large", f"image is {len(data)} bytes; the limit is {limit}",
-                      "INVALID_ARGUMENT")
-    message = pb.ScoreRequest(
-        encoded=data, model=str(fields["model"]), alias=str(fields["alias"]),
-        version=_int(fields["version"], "version"), category=str(fields["category"]),
-        return_anomaly_map=_flag(fields["return_anomaly_map"]),  # type: ignore[arg-type]
-        request_id=str(fields["request_id"]), station=str(fields["station"]),
-    )
-    return _score(await _call(request, "Score", message))  # type: ignore[arg-type]
+    settings = request.app.state.settings
+    limit = http_body.body_limit(request, settings.max_image_bytes)
+    try:
+        declared = http_body.declared_length(request, limit)
+    except http_body.BodyTooLarge as exc:
+        raise Problem(413, "Payload Too Large", str(exc), "INVALID_ARGUMENT") from exc
+    except http_body.BadBody as exc:
+        raise Problem(400, "Invalid Argument", str(exc), "INVALID_ARGUMENT") from exc
+    budget: MemoryBudget = request.app.state.body_budget
+    reserve = http_body.COPIES * (limit if declared is None else declared)
+    async with budget.reserve(reserve, settings.decode_wait_s) as ok:
+        if not ok:
+            raise Problem(429, "Resource Exhausted",
+                          f"gateway busy: {budget.in_use >> 20} of {budget.capacity >> 20} MB of request "
+                          "memory in use (ANOMALY_HTTP_BODY_MEMORY_MB); retry later", "RESOURCE_EXHAUSTED")
+        data = await _read_image(request, ctype, fields)
+        if len(data) > settings.max_image_bytes:
+            raise Problem(413, "Payload Too Large", f"image is {len(data)} bytes; the limit is "
+                          f"{settings.max_image_bytes}", "INVALID_ARGUMENT")
+        message = pb.ScoreRequest(
+            encoded=data, model=str(fields["model"]), alias=str(fields["alias"]),
+            version=_version(fields["version"]), category=str(fields["category"]),
+            return_anomaly_map=_flag(fields["return_anomaly_map"]),  # type: ignore[arg-type]
+            request_id=str(fields["request_id"]), station=str(fields["station"]),
+        )
+        del data
+        return _score(await _call(request, "Score", message))  # type: ignore[arg-type]
 
 
 @router.get("/v1/models", response_model=list[ModelOut])
@@ -229,7 +271,7 @@ async def list_models(request: Request) -> list[ModelOut]:
 @router.get("/v1/models/{name}", response_model=ModelOut)
 async def get_model(request: Request, name: str, alias: str = "", version: str = "") -> ModelOut:
     """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
-    msg = pb.GetModelRequest(model=name, alias=alias, version=_int(version, "version"))
+    msg = pb.GetModelRequest(model=name, alias=alias, version=_version(version))
     return _model(await _call(request, "GetModel", msg))  # type: ignore[arg-type]
 
 
@@ -282,6 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")],
             tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file))
         app.state.settings = settings
+        app.state.body_budget = MemoryBudget(settings.http_body_memory_mb * 1024 * 1024)
         app.state.channel = channel
         app.state.stub = pb_grpc.AnomalyDetectionStub(channel)
         app.state.health = health_pb2_grpc.HealthStub(channel)
@@ -316,5 +359,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _problem_response(request, 422, "Unprocessable Content", str(exc.errors()),
                                  "INVALID_ARGUMENT")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        ref = uuid.uuid4().hex
+        log.error("internal error on %s %s (request_id=%s)", request.method, request.url.path, ref,
+                  exc_info=exc)
+        return _problem_response(request, 500, "Internal Server Error",
+                                 f"internal error; the gateway log has the details under request_id={ref!r}",
+                                 "INTERNAL")
 
     return app

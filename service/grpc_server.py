@@ -1,17 +1,26 @@
 """The gRPC server: a thin translator between `anomaly.v1` messages and the data plane.
 
 Also serves the standard `grpc.health.v1` health service (NOT_SERVING until the default
-model is warm) and server reflection. Stops gracefully on SIGTERM/SIGINT, draining
-in-flight requests for `grace_s` seconds.
+model is warm) and server reflection (`ANOMALY_REFLECTION=false` turns it off). Stops
+gracefully on SIGTERM/SIGINT, draining in-flight requests for `grace_s` seconds.
+
+Bounds: at most `max_concurrent_rpcs` Score/ScoreStream calls are open at once (beyond,
+RESOURCE_EXHAUSTED at once, before the message is read; health checks and reflection are
+not counted, so probes keep answering under load), messages are at most `max_image_bytes`
+(+64 KiB), and a ScoreStream reads its next image only while the images it has in flight
+total less than `max_image_bytes`. An unexpected error answers INTERNAL with the request
+id, never the error's text (which goes to the log).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from anomaly.v1 import anomaly_pb2 as pb
@@ -23,7 +32,7 @@ from service import metrics
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError
 from service.repository import LoadedModel
-from service.security import ApiKeyInterceptor, load_api_keys, server_credentials
+from service.security import OPEN_SERVICES, ApiKeyInterceptor, load_api_keys, server_credentials
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +68,7 @@ def model_info(loaded: LoadedModel, alias: str = "",
     """Loaded model → `ModelInfo` (with the alias's last failed move, if any)."""
     md = loaded.metadata
     return pb.ModelInfo(
-        last_error=error[1] if error else "", last_error_version=error[0] if error else "",
+        state="SERVING", last_error=error[1] if error else "", last_error_version=error[0] if error else "",
         ref=model_ref(loaded, alias or ",".join(sorted(loaded.aliases))),
         input_height=md.input_height, input_width=md.input_width,
         categories=md.categories, thresholds=md.thresholds(),
@@ -80,6 +89,71 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
     )
 
 
+class InternalError(ServiceError):
+    """A failure the server did not foresee; the client gets only a reference to the log."""
+
+
+class ConcurrencyLimit(grpc.aio.ServerInterceptor):
+    """At most `limit` scoring calls open at once; more get RESOURCE_EXHAUSTED before their
+    message is read. Health checks and reflection pass uncounted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server at its limit of {self.limit} concurrent calls "
+                                "(ANOMALY_MAX_CONCURRENT_RPCS); retry later")
+
+        async def refuse_stream(request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+            await refuse(None, context)
+
+        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+        self._refuse_stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+    def _done(self) -> None:
+        self.open -= 1
+
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        done = self._done
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+                try:
+                    return await inner_unary(request, context)
+                finally:
+                    done()
+
+            return handler._replace(unary_unary=unary)
+        inner_stream = handler.stream_stream
+
+        async def stream(request_iterator: object, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            try:
+                async for response in inner_stream(request_iterator, context):
+                    yield response
+            finally:
+                done()
+
+        return handler._replace(stream_stream=stream)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Count the call, or refuse it when `limit` are open."""
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_SERVICES) or not (
+                handler.unary_unary or handler.stream_stream):
+            return handler
+        if self.open >= self.limit:
+            metrics.ADMISSION_REFUSALS.labels("concurrent_rpcs").inc()
+            return self._refuse_stream if handler.stream_stream else self._refuse
+        self.open += 1
+        return self._counted(handler)
+
+
 class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
     """Implements `anomaly.v1.AnomalyDetection` on top of a `DataPlane`."""
 
@@ -96,6 +170,9 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
         except ServiceError as exc:
             metrics.REQUESTS.labels(model, exc.code.name).inc()
             raise
+        except Exception as exc:
+            metrics.REQUESTS.labels(model, "INTERNAL").inc()
+            raise internal_error(exc, request.request_id) from exc
         metrics.REQUESTS.labels(model, "OK").inc()
         return to_score_response(out)
 
@@ -115,11 +192,18 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
         """
         window = asyncio.Semaphore(STREAM_WINDOW)
         order: asyncio.Queue[tuple[pb.ScoreRequest, asyncio.Task] | None] = asyncio.Queue()
+        held = [0]  # bytes of the images in flight
+        drained = asyncio.Event()
+        byte_limit = self.plane.settings.max_image_bytes
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     await window.acquire()
+                    while held[0] >= byte_limit:  # big images: wait before reading the next one
+                        drained.clear()
+                        await drained.wait()
+                    held[0] += request.ByteSize()
                     order.put_nowait((request, asyncio.create_task(self._score(request, context))))
             finally:
                 order.put_nowait(None)
@@ -132,6 +216,8 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                     response = await task
                 except ServiceError as exc:
                     await context.abort(exc.code, f"request_id={request.request_id!r}: {exc.message}")
+                held[0] -= request.ByteSize()
+                drained.set()
                 window.release()
                 yield response
             await reader  # re-raises what ended the request stream, if it failed
@@ -146,15 +232,40 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_info(m) for m in self.plane.list_models()])
 
-    async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802, D102
+    async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Describe a version; a watched alias that serves nothing is described as
+        NOT_SERVING with the reason (`last_error`), not as an error."""
         try:
             spec = self.plane.spec(request.model, request.alias, request.version)
-            loaded = await self.plane.get(spec)
-            error = self.plane.repository.errors.get((spec.name, spec.alias)) if spec.alias else None
+            repo = self.plane.repository
+            error = repo.errors.get((spec.name, spec.alias)) if spec.alias else None
+            watched = spec.alias and repo.watched(spec.name, spec.alias)
+            if watched and repo.current(spec.name, spec.alias) is None:
+                version, message = error or ("", "not loaded yet")
+                return pb.ModelInfo(ref=pb.ModelRef(name=spec.name, alias=spec.alias), state="NOT_SERVING",
+                                    last_error=message, last_error_version=version)
+            loaded = await self.plane.get(spec, time.monotonic() + (context.time_remaining() or 30.0))
             return model_info(loaded, spec.alias, error)
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
+
+
+def internal_error(exc: BaseException, request_id: str = "") -> InternalError:
+    """Log an unforeseen failure with a reference; the client gets the reference only."""
+    ref = request_id or uuid.uuid4().hex
+    log.error("internal error (request_id=%s)", ref, exc_info=exc)
+    return InternalError(f"internal error; the server log has the details under request_id={ref!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name) only listens on loopback."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -175,15 +286,20 @@ class GrpcServer:
         self.plane = plane or DataPlane(settings)
         self.health = health.aio.HealthServicer()
         keys = load_api_keys(settings)
-        self.server = grpc.aio.server(options=grpc_options(settings),
-                                      interceptors=[ApiKeyInterceptor(keys)] if keys else None)
+        self.keys = bool(keys)
+        self.limit = ConcurrencyLimit(settings.max_concurrent_rpcs)
+        interceptors = [ApiKeyInterceptor(keys), self.limit] if keys else [self.limit]
+        # gRPC's own cap, with room above ours for health probes and reflection.
+        self.server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors,
+                                      maximum_concurrent_rpcs=settings.max_concurrent_rpcs + 32)
         if keys:
             log.info("API keys required (%d configured); health and reflection stay open", len(keys))
         pb_grpc.add_AnomalyDetectionServicer_to_server(AnomalyServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), self.server)
         self.port = 0
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -199,6 +315,10 @@ class GrpcServer:
             The bound port.
         """
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if not self.keys and not is_loopback(self.settings.grpc_host):
+            log.warning("binding %s beyond loopback with no API keys: anyone who can reach this port can "
+                        "score images and read model details; set ANOMALY_API_KEYS or ANOMALY_API_KEYS_FILE",
+                        self.settings.grpc_host)
         credentials = server_credentials(self.settings)
         if credentials is None:
             self.port = self.server.add_insecure_port(address)

@@ -1,39 +1,177 @@
 """Image decoding, pre-processing and heat-map encoding: the one path shared by
 evaluation (registry) and serving.
 
-Decoded images are `(H, W, 3)` uint8 RGB arrays. `preprocess` turns one into the model
-input `(3, H, W)` float32 in [0, 1]; ImageNet normalisation happens inside the ONNX graph.
+Serving works in two steps so that memory is admitted before it is spent:
+
+1. `probe_image` (or `probe_raw`) reads only the header: format, size, pixel mode. It
+   refuses what can be refused undecoded (empty, over the byte or pixel limit, zero size,
+   not an image, 32-bit float) and estimates the memory decoding will take (`Probe.cost`).
+2. `decode_probe` decodes to a PIL image in mode `L` (gray, 16-bit scaled to 8) or `RGB`;
+   `preprocess` resizes it to the model input `(3, H, W)` float32 in [0, 1]. Gray stays one
+   channel until after the resize, and nothing is copied into a full-size numpy array, so
+   a 20-megapixel image costs its decoded size plus at most one conversion.
+
+`decode_image` (both steps, as an `(H, W, 3)` uint8 RGB array) is what evaluation and the
+tools call; `preprocess` accepts either form and gives identical results. ImageNet
+normalisation happens inside the ONNX graph.
+
+The memory estimate (bytes, `Probe.cost`) is `pixels × (storage + conversion)` plus the
+resize's intermediate rows, where storage is Pillow's bytes per pixel for the mode (1 for
+L/P/1, 2 for 16-bit, 4 for everything else) and conversion what reaching L or RGB adds
+(0 for L/RGB; 1 for 1/LA; 4 for RGBA/CMYK/YCbCr/P; 8 for P with transparency and PA,
+through RGBA; 4 for 16-bit, 6 for 32-bit integers, through numpy and a lookup table).
+`tests/test_imaging.py` checks it against the peak resident memory actually measured.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput
 
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 24_000_000
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_NATIVE = {"L", "RGB"}
+_TO_GRAY = {"1", "LA", "La"}
+# 0..65535 → 0..255 with rounding, as one table lookup (no 32-bit temporaries).
+_LUT16 = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+_RESIZE_SLACK = 1 << 20
 
 
-def _to_rgb8(im: Image.Image) -> np.ndarray:
-    """Convert any supported PIL mode to (H, W, 3) uint8 RGB."""
-    if im.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(im)
-        # 16-bit data (PNG/TIFF) comes as I;16* or I (int32): scale 0..65535 to 0..255.
-        arr8 = (np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
-        return np.repeat(arr8.astype(np.uint8)[..., None], 3, axis=-1)
+def _storage_bpp(mode: str) -> int:
+    """Bytes per pixel Pillow uses to hold an image of `mode`."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode in _SIXTEEN_BIT_MODES:
+        return 2
+    return 4
+
+
+def _conversion_bpp(mode: str, transparent: bool) -> int:
+    """Bytes per pixel that reaching mode L or RGB adds (see the module docstring)."""
+    if mode in _NATIVE:
+        return 0
+    if mode in _TO_GRAY:
+        return 1
+    if mode in _SIXTEEN_BIT_MODES:
+        return 4
+    if mode == "I":
+        return 6
+    if mode == "PA" or (mode == "P" and transparent):
+        return 8
+    return 4
+
+
+def _resize_bytes(height: int) -> int:
+    """Pillow resizes in two passes; the intermediate is (output width ≤ 1024) × input height, RGBX."""
+    return 4 * 1024 * height + _RESIZE_SLACK
+
+
+@dataclass
+class Probe:
+    """An encoded image whose header was read: what decoding it will take.
+
+    Attributes:
+        image: the opened, not yet decoded, Pillow image.
+        width, height: from the header.
+        mode: Pillow's pixel mode (e.g. `RGB`, `L`, `I;16`).
+        cost: estimated peak bytes that decoding and preprocessing will allocate.
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    mode: str
+    cost: int
+
+
+def probe_image(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Probe:
+    """Read an encoded image's header (PNG, JPEG, BMP, TIFF …) and check it against the limits.
+
+    Raises:
+        InvalidInput: empty, too large, not an image, zero-size, over the pixel limit
+            (decompression bomb), or a pixel format that is not supported.
+    """
+    if not data:
+        raise InvalidInput("empty image: the request carried no image bytes")
+    if len(data) > max_bytes:
+        raise InvalidInput(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"image exceeds the pixel limit: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidInput("not an image: the bytes are not a format the server can decode") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
+    w, h = im.size
+    if w == 0 or h == 0:
+        raise InvalidInput(f"image has zero size ({w}x{h})")
+    if w * h > max_pixels:
+        raise InvalidInput(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
     if im.mode == "F":
         raise InvalidInput("32-bit float images are not supported; send 8- or 16-bit integers")
-    if im.mode in ("P", "PA") and "transparency" in im.info:
+    transparent = "transparency" in im.info
+    cost = w * h * (_storage_bpp(im.mode) + _conversion_bpp(im.mode, transparent)) + _resize_bytes(h)
+    return Probe(im, w, h, im.mode, cost)
+
+
+def decode_probe(probe: Probe) -> Image.Image:
+    """Decode a probed image to a Pillow image in mode `L` or `RGB`.
+
+    Raises:
+        InvalidInput: truncated or corrupt data, or an unsupported pixel format.
+    """
+    im = probe.image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+            return _to_l_or_rgb(im)
+    except InvalidInput:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"image exceeds the pixel limit: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
+
+
+def _to_l_or_rgb(im: Image.Image) -> Image.Image:
+    """Convert any supported Pillow mode to `L` or `RGB` (16/32-bit integers scaled to 8 bits)."""
+    mode = im.mode
+    if mode in _NATIVE:
+        return im
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        arr = np.array(im)  # a writable copy (uint16, or int32 for "I")
+        if mode == "I":
+            np.clip(arr, 0, 65535, out=arr)
+        return Image.fromarray(_LUT16[arr])
+    if mode == "F":
+        raise InvalidInput("32-bit float images are not supported; send 8- or 16-bit integers")
+    if mode in _TO_GRAY:
+        return im.convert("L")
+    if mode == "PA" or (mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im)
+    return im.convert("RGB")
+
+
+def as_rgb_array(im: Image.Image | np.ndarray) -> np.ndarray:
+    """An `L`/`RGB` image (or a `(H, W)` / `(H, W, 3)` array) as `(H, W, 3)` uint8 RGB."""
+    arr = np.asarray(im)
+    return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
 
 
 def decode_image(
@@ -47,41 +185,40 @@ def decode_image(
     The header is read first, so size limits are enforced before pixels are decoded.
 
     Raises:
-        InvalidInput: empty, too large, not an image, truncated, zero-size, over the
-            pixel limit (decompression bomb), or an unsupported pixel format.
+        InvalidInput: as `probe_image` and `decode_probe`.
     """
-    if not data:
-        raise InvalidInput("empty image: the request carried no image bytes")
-    if len(data) > max_bytes:
-        raise InvalidInput(f"image is {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w == 0 or h == 0:
-                raise InvalidInput(f"image has zero size ({w}x{h})")
-            if w * h > max_pixels:
-                raise InvalidInput(
-                    f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
-                )
-            im.load()
-    except InvalidInput:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"image exceeds the pixel limit: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise InvalidInput("not an image: the bytes are not a format the server can decode") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
-    return _to_rgb8(im)
+    return as_rgb_array(decode_probe(probe_image(data, max_bytes=max_bytes, max_pixels=max_pixels)))
 
 
-def raw_to_rgb(
+def raw_cost(width: int, height: int, channels: int, bits: int = 8) -> int:
+    """Estimated peak bytes that converting and preprocessing raw pixels allocates (the
+    buffer itself is already held): 16-bit scaling, dropping alpha, Pillow's copy."""
+    n = width * height
+    per_pixel = (channels if bits == 16 else 0) + (3 if channels == 4 else 0) + (1 if channels == 1 else 4)
+    return n * per_pixel + _resize_bytes(height)
+
+
+def raw_pixels(
     data: bytes, width: int, height: int, channels: int, bits: int = 8,
     *, max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Wrap raw interleaved pixels (H, W, C) without copying and convert to RGB uint8.
+    """Wrap raw interleaved pixels (H, W, C) without copying: `(H, W)` uint8 for gray,
+    `(H, W, 3)` uint8 RGB otherwise (16-bit scaled to 8, alpha dropped).
+
+    Raises:
+        InvalidInput: on bad dimensions, channel count, dtype or byte length.
+    """
+    check_raw(len(data), width, height, channels, bits, max_pixels=max_pixels)
+    dtype = np.uint8 if bits == 8 else np.dtype("<u2")
+    arr = np.frombuffer(data, dtype=dtype).reshape(height, width, channels)
+    if bits == 16:
+        arr = _LUT16[arr]
+    return arr[..., 0] if channels == 1 else arr[..., :3]
+
+
+def check_raw(length: int, width: int, height: int, channels: int, bits: int = 8,
+              *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Check raw pixel fields against each other and the limits (no pixel is touched).
 
     Raises:
         InvalidInput: on bad dimensions, channel count, dtype or byte length.
@@ -94,27 +231,44 @@ def raw_to_rgb(
         raise InvalidInput(f"raw image has {channels} channels; expected 1, 3 or 4")
     if bits not in (8, 16):
         raise InvalidInput(f"raw pixel depth {bits} bits is not supported; use 8 or 16")
-    dtype = np.uint8 if bits == 8 else np.dtype("<u2")
     expected = width * height * channels * (bits // 8)
-    if len(data) != expected:
+    if length != expected:
         raise InvalidInput(
-            f"raw image byte length {len(data)} does not match "
+            f"raw image byte length {length} does not match "
             f"{width}x{height}x{channels}x{bits // 8} = {expected}"
         )
-    arr = np.frombuffer(data, dtype=dtype).reshape(height, width, channels)
-    if bits == 16:
-        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if channels == 1:
-        return np.repeat(arr, 3, axis=-1)
-    return arr[..., :3]
 
 
-def preprocess(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize (bilinear) to `size` = (height, width) and return (3, H, W) float32 in [0, 1]."""
+def raw_to_rgb(
+    data: bytes, width: int, height: int, channels: int, bits: int = 8,
+    *, max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """`raw_pixels` as `(H, W, 3)` uint8 RGB."""
+    return as_rgb_array(raw_pixels(data, width, height, channels, bits, max_pixels=max_pixels))
+
+
+def preprocess(img: np.ndarray | Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize (bilinear) to `size` = (height, width) and return (3, H, W) float32 in [0, 1].
+
+    `img` is a Pillow image in mode `L` or `RGB`, or a `(H, W)` / `(H, W, 3)` uint8 array;
+    gray is resized as one channel and repeated afterwards (the same values as resizing
+    three equal channels).
+    """
     h, w = size
-    if rgb.shape[:2] != (h, w):
-        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.BILINEAR))
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) * np.float32(1 / 255)
+    if isinstance(img, np.ndarray):
+        if img.shape[:2] == (h, w):
+            arr = img
+        else:
+            img = Image.fromarray(np.ascontiguousarray(img))
+    if isinstance(img, Image.Image):
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BILINEAR)
+        arr = np.asarray(img)
+    if arr.ndim == 2:
+        chw = np.broadcast_to(arr, (3, h, w))
+    else:
+        chw = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(chw, dtype=np.float32) * np.float32(1 / 255)
 
 
 def anomaly_map_png(amap: np.ndarray, out_size: tuple[int, int], lo: float, hi: float) -> bytes:

@@ -4,26 +4,54 @@ Turn it on with `ANOMALY_INSPECTION_LOG=true` (SQLite file `inspections.db` by d
 point `ANOMALY_INSPECTION_DB_URL` at any SQLAlchemy URL (`postgresql://user@host/db`).
 The schema is managed by Alembic (`service/migrations`), upgraded to head at start-up.
 
-Writing never slows the Score path: `record` only appends to an in-memory queue; a
-background task writes batches (up to `batch_size` rows, at least every `flush_s`) from a
-worker thread. If the database is unreachable the rows stay queued and the writer retries
-with backoff; `close` (graceful shutdown) flushes everything still queued.
+Nothing acknowledged is lost. Each decision is first appended to a local durable spool
+(`service.spool`): a writer thread group-commits whatever is waiting (one fsync for all of
+it) and, with `ANOMALY_INSPECTION_DURABILITY=sync` (the default), the response leaves the
+server only after its decision is on disk. A shipper moves spooled rows to the database in
+batches (up to `batch_size`, at least every `flush_s`) and checkpoints the spool after each
+commit; rows carry a unique `record_id`, so a batch shipped twice (a crash between commit
+and checkpoint) is inserted once.
+
+- **Database down** (at start or later): rows wait in the spool; the shipper retries with
+  backoff (0.5 s doubling to 30 s) and catches up when it is back. The spool is bounded
+  (`ANOMALY_INSPECTION_SPOOL_MAX_MB`): a metric tracks it, and a log line warns at 50 %,
+  80 % and 95 %; when full, requests are refused with UNAVAILABLE rather than answered
+  unrecorded.
+- **A row the database rejects** (too long, a constraint): the batch is retried row by row;
+  each rejected row is set aside in `dead-letter.jsonl` in the spool folder with the
+  database's reason (counted, logged at ERROR) and never blocks the rows behind it.
+- **Crash or SIGKILL**: on start the spool is replayed from its checkpoint.
+- **Graceful shutdown**: the shipper gets `close`'s timeout to catch up; whatever is left
+  stays in the spool for the next start.
+
+`async` durability acknowledges before the fsync (which follows within milliseconds); a
+power cut can then lose the last acknowledged decisions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import logging
+import os
+import queue
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Float, Index, Integer, String, create_engine, insert, select
+from sqlalchemy import DateTime, Float, Index, Integer, String, create_engine, event, insert, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.batcher import collect
+from service import metrics
+from service.errors import NotReady
+from service.settings import Settings
+from service.spool import Spool, SpoolFull
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -40,9 +68,11 @@ class Inspection(Base):
 
     __tablename__ = "inspections"
     __table_args__ = (Index("ix_inspections_created_at", "created_at"),
-                      Index("ix_inspections_request_id", "request_id"))
+                      Index("ix_inspections_request_id", "request_id"),
+                      Index("ux_inspections_record_id", "record_id", unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # spool identity
     request_id: Mapped[str] = mapped_column(String(128))
     station: Mapped[str] = mapped_column(String(128), default="")
     category: Mapped[str] = mapped_column(String(128))
@@ -83,87 +113,285 @@ class Decided:
     latency_ms: float
 
     def row(self) -> dict:
-        """The table row, stamped now (UTC)."""
-        return {"request_id": self.request_id, "station": self.station, "category": self.category,
+        """The table row, stamped now (UTC), with a fresh `record_id`."""
+        return {"record_id": uuid.uuid4().hex, "request_id": self.request_id, "station": self.station,
+                "category": self.category,
                 "model_name": self.model_name, "model_version": self.model_version, "score": self.score,
                 "normalized_score": self.normalized_score, "threshold": self.threshold,
                 "decision": "NG" if self.anomalous else "OK", "latency_ms": self.latency_ms,
-                "created_at": datetime.now(UTC).replace(tzinfo=None)}
+                "created_at": datetime.now(UTC).replace(tzinfo=None).isoformat()}
+
+
+OUTAGES = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
+           OSError)
+ALARMS = (0.5, 0.8, 0.95)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A database that cannot be reached (retry later) rather than one that refuses a row."""
+    return isinstance(exc, OUTAGES) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
+
+
+def _sqlite_wal(engine: Engine) -> None:
+    """SQLite: WAL journal (readers never block the writer, a crash never corrupts)."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+
+def _from_json(record: bytes) -> dict:
+    row = json.loads(record)
+    row["created_at"] = datetime.fromisoformat(row["created_at"])
+    return row
 
 
 class InspectionLog:
-    """Asynchronous, batched writer of `Inspection` rows.
+    """Durable, batched recorder of `Inspection` rows (see the module docstring).
 
     Args:
         url: SQLAlchemy database URL.
+        spool_dir: the local spool folder (one server per folder).
+        max_spool_bytes: bound of the spool.
+        durability: "sync" (fsync before `record` returns) or "async".
         batch_size: most rows per INSERT.
-        flush_s: longest a row waits in memory when the database is healthy.
+        flush_s: longest a spooled row waits for the shipper when the database is healthy.
     """
 
-    def __init__(self, url: str, *, batch_size: int = 500, flush_s: float = 0.2) -> None:
+    def __init__(self, url: str, spool_dir: Path, *, max_spool_bytes: int = 1 << 30,
+                 durability: str = "sync", batch_size: int = 500, flush_s: float = 0.2) -> None:
         self.url = url
+        self.spool = Spool(spool_dir, max_spool_bytes)
+        self.dead_letter_path = Path(spool_dir) / "dead-letter.jsonl"
+        self.durability = durability
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.engine: Engine | None = None
-        self.queue: asyncio.Queue[dict | None] = asyncio.Queue()  # unbounded: a row is never dropped
         self.written = 0
-        self._task: asyncio.Task | None = None
+        self.dead_letters = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._shipper: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._alarm = 0.0
+        self.last_db_error = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InspectionLog:
+        """The inspection log the settings describe."""
+        return cls(settings.inspection_db_url, settings.spool_dir(),
+                   max_spool_bytes=settings.inspection_spool_max_mb * 1024 * 1024,
+                   durability=settings.inspection_durability)
 
     async def start(self) -> None:
-        """Migrate the schema and start the background writer."""
-        await asyncio.to_thread(upgrade, self.url)
+        """Open (and replay) the spool and start the writer and the shipper. The database
+        need not be up: the schema is migrated by the shipper when it first connects."""
+        await asyncio.to_thread(self.spool.open)
+        self._loop = asyncio.get_running_loop()
         self.engine = create_engine(self.url, pool_pre_ping=True)
-        self._task = asyncio.create_task(self._loop())
-        log.info("inspection log: writing to %s", self.engine.url.render_as_string(hide_password=True))
+        _sqlite_wal(self.engine)
+        self._writer = threading.Thread(target=self._write_loop, name="inspection-spool", daemon=True)
+        self._writer.start()
+        self._shipper = asyncio.create_task(self._ship_loop())
+        self._gauge()
+        log.info("inspection log: spooling to %s (%s), shipping to %s", self.spool.folder, self.durability,
+                 self.engine.url.render_as_string(hide_password=True))
 
-    def record(self, decided: Decided) -> None:
-        """Queue one decision (never blocks, never raises)."""
-        self.queue.put_nowait(decided.row())
+    async def record(self, decided: Decided) -> None:
+        """Spool one decision; in sync mode, return once it is fsync'd.
 
-    def _write(self, rows: list[dict]) -> None:
-        assert self.engine is not None
-        with self.engine.begin() as conn:
-            conn.execute(insert(Inspection), rows)
+        Raises:
+            NotReady: the spool is full (the database has been unreachable too long) or the
+                disk refused the write; the decision is not acknowledged.
+        """
+        future = self._loop.create_future()
+        self._inbox.put((json.dumps(decided.row()).encode(), future))
+        if self.durability == "sync":
+            await future
+        else:
+            future.add_done_callback(lambda f: f.exception() and log.error(
+                "inspection log: a decision acknowledged early could not be spooled: %s", f.exception()))
 
-    async def _flush(self, rows: list[dict]) -> None:
-        """Write `rows`, retrying with backoff until the database takes them."""
+    # -- the writer thread: group commit ---------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < 4096:
+                try:
+                    nxt = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._inbox.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            error: Exception | None = None
+            try:
+                self.spool.append([record for record, _ in batch])
+                metrics.INSPECTION_ROWS.labels("spooled").inc(len(batch))
+            except SpoolFull as exc:
+                metrics.INSPECTION_ROWS.labels("refused").inc(len(batch))
+                error = NotReady(f"inspection log spool is full ({exc}); the database is unreachable "
+                                 f"({self.last_db_error or 'see the server log'}); the decision was not "
+                                 "made durable, so it is refused")
+            except OSError as exc:
+                metrics.INSPECTION_ROWS.labels("refused").inc(len(batch))
+                error = NotReady(f"inspection log spool write failed: {exc}")
+            self._loop.call_soon_threadsafe(self._settle, [f for _, f in batch], error)
+
+    def _settle(self, futures: list[asyncio.Future], error: Exception | None) -> None:
+        for future in futures:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+        self._wake.set()
+        self._gauge()
+
+    def _gauge(self) -> None:
+        fill = self.spool.pending_bytes / self.spool.max_bytes
+        metrics.SPOOL_BYTES.set(self.spool.pending_bytes)
+        metrics.SPOOL_FILL.set(fill)
+        crossed = max((a for a in ALARMS if fill >= a), default=0.0)
+        if crossed > self._alarm:
+            log.error("inspection log spool is %.0f%% full (%d MB not yet in the database: %s); at 100%% "
+                      "requests are refused", 100 * fill, self.spool.pending_bytes >> 20,
+                      self.last_db_error or "the database is slow")
+        self._alarm = crossed
+
+    # -- the shipper -----------------------------------------------------------------------
+    async def _ship_loop(self) -> None:
         delay = 0.5
+        migrated = False
         while True:
             try:
-                await asyncio.to_thread(self._write, rows)
-                self.written += len(rows)
-                return
-            except Exception as exc:  # any DB/driver error: keep the rows, try again
-                log.error("inspection log: writing %d rows failed (%s); retrying in %.1fs",
-                          len(rows), exc, delay)
+                if not migrated:
+                    await asyncio.to_thread(upgrade, self.url)
+                    migrated = True
+                records, position = await asyncio.to_thread(self.spool.read, None, self.batch_size)
+                if records:
+                    await asyncio.to_thread(self._ship, [_from_json(r) for r in records])
+                    await asyncio.to_thread(self.spool.commit, position)
+                    self._gauge()
+                    if self.last_db_error:
+                        log.info("inspection log: database reachable again; catching up")
+                    self.last_db_error = ""
+                    delay = 0.5
+                    continue
+                if self._closing:
+                    return
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.flush_s)
+                except TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an outage (a rejection is handled inside _ship)
+                self.last_db_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                log.error("inspection log: database unavailable (%s); %d bytes wait in the spool; "
+                          "retrying in %.1fs", self.last_db_error, self.spool.pending_bytes, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _loop(self) -> None:
-        stop = False
-        while not stop:
-            batch = await collect(self.queue, self.batch_size, self.flush_s)
-            rows = [row for row in batch if row is not None]
-            stop = len(rows) < len(batch)  # `close` queued None: write what came before, then stop
-            if rows:
-                await self._flush(rows)
+    def _insert(self, rows: list[dict]) -> None:
+        """Insert rows in one transaction; a row already there (same record_id) is skipped."""
+        assert self.engine is not None
+        dialect = self.engine.dialect.name
+        with self.engine.begin() as conn:
+            if dialect in ("postgresql", "sqlite"):
+                module = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
+                stmt = module.insert(Inspection).on_conflict_do_nothing(index_elements=["record_id"])
+                conn.execute(stmt, rows)
+                return
+            ids = [r["record_id"] for r in rows]
+            query = select(Inspection.record_id).where(Inspection.record_id.in_(ids))
+            have = set(conn.execute(query).scalars())
+            fresh = [r for r in rows if r["record_id"] not in have]
+            if fresh:
+                conn.execute(insert(Inspection), fresh)
+
+    def _ship(self, rows: list[dict]) -> None:
+        """Insert a batch; when the database rejects it, row by row, setting rejected rows aside.
+
+        Raises:
+            Exception: an outage (nothing is checkpointed; the batch is retried later).
+        """
+        try:
+            self._insert(rows)
+            self.written += len(rows)
+            metrics.INSPECTION_ROWS.labels("shipped").inc(len(rows))
+            return
+        except Exception as exc:
+            if _is_outage(exc):
+                raise
+        for row in rows:
+            try:
+                self._insert([row])
+                self.written += 1
+                metrics.INSPECTION_ROWS.labels("shipped").inc()
+            except Exception as exc:
+                if _is_outage(exc):
+                    raise
+                self._dead_letter(row, exc)
+
+    def _dead_letter(self, row: dict, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:500]}"
+        entry = {"row": {**row, "created_at": row["created_at"].isoformat()}, "reason": reason,
+                 "at": datetime.now(UTC).isoformat()}
+        with self.dead_letter_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.dead_letters += 1
+        metrics.INSPECTION_ROWS.labels("dead_letter").inc()
+        log.error("inspection log: the database rejected the row of request_id=%r (%s); set aside in %s",
+                  row.get("request_id"), reason, self.dead_letter_path)
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Flush every row queued so far (up to `timeout`), then stop the writer."""
-        if self._task is not None:
-            self.queue.put_nowait(None)  # type: ignore[arg-type]  # the writer stops at it
+        """Stop spooling, give the shipper up to `timeout` to catch up, then stop it. Rows it
+        could not ship stay in the spool and are shipped at the next start."""
+        if self._writer is not None:
+            self._inbox.put(None)
+            await asyncio.to_thread(self._writer.join)
+        if self._shipper is not None:
+            self._closing = True
+            self._wake.set()
+            deadline = time.monotonic() + timeout
             try:
-                await asyncio.wait_for(self._task, timeout)
+                await asyncio.wait_for(asyncio.shield(self._shipper), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                log.error("inspection log: %d rows could not be written before shutdown",
-                          self.queue.qsize())
+                self._shipper.cancel()
+                await asyncio.gather(self._shipper, return_exceptions=True)
+                log.error("inspection log: %d bytes of decisions are still in the spool %s (database: %s); "
+                          "they will be shipped at the next start", self.spool.pending_bytes,
+                          self.spool.folder, self.last_db_error or "slow")
         if self.engine is not None:
             self.engine.dispose()
-        log.info("inspection log: %d rows written", self.written)
+        self.spool.close()
+        log.info("inspection log: %d rows written, %d set aside", self.written, self.dead_letters)
 
 
 def _naive_utc(t: datetime | None) -> datetime | None:
     return t.astimezone(UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+
+
+def _csv_safe(value: object) -> object:
+    """Neutralise text a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def export_csv(url: str, out: Path, since: datetime | None = None, until: datetime | None = None) -> int:
@@ -183,8 +411,8 @@ def export_csv(url: str, out: Path, since: datetime | None = None, until: dateti
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
             for row in conn.execute(query):
-                values = list(row)
-                values[-1] = values[-1].isoformat()
+                values = [_csv_safe(v) for v in row]
+                values[-1] = row[-1].isoformat()
                 writer.writerow(values)
                 n += 1
     finally:

@@ -1,13 +1,17 @@
 """Logging set-up shared by the server, the gateway and the CLIs.
 
 Structured fields go in `extra={...}` (e.g. `request_id`, `model`); the text format
-appends them as `key=value`, the JSON format emits one object per line.
+appends them as `key=value`, the JSON format emits one object per line. The text format
+escapes control and other non-printable characters in the message and the fields (a
+newline becomes a backslash and `n`), so nothing a client sends can forge a log line; tracebacks keep
+their lines.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -16,16 +20,35 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """Control and bidirectional-override characters written as escapes (backslash n, x1b …)."""
+    def one(m: re.Match[str]) -> str:
+        c = m.group()
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return _UNPRINTABLE.sub(one, text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger message key=value …`."""
+    """`time level logger message key=value …`, one line per record (plus a traceback)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: D102, N802
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:  # noqa: D102
         line = super().format(record)
         extras = _extras(record)
-        return line + "".join(f" {k}={v}" for k, v in extras.items()) if extras else line
+        if not extras:
+            return line
+        head, sep, trace = line.partition("\n")  # the traceback, if any, stays below
+        return head + "".join(f" {k}={escape(str(v))}" for k, v in extras.items()) + sep + trace
 
 
 class JsonFormatter(logging.Formatter):

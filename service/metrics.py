@@ -23,3 +23,13 @@ SERVED_VERSION = Gauge("anomaly_served_version", "Version a watched alias curren
 LOAD_FAILURES = Counter("anomaly_model_load_failures_total",
                         "Failed attempts to load a model version", ["name", "alias"])
 SWAPS = Counter("anomaly_model_swaps_total", "Alias moves followed", ["name", "alias"])
+NONFINITE = Counter("anomaly_nonfinite_outputs_total",
+                    "Requests refused because the model produced a NaN/inf score or map",
+                    ["name", "version"])
+ADMISSION_REFUSALS = Counter("anomaly_admission_refusals_total",
+                             "Requests refused before decoding, by reason", ["reason"])
+DECODE_MEMORY = Gauge("anomaly_decode_memory_bytes", "Estimated bytes reserved by images being decoded")
+SPOOL_BYTES = Gauge("anomaly_inspection_spool_bytes", "Decisions in the local spool not yet in the database")
+SPOOL_FILL = Gauge("anomaly_inspection_spool_fill_ratio", "Spool bytes ÷ its bound")
+INSPECTION_ROWS = Counter("anomaly_inspection_rows_total", "Inspection-log rows by outcome",
+                          ["outcome"])  # spooled | shipped | dead_letter | refused

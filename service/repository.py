@@ -1,14 +1,26 @@
-"""Model repository: resolve `name@alias` / `name/version` in the MLflow registry,
-download the artifact, load it into an ONNX Runtime session, warm it up, and keep it.
+"""Model repository: resolve `name@alias` / `name/version` in the MLflow registry, download
+the artifact into the content-addressed cache, check it in an isolated process, load it
+into an ONNX Runtime session, warm it up, validate it, and keep it.
 
-Nothing here is unpickled: the artifact is read as ONNX + YAML (MLmodel) + JSON.
+Failures are remembered so that nothing is retried in a loop:
+
+- an unknown model, alias or version is remembered as unknown for `negative_cache_s`;
+- a version that failed to load (bad YAML, garbage ONNX, non-finite outputs, a crash in
+  the isolated check) is remembered with its content digest and not loaded again for
+  `failed_retry_s`; after that it is checked again only if its artifact changed;
+- a registry or download outage (`NotReady`, UNAVAILABLE) is not remembered: the watcher
+  retries it with backoff.
+
+All of this runs on the loader threads (`DataPlane.loader`), never on the inference
+threads. Loads of different versions do not wait for each other's downloads; only the
+in-process ONNX Runtime build is serialised (memory). Nothing here is unpickled: the
+artifact is read as ONNX + YAML (MLmodel) + JSON.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -16,15 +28,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml
-
 from service import metrics
+from service.artifact import ArtifactCache, read_model_dir, reference_inputs
 from service.engine import OnnxModel
-from service.errors import ModelLoadError, ModelNotFound, NotReady, ServiceError
-from service.metadata import METADATA_FILE, ModelMetadata
+from service.errors import ModelLoadError, ModelNotFound, NotReady
+from service.metadata import ModelMetadata
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+AD_HOC = "(ad hoc)"  # metric label of loads not made for a watched alias
+
+__all__ = ["LoadedModel", "ModelRepository", "ModelSpec", "load_model_dir", "read_model_dir"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,7 @@ class LoadedModel:
     version: str
     model: OnnxModel
     source_uri: str
+    digest: str = ""
     aliases: set[str] = field(default_factory=set)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -56,36 +71,22 @@ class LoadedModel:
         return self.model.metadata
 
 
-def read_model_dir(local_dir: Path) -> tuple[Path, ModelMetadata]:
-    """Find the ONNX file (from MLmodel's onnx flavor) and the metadata in a model folder.
+@dataclass
+class Failure:
+    """A version that failed to load for a reason its content decides."""
 
-    Raises:
-        ModelLoadError: when the folder is not an MLflow ONNX model with our metadata.
-    """
-    mlmodel = local_dir / "MLmodel"
-    if not mlmodel.is_file():
-        raise ModelLoadError(f"{local_dir} has no MLmodel file")
-    spec = yaml.safe_load(mlmodel.read_text()) or {}
-    onnx_conf = (spec.get("flavors") or {}).get("onnx")
-    if not onnx_conf:
-        raise ModelLoadError("artifact is not an MLflow ONNX model (no onnx flavor)")
-    onnx_path = local_dir / onnx_conf.get("data", "model.onnx")
-    for candidate in (local_dir / METADATA_FILE, local_dir / "extra_files" / METADATA_FILE):
-        if candidate.is_file():
-            try:
-                return onnx_path, ModelMetadata.load(candidate)
-            except ValueError as exc:
-                raise ModelLoadError(f"invalid {METADATA_FILE}: {exc}") from exc
-    raise ModelLoadError(f"artifact has no {METADATA_FILE}")
+    message: str
+    digest: str
+    at: float = field(default_factory=time.monotonic)
 
 
 def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
-    """Load, warm up and validate the model stored in an MLflow model folder."""
+    """Load, warm up and validate (with its reference images) the model in a folder."""
     onnx_path, metadata = read_model_dir(local_dir)
     model = OnnxModel(onnx_path, metadata, providers=settings.providers,
                       intra_op_threads=settings.intra_op_threads,
                       provider_options=provider_options(settings), spinning=settings.ort_spinning)
-    model.validate()
+    model.validate(reference_inputs(local_dir, model.prepare))
     return model
 
 
@@ -103,8 +104,6 @@ class ModelRepository:
     """Thread-safe cache of loaded versions with alias resolution against MLflow."""
 
     def __init__(self, settings: Settings) -> None:
-        import os
-
         from mlflow import MlflowClient
 
         # MLflow's REST client retries a refused connection 7 times with exponential backoff
@@ -115,27 +114,44 @@ class ModelRepository:
         self.settings = settings
         self.client = MlflowClient(tracking_uri=settings.tracking_uri,
                                    registry_uri=settings.tracking_uri)
+        self.cache = ArtifactCache(Path(settings.cache_dir))
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
+        self._unknown: dict[ModelSpec, tuple[str, float]] = {}  # spec → (message, until)
+        self._failed: dict[tuple[str, str], Failure] = {}
         # Watched aliases: what each serves now, and the last failed attempt to move it.
         self._current: dict[tuple[str, str], LoadedModel] = {}
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}
-        self._lru_lock = threading.Lock()  # brief: LRU bookkeeping
-        self._load_lock = threading.Lock()  # long: one download/load at a time
+        self._lru_lock = threading.Lock()  # brief: bookkeeping
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._build_lock = threading.Lock()  # one in-process ONNX Runtime build at a time
 
-    def _resolve(self, spec: ModelSpec) -> str:
+    # -- the registry -------------------------------------------------------------------
+    def _registry_call(self, spec: ModelSpec, fn, *args):  # type: ignore[no-untyped-def]
         from mlflow.exceptions import MlflowException
 
         try:
-            if spec.version:
-                return str(self.client.get_model_version(spec.name, str(spec.version)).version)
-            return str(self.client.get_model_version_by_alias(spec.name, spec.alias).version)
+            return fn(*args)
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                raise ModelNotFound(f"model {spec} not found in the registry") from exc
+                message = f"model {spec} not found in the registry"
+                self._unknown[spec] = (message, time.monotonic() + self.settings.negative_cache_s)
+                raise ModelNotFound(message) from exc
             raise NotReady(f"registry error resolving {spec}: {exc.message}") from exc
         except Exception as exc:  # connection errors of any HTTP/DB client
             raise NotReady(f"registry unreachable resolving {spec}: {exc}") from exc
+
+    def _model_version(self, spec: ModelSpec):  # type: ignore[no-untyped-def]
+        """The registry's `ModelVersion` for `spec` (negatively cached when unknown)."""
+        unknown = self._unknown.get(spec)
+        if unknown is not None and time.monotonic() < unknown[1]:
+            raise ModelNotFound(unknown[0])
+        if spec.version:
+            return self._registry_call(spec, self.client.get_model_version, spec.name, str(spec.version))
+        return self._registry_call(spec, self.client.get_model_version_by_alias, spec.name, spec.alias)
+
+    def _resolve(self, spec: ModelSpec) -> str:
+        return str(self._model_version(spec).version)
 
     def resolve(self, spec: ModelSpec) -> str:
         """The version number `spec` names; ad-hoc alias lookups are cached `alias_refresh_s`."""
@@ -151,30 +167,34 @@ class ModelRepository:
         self._aliases[key] = (version, time.monotonic())
         return version
 
-    def _download(self, name: str, version: str) -> tuple[Path, str]:
+    def _fetch(self, name: str, version: str) -> tuple[Path, str]:
+        """The version's folder in the local cache (downloaded if needed) and its digest.
+
+        Raises:
+            NotReady: the registry or the artifact store cannot be reached (transient).
+            ModelLoadError: the artifact cannot be a model (no MLmodel, symbolic links).
+        """
         import mlflow.artifacts
 
-        uri = f"models:/{name}/{version}"
-        dest = Path(self.settings.cache_dir) / name / version
-        if not (dest / "MLmodel").is_file():
+        spec = ModelSpec(name, version=int(version))
+        mv = self._model_version(spec)
+        identity = {"run_id": str(mv.run_id or ""), "source": str(mv.source or ""),
+                    "created": str(mv.creation_timestamp or "")}
+        hit = self.cache.lookup(name, version, identity)
+        if hit is not None:
+            return hit
+
+        def download(dest: Path) -> Path:
             try:
                 source = self.client.get_model_version_download_uri(name, version)
-                staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent.mkdir(
-                    parents=True, exist_ok=True) or dest.parent))
-                local = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=str(staging),
-                    tracking_uri=self.settings.tracking_uri))
-                if not (local / "MLmodel").is_file():
-                    raise ModelLoadError(f"{source} holds no MLmodel file")
-                shutil.rmtree(dest, ignore_errors=True)
-                local.rename(dest)  # atomic: a half-downloaded version is never used
-                shutil.rmtree(staging, ignore_errors=True)
-            except ModelLoadError:
-                raise
+                return Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(dest), tracking_uri=self.settings.tracking_uri))
             except Exception as exc:
-                raise ModelLoadError(f"could not download {uri}: {exc}") from exc
-        return dest, uri
+                raise NotReady(f"could not download models:/{name}/{version}: {exc}") from exc
 
+        return self.cache.store(name, version, identity, download)
+
+    # -- loading --------------------------------------------------------------------------
     def _cached(self, key: tuple[str, str]) -> LoadedModel | None:
         with self._lru_lock:
             loaded = self._loaded.get(key)
@@ -182,31 +202,66 @@ class ModelRepository:
                 self._loaded.move_to_end(key)
             return loaded
 
-    def load(self, name: str, version: str) -> LoadedModel:
-        """Return the loaded version, downloading and loading it on first use.
+    def _key_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._lru_lock:
+            return self._key_locks.setdefault(key, threading.Lock())
 
-        Loads are serialised, but requests for versions already loaded never wait for one.
+    def failure(self, name: str, version: str) -> Failure | None:
+        """The remembered load failure of a version, while it is still trusted."""
+        failure = self._failed.get((name, version))
+        if failure is not None and time.monotonic() - failure.at < self.settings.failed_retry_s:
+            return failure
+        return None
+
+    def load(self, name: str, version: str) -> LoadedModel:
+        """Return the loaded version, downloading, checking and loading it on first use.
+
+        Raises:
+            NotReady: registry or artifact store unreachable (retry later).
+            ModelNotFound: no such version.
+            ModelLoadError: the version is broken (remembered; see the module docstring).
         """
         key = (name, version)
         loaded = self._cached(key)
         if loaded is not None:
             return loaded
-        with self._load_lock:
+        failed = self.failure(name, version)
+        if failed is not None:
+            raise ModelLoadError(failed.message)
+        with self._key_lock(key):
             loaded = self._cached(key)
             if loaded is not None:
                 return loaded
             t0 = time.perf_counter()
-            local, uri = self._download(name, version)
-            loaded = LoadedModel(name, version, load_model_dir(local, self.settings), uri)
+            local, digest = self._fetch(name, version)
+            previous = self._failed.get(key)
+            if previous is not None and previous.digest == digest:  # checked again: unchanged
+                previous.at = time.monotonic()
+                raise ModelLoadError(previous.message)
+            try:
+                if self.settings.load_isolation:
+                    from service.probe import probe_in_child
+
+                    probe_in_child(local, memory_mb=self.settings.load_probe_memory_mb,
+                                   timeout_s=self.settings.load_probe_timeout_s)
+                with self._build_lock:
+                    model = load_model_dir(local, self.settings)
+            except ModelLoadError as exc:
+                self._failed[key] = Failure(f"version {version}: {exc.message}", digest)
+                raise ModelLoadError(self._failed[key].message) from exc
+            except Exception as exc:  # anything else the load can throw is the version's fault too
+                self._failed[key] = Failure(f"version {version}: {type(exc).__name__}: {exc}", digest)
+                raise ModelLoadError(self._failed[key].message) from exc
+            self._failed.pop(key, None)
+            loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest)
             with self._lru_lock:
                 self._loaded[key] = loaded
                 self._evict()
             md = loaded.metadata
             metrics.MODEL_INFO.labels(name, version, md.architecture, md.variant,
                                       loaded.model.provider).set(1)
-            log.info("loaded %s/%s (%s, %s) in %.2fs on %s", name, version,
-                     loaded.metadata.architecture, loaded.metadata.variant,
-                     time.perf_counter() - t0, loaded.model.provider)
+            log.info("loaded %s/%s (%s, %s, sha256 %s) in %.2fs on %s", name, version, md.architecture,
+                     md.variant, digest[:12], time.perf_counter() - t0, loaded.model.provider)
             return loaded
 
     def _evict(self) -> None:
@@ -222,36 +277,53 @@ class ModelRepository:
                                           old.model.provider)
                 log.info("unloaded %s/%s (LRU)", *key)
 
+    # -- watched aliases ------------------------------------------------------------------
+    def watched(self, name: str, alias: str) -> bool:
+        """Whether the server follows `name@alias`."""
+        return (name, alias) in self.settings.watched()
+
     def current(self, name: str, alias: str) -> LoadedModel | None:
         """What a watched alias serves now (no registry call), or None if not watched/loaded."""
         return self._current.get((name, alias))
 
     def refresh(self, name: str, alias: str) -> LoadedModel | None:
-        """Re-resolve a watched alias; if it moved, load, warm up and validate the new version
+        """Re-resolve a watched alias; if it moved, load, check and validate the new version
         and only then swap it in. A failure leaves the serving version in place and is
-        recorded in `errors`.
+        recorded in `errors` (and counted, and logged at ERROR).
 
         Returns:
             The newly swapped-in version, or None when nothing changed or the load failed.
 
         Raises:
-            NotReady: the registry cannot be reached (keep serving, retry later).
+            NotReady: the registry or artifact store cannot be reached (keep serving, retry
+                later with backoff); recorded in `errors` too.
         """
         key = (name, alias)
+        serving = self._current.get(key)
+        still = f"still serving {serving.version if serving else 'nothing'}"
         try:
             version = self._resolve(ModelSpec(name, alias))
         except ModelNotFound as exc:
-            self._record_failure(key, "", exc.message, f"watched alias {name}@{alias}")
+            self.record_failure(key, "", exc.message, f"watched alias {name}@{alias}; {still}")
             return None
-        serving = self._current.get(key)
+        except NotReady as exc:
+            self.record_failure(key, "", exc.message, f"watched alias {name}@{alias}; {still}")
+            raise
         if serving is not None and serving.version == version:
+            self.errors.pop(key, None)
             return None
+        failed = self.failure(name, version)
+        if failed is not None:  # already refused: keep saying why, do not load it again
+            self.errors[key] = (version, failed.message)
+            return None
+        context = f"alias {name}@{alias} moved to version {version}, which failed to load; {still}"
         try:
             loaded = self.load(name, version)
-        except ServiceError as exc:
-            self._record_failure(key, version, exc.message,
-                                 f"alias {name}@{alias} moved to version {version}, which failed to "
-                                 f"load; still serving {serving.version if serving else 'nothing'}")
+        except NotReady as exc:
+            self.record_failure(key, version, exc.message, context)
+            raise
+        except Exception as exc:  # ModelLoadError, ModelNotFound, or anything unforeseen
+            self.record_failure(key, version, getattr(exc, "message", None) or repr(exc), context)
             return None
         loaded.aliases.add(alias)
         self._current[key] = loaded  # the swap: one reference assignment
@@ -264,11 +336,29 @@ class ModelRepository:
                  serving.version if serving else "none")
         return loaded
 
-    def _record_failure(self, key: tuple[str, str], version: str, message: str, context: str) -> None:
-        """Remember (for GetModel), count and log a failed move of a watched alias."""
+    def record_failure(self, key: tuple[str, str], version: str, message: str, context: str) -> None:
+        """Remember (for GetModel), count and log at ERROR a failed move of a watched alias."""
         self.errors[key] = (version, message)
         metrics.LOAD_FAILURES.labels(*key).inc()
         log.error("%s: %s", context, message)
+
+    def not_serving_reason(self, name: str, alias: str) -> str:
+        """Why a watched alias serves nothing (for the UNAVAILABLE answer)."""
+        version, message = self.errors.get((name, alias), ("", "not loaded yet"))
+        return f"version {version}: {message}" if version and not message.startswith("version") else message
+
+    # -- requests ---------------------------------------------------------------------------
+    def cached_model(self, spec: ModelSpec) -> LoadedModel | None:
+        """What `spec` names if it can be answered from memory (no registry call), else None."""
+        if spec.version:
+            return self._cached((spec.name, str(spec.version)))
+        current = self._current.get((spec.name, spec.alias))
+        if current is not None:
+            return current
+        alias = self._aliases.get((spec.name, spec.alias))
+        if alias and time.monotonic() - alias[1] < self.settings.alias_refresh_s:
+            return self._cached((spec.name, alias[0]))
+        return None
 
     def get(self, spec: ModelSpec) -> LoadedModel:
         """Resolve and load what `spec` names (watched aliases answer from memory)."""
@@ -277,7 +367,12 @@ class ModelRepository:
             if current is not None:
                 return current
         version = self.resolve(spec)
-        loaded = self.load(spec.name, version)
+        try:
+            loaded = self.load(spec.name, version)
+        except ModelLoadError as exc:
+            metrics.LOAD_FAILURES.labels(spec.name, spec.alias or AD_HOC).inc()
+            log.error("request for %s: %s", spec, exc.message)
+            raise
         if spec.alias and not spec.version:
             loaded.aliases.add(spec.alias)
         return loaded

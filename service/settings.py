@@ -7,6 +7,7 @@ for the registry. The README lists them all.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -61,13 +62,32 @@ class Settings(BaseSettings):
                                               "CPU core this process may use, container limit included)")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
-    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest encoded image accepted")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width × height)")
+    max_concurrent_rpcs: int = Field(16, ge=1, description="Score/ScoreStream calls open at once (health "
+                                                           "and reflection not counted); more get "
+                                                           "RESOURCE_EXHAUSTED")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image (or raw pixel "
+                                                                    "buffer) accepted")
+    max_image_pixels: int = Field(24_000_000, ge=1, description="largest decoded image (width × height)")
+    decode_memory_mb: int = Field(256, ge=1, description="memory images being decoded may take at once "
+                                                         "(estimated from each header); beyond it a "
+                                                         "request waits, then gets RESOURCE_EXHAUSTED")
+    decode_wait_s: float = Field(2.0, ge=0, description="longest wait for decode memory before "
+                                                        "RESOURCE_EXHAUSTED")
+    http_body_memory_mb: int = Field(128, ge=1, description="gateway: memory request bodies (and their "
+                                                            "copies) may take at once")
     models: list[str] = Field(default_factory=list,
                               description='extra "name@alias" entries served and followed (JSON list)')
     poll_interval_s: float = Field(10.0, gt=0, description="how often watched aliases are re-resolved")
     alias_refresh_s: float = Field(30.0, ge=0,
                                    description="how long an ad-hoc (unwatched) alias lookup is trusted")
+    negative_cache_s: float = Field(5.0, ge=0, description="how long an unknown model, alias or version "
+                                                           "is remembered as unknown")
+    failed_retry_s: float = Field(600.0, ge=0, description="how long a version that failed to load is "
+                                                           "not tried again (unless its alias moves)")
+    load_isolation: bool = Field(True, description="load and validate each new version in a child process "
+                                                   "first (memory limit, timeout)")
+    load_probe_memory_mb: int = Field(2048, ge=64, description="address-space limit of that child process")
+    load_probe_timeout_s: float = Field(120.0, gt=0, description="time limit of that child process")
     max_batch_size: int = Field(0, ge=0, description="dynamic batching: largest batch (1 = off; 0 = "
                                                      "off on CPU-only providers, 8 with a GPU provider)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: wait for more requests")
@@ -81,6 +101,7 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(4, ge=1, description="versions kept loaded at once (LRU)")
     request_timeout_s: float = Field(10.0, gt=0, description="gateway deadline for a gRPC call")
     grace_s: float = Field(5.0, ge=0, description="graceful-shutdown drain time")
+    reflection: bool = Field(True, description="serve gRPC server reflection")
     log_level: str = Field("INFO", description="logging level")
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="API keys the gRPC server accepts (JSON list; empty = no auth)")
@@ -97,6 +118,14 @@ class Settings(BaseSettings):
     inspection_log: bool = Field(False, description="record every decision in the inspection log")
     inspection_db_url: str = Field("sqlite:///inspections.db",
                                    description="inspection-log database (any SQLAlchemy URL)")
+    inspection_spool_dir: Path | None = Field(
+        None, description="local durable spool of decisions not yet in the database (default: beside a "
+                          "SQLite database, else ~/.local/share/edge-anomaly/spool-<hash of the URL>)")
+    inspection_spool_max_mb: int = Field(1024, ge=1, description="spool bound; when full, requests are "
+                                                                 "refused (UNAVAILABLE), never unrecorded")
+    inspection_durability: str = Field("sync", pattern="^(sync|async)$",
+                                       description="sync: a decision is fsync'd to the spool before its "
+                                                   "response leaves; async: fsync'd just after")
 
     @field_validator("models")
     @classmethod
@@ -106,6 +135,37 @@ class Settings(BaseSettings):
             if not (sep and name and alias):
                 raise ValueError(f"models entry {entry!r} is not of the form name@alias")
         return value
+
+    @model_validator(mode="after")
+    def _consistent_tls(self) -> Settings:
+        """Refuse TLS settings that cannot mean what they say (e.g. a client CA without a server
+        certificate would silently serve plaintext)."""
+        pairs = (("ANOMALY_TLS_CERT_FILE", self.tls_cert_file, "ANOMALY_TLS_KEY_FILE", self.tls_key_file),
+                 ("ANOMALY_GRPC_CLIENT_CERT_FILE", self.grpc_client_cert_file,
+                  "ANOMALY_GRPC_CLIENT_KEY_FILE", self.grpc_client_key_file),
+                 ("ANOMALY_HTTPS_CERT_FILE", self.https_cert_file,
+                  "ANOMALY_HTTPS_KEY_FILE", self.https_key_file))
+        for a, va, b, vb in pairs:
+            if bool(va) != bool(vb):
+                have, missing = (a, b) if va else (b, a)
+                raise ValueError(f"{have} is set but {missing} is not: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("ANOMALY_TLS_CLIENT_CA_FILE (mutual TLS) needs ANOMALY_TLS_CERT_FILE and "
+                             "ANOMALY_TLS_KEY_FILE: without a server certificate the server would serve "
+                             "plaintext")
+        return self
+
+    def spool_dir(self) -> Path:
+        """Where the inspection log spools decisions (see `inspection_spool_dir`)."""
+        if self.inspection_spool_dir is not None:
+            return Path(self.inspection_spool_dir)
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.inspection_db_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            return Path(f"{url.database}.spool")
+        digest = hashlib.sha1(self.inspection_db_url.encode()).hexdigest()[:10]
+        return Path.home() / ".local" / "share" / "edge-anomaly" / f"spool-{digest}"
 
     @model_validator(mode="after")
     def _resolve_auto(self) -> Settings:

@@ -6,6 +6,11 @@ restart and no failed request: the new version is loaded, warmed up and validate
 the background and swapped in with one reference assignment; requests already holding
 the old version finish on it. If the registry cannot be reached, the server keeps
 serving what it has and retries with exponential backoff.
+
+The watcher never dies: every failure to resolve, download, parse, load or validate a
+version is caught per alias (in `ModelRepository.refresh`, and again here for anything
+unforeseen), logged at ERROR, counted, and shown in `GetModel.last_error`; the loop goes
+on, so a later move to a good version takes effect within a poll interval plus its load.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class ModelWatcher:
             except NotReady as exc:
                 log.warning("registry unreachable while refreshing %s@%s: %s", name, alias, exc.message)
                 ok = False
+            except Exception as exc:  # never let one alias (or a bug) stop the others or the loop
+                log.exception("watcher: refreshing %s@%s failed unexpectedly", name, alias)
+                self.repository.record_failure((name, alias), "", f"unexpected error: {exc!r}",
+                                               f"watched alias {name}@{alias}")
         return ok
 
     async def _loop(self) -> None:
@@ -55,7 +64,11 @@ class ModelWatcher:
                 break
             except TimeoutError:
                 pass
-            ok = await self.refresh_all()
+            try:
+                ok = await self.refresh_all()
+            except Exception:  # e.g. the loader pool shut down under us
+                log.exception("watcher: a refresh pass failed; trying again")
+                ok = False
             delay = self.settings.poll_interval_s if ok else min(max(delay, 1.0) * 2, MAX_BACKOFF_S)
 
     def start(self) -> None:
@@ -66,4 +79,7 @@ class ModelWatcher:
         """Stop polling."""
         self._stop.set()
         if self._task is not None:
-            await self._task
+            try:  # a pass in the middle of a long load is abandoned, not awaited
+                await asyncio.wait_for(self._task, 2.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass

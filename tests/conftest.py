@@ -202,3 +202,24 @@ def register_mutated(store: Store, client, mutate, tmp_path: Path) -> str:
             mlflow.log_artifacts(str(folder), "model")
     return str(client.create_model_version(store.model_name, f"runs:/{run.info.run_id}/model",
                                            run_id=run.info.run_id).version)
+
+
+def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, ...] = ()) -> str:
+    """Register a tiny model (`loadtests.faults.tiny_onnx`, misbehaving as `fault` says) as a
+    new version of `store`'s model, with the test categories; returns its version."""
+    import uuid
+
+    from loadtests.faults import tiny_onnx
+    from registry.mlflow_registry import log_and_register
+    from service.metadata import ModelMetadata, ScoreStats
+
+    stats = ScoreStats(threshold=0.5, min=0.0, max=1.0)
+    metadata = ModelMetadata(architecture="tiny", variant=fault.replace("_", "-"), input_height=TEST_INPUT,
+                             input_width=TEST_INPUT, categories=list(TEST_CATEGORIES),
+                             image_stats={"": stats, **{c: stats for c in TEST_CATEGORIES}})
+    folder = tmp_path / f"tiny-{fault}-{uuid.uuid4().hex[:6]}"
+    path = tiny_onnx(folder / "model.onnx", (TEST_INPUT, TEST_INPUT), fault)
+    with tracking_uri(store.tracking_uri):
+        return log_and_register(path, metadata, params={"fault": fault}, metrics={},
+                                model_name=store.model_name, aliases=aliases,
+                                artifact_root=store.home / "artifacts").version

@@ -23,7 +23,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from PIL import Image
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
-LIMIT = 32 * 1024 * 1024  # the server's default ANOMALY_MAX_IMAGE_BYTES
+LIMIT = 8 * 1024 * 1024  # the server's default ANOMALY_MAX_IMAGE_BYTES
 PNG = "image/png"
 
 
@@ -39,7 +39,7 @@ def _photo() -> Image.Image:
 
 
 def _bomb() -> bytes:
-    """A 12 KB PNG whose header says 10000 × 10000 pixels (100 M > the 40 M limit)."""
+    """A 12 KB PNG whose header says 10000 × 10000 pixels (100 M > the 24 M limit)."""
     return _encode(Image.new("1", (10_000, 10_000)), "PNG", optimize=True)
 
 
@@ -94,14 +94,14 @@ CASES = [
     Case("truncated JPEG", lambda: pb.ScoreRequest(encoded=_TRUNCATED_JPEG), "INVALID_ARGUMENT",
          _body(_TRUNCATED_JPEG, "image/jpeg"), 400, "corrupt or truncated"),
     Case("over the byte limit", lambda: pb.ScoreRequest(encoded=b"\x89PNG" + b"\0" * LIMIT),
-         "INVALID_ARGUMENT", _body(b"\x89PNG" + b"\0" * LIMIT), 413, "limit is 33554432"),
+         "INVALID_ARGUMENT", _body(b"\x89PNG" + b"\0" * LIMIT), 413, "limit is 8388608"),
     Case("oversize gRPC message", lambda: pb.ScoreRequest(encoded=b"\0" * (LIMIT + 128 * 1024)),
          "RESOURCE_EXHAUSTED", None, 0, "larger than max"),
     Case("decompression bomb (pixel limit)", lambda: pb.ScoreRequest(encoded=_bomb()), "INVALID_ARGUMENT",
-         lambda: _body(_bomb())(), 400, "100000000 pixels; the limit is 40000000"),
+         lambda: _body(_bomb())(), 400, "100000000 pixels; the limit is 24000000"),
     Case("zero dimensions (raw)", lambda: _raw(0, 64), "INVALID_ARGUMENT", None, 0, "zero size"),
     Case("huge dimensions (raw)", lambda: _raw(100_000, 100_000), "INVALID_ARGUMENT", None, 0,
-         "limit is 40000000 pixels"),
+         "limit is 24000000 pixels"),
     Case("raw byte length mismatch", lambda: _raw(4, 4, data=b"\0" * 10), "INVALID_ARGUMENT", None, 0,
          "byte length"),
     Case("raw channel count", lambda: _raw(4, 4, channels=2), "INVALID_ARGUMENT", None, 0, "2 channels"),
@@ -125,6 +125,22 @@ CASES = [
     Case("alias and version both", lambda: pb.ScoreRequest(encoded=b"x", alias="champion", version=1),
          "INVALID_ARGUMENT", _body(b"x", alias="champion", version="1"), 400, "not both"),
     Case("version not a number", None, "", _body(b"x", version="abc"), 400, "version"),
+    Case("version out of range", None, "", _body(_GOOD, version="-1"), 400, "between 0 and 4294967295"),
+    Case("request id too long", lambda: pb.ScoreRequest(encoded=_GOOD, request_id="x" * 129),
+         "INVALID_ARGUMENT", _body(_GOOD, request_id="x" * 129), 400, "request_id is 129 characters long"),
+    Case("control character in request id", lambda: pb.ScoreRequest(encoded=_GOOD, request_id="SN-1\nFAKE"),
+         "INVALID_ARGUMENT", _body(_GOOD, request_id="SN-1\nFAKE"), 400,
+         "request_id contains the non-printable character U\\+000A"),
+    Case("station too long", lambda: pb.ScoreRequest(encoded=_GOOD, station="s" * 200),
+         "INVALID_ARGUMENT", _body(_GOOD, station="s" * 200), 400, "station is 200 characters long"),
+    Case("control character in station", lambda: pb.ScoreRequest(encoded=_GOOD, station="line\x1b[31m"),
+         "INVALID_ARGUMENT", _body(_GOOD, station="line\x1b[31m"), 400, "station contains the non-printable"),
+    Case("multipart with two files", None, "",
+         lambda: {"files": [("image", ("a.png", _GOOD, PNG)), ("image", ("b.png", _GOOD, PNG))]},
+         400, "Too many files"),
+    Case("multipart with too many fields", None, "",
+         lambda: {"files": {"image": ("a.png", _GOOD, PNG)}, "data": {f"f{i}": "x" for i in range(40)}},
+         400, "Too many fields"),
     Case("wrong content type", None, "", lambda: {"content": b"x", "headers": {"content-type": "text/plain"}},
          415, "content type 'text/plain'"),
     Case("malformed JSON (not a JSON API)", None, "",

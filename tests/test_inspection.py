@@ -65,7 +65,8 @@ def test_sqlite_log_alembic_and_export(store, good_and_defect, tmp_path: Path) -
     assert {r["decision"] for r in rows} == {"OK", "NG"}
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
 
     out = tmp_path / "all.csv"
@@ -92,10 +93,11 @@ def test_close_flushes_everything_queued(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'burst.db'}"
 
     async def main() -> InspectionLog:
-        log = InspectionLog(url, batch_size=64, flush_s=5.0)
+        log = InspectionLog(url, tmp_path / "spool", batch_size=64, flush_s=5.0)
         await log.start()
-        for i in range(1000):
-            log.record(Decided(f"r{i}", "s", "brick", "m", "1", float(i), 0.5, 10.0, i % 2 == 0, 1.0))
+        for start in range(0, 1000, 100):  # concurrent requests: group-committed to the spool
+            await asyncio.gather(*(log.record(Decided(f"r{i}", "s", "brick", "m", "1", float(i), 0.5, 10.0,
+                                                      i % 2 == 0, 1.0)) for i in range(start, start + 100)))
         await log.close()
         return log
 

@@ -1,0 +1,258 @@
+"""A local, durable, bounded spool: the inspection log's write-ahead queue.
+
+Records (bytes, one JSON object each) are appended to segment files `<n>.seg`, one line per
+record framed as `<crc32 hex> <record>` and a newline, and fsync'd before `append` returns (the file,
+and the folder when a segment is created). A checkpoint (`checkpoint.json`, replaced
+atomically) says up to where records have been shipped; fully shipped segments are
+deleted. On open, the spool is recovered: a torn record at the end of a segment (a crash
+mid-write) is cut off, and reading resumes from the checkpoint, so everything appended and
+not yet shipped is replayed.
+
+One process owns a spool folder at a time (an exclusive `flock` on `LOCK`). Appends come
+from one writer thread, reads and commits from one shipper; a lock guards the positions.
+The spool is bounded: an append that would hold more than `max_bytes` unshipped raises
+`SpoolFull` and writes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".seg"
+CHECKPOINT = "checkpoint.json"
+
+
+class SpoolFull(Exception):
+    """The spool holds `max_bytes` of unshipped records already."""
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A place in the spool: segment number and byte offset in it."""
+
+    segment: int
+    offset: int
+
+
+def _frame(record: bytes) -> bytes:
+    return b"%08x " % zlib.crc32(record) + record + b"\n"
+
+
+def _unframe(line: bytes) -> bytes | None:
+    """The record in a complete framed line, or None when the frame is damaged."""
+    if len(line) < 10 or line[8:9] != b" " or not line.endswith(b"\n"):
+        return None
+    record = line[9:-1]
+    try:
+        crc = int(line[:8], 16)
+    except ValueError:
+        return None
+    return record if zlib.crc32(record) == crc else None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """See the module docstring.
+
+    Args:
+        folder: the spool folder (created if needed).
+        max_bytes: most bytes of unshipped records held.
+        segment_bytes: size after which a new segment file is started.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int, segment_bytes: int = 4 << 20) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.pending_bytes = 0  # appended and not yet shipped
+        self._lock = threading.Lock()
+        self._lockfile = None
+        self._file = None
+        self._write = Position(0, 0)  # end of what has been appended (and fsync'd)
+        self._shipped = Position(0, 0)
+
+    def _segment(self, n: int) -> Path:
+        return self.folder / f"{n:012d}{SEGMENT_SUFFIX}"
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.folder.glob(f"*{SEGMENT_SUFFIX}") if p.stem.isdigit())
+
+    def open(self) -> None:
+        """Lock the folder, recover torn tails, find the checkpoint and the unshipped bytes.
+
+        Raises:
+            RuntimeError: another process holds this spool.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lockfile = (self.folder / "LOCK").open("a")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lockfile.close()
+            raise RuntimeError(f"inspection spool {self.folder} is in use by another process; give each "
+                               "server its own ANOMALY_INSPECTION_SPOOL_DIR") from exc
+        try:
+            data = json.loads((self.folder / CHECKPOINT).read_text())
+            self._shipped = Position(int(data["segment"]), int(data["offset"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            self._shipped = Position(0, 0)
+        segments = [n for n in self._segments() if n >= self._shipped.segment]
+        for n in self._segments():
+            if n < self._shipped.segment:  # shipped, left by a crash between commit and delete
+                self._segment(n).unlink(missing_ok=True)
+        if not segments:
+            segments = [max(self._shipped.segment, 0)]
+            self._segment(segments[0]).touch()
+            _fsync_dir(self.folder)
+        if self._shipped.segment < segments[0]:
+            self._shipped = Position(segments[0], 0)
+        last = segments[-1]
+        good = self._recover(self._segment(last))
+        self._write = Position(last, good)
+        self._file = self._segment(last).open("ab")
+        self.pending_bytes = sum(self._segment(n).stat().st_size for n in segments) - self._shipped.offset
+        if self.pending_bytes:
+            log.info("inspection spool %s: %d bytes not yet shipped; replaying", self.folder,
+                     self.pending_bytes)
+
+    @staticmethod
+    def _recover(path: Path) -> int:
+        """Cut a torn or damaged tail off `path`; returns the length of its good part."""
+        good = 0
+        with path.open("rb") as f:
+            for line in f:
+                if _unframe(line) is None:
+                    break
+                good += len(line)
+        size = path.stat().st_size
+        if good < size:
+            log.warning("inspection spool: cutting %d damaged bytes off the end of %s (a write torn by a "
+                        "crash; it was never acknowledged)", size - good, path.name)
+            with path.open("r+b") as f:
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+        return good
+
+    def append(self, records: list[bytes]) -> None:
+        """Append records and fsync them.
+
+        Raises:
+            SpoolFull: they do not fit in `max_bytes` (nothing is written).
+            OSError: the disk refused (nothing acknowledged).
+        """
+        assert self._file is not None, "open() the spool first"
+        data = b"".join(_frame(r) for r in records)
+        with self._lock:
+            if self.pending_bytes + len(data) > self.max_bytes:
+                raise SpoolFull(f"{self.pending_bytes} bytes of decisions not yet shipped "
+                                f"(limit {self.max_bytes})")
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        with self._lock:
+            self._write = Position(self._write.segment, self._write.offset + len(data))
+            self.pending_bytes += len(data)
+        if self._write.offset >= self.segment_bytes:
+            self._roll()
+
+    def _roll(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        nxt = self._write.segment + 1
+        self._file = self._segment(nxt).open("ab")
+        _fsync_dir(self.folder)
+        with self._lock:
+            self._write = Position(nxt, 0)
+
+    def read(self, start: Position | None, max_records: int) -> tuple[list[bytes], Position]:
+        """Up to `max_records` durable records after `start` (default: the checkpoint).
+
+        Returns:
+            The records and the position after the last one (pass it to `commit` once they
+            are shipped, or back to `read` to continue).
+        """
+        with self._lock:
+            pos = start or self._shipped
+            end = self._write
+        records: list[bytes] = []
+        while len(records) < max_records and pos < end:
+            limit = end.offset if pos.segment == end.segment else self._size(pos.segment)
+            offset = pos.offset
+            if offset < limit:
+                path = self._segment(pos.segment)
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    while len(records) < max_records and offset < limit:
+                        line = f.readline()
+                        record = _unframe(line)
+                        if record is None or offset + len(line) > limit:
+                            log.error("inspection spool: damaged record in %s at byte %d; skipping the "
+                                      "rest of that segment", path.name, offset)
+                            offset = limit
+                            break
+                        records.append(record)
+                        offset += len(line)
+            if offset >= limit and pos.segment < end.segment:
+                pos = Position(pos.segment + 1, 0)
+            else:
+                pos = Position(pos.segment, offset)
+        return records, pos
+
+    def commit(self, position: Position) -> None:
+        """Everything before `position` is shipped: checkpoint it, delete finished segments."""
+        with self._lock:
+            if position <= self._shipped:
+                return
+            shipped = self._bytes_between(self._shipped, position)
+            old = self._shipped
+            self._shipped = position
+            self.pending_bytes -= shipped
+        tmp = self.folder / f".{CHECKPOINT}.tmp"
+        with tmp.open("w") as f:
+            json.dump({"segment": position.segment, "offset": position.offset}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / CHECKPOINT)
+        _fsync_dir(self.folder)
+        for n in range(old.segment, position.segment):
+            self._segment(n).unlink(missing_ok=True)
+
+    def _bytes_between(self, a: Position, b: Position) -> int:
+        if a.segment == b.segment:
+            return b.offset - a.offset
+        total = self._size(a.segment) - a.offset
+        for n in range(a.segment + 1, b.segment):
+            total += self._size(n)
+        return total + b.offset
+
+    def _size(self, n: int) -> int:
+        try:
+            return self._segment(n).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def close(self) -> None:
+        """Close the segment and release the folder lock."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._lockfile is not None:
+            self._lockfile.close()
+            self._lockfile = None

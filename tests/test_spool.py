@@ -1,0 +1,214 @@
+"""An inspection log that loses nothing (issue 16, point 4): the durable spool, database
+outages ridden out (a real PostgreSQL cluster stopped and started), rows the database
+rejects set aside, SIGKILL under load, a bounded spool, CSV cells that cannot run."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import fresh_postgres_database
+from sqlalchemy import create_engine, text
+
+from clients.sdk import AnomalyClient, AnomalyError
+from loadtests.pgcluster import postgres_cluster
+from service.errors import NotReady
+from service.inspection import Decided, InspectionLog, export_csv
+from service.launch import free_port, start_server
+from service.spool import Spool, SpoolFull
+
+
+def _decided(i: int, station: str = "line-1") -> Decided:
+    return Decided(f"r{i}", station, "brick", "m", "1", float(i), 0.5, 10.0, i % 2 == 0, 1.0)
+
+
+def _request_ids(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(text("SELECT request_id FROM inspections ORDER BY id"))]
+    except Exception:  # not there yet
+        return []
+    finally:
+        engine.dispose()
+
+
+def _wait_rows(url: str, wanted: set[str], timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = _request_ids(url)
+        if wanted <= set(ids):
+            return ids
+        time.sleep(0.3)
+    return _request_ids(url)
+
+
+def test_spool_appends_replays_recovers_and_bounds(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", max_bytes=10_000, segment_bytes=600)
+    spool.open()
+    spool.append([b'{"n": %d}' % i for i in range(10)])
+    spool.append([b'{"n": %d}' % i for i in range(10, 40)])
+    assert len(list((tmp_path / "s").glob("*.seg"))) > 1  # rolled over
+    records, pos = spool.read(None, 25)
+    assert [json.loads(r)["n"] for r in records] == list(range(25))
+    spool.commit(pos)
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        Spool(tmp_path / "s", 10_000).open()
+    spool.close()
+    last = sorted((tmp_path / "s").glob("*.seg"))[-1]
+    with last.open("ab") as f:  # a write torn by a crash
+        f.write(b"0badc0de {\"n\": 99")
+    again = Spool(tmp_path / "s", max_bytes=10_000, segment_bytes=600)
+    again.open()
+    records, pos = again.read(None, 100)
+    assert [json.loads(r)["n"] for r in records] == list(range(25, 40))  # replayed, torn tail cut
+    again.commit(pos)
+    assert again.pending_bytes == 0 and len(list((tmp_path / "s").glob("*.seg"))) == 1
+    with pytest.raises(SpoolFull):
+        again.append([b"x" * 11_000])
+    again.close()
+
+
+def test_full_spool_refuses_instead_of_answering_unrecorded(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"  # nothing listens there
+
+    async def main() -> tuple[int, str]:
+        log = InspectionLog(url, tmp_path / "spool", max_spool_bytes=20_000)
+        await log.start()
+        accepted = 0
+        try:
+            for i in range(1000):
+                await log.record(_decided(i))
+                accepted += 1
+        except NotReady as exc:
+            message = exc.message
+        await log.close(timeout=1)
+        return accepted, message
+
+    accepted, message = asyncio.run(main())
+    assert 20 < accepted < 1000 and "spool is full" in message
+    reopened = Spool(tmp_path / "spool", 20_000)
+    reopened.open()
+    assert len(reopened.read(None, 5000)[0]) == accepted  # every accepted decision is still there
+    reopened.close()
+
+
+def test_database_outage_is_ridden_out(store, good_and_defect, tmp_path: Path) -> None:
+    """The inspection database (a real PostgreSQL cluster) stops mid-run and comes back:
+    every acknowledged decision reaches it, and scoring never failed meanwhile."""
+    image = good_and_defect[0][0].read_bytes()
+    with postgres_cluster() as pg:
+        env = {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": pg.url,
+               "ANOMALY_INSPECTION_SPOOL_DIR": str(tmp_path / "spool")}
+        child, target = start_server(store.tracking_uri, tmp_path / "server.log",
+                                     cache_dir=tmp_path / "cache", env=env)
+        try:
+            with AnomalyClient(target) as client:
+                sent = [client.score(image, request_id=f"up-{i}").request_id for i in range(10)]
+                assert set(sent) <= set(_wait_rows(pg.url, set(sent)))
+                pg.stop()
+                sent += [client.score(image, request_id=f"down-{i}").request_id for i in range(30)]
+                time.sleep(2.0)
+                pg.start()
+                sent += [client.score(image, request_id=f"back-{i}").request_id for i in range(10)]
+            rows = _wait_rows(pg.url, set(sent))
+        finally:
+            assert child.stop() == 0
+    assert set(sent) <= set(rows) and len(rows) == len(set(rows)) == 50
+    log = (tmp_path / "server.log").read_text()
+    assert "database unavailable" in log and "reachable again" in log
+
+
+def test_rejected_rows_are_set_aside_and_never_block(store, good_and_defect, tmp_path: Path) -> None:
+    image = good_and_defect[0][0].read_bytes()
+    with fresh_postgres_database("deadletter") as url:
+        spool = tmp_path / "spool"
+        env = {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": url,
+               "ANOMALY_INSPECTION_SPOOL_DIR": str(spool)}
+        child, target = start_server(store.tracking_uri, tmp_path / "server.log",
+                                     cache_dir=tmp_path / "cache", env=env)
+        try:
+            with AnomalyClient(target) as client:
+                client.score(image, request_id="first", station="s1")
+                assert _wait_rows(url, {"first"}) == ["first"]
+                engine = create_engine(url)
+                with engine.begin() as conn:  # the plant's DBA tightens a column under a running server
+                    conn.execute(text("ALTER TABLE inspections ALTER COLUMN station TYPE varchar(8)"))
+                engine.dispose()
+                for i in range(12):
+                    station = "line-with-long-name" if i in (3, 7) else "s1"
+                    client.score(image, request_id=f"after-{i}", station=station)
+            wanted = {"first"} | {f"after-{i}" for i in range(12) if i not in (3, 7)}
+            rows = _wait_rows(url, wanted)
+        finally:
+            assert child.stop() == 0
+        assert set(rows) == wanted
+    dead = [json.loads(line) for line in (spool / "dead-letter.jsonl").read_text().splitlines()]
+    assert [d["row"]["request_id"] for d in dead] == ["after-3", "after-7"]
+    assert all("too long" in d["reason"] for d in dead), dead
+
+
+def test_sigkill_under_load_loses_no_acknowledged_decision(store, good_and_defect, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'inspections.db'}"
+    env = {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": url}
+    image = good_and_defect[0][0].read_bytes()
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 env=env)
+    acknowledged: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with AnomalyClient(target, retries=0, timeout=10) as client:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                try:
+                    acknowledged.append(client.score(image, request_id=f"w{worker}-{i}").request_id)
+                except AnomalyError as exc:
+                    failures.append(exc.code)
+                    return
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3.0)
+    child.signal(signal.SIGKILL)  # no drain, no flush
+    child.proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(acknowledged) > 20 and failures  # the kill cut requests in flight
+    restarted, _ = start_server(store.tracking_uri, tmp_path / "server2.log", cache_dir=tmp_path / "cache",
+                                port=int(target.rsplit(":", 1)[1]), env=env)
+    try:
+        rows = _wait_rows(url, set(acknowledged))
+    finally:
+        assert restarted.stop() == 0
+    missing = set(acknowledged) - set(rows)
+    assert not missing, f"{len(missing)} acknowledged decisions have no row: {sorted(missing)[:5]}"
+    assert len(rows) == len(set(rows))  # nothing inserted twice
+
+
+def test_csv_export_neutralises_formulas(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+
+    async def main() -> None:
+        log = InspectionLog(url, tmp_path / "spool")
+        await log.start()
+        await log.record(_decided(1, station="=HYPERLINK(\"http://x\",\"click\")"))
+        await log.record(_decided(2, station="@SUM(A1)"))
+        await log.record(_decided(3, station="-2+3"))
+        await log.close()
+
+    asyncio.run(main())
+    assert export_csv(url, tmp_path / "out.csv") == 3
+    with (tmp_path / "out.csv").open() as f:
+        stations = [row["station"] for row in csv.DictReader(f)]
+    assert stations == ["'=HYPERLINK(\"http://x\",\"click\")", "'@SUM(A1)", "'-2+3"]
