@@ -15,7 +15,6 @@ id, never the error's text (which goes to the log).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 import time
@@ -32,7 +31,13 @@ from service import metrics
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError
 from service.repository import LoadedModel
-from service.security import OPEN_SERVICES, ApiKeyInterceptor, load_api_keys, server_credentials
+from service.security import (
+    OPEN_SERVICES,
+    ApiKeyInterceptor,
+    exposure_warning,
+    load_api_keys,
+    server_credentials,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -258,16 +263,6 @@ def internal_error(exc: BaseException, request_id: str = "") -> InternalError:
     return InternalError(f"internal error; the server log has the details under request_id={ref!r}")
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or name) only listens on loopback."""
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options: message size limits follow the image byte limit."""
     limit = settings.max_image_bytes + 64 * 1024
@@ -315,10 +310,9 @@ class GrpcServer:
             The bound port.
         """
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        if not self.keys and not is_loopback(self.settings.grpc_host):
-            log.warning("binding %s beyond loopback with no API keys: anyone who can reach this port can "
-                        "score images and read model details; set ANOMALY_API_KEYS or ANOMALY_API_KEYS_FILE",
-                        self.settings.grpc_host)
+        warning = exposure_warning(self.settings.grpc_host, self.keys)
+        if warning:
+            log.warning(warning)
         credentials = server_credentials(self.settings)
         if credentials is None:
             self.port = self.server.add_insecure_port(address)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import grpc
 from clients.sdk import channel_credentials
 from service.settings import Settings
 
-__all__ = ["ApiKeyInterceptor", "channel_credentials", "load_api_keys", "server_credentials"]
+__all__ = ["ApiKeyInterceptor", "channel_credentials", "exposure_warning", "load_api_keys",
+           "server_credentials"]
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 API_KEY_HEADER = "x-api-key"
@@ -80,6 +82,24 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(OPEN_SERVICES) or self._valid(key):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/ScoreStream") else self._deny_unary
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` (an address or name) listens on loopback only."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, has_keys: bool) -> str | None:
+    """The start-up warning for a server reachable beyond this machine with no API keys."""
+    if has_keys or is_loopback(host):
+        return None
+    return (f"binding {host} beyond loopback with no API keys: anyone who can reach this port can score "
+            "images and read model details; set ANOMALY_API_KEYS or ANOMALY_API_KEYS_FILE")
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
