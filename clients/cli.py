@@ -142,6 +142,7 @@ def _mount_optional() -> None:
             inspections_export_cmd,
             providers_check_cmd,
             serve_cmd,
+            soak_cmd,
         )
     except ImportError:  # base install: client only
         pass
@@ -151,6 +152,7 @@ def _mount_optional() -> None:
         app.command("bench")(bench_cmd)
         app.command("inspections-export")(inspections_export_cmd)
         app.command("providers-check")(providers_check_cmd)
+        app.command("soak")(soak_cmd)
     try:
         from registry.cli import compare_cmd, demo_cmd, quant_study_cmd, sample_data_cmd, train_cmd
     except ImportError:

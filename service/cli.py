@@ -166,6 +166,49 @@ def providers_check_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("soak")
+def soak_cmd(
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store of the model under test")] = None,
+    model: Annotated[str, typer.Option(help="registered model under test")] = "anomaly-detector",
+    alias: Annotated[str, typer.Option(help="its alias (the version copied into the sandbox)")] = "champion",
+    images: Annotated[Path, typer.Option(help="MVTec-layout folder (its test split is the load)")] = Path(
+        ".demo/data"),
+    minutes: Annotated[float, typer.Option(min=0.2, help="how long to drive load and faults")] = 10.0,
+    work: Annotated[Path | None, typer.Option(help="sandbox folder (default: a new temporary one)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Markdown report (table between soak markers)")] = None,
+) -> None:
+    """Fault-injection soak: a real server and gateway under good and hostile load while
+    alias moves to broken versions, registry and database outages and SIGKILLs are
+    injected; prints what was lost, passed wrongly or crashed (exit 1 if anything was)."""
+    import platform
+    import shlex
+    import sys
+    import tempfile
+
+    from loadtests.bench import write_report
+    from loadtests.soak import BEGIN, END, render, run_soak
+    from service.settings import usable_cores
+
+    settings = _settings(tracking_uri=tracking_uri)
+    folder = work or Path(tempfile.mkdtemp(prefix="anomaly-soak-"))
+    try:
+        result = run_soak(settings.tracking_uri, model, alias, images, minutes, folder,
+                          progress=lambda m: typer.echo(m, err=True))
+    except (ValueError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    machine = f"Machine: {usable_cores()} CPU cores, {platform.system()} {platform.machine()}, Python " \
+              f"{platform.python_version()}; sandbox {folder}"
+    report = render(result, "anomaly " + shlex.join(sys.argv[1:]), machine)
+    typer.echo(report)
+    if out is not None:
+        write_report(out, report, markers=(BEGIN, END), heading="# Reliability\n\nProduced by `anomaly soak` "
+                     "(loadtests/soak.py).")
+        typer.echo(f"wrote {out}")
+    if result.failures():
+        raise typer.Exit(1)
+
+
 @app.command("inspections-export")
 def inspections_export_cmd(
     out: Annotated[Path, typer.Argument(help="CSV file to write")],

@@ -78,26 +78,17 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 def mlflow_server_process(backend_uri: str, home: Path) -> Iterator[tuple[str, object]]:
     """A real `mlflow server` (backend store `backend_uri`, artifacts served from `home`) on a
     loopback port; yields (URL, its `ChildProcess`). Stopped (process group) on exit."""
-    import sys
+    from loadtests.soak import MlflowServer
 
-    from service.launch import ChildProcess, free_port, wait_http_ready
-
-    port = free_port()
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # it runs uvicorn by name
-    child = ChildProcess([], home / "mlflow-server.log", env, group=True, command=[
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1"])
-    url = f"http://127.0.0.1:{port}"
-    proc = child.start()
+    server = MlflowServer(backend_uri, home)
     try:
-        try:
-            wait_http_ready(f"{url}/health", 120, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError((home / "mlflow-server.log").read_text()[-3000:]) from exc
-        yield url, child
+        server.start()
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from exc
+    try:
+        yield server.url, server.child
     finally:
-        child.stop(30)
+        server.stop()
 
 
 def _build(sample_root: Path, home: Path, uri: str, architecture: str, epochs: int,

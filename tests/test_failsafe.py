@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import select
-import socket
 import time
 from pathlib import Path
 
@@ -20,52 +18,17 @@ from conftest import fresh_postgres_database, register_mutated
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
+from loadtests.soak import send_chunked, vm_hwm_mb
 from service.launch import start_gateway, start_server
-
-
-def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def _send_chunked(host: str, port: int, total: int, chunk: int = 1 << 20) -> tuple[bytes, int]:
-    """POST `total` bytes as `Transfer-Encoding: chunked` to /v1/score, stopping as soon as the
-    gateway answers or closes; returns (what it answered, bytes sent)."""
-    sock = socket.create_connection((host, port), timeout=30)
-    sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
-    piece = f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n"
-    sent, answer = 0, b""
-    try:
-        while sent < total:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if readable:
-                break
-            sock.sendall(piece)
-            sent += chunk
-        else:
-            sock.sendall(b"0\r\n\r\n")
-        sock.settimeout(30)
-        while chunk_in := sock.recv(65536):
-            answer += chunk_in
-            if b"\r\n\r\n" in answer and len(answer) > 200:
-                break
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        sock.close()
-    return answer, sent
 
 
 def test_gateway_memory_flat_under_a_1gib_chunked_body(grpc_target: str, tmp_path: Path) -> None:
     child, base = start_gateway(grpc_target, tmp_path / "gateway.log")
     try:
         port = int(base.rsplit(":", 1)[1])
-        before = _vm_hwm_mb(child.proc.pid)
-        answer, sent = _send_chunked("127.0.0.1", port, 1 << 30)
-        growth = _vm_hwm_mb(child.proc.pid) - before
+        before = vm_hwm_mb(child.proc.pid)
+        answer, sent = send_chunked("127.0.0.1", port, 1 << 30)
+        growth = vm_hwm_mb(child.proc.pid) - before
         assert growth < 64, f"gateway peak RSS grew {growth:.0f} MB after {sent >> 20} MiB sent"
         assert sent < 256 << 20, f"the gateway read {sent >> 20} MiB before refusing"
         if answer:  # the answer may be lost if the close overtakes it; memory is the point

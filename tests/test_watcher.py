@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow import MlflowClient
 
 from loadtests.faults import escaping_mlmodel, garbage_onnx, malformed_mlmodel
+from loadtests.soak import vm_hwm_mb
 from service.errors import ModelLoadError, ModelNotFound
 from service.launch import ChildProcess, free_port, start_server, wait_grpc_serving
 from service.repository import ModelRepository, ModelSpec
@@ -28,13 +29,6 @@ from service.settings import Settings
 @pytest.fixture(scope="module")
 def client(store) -> MlflowClient:
     return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
-
-
-def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def _wait_error(stub, alias: str, version: str, timeout: float = 30) -> pb.ModelInfo:
@@ -140,7 +134,7 @@ def test_isolated_loading_refuses_hanging_and_memory_hungry_models(store, good_a
                                  env={"ANOMALY_LOAD_PROBE_TIMEOUT_S": "4"})
     image = good_and_defect[0][0].read_bytes()
     try:
-        before = _vm_hwm_mb(child.proc.pid)
+        before = vm_hwm_mb(child.proc.pid)
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
             for version, text in ((hang, "did not finish within 4s"), (huge, "Failed to allocate memory")):
@@ -153,7 +147,7 @@ def test_isolated_loading_refuses_hanging_and_memory_hungry_models(store, good_a
                     good = stub.Score(pb.ScoreRequest(encoded=image), timeout=30)
                     assert good.model.version == store.version
                 assert time.monotonic() - t0 < 2.0
-        grown = _vm_hwm_mb(child.proc.pid) - before
+        grown = vm_hwm_mb(child.proc.pid) - before
         assert grown < 300, f"the server's peak RSS grew {grown:.0f} MB"
     finally:
         assert child.stop() == 0

@@ -1,0 +1,611 @@
+"""`anomaly soak`: drive a real server and gateway while injecting faults, and count what
+a factory would care about.
+
+Everything runs in a sandbox under a work folder, on loopback, and is stopped at the end:
+
+- a registry of its own: `mlflow server` (SQLite) holding the model under test (a copy of
+  `models:/<name>@<alias>` from the given store, registered twice so that alias moves
+  between good versions can be followed) and broken versions (`loadtests.faults`: garbage
+  ONNX, malformed `MLmodel`, a model whose every output is NaN);
+- an inspection database of its own: a PostgreSQL cluster (`initdb`/`pg_ctl`);
+- our gRPC server (inspection log on, following `champion`) and the HTTP gateway.
+
+Load, until the time is up: gRPC clients score good images and known-defective reference
+images (the test-split defects the model under test calls NG); an HTTP client sends good
+images, hostile images (the bad-input catalogue), oversize bodies and odd identifiers.
+Faults, in turn: `champion` moved to each broken version (must be refused) and then to the
+other good version (must be followed); the registry killed and restarted; the inspection
+database stopped and started; the server SIGKILLed and restarted.
+
+At the end it waits for the inspection database to catch up and reports: requests by
+outcome; decisions acknowledged vs rows in the database; non-finite or known-defective
+images answered OK; broken versions swapped in; good moves followed; crashed processes;
+peak RSS of server and gateway, and the gateway's growth under a 1 GiB chunked body.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError
+from service.launch import ChildProcess, free_port, start_gateway, start_server, wait_http_ready
+
+BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
+MODEL = "soak-model"
+STATION = "soak"
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process, in MB; 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def send_chunked(host: str, port: int, total: int, chunk: int = 1 << 20) -> tuple[bytes, int]:
+    """POST `total` bytes as `Transfer-Encoding: chunked` to /v1/score, stopping as soon as
+    the gateway answers or closes; returns (what it answered, bytes sent)."""
+    sock = socket.create_connection((host, port), timeout=30)
+    sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n"
+    sent, answer = 0, b""
+    try:
+        while sent < total:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            sock.sendall(piece)
+            sent += chunk
+        else:
+            sock.sendall(b"0\r\n\r\n")
+        sock.settimeout(30)
+        while data := sock.recv(65536):
+            answer += data
+            if b"}" in answer:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    return answer, sent
+
+
+class MlflowServer:
+    """`mlflow server` on a loopback port (SQLite backend, artifacts served from `home`),
+    restartable on the same port (a registry outage and its end)."""
+
+    def __init__(self, backend_uri: str, home: Path, port: int | None = None) -> None:
+        self.backend_uri, self.home = backend_uri, Path(home)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.child: ChildProcess | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120) -> None:
+        """Start it and wait for `/health`."""
+        env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # it runs uvicorn by name
+        self.starts += 1
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
+                   "--artifacts-destination", str(self.home / "artifacts"), "--serve-artifacts",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.child = ChildProcess([], self.home / f"mlflow-server-{self.starts}.log", env, group=True,
+                                  command=command)
+        proc = self.child.start()
+        try:
+            wait_http_ready(f"{self.url}/health", timeout, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.child.stop()
+            log = (self.home / f"mlflow-server-{self.starts}.log").read_text()[-3000:]
+            raise RuntimeError(f"mlflow server did not start: {exc}\n{log}") from exc
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the registry vanishes)."""
+        if self.child is not None and self.child.proc is not None:
+            self.child.signal(signal.SIGKILL)
+            self.child.proc.wait(30)
+
+    def stop(self) -> None:
+        """Stop it gracefully."""
+        if self.child is not None:
+            self.child.stop(30)
+
+
+@dataclass
+class Tally:
+    """Thread-safe counters and the acknowledged request ids."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    acknowledged: set[str] = field(default_factory=set)
+    nonfinite_ok: int = 0
+    defects_answered_ok: int = 0
+    defect_answers: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, key: str, n: int = 1) -> None:
+        """Count one outcome."""
+        with self.lock:
+            self.outcomes[key] += n
+
+
+@dataclass
+class SoakResult:
+    """What the soak measured (see `render`)."""
+
+    minutes: float
+    outcomes: Counter
+    acknowledged: int
+    missing: int
+    nonfinite_ok: int
+    defects_answered_ok: int
+    defect_answers: int
+    known_defects: int
+    broken_moves: int
+    broken_swapped_in: int
+    good_moves: int
+    good_followed: int
+    follow_s_max: float
+    registry_outages: int
+    db_outages: int
+    server_kills: int
+    crashed: list[str]
+    server_peak_mb: float
+    gateway_peak_mb: float
+    gateway_chunked_growth_mb: float
+    chunked_answer: str
+
+    def failures(self) -> list[str]:
+        """The checks that did not hold (empty: the soak passed)."""
+        checks = [
+            (self.missing == 0,
+             f"{self.missing} acknowledged decisions missing from the inspection database"),
+            (self.nonfinite_ok == 0, f"{self.nonfinite_ok} non-finite scores answered"),
+            (self.defects_answered_ok == 0, f"{self.defects_answered_ok} known-defective images answered OK"),
+            (self.broken_swapped_in == 0, f"{self.broken_swapped_in} broken versions swapped in"),
+            (self.good_followed == self.good_moves,
+             f"{self.good_moves - self.good_followed} good alias moves not followed"),
+            (not self.crashed, f"crashed: {', '.join(self.crashed)}"),
+            (self.gateway_chunked_growth_mb < 64,
+             f"gateway grew {self.gateway_chunked_growth_mb:.0f} MB under a 1 GiB chunked body"),
+            (self.acknowledged > 0, "no decision was acknowledged at all"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+def _images(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(good, defective) test images of an MVTec-layout folder, with their categories."""
+    good, bad = [], []
+    for path in sorted(root.glob("*/test/*/*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            (good if path.parent.name == "good" else bad).append((path, path.parents[2].name))
+    if not good or not bad:
+        raise ValueError(f"{root} has no MVTec-layout test images (<category>/test/<good|defect>/*.png)")
+    return good, bad
+
+
+def _encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def hostile_requests(good: bytes, limit: int) -> list[tuple[str, dict, set[int]]]:
+    """(kind, httpx keyword arguments for POST /v1/score, acceptable statuses)."""
+    png = "image/png"
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    sixteen = Image.fromarray(np.linspace(0, 65535, 64 * 64, dtype=np.uint16).reshape(64, 64))
+    refused = {400, 413}
+    return [
+        ("empty body", {"content": b"", "headers": {"content-type": png}}, refused),
+        ("not an image", {"content": b"%PDF-1.4 " * 50, "headers": {"content-type": png}}, refused),
+        ("truncated PNG", {"content": _encode(photo, "PNG")[:300], "headers": {"content-type": png}},
+         refused),
+        ("decompression bomb", {"content": _encode(Image.new("1", (10_000, 10_000)), "PNG"),
+                                "headers": {"content-type": png}}, refused),
+        ("32-bit float TIFF", {"content": _encode(Image.new("F", (32, 32), 0.5), "TIFF"),
+                               "headers": {"content-type": "image/tiff"}}, refused),
+        ("16-bit TIFF (scored)", {"content": _encode(sixteen, "TIFF"),
+                                  "headers": {"content-type": "image/tiff"}}, {200}),
+        ("over the byte limit", {"content": b"\x89PNG" + b"\0" * limit, "headers": {"content-type": png}},
+         {413}),
+        ("request id too long", {"content": good, "headers": {"content-type": png},
+                                 "params": {"request_id": "x" * 200}}, {400}),
+        ("control characters in station", {"content": good, "headers": {"content-type": png},
+                                           "params": {"station": "line\r\nFAKE LOG LINE"}}, {400}),
+        ("version out of range", {"content": good, "headers": {"content-type": png},
+                                  "params": {"version": "-1"}}, {400}),
+        ("multipart with two files",
+         {"files": [("image", ("a.png", good, png)), ("image", ("b.png", good, png))]}, {400}),
+    ]
+
+
+class Soak:
+    """One soak run; `run()` sets it up, drives it, tears it down and returns the result."""
+
+    def __init__(self, tracking_uri: str, model: str, alias: str, images: Path, minutes: float,
+                 work: Path, progress: Callable[[str], None] = print, workers: int = 2) -> None:
+        self.tracking_uri, self.model, self.alias = tracking_uri, model, alias
+        self.images, self.minutes, self.work = Path(images), minutes, Path(work)
+        self.progress = progress
+        self.workers = workers
+        self.tally = Tally()
+        self.stop = threading.Event()
+        self.expected_down: set[str] = set()
+        self.crashed: list[str] = []
+        self.peaks = {"server": 0.0, "gateway": 0.0}
+        self.counts = Counter()
+        self.follow_s: list[float] = []
+
+    # -- set-up -----------------------------------------------------------------------
+    def _source_folder(self) -> Path:
+        import mlflow.artifacts
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri, self.tracking_uri)
+        mv = client.get_model_version_by_alias(self.model, self.alias)
+        source = client.get_model_version_download_uri(self.model, mv.version)
+        dest = self.work / "source"
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                                        tracking_uri=self.tracking_uri))
+
+    def _register(self, client, folder: Path, kind: str) -> str:  # type: ignore[no-untyped-def]
+        run = client.create_run(self.experiment, run_name=f"soak-{kind}")
+        client.log_artifacts(run.info.run_id, str(folder), "model")
+        client.set_terminated(run.info.run_id)
+        version = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model",
+                                              run_id=run.info.run_id)
+        client.set_model_version_tag(MODEL, version.version, "soak.kind", kind)
+        return str(version.version)
+
+    def _versions(self, source: Path) -> dict[str, str]:
+        """Register the good copies and the broken versions in the sandbox registry."""
+        from mlflow import MlflowClient
+
+        from loadtests.faults import MUTATIONS, tiny_onnx
+        from service.artifact import read_model_dir
+
+        client = MlflowClient(self.registry.url, self.registry.url)
+        self.experiment = client.create_experiment("soak")
+        client.create_registered_model(MODEL)
+        versions = {"good-a": self._register(client, source, "good"),
+                    "good-b": self._register(client, source, "good")}
+        for kind in ("garbage-onnx", "malformed-mlmodel"):
+            folder = self.work / "broken" / kind
+            shutil.copytree(source, folder)
+            MUTATIONS[kind](folder)
+            versions[kind] = self._register(client, folder, kind)
+        _, metadata = read_model_dir(source)
+        folder = self.work / "broken" / "nan"
+        tiny_onnx(folder / "model.onnx", metadata.input_size, "nan")
+        (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+        metadata.model_copy(update={"architecture": "tiny", "variant": "nan"}).save(folder)
+        versions["nan"] = self._register(client, folder, "nan")
+        client.set_registered_model_alias(MODEL, "champion", versions["good-a"])
+        self.client = client
+        return versions
+
+    def _server_env(self) -> dict[str, str]:
+        return {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": self.pg.url,
+                "ANOMALY_INSPECTION_SPOOL_DIR": str(self.work / "spool"), "ANOMALY_POLL_INTERVAL_S": "1",
+                "ANOMALY_MODEL_NAME": MODEL, "ANOMALY_LOG_LEVEL": "INFO"}
+
+    def _start_server(self) -> None:
+        log = self.work / f"server-{self.counts['server']}.log"
+        self.server, self.target = start_server(self.registry.url, log, port=self.server_port,
+                                                cache_dir=self.work / "cache", env=self._server_env(),
+                                                timeout=180)
+        self.counts["server"] += 1
+
+    # -- load -------------------------------------------------------------------------
+    def _grpc_worker(self, n: int) -> None:
+        rng = random.Random(n)
+        with AnomalyClient(self.target, retries=8, timeout=30, backoff_s=0.2, max_backoff_s=2.0) as client:
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                defect = bool(self.known_defects) and i % 2 == 0
+                path, category = rng.choice(self.known_defects if defect else self.good)
+                rid = f"g{n}-{i}"
+                try:
+                    r = client.score(path, category=category, request_id=rid, station=STATION)
+                except AnomalyError as exc:
+                    self.tally.add(f"gRPC score: {exc.code}")
+                    continue
+                with self.tally.lock:
+                    self.tally.acknowledged.add(rid)
+                    self.tally.outcomes["gRPC score: OK"] += 1
+                    if not (math.isfinite(r.score) and math.isfinite(r.normalized_score)):
+                        self.tally.nonfinite_ok += 1
+                    if defect:
+                        self.tally.defect_answers += 1
+                        self.tally.defects_answered_ok += not r.is_anomalous
+
+    def _http_worker(self) -> None:
+        import httpx
+
+        good_bytes = self.good[0][0].read_bytes()
+        hostile = hostile_requests(good_bytes, 8 * 1024 * 1024)
+        host, port = self.base.removeprefix("http://").split(":")
+        i = 0
+        with httpx.Client(base_url=self.base, timeout=30) as http:
+            while not self.stop.is_set():
+                i += 1
+                if i % 3 == 0:
+                    kind, kwargs, ok = hostile[(i // 3) % len(hostile)]
+                elif i % 50 == 1:
+                    kind, ok = "64 MiB chunked body", {413}
+                    answer, _ = send_chunked(host, int(port), 64 << 20)
+                    self.tally.add(f"HTTP {kind}: {answer[9:12].decode() or 'closed'}")
+                    continue
+                else:
+                    rid = f"h-{i}"
+                    kind, ok = "good image", {200}
+                    kwargs = {"content": good_bytes, "headers": {"content-type": "image/png"},
+                              "params": {"request_id": rid, "station": STATION}}
+                try:
+                    r = http.post("/v1/score", **kwargs)
+                except httpx.HTTPError as exc:
+                    self.tally.add(f"HTTP {kind}: {type(exc).__name__}")
+                    continue
+                self.tally.add(f"HTTP {kind}: {r.status_code}" + ("" if r.status_code in ok else " (other)"))
+                if kind == "good image" and r.status_code == 200:
+                    with self.tally.lock:
+                        self.tally.acknowledged.add(kwargs["params"]["request_id"])
+
+    def _monitor(self) -> None:
+        while not self.stop.wait(1.0):
+            self._check_processes()
+
+    def _check_processes(self) -> None:
+        for name in ("server", "gateway"):
+            child = getattr(self, name, None)
+            if child is None or child.proc is None:
+                continue
+            self.peaks[name] = max(self.peaks[name], vm_hwm_mb(child.proc.pid))
+            if child.proc.poll() is not None and name not in self.expected_down:
+                self.crashed.append(f"{name} (exit code {child.proc.returncode})")
+                self.expected_down.add(name)
+
+    # -- faults -----------------------------------------------------------------------
+    def _serving(self) -> tuple[str, str, str]:
+        with AnomalyClient(self.target, retries=8, timeout=30) as client:
+            info = client.get_model(model=MODEL, alias="champion")
+        return info.ref.version, info.last_error_version, info.last_error
+
+    def _move_to_broken(self, kind: str) -> None:
+        before = self._serving()[0]
+        bad = self.versions[kind]
+        self.client.set_registered_model_alias(MODEL, "champion", bad)
+        self.counts["broken moves"] += 1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            version, error_version, error = self._serving()
+            if version == bad:
+                self.counts["broken swapped in"] += 1
+                break
+            if error_version == bad:
+                self.progress(f"  champion → v{bad} ({kind}): refused, still serving v{version}: "
+                              f"{error.splitlines()[0][:100]}")
+                break
+            time.sleep(0.5)
+        else:
+            self.progress(f"  champion → v{bad} ({kind}): no answer within 60 s")
+        self._move_to_good(before)
+
+    def _move_to_good(self, current: str) -> None:
+        target = self.versions["good-b"] if current == self.versions["good-a"] else self.versions["good-a"]
+        self.client.set_registered_model_alias(MODEL, "champion", target)
+        self.counts["good moves"] += 1
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 90:
+            if self._serving()[0] == target:
+                self.counts["good followed"] += 1
+                self.follow_s.append(time.monotonic() - t0)
+                self.progress(f"  champion → v{target} (good): followed in {time.monotonic() - t0:.1f} s")
+                return
+            time.sleep(0.5)
+        self.progress(f"  champion → v{target} (good): NOT followed within 90 s")
+
+    def _registry_outage(self, seconds: float) -> None:
+        self.registry.kill()
+        self.counts["registry outages"] += 1
+        self.progress(f"  registry killed for {seconds:.0f} s")
+        self.stop.wait(seconds)
+        self.registry.start()
+
+    def _db_outage(self, seconds: float) -> None:
+        self.pg.stop()
+        self.counts["db outages"] += 1
+        self.progress(f"  inspection database stopped for {seconds:.0f} s")
+        self.stop.wait(seconds)
+        self.pg.start()
+
+    def _server_kill(self, seconds: float) -> None:
+        self.expected_down.add("server")
+        self.peaks["server"] = max(self.peaks["server"], vm_hwm_mb(self.server.proc.pid))
+        self.server.signal(signal.SIGKILL)
+        self.server.proc.wait(30)
+        self.counts["server kills"] += 1
+        self.progress("  server SIGKILLed; restarting")
+        self._start_server()
+        self.expected_down.discard("server")
+
+    def _faults(self, end: float) -> None:
+        schedule: list[tuple[str, Callable[[float], None]]] = [
+            ("alias moved to garbage ONNX", lambda s: self._move_to_broken("garbage-onnx")),
+            ("inspection database down", self._db_outage),
+            ("server SIGKILL", self._server_kill),
+            ("alias moved to malformed MLmodel", lambda s: self._move_to_broken("malformed-mlmodel")),
+            ("registry down", self._registry_outage),
+            ("alias moved to NaN model", lambda s: self._move_to_broken("nan")),
+        ]
+        total = max(1.0, end - time.monotonic())
+        pause = min(45.0, max(2.0, total / (len(schedule) * 3)))
+        i = 0
+        while time.monotonic() + pause < end and not self.stop.is_set():
+            self.stop.wait(pause)
+            name, fault = schedule[i % len(schedule)]
+            self.progress(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] fault: {name}")
+            fault(min(20.0, pause))
+            i += 1
+        self.stop.wait(max(0.0, end - time.monotonic()))
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> SoakResult:
+        """Set up, drive for `minutes`, tear down; returns the result."""
+        from loadtests.pgcluster import PostgresCluster
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.good, defects = _images(self.images)
+        source = self._source_folder()
+        self.registry = MlflowServer(f"sqlite:///{self.work / 'registry.db'}", self.work)
+        self.pg = PostgresCluster()
+        self.server_port = free_port()
+        threads: list[threading.Thread] = []
+        try:
+            self.progress("starting the registry, the inspection database, the server and the gateway")
+            self.registry.start()
+            self.pg.init()
+            self.pg.start()
+            self.versions = self._versions(source)
+            self._start_server()
+            self.gateway, self.base = start_gateway(self.target, self.work / "gateway.log")
+            self.known_defects = self._reference(defects)
+            before = vm_hwm_mb(self.gateway.proc.pid)
+            host, port = self.base.removeprefix("http://").split(":")
+            answer, _ = send_chunked(host, int(port), 1 << 30)
+            chunked_growth = vm_hwm_mb(self.gateway.proc.pid) - before
+            self.progress(f"1 GiB chunked body: gateway peak RSS +{chunked_growth:.1f} MB, answer "
+                          f"{answer[:12].decode(errors='replace')!r}")
+            self.t0 = time.monotonic()
+            end = self.t0 + self.minutes * 60
+            threads = [threading.Thread(target=self._grpc_worker, args=(n,), daemon=True)
+                       for n in range(self.workers)]
+            threads += [threading.Thread(target=self._http_worker, daemon=True),
+                        threading.Thread(target=self._monitor, daemon=True)]
+            for t in threads:
+                t.start()
+            self._faults(end)
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join(60)
+        try:
+            missing = self._missing()
+        finally:
+            self._teardown()
+        t = self.tally
+        return SoakResult(
+            self.minutes, t.outcomes, len(t.acknowledged), missing, t.nonfinite_ok, t.defects_answered_ok,
+            t.defect_answers, len(self.known_defects), self.counts["broken moves"],
+            self.counts["broken swapped in"], self.counts["good moves"], self.counts["good followed"],
+            max(self.follow_s, default=0.0), self.counts["registry outages"], self.counts["db outages"],
+            self.counts["server kills"], self.crashed, self.peaks["server"], self.peaks["gateway"],
+            chunked_growth, answer[:12].decode(errors="replace"))
+
+    def _reference(self, defects: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+        """The test defects the model under test calls NG: the known-defective parts."""
+        known = []
+        with AnomalyClient(self.target, timeout=60) as client:
+            for path, category in defects[:60]:
+                if client.score(path, category=category, request_id=f"ref-{len(known)}-{path.stem}",
+                                station="reference").is_anomalous:
+                    known.append((path, category))
+        self.progress(f"{len(known)} of {min(len(defects), 60)} test defects are known-defective references")
+        return known
+
+    def _missing(self, timeout: float = 180) -> int:
+        """Acknowledged request ids not in the inspection database once it has caught up."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.pg.url)
+        deadline = time.monotonic() + timeout
+        missing = set(self.tally.acknowledged)
+        try:
+            while missing and time.monotonic() < deadline:
+                try:
+                    with engine.connect() as conn:
+                        rows = {r[0] for r in conn.execute(text("SELECT request_id FROM inspections "
+                                                                "WHERE station = :s"), {"s": STATION})}
+                    missing -= rows
+                except Exception as exc:  # the database may still be starting
+                    self.progress(f"  waiting for the inspection database: {exc}")
+                if missing:
+                    time.sleep(1.0)
+        finally:
+            engine.dispose()
+        return len(missing)
+
+    def _teardown(self) -> None:
+        self._check_processes()
+        self.expected_down.update(("server", "gateway"))
+        for name in ("gateway", "server"):
+            child = getattr(self, name, None)
+            if child is not None and child.proc is not None:
+                self.peaks[name] = max(self.peaks[name], vm_hwm_mb(child.proc.pid))
+                code = child.stop(30)
+                if code not in (0, None, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it drained on
+                    self.crashed.append(f"{name} (exit code {code} at shutdown)")
+        self.registry.stop()
+        self.pg.remove()
+
+
+def render(r: SoakResult, command: str, machine: str) -> str:
+    """The Markdown report: checks, then requests by outcome."""
+    failures = r.failures()
+    lines = [f"Command: `{command}`  ", f"{machine}  ",
+             f"Result: **{'PASSED' if not failures else 'FAILED: ' + '; '.join(failures)}**", "",
+             "| check | result |", "|---|---|",
+             f"| decisions acknowledged (gRPC and HTTP) | {r.acknowledged} |",
+             f"| acknowledged decisions missing from the inspection database | **{r.missing}** |",
+             f"| non-finite scores answered | **{r.nonfinite_ok}** |",
+             f"| known-defective reference images answered OK | **{r.defects_answered_ok}** of "
+             f"{r.defect_answers} answers ({r.known_defects} reference images) |",
+             f"| alias moves to broken versions (garbage ONNX, malformed MLmodel, NaN model) swapped in | "
+             f"**{r.broken_swapped_in}** of {r.broken_moves} |",
+             f"| good alias moves followed | **{r.good_followed}** of {r.good_moves} "
+             f"(slowest {r.follow_s_max:.1f} s) |",
+             f"| registry outages / inspection-database outages / server SIGKILLs ridden out | "
+             f"{r.registry_outages} / {r.db_outages} / {r.server_kills} |",
+             f"| crashed processes | **{len(r.crashed)}** {', '.join(r.crashed)} |",
+             f"| peak RSS: server / gateway | {r.server_peak_mb:.0f} MB / {r.gateway_peak_mb:.0f} MB |",
+             f"| gateway peak RSS growth under a 1 GiB chunked body | "
+             f"**{r.gateway_chunked_growth_mb:.1f} MB** (answer `{r.chunked_answer.strip()}`) |",
+             "", "| requests | count |", "|---|---:|"]
+    lines += [f"| {key} | {n} |" for key, n in sorted(r.outcomes.items())]
+    return "\n".join(lines) + "\n"
+
+
+def run_soak(tracking_uri: str, model: str, alias: str, images: Path, minutes: float, work: Path,
+             progress: Callable[[str], None] = print, workers: int = 2) -> SoakResult:
+    """Run one soak (see the module docstring) and return its result."""
+    return Soak(tracking_uri, model, alias, images, minutes, work, progress, workers).run()
+
+
+def result_json(r: SoakResult) -> str:
+    """The result as JSON (for machines)."""
+    body = {k: v for k, v in vars(r).items() if k != "outcomes"}
+    body["outcomes"] = dict(r.outcomes)
+    body["failures"] = r.failures()
+    return json.dumps(body, indent=1)
