@@ -46,22 +46,11 @@ import numpy as np
 from PIL import Image
 
 from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError
-from service.launch import ChildProcess, free_port, start_gateway, start_server, wait_http_ready
+from service.launch import ChildProcess, free_port, peak_rss_mb, start_gateway, start_server, wait_http_ready
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 MODEL = "soak-model"
 STATION = "soak"
-
-
-def vm_hwm_mb(pid: int) -> float:
-    """Peak resident memory (VmHWM) of a process, in MB; 0 when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def send_chunked(host: str, port: int, total: int, chunk: int = 1 << 20) -> tuple[bytes, int]:
@@ -382,7 +371,7 @@ class Soak:
             child = getattr(self, name, None)
             if child is None or child.proc is None:
                 continue
-            self.peaks[name] = max(self.peaks[name], vm_hwm_mb(child.proc.pid))
+            self.peaks[name] = max(self.peaks[name], peak_rss_mb(child.proc.pid, 0.0))
             if child.proc.poll() is not None and name not in self.expected_down:
                 self.crashed.append(f"{name} (exit code {child.proc.returncode})")
                 self.expected_down.add(name)
@@ -427,23 +416,16 @@ class Soak:
             time.sleep(0.5)
         self.progress(f"  champion → v{target} (good): NOT followed within 90 s")
 
-    def _registry_outage(self, seconds: float) -> None:
-        self.registry.kill()
-        self.counts["registry outages"] += 1
-        self.progress(f"  registry killed for {seconds:.0f} s")
+    def _outage(self, what: str, down: Callable[[], None], up: Callable[[], None], seconds: float) -> None:
+        down()
+        self.counts[f"{what} outages"] += 1
+        self.progress(f"  {what} down for {seconds:.0f} s")
         self.stop.wait(seconds)
-        self.registry.start()
-
-    def _db_outage(self, seconds: float) -> None:
-        self.pg.stop()
-        self.counts["db outages"] += 1
-        self.progress(f"  inspection database stopped for {seconds:.0f} s")
-        self.stop.wait(seconds)
-        self.pg.start()
+        up()
 
     def _server_kill(self, seconds: float) -> None:
         self.expected_down.add("server")
-        self.peaks["server"] = max(self.peaks["server"], vm_hwm_mb(self.server.proc.pid))
+        self.peaks["server"] = max(self.peaks["server"], peak_rss_mb(self.server.proc.pid, 0.0))
         self.server.signal(signal.SIGKILL)
         self.server.proc.wait(30)
         self.counts["server kills"] += 1
@@ -454,10 +436,10 @@ class Soak:
     def _faults(self, end: float) -> None:
         schedule: list[tuple[str, Callable[[float], None]]] = [
             ("alias moved to garbage ONNX", lambda s: self._move_to_broken("garbage-onnx")),
-            ("inspection database down", self._db_outage),
+            ("inspection database down", lambda s: self._outage("db", self.pg.stop, self.pg.start, s)),
             ("server SIGKILL", self._server_kill),
             ("alias moved to malformed MLmodel", lambda s: self._move_to_broken("malformed-mlmodel")),
-            ("registry down", self._registry_outage),
+            ("registry down", lambda s: self._outage("registry", self.registry.kill, self.registry.start, s)),
             ("alias moved to NaN model", lambda s: self._move_to_broken("nan")),
         ]
         total = max(1.0, end - time.monotonic())
@@ -492,10 +474,10 @@ class Soak:
             self._start_server()
             self.gateway, self.base = start_gateway(self.target, self.work / "gateway.log")
             self.known_defects = self._reference(defects)
-            before = vm_hwm_mb(self.gateway.proc.pid)
+            before = peak_rss_mb(self.gateway.proc.pid, 0.0)
             host, port = self.base.removeprefix("http://").split(":")
             answer, _ = send_chunked(host, int(port), 1 << 30)
-            chunked_growth = vm_hwm_mb(self.gateway.proc.pid) - before
+            chunked_growth = peak_rss_mb(self.gateway.proc.pid, 0.0) - before
             self.progress(f"1 GiB chunked body: gateway peak RSS +{chunked_growth:.1f} MB, answer "
                           f"{answer[:12].decode(errors='replace')!r}")
             self.t0 = time.monotonic()
@@ -563,7 +545,7 @@ class Soak:
         for name in ("gateway", "server"):
             child = getattr(self, name, None)
             if child is not None and child.proc is not None:
-                self.peaks[name] = max(self.peaks[name], vm_hwm_mb(child.proc.pid))
+                self.peaks[name] = max(self.peaks[name], peak_rss_mb(child.proc.pid, 0.0))
                 code = child.stop(30)
                 if code not in (0, None, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it drained on
                     self.crashed.append(f"{name} (exit code {code} at shutdown)")

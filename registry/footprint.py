@@ -13,22 +13,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size of a live process in MB (Linux `/proc`; NaN elsewhere)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def serving_peak_rss(tracking_uri: str, model_name: str, alias: str, images: list[Path],
                      category: str, work: Path) -> float:
     """Start a server for `model_name@alias`, score `images`, return its peak RSS in MB."""
     from clients.sdk import AnomalyClient
-    from service.launch import start_server
+    from service.launch import peak_rss_mb, start_server
 
     child, target = start_server(tracking_uri, work / "logs" / f"rss-{alias}.log",
                                  cache_dir=work / "cache", model=model_name, alias=alias,

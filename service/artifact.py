@@ -11,7 +11,8 @@ alone. An index maps a registry version's identity (name, version, run id, sourc
 creation time) to its digest, so a registry that was recreated (a new "version 1") can
 never be served a stale file. A cached folder is re-hashed before use; a mismatch (a torn
 write, a changed file) means it is downloaded again. Downloads land in `staging/` and move
-into place only when complete; staging folders are removed on any failure.
+into place only when complete (each process stages in its own folder, so servers may share
+a cache); staging folders are removed on any failure.
 """
 
 from __future__ import annotations
@@ -134,6 +135,16 @@ def content_digest(files: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -155,8 +166,10 @@ class ArtifactCache:
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.index = self.root / "index"
-        self.staging = self.root / "staging"
-        shutil.rmtree(self.staging, ignore_errors=True)  # left over from a crash
+        self.staging = self.root / "staging" / str(os.getpid())  # servers may share a cache
+        for left in (self.root / "staging").glob("*"):  # left over by processes that crashed
+            if not left.name.isdigit() or not _alive(int(left.name)):
+                shutil.rmtree(left, ignore_errors=True)
 
     def _index_path(self, name: str, version: str) -> Path:
         return self.index / quote(name, safe="") / f"{quote(version, safe='')}.json"

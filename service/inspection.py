@@ -244,8 +244,9 @@ class InspectionLog:
                 error = NotReady(f"inspection log spool is full ({exc}); the database is unreachable "
                                  f"({self.last_db_error or 'see the server log'}); the decision was not "
                                  "made durable, so it is refused")
-            except OSError as exc:
+            except Exception as exc:  # a disk error, or anything else: refuse, never hang the requests
                 metrics.INSPECTION_ROWS.labels("refused").inc(len(batch))
+                log.error("inspection log: spooling %d decisions failed: %s", len(batch), exc)
                 error = NotReady(f"inspection log spool write failed: {exc}")
             self._loop.call_soon_threadsafe(self._settle, [f for _, f in batch], error)
 

@@ -21,6 +21,18 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+def peak_rss_mb(pid: int, default: float = float("nan")) -> float:
+    """Peak resident set size (`VmHWM`) of a live process in MB, from Linux's `/proc`;
+    `default` when it cannot be read (the process is gone, or not Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

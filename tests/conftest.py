@@ -214,3 +214,21 @@ def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, 
         return log_and_register(path, metadata, params={"fault": fault}, metrics={},
                                 model_name=store.model_name, aliases=aliases,
                                 artifact_root=store.home / "artifacts").version
+
+
+def wait_alias_error(stub, alias: str, version: str, request=None, serving: str = "", timeout: float = 30):
+    """Poll `GetModel(alias)` until the server reports that moving `alias` to `version`
+    failed (`last_error_version`), asserting meanwhile, when `request` is given, that each
+    Score is still answered by `serving`; returns the last `ModelInfo`."""
+    import time
+
+    from anomaly.v1 import anomaly_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    info = stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)
+    while info.last_error_version != version and time.monotonic() < deadline:
+        if request is not None:
+            assert stub.Score(request, timeout=30).model.version == serving
+        time.sleep(0.2)
+        info = stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)
+    return info

@@ -14,21 +14,21 @@ import grpc
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from conftest import fresh_postgres_database, register_mutated
+from conftest import fresh_postgres_database, register_mutated, wait_alias_error
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
-from loadtests.soak import send_chunked, vm_hwm_mb
-from service.launch import start_gateway, start_server
+from loadtests.soak import send_chunked
+from service.launch import peak_rss_mb, start_gateway, start_server
 
 
 def test_gateway_memory_flat_under_a_1gib_chunked_body(grpc_target: str, tmp_path: Path) -> None:
     child, base = start_gateway(grpc_target, tmp_path / "gateway.log")
     try:
         port = int(base.rsplit(":", 1)[1])
-        before = vm_hwm_mb(child.proc.pid)
+        before = peak_rss_mb(child.proc.pid)
         answer, sent = send_chunked("127.0.0.1", port, 1 << 30)
-        growth = vm_hwm_mb(child.proc.pid) - before
+        growth = peak_rss_mb(child.proc.pid) - before
         assert growth < 64, f"gateway peak RSS grew {growth:.0f} MB after {sent >> 20} MiB sent"
         assert sent < 256 << 20, f"the gateway read {sent >> 20} MiB before refusing"
         if answer:  # the answer may be lost if the close overtakes it; memory is the point
@@ -103,12 +103,7 @@ def test_malformed_mlmodel_does_not_kill_the_watcher(store, other_architectures,
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
             mlflow_client.set_registered_model_alias(store.model_name, alias, broken)
-            deadline = time.monotonic() + 20
-            info = stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)
-            while not info.last_error and time.monotonic() < deadline:
-                assert stub.Score(request, timeout=30).model.version == store.version
-                time.sleep(0.2)
-                info = stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)
+            info = wait_alias_error(stub, alias, broken, request, store.version)
             assert info.last_error_version == broken and "MLmodel" in info.last_error, info
             assert info.ref.version == store.version
             mlflow_client.set_registered_model_alias(store.model_name, alias, good_next)

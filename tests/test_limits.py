@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from conftest import register_tiny
+from conftest import register_tiny, wait_alias_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow import MlflowClient
 from PIL import Image
@@ -185,11 +185,7 @@ def test_version_with_nonfinite_validation_outputs_is_never_swapped_in(nan_serve
     try:
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
-            deadline = time.monotonic() + 30
-            info = stub.GetModel(pb.GetModelRequest(alias="nan-canary"), timeout=10)
-            while info.last_error_version != bad and time.monotonic() < deadline:
-                time.sleep(0.2)
-                info = stub.GetModel(pb.GetModelRequest(alias="nan-canary"), timeout=10)
+            info = wait_alias_error(stub, "nan-canary", bad)
             assert info.last_error_version == bad and "non-finite" in info.last_error, info
             assert info.ref.version == version and info.state == "SERVING"
             gray = io.BytesIO()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from conftest import register_mutated
+from conftest import register_mutated, wait_alias_error
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -119,12 +119,7 @@ def test_broken_version_never_replaces_the_serving_one(canary_server, store, cli
         _wait_version(stub, raw_request, store.version, timeout=10)
         client.set_registered_model_alias(store.model_name, ALIAS, str(bad))
         try:
-            deadline = time.monotonic() + 20
-            info = stub.GetModel(pb.GetModelRequest(alias=ALIAS), timeout=10)
-            while not info.last_error and time.monotonic() < deadline:
-                assert stub.Score(raw_request, timeout=30).model.version == store.version
-                time.sleep(0.2)
-                info = stub.GetModel(pb.GetModelRequest(alias=ALIAS), timeout=10)
+            info = wait_alias_error(stub, ALIAS, str(bad), raw_request, store.version)
             assert info.ref.version == store.version
             assert info.last_error_version == str(bad) and "ONNX" in info.last_error
             for _ in range(5):
