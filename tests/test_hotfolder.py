@@ -128,3 +128,26 @@ def test_server_restart_midway_every_image_exactly_once(store, good_and_defect, 
     engine.dispose()
     assert sorted(logged) == sorted(r["request_id"] for r in results.values())  # each exactly once
     assert len(set(logged)) == 240
+
+
+def test_an_oversize_file_first_never_stops_the_line(grpc_target: str, good_and_defect,
+                                                     tmp_path: Path) -> None:
+    """The reproduced case: a 40 MB file that sorts (and arrived) first, then three good
+    images. The good ones are scored within seconds; the big one goes to error/ with why."""
+    import os
+
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    huge = inbox / "000-huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40_000_000))
+    os.utime(huge, (time.time() - 60, time.time() - 60))
+    names = _fill(inbox, [*good_and_defect[0], *good_and_defect[1]], 3)
+    t0 = time.monotonic()
+    with AnomalyClient(grpc_target) as client:
+        summary = HotFolder(client, inbox, out, settle_s=0).run(seconds=30, until_empty=True, poll_s=0.2)
+    elapsed = time.monotonic() - t0
+    results = _results(out)
+    assert set(names) <= set(results) and elapsed < 10, (elapsed, summary, sorted(results))
+    assert all(results[n]["outcome"] in ("OK", "NG") for n in names)
+    assert results[huge.name]["outcome"] == "error"
+    assert "40000008 bytes" in results[huge.name]["message"], results[huge.name]
