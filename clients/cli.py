@@ -16,6 +16,29 @@ from clients.sdk import DEFAULT_TARGET, IMAGE_SUFFIXES, AnomalyClient, AnomalyEr
 app = typer.Typer(help="Industrial visual anomaly detection: score, serve, train.",
                   no_args_is_help=True)
 
+# The SDK's security options, the same on every command that talks to a server.
+ApiKey = Annotated[str, typer.Option(envvar="ANOMALY_API_KEY", show_default=False,
+                                     help="API key (x-api-key); or set ANOMALY_API_KEY")]
+ApiKeyFile = Annotated[Path | None, typer.Option(help="file whose first line is the API key")]
+TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate to trust (TLS / HTTPS)")]
+ClientCert = Annotated[Path | None, typer.Option(help="client certificate (mutual TLS)")]
+ClientKey = Annotated[Path | None, typer.Option(help="client private key (mutual TLS)")]
+
+
+def _security(api_key: str, api_key_file: Path | None, tls_ca: Path | None, client_cert: Path | None,
+              client_key: Path | None) -> dict:
+    """SDK keyword arguments from the security options (a key file wins over nothing)."""
+    if api_key_file is not None and not api_key:
+        try:
+            api_key = api_key_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise typer.BadParameter(f"cannot read an API key from {api_key_file}: {exc}",
+                                     param_hint="--api-key-file") from exc
+    if bool(client_cert) != bool(client_key):
+        raise typer.BadParameter("give both --client-cert and --client-key, or neither")
+    return {"api_key": api_key, "tls_ca_file": tls_ca, "client_cert_file": client_cert,
+            "client_key_file": client_key}
+
 
 def _expand(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
@@ -39,15 +62,21 @@ def score_cmd(
     version: Annotated[int, typer.Option(help="version number")] = 0,
     category: Annotated[str, typer.Option(help="product category")] = "",
     timeout: Annotated[float, typer.Option(help="deadline per image, seconds")] = 30.0,
+    api_key: ApiKey = "",
+    api_key_file: ApiKeyFile = None,
+    tls_ca: TlsCa = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
 ) -> None:
     """Score image files (or every image in folders) and print a table."""
+    security = _security(api_key, api_key_file, tls_ca, client_cert, client_key)
     files = _expand(paths)
     console = Console()
     table = Table(title=f"{len(files)} image(s) scored by {target}")
     for col in ("image", "score", "normalized", "decision", "threshold", "model", "ms"):
         table.add_column(col)
     failures = 0
-    with AnomalyClient(target, model=model, alias=alias, timeout=timeout) as client:
+    with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **security) as client:
         for f in files:
             try:
                 r = client.score(f, version=version, category=category, request_id=f.name)
@@ -68,14 +97,20 @@ def score_cmd(
 def models_cmd(
     target: Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")
                       ] = DEFAULT_TARGET,
+    api_key: ApiKey = "",
+    api_key_file: ApiKeyFile = None,
+    tls_ca: TlsCa = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
 ) -> None:
     """List the model versions loaded on a server."""
+    security = _security(api_key, api_key_file, tls_ca, client_cert, client_key)
     console = Console()
     table = Table(title=f"models on {target}")
     for col in ("name", "version", "aliases", "architecture", "variant", "input", "provider",
                 "categories"):
         table.add_column(col)
-    with AnomalyClient(target) as client:
+    with AnomalyClient(target, **security) as client:
         for m in client.list_models():
             table.add_row(m.ref.name, m.ref.version, m.ref.alias, m.ref.architecture,
                           m.ref.variant, f"{m.input_height}x{m.input_width}", m.provider,
@@ -95,21 +130,33 @@ def hotfolder_cmd(
                        ] = None,
     until_empty: Annotated[bool, typer.Option(help="stop once the inbox is empty")] = False,
     settle: Annotated[float, typer.Option(help="seconds a file must stay unchanged before scoring")] = 0.5,
+    max_attempts: Annotated[int, typer.Option(min=1, help="failed answers (not outages) before an image "
+                                                         "goes to error/")] = 8,
+    max_age: Annotated[float, typer.Option(help="seconds after its first failed answer before an image "
+                                                "goes to error/")] = 600.0,
+    api_key: ApiKey = "",
+    api_key_file: ApiKeyFile = None,
+    tls_ca: TlsCa = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
 ) -> None:
     """Watch a folder: score each new image, write <image>.json beside it, move both to OK/NG/error.
 
-    At least once and idempotent: images wait in the inbox while the server is down, and a
-    restart never loses or double-moves a file.
+    At least once and idempotent: images wait in the inbox while the server is down, one
+    image's failures never hold up the others, and a restart never loses or double-moves a
+    file.
     """
+    security = _security(api_key, api_key_file, tls_ca, client_cert, client_key)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from clients.hotfolder import HotFolder
 
     console = Console()
-    with AnomalyClient(target, retries=1) as client, Progress(
+    with AnomalyClient(target, retries=1, **security) as client, Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
             transient=True) as progress:
-        folder = HotFolder(client, inbox, out, category=category, station=station, settle_s=settle)
+        folder = HotFolder(client, inbox, out, category=category, station=station, settle_s=settle,
+                           max_attempts=max_attempts, max_age_s=max_age)
         task = progress.add_task(f"watching {inbox}")
         counts = {"OK": 0, "NG": 0, "error": 0}
 

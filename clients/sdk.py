@@ -11,9 +11,14 @@ too). Both are context managers::
         result = client.score("part.png", category="brick", request_id="SN-001")
         print(result.is_anomalous, result.model.version)
 
-Retries: `UNAVAILABLE` (server down or restarting) and `RESOURCE_EXHAUSTED` (queue full)
-are retried with exponential backoff and jitter, within the call's deadline (`timeout`,
-which covers all attempts). Each `score` carries a request id (generated when not given)
+Retries: `UNAVAILABLE` (server down or restarting), `CANCELLED` (a call caught by a server
+shutting down) and `RESOURCE_EXHAUSTED` (queue full) are retried with exponential backoff
+and jitter, within the call's deadline (`timeout`, which covers all attempts); a message
+over a size limit is `RESOURCE_EXHAUSTED` too but permanent, never retried. Every error
+says how to treat it (`AnomalyError.kind`: permanent, server down or transient; the one
+classification in `anomaly.wire` that the hot folder uses too). Before sending an image
+over 1 MiB the client learns the server's limit (`GetModel`'s `max_image_bytes`, once) and
+refuses a bigger one itself. Each `score` carries a request id (generated when not given)
 that stays the same across its retries, so the server's log and a caller's records can
 de-duplicate.
 
@@ -40,7 +45,7 @@ import grpc
 import httpx
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from anomaly.wire import identifier_problem
+from anomaly.wire import PERMANENT_KIND, classify, identifier_problem, too_large
 
 ImageInput = bytes | str | Path
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images
@@ -48,7 +53,8 @@ StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MODEL = "anomaly-detector"  # the server's default; HTTP paths need a name
 MAX_MESSAGE = 64 * 1024 * 1024
-RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"})
+CHECK_SIZE_ABOVE = 1 << 20  # images over this are checked against the server's limit first
 _HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
                415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
                504: "DEADLINE_EXCEEDED"}
@@ -91,8 +97,18 @@ class AnomalyError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Whether trying again later may succeed."""
-        return self.code in RETRYABLE
+        """Whether the SDK retries it within the call's deadline."""
+        return self.code in RETRYABLE and not too_large(self.code, self.message)
+
+    @property
+    def kind(self) -> str:
+        """`permanent`, `server down` or `transient` (`anomaly.wire.classify`)."""
+        return classify(self.code, self.message)
+
+    @property
+    def permanent(self) -> bool:
+        """Whether sending the same request again can never succeed."""
+        return self.kind == PERMANENT_KIND
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,7 @@ class ModelInfo:
     state: str = "SERVING"  # NOT_SERVING: a watched alias with no version loaded (see last_error)
     last_error: str = ""  # the alias's last failed move (the version above keeps serving)
     last_error_version: str = ""
+    max_image_bytes: int = 0  # the largest image the server accepts (0 = not said)
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,18 @@ class _BaseClient:
         self.max_backoff_s = max_backoff_s
         self._options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                          ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self._max_image_bytes: int | None = None  # learned from the server (0 = it said none)
+
+    def _needs_limit(self, call: _Call) -> bool:
+        """Whether the server's size limit must be learned before sending this call."""
+        return self._max_image_bytes is None and len(call.body or b"") > CHECK_SIZE_ABOVE
+
+    def _check_size(self, call: _Call) -> None:
+        """Refuse, without sending, an image over the server's limit (permanent)."""
+        size, limit = len(call.body or b""), self._max_image_bytes
+        if limit and size > limit:
+            raise AnomalyError("INVALID_ARGUMENT", f"image is {size} bytes; the server accepts at most "
+                                                   f"{limit} (checked before sending)")
 
     @staticmethod
     def _image_bytes(image: ImageInput) -> bytes:
@@ -262,10 +291,10 @@ class _BaseClient:
             return ModelInfo(self._ref(m["ref"]), m["input_height"], m["input_width"], list(m["categories"]),
                              dict(m["thresholds"]), m["provider"], m["precision"], m["loaded_at"],
                              m["source_uri"], m.get("state") or "SERVING", m.get("last_error", ""),
-                             m.get("last_error_version", ""))
+                             m.get("last_error_version", ""), int(m.get("max_image_bytes", 0)))
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
                          dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri,
-                         m.state or "SERVING", m.last_error, m.last_error_version)
+                         m.state or "SERVING", m.last_error, m.last_error_version, m.max_image_bytes)
 
     def _parse(self, rpc: str, raw: Any) -> Any:
         if rpc == "Score":
@@ -356,9 +385,15 @@ class AnomalyClient(_BaseClient):
               category: str = "", return_anomaly_map: bool = False, request_id: str = "",
               station: str = "", timeout: float | None = None) -> ScoreResult:
         """Score one image (bytes or a file path)."""
-        return self._invoke(self._score_call(image, model=model, alias=alias, version=version,
-                                             category=category, return_anomaly_map=return_anomaly_map,
-                                             request_id=request_id, station=station), timeout)
+        call = self._score_call(image, model=model, alias=alias, version=version, category=category,
+                                return_anomaly_map=return_anomaly_map, request_id=request_id, station=station)
+        if self._needs_limit(call):
+            try:
+                self._max_image_bytes = self.get_model(timeout=min(self.timeout, 10.0)).max_image_bytes
+            except AnomalyError:  # not learned now (server down?): the server will judge
+                pass
+        self._check_size(call)
+        return self._invoke(call, timeout)
 
     def score_stream(self, images: Iterable[StreamItem], *, model: str = "", alias: str = "",
                      version: int = 0, category: str = "", return_anomaly_map: bool = False,
@@ -438,9 +473,16 @@ class AsyncAnomalyClient(_BaseClient):
                     category: str = "", return_anomaly_map: bool = False, request_id: str = "",
                     station: str = "", timeout: float | None = None) -> ScoreResult:
         """Score one image (bytes or a file path)."""
-        return await self._invoke(self._score_call(image, model=model, alias=alias, version=version,
-                                                   category=category, return_anomaly_map=return_anomaly_map,
-                                                   request_id=request_id, station=station), timeout)
+        call = self._score_call(image, model=model, alias=alias, version=version, category=category,
+                                return_anomaly_map=return_anomaly_map, request_id=request_id, station=station)
+        if self._needs_limit(call):
+            try:
+                info = await self.get_model(timeout=min(self.timeout, 10.0))
+                self._max_image_bytes = info.max_image_bytes
+            except AnomalyError:  # not learned now (server down?): the server will judge
+                pass
+        self._check_size(call)
+        return await self._invoke(call, timeout)
 
     async def score_stream(self, images: Iterable[StreamItem] | AsyncIterable[StreamItem], *,
                            model: str = "", alias: str = "", version: int = 0, category: str = "",

@@ -120,6 +120,7 @@ class ModelOut(BaseModel):
     state: str = "SERVING"
     last_error: str = ""
     last_error_version: str = ""
+    max_image_bytes: int = 0
 
 
 def _ref(r: pb.ModelRef) -> ModelRefOut:
@@ -132,7 +133,7 @@ def _model(m: pb.ModelInfo) -> ModelOut:
                     categories=list(m.categories), thresholds=dict(m.thresholds),
                     provider=m.provider, precision=m.precision, loaded_at=m.loaded_at,
                     source_uri=m.source_uri, state=m.state or "SERVING", last_error=m.last_error,
-                    last_error_version=m.last_error_version)
+                    last_error_version=m.last_error_version, max_image_bytes=m.max_image_bytes)
 
 
 def _score(r: pb.ScoreResponse) -> ScoreOut:

@@ -68,11 +68,13 @@ def model_ref(loaded: LoadedModel, alias: str = "") -> pb.ModelRef:
                        architecture=loaded.metadata.architecture, variant=loaded.metadata.variant)
 
 
-def model_info(loaded: LoadedModel, alias: str = "",
-               error: tuple[str, str] | None = None) -> pb.ModelInfo:
-    """Loaded model → `ModelInfo` (with the alias's last failed move, if any)."""
+def model_info(loaded: LoadedModel, alias: str = "", error: tuple[str, str] | None = None,
+               max_image_bytes: int = 0) -> pb.ModelInfo:
+    """Loaded model → `ModelInfo` (with the alias's last failed move, if any, and the
+    server's image size limit)."""
     md = loaded.metadata
     return pb.ModelInfo(
+        max_image_bytes=max_image_bytes,
         state="SERVING", last_error=error[1] if error else "", last_error_version=error[0] if error else "",
         ref=model_ref(loaded, alias or ",".join(sorted(loaded.aliases))),
         input_height=md.input_height, input_width=md.input_width,
@@ -235,7 +237,9 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802, D102
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(m) for m in self.plane.list_models()])
+        limit = self.plane.settings.max_image_bytes
+        return pb.ListModelsResponse(models=[model_info(m, max_image_bytes=limit)
+                                             for m in self.plane.list_models()])
 
     async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
@@ -249,9 +253,10 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
             if watched and repo.current(spec.name, spec.alias) is None:
                 version, message = error or ("", "not loaded yet")
                 return pb.ModelInfo(ref=pb.ModelRef(name=spec.name, alias=spec.alias), state="NOT_SERVING",
-                                    last_error=message, last_error_version=version)
+                                    last_error=message, last_error_version=version,
+                                    max_image_bytes=self.plane.settings.max_image_bytes)
             loaded = await self.plane.get(spec, time.monotonic() + (context.time_remaining() or 30.0))
-            return model_info(loaded, spec.alias, error)
+            return model_info(loaded, spec.alias, error, self.plane.settings.max_image_bytes)
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
 

@@ -5,7 +5,9 @@ server's inspection log."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -64,17 +66,33 @@ def test_partial_file_waits_and_restart_is_idempotent(grpc_target: str, good_and
 
         # Crash after writing the JSON, before moving: the restarted client moves, never rescoring.
         shutil.copyfile(good_and_defect[1][0], inbox / "a.png")
-        stale = {"outcome": "NG", "request_id": "from-before", "image": "a.png"}
-        HotFolder._write_json(HotFolder.result_path(inbox / "a.png"), stale)
-        # Crash between moving the image and its JSON: the JSON follows its image.
+        digest = hashlib.sha256((inbox / "a.png").read_bytes()).hexdigest()
+        recorded = {"outcome": "NG", "request_id": "from-before", "image": "a.png", "sha256": digest,
+                    "dest": "NG/a.png"}
+        HotFolder._write_json(HotFolder.result_path(inbox / "a.png"), recorded)
+        # A camera reused a name after a crash: the JSON is for other content, so it is scored.
+        shutil.copyfile(good_and_defect[0][2], inbox / "c.png")
+        other = {"outcome": "NG", "request_id": "old-c", "image": "c.png", "sha256": "0" * 64,
+                 "dest": "NG/c.png"}
+        (inbox / "c.png.json").write_text(json.dumps(other))
+        # A power cut left an empty JSON: detected, the image scored, not fatal.
+        shutil.copyfile(good_and_defect[0][3], inbox / "d.png")
+        (inbox / "d.png.json").write_text("")
+        # Crash between moving the image and its JSON: the JSON follows its image to where it says.
+        shutil.copyfile(good_and_defect[0][1], out / "OK" / "b-1234.png")
+        (inbox / "b.png.json").write_text(json.dumps({"outcome": "OK", "request_id": "b", "image": "b.png",
+                                                      "dest": "OK/b-1234.png"}))
+        # ... and a part with that name filed earlier keeps its own JSON (never overwritten).
         shutil.copyfile(good_and_defect[0][1], out / "OK" / "b.png")
-        (inbox / "b.png.json").write_text(json.dumps({"outcome": "OK", "request_id": "b", "image": "b.png"}))
+        (out / "OK" / "b.png.json").write_text(json.dumps({"outcome": "OK", "request_id": "b-older"}))
         restarted = HotFolder(client, inbox, out, settle_s=0)
         summary = restarted.run(until_empty=True, seconds=20)
-    assert summary.ng == 1 and summary.pending == 0
+    assert summary.pending == 0 and summary.done == 3
     results = _results(out)
     assert results["a.png"]["request_id"] == "from-before"  # moved as recorded, not scored again
-    assert results["b.png"]["request_id"] == "b" and "slow.png" in results
+    assert results["c.png"]["request_id"] != "old-c" and results["c.png"]["sha256"] != "0" * 64
+    assert results["d.png"]["sha256"] and "slow.png" in results
+    assert results["b-1234.png"]["request_id"] == "b" and results["b.png"]["request_id"] == "b-older"
     assert not list(inbox.iterdir())
 
 
@@ -134,8 +152,6 @@ def test_an_oversize_file_first_never_stops_the_line(grpc_target: str, good_and_
                                                      tmp_path: Path) -> None:
     """The reproduced case: a 40 MB file that sorts (and arrived) first, then three good
     images. The good ones are scored within seconds; the big one goes to error/ with why."""
-    import os
-
     inbox, out = tmp_path / "in", tmp_path / "out"
     inbox.mkdir()
     huge = inbox / "000-huge.png"
@@ -151,3 +167,61 @@ def test_an_oversize_file_first_never_stops_the_line(grpc_target: str, good_and_
     assert all(results[n]["outcome"] in ("OK", "NG") for n in names)
     assert results[huge.name]["outcome"] == "error"
     assert "40000008 bytes" in results[huge.name]["message"], results[huge.name]
+
+
+def test_one_failing_image_backs_off_alone_and_is_filed_after_its_budget(store, tmp_path: Path) -> None:
+    """A model that answers INTERNAL (non-finite) for a black image: that image retries with
+    its own backoff while the gray ones behind it are scored, then goes to error/ with the
+    reason once its attempt budget is spent."""
+    from conftest import register_tiny
+    from PIL import Image
+
+    register_tiny(store, "nan_on_black", tmp_path, aliases=("hotfolder-nan",))
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 alias="hotfolder-nan")
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    Image.new("RGB", (64, 64)).save(inbox / "000-black.png")
+    os.utime(inbox / "000-black.png", (time.time() - 60, time.time() - 60))
+    for i in range(5):
+        Image.new("RGB", (64, 64), (80 + i, 80, 80)).save(inbox / f"gray-{i}.png")
+    done: list[tuple[float, str]] = []
+    try:
+        with AnomalyClient(target) as client:
+            folder = HotFolder(client, inbox, out, settle_s=0, max_attempts=3, backoff_s=0.3)
+            summary = folder.run(seconds=30, until_empty=True, poll_s=0.1,
+                                 on_done=lambda p, o: done.append((time.monotonic(), p.name)))
+    finally:
+        child.stop()
+    results = _results(out)
+    assert summary.error == 1 and summary.done == 6 and summary.retries == 2
+    order = [name for _, name in sorted(done)]
+    assert order[-1] == "000-black.png" and len(order) == 6  # the gray ones did not wait for it
+    black = results["000-black.png"]
+    assert black["outcome"] == "error" and black["code"] == "INTERNAL" and black["kind"] == "transient"
+    assert "gave up after 3 attempts" in black["message"] and "non-finite" in black["message"]
+
+
+def test_a_growing_file_is_never_sent_half_written(grpc_target: str, good_and_defect, tmp_path: Path) -> None:
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    data = good_and_defect[0][0].read_bytes()
+    target = inbox / "slow-camera.png"
+
+    def write_slowly() -> None:
+        with target.open("wb") as f:
+            for i in range(0, len(data), len(data) // 12 + 1):
+                f.write(data[i:i + len(data) // 12 + 1])
+                f.flush()
+                time.sleep(0.25)
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    while not target.exists():
+        time.sleep(0.01)
+    with AnomalyClient(grpc_target) as client:
+        summary = HotFolder(client, inbox, out, settle_s=0.6).run(seconds=20, until_empty=True, poll_s=0.1)
+    writer.join()
+    results = _results(out)
+    assert summary.done == 1 and summary.error == 0, summary
+    assert results["slow-camera.png"]["sha256"] == hashlib.sha256(data).hexdigest()

@@ -146,3 +146,70 @@ def test_score_stream_errors(grpc_target: str, http_base: str, image: bytes) -> 
 
     with pytest.raises(AnomalyError, match="UNIMPLEMENTED|gRPC target"):
         asyncio.run(run())
+
+
+@pytest.mark.parametrize(("code", "message", "kind"), [
+    ("INVALID_ARGUMENT", "not an image", "permanent"),
+    ("NOT_FOUND", "model x not found", "permanent"),
+    ("UNAUTHENTICATED", "missing or invalid API key", "permanent"),
+    ("PERMISSION_DENIED", "", "permanent"),
+    ("RESOURCE_EXHAUSTED", "Received message larger than max (40000037 vs. 8454144)", "permanent"),
+    ("RESOURCE_EXHAUSTED", "inference queue full (64 images waiting); retry later", "transient"),
+    ("DEADLINE_EXCEEDED", "", "transient"),
+    ("INTERNAL", "model produced a non-finite score", "transient"),
+    ("UNAVAILABLE", "registry unreachable", "server down"),
+    ("CANCELLED", "", "server down"),
+])
+def test_one_classification_of_failures(code: str, message: str, kind: str) -> None:
+    err = AnomalyError(code, message)
+    assert err.kind == kind and err.permanent == (kind == "permanent")
+    sdk_retries = code in ("UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED") and kind != "permanent"
+    assert err.retryable == sdk_retries
+
+
+def test_the_client_checks_the_servers_size_limit_before_sending(target: str) -> None:
+    """The server advertises its limit (`GetModel`); a bigger image is refused by the
+    client itself, permanently, on both transports; an image just under 1 MiB is not
+    checked (no extra call)."""
+    with AnomalyClient(target, retries=3) as client:
+        assert client.get_model().max_image_bytes == 8 * 1024 * 1024
+        t0 = time.monotonic()
+        with pytest.raises(AnomalyError) as info:
+            client.score(b"\x89PNG" + b"\0" * (9 * 1024 * 1024))
+        assert info.value.code == "INVALID_ARGUMENT" and info.value.permanent
+        assert "checked before sending" in info.value.message and info.value.attempts == 1
+        assert time.monotonic() - t0 < 5
+    with AnomalyClient(target, retries=3) as client:  # a fresh client against gRPC's own limit
+        client._max_image_bytes = 0  # as if the server had not said: the server's answer decides
+        with pytest.raises(AnomalyError) as info:
+            client.score(b"\x89PNG" + b"\0" * (12 * 1024 * 1024))
+        assert info.value.permanent and info.value.attempts == 1, info.value
+
+
+def test_registry_outage_is_unavailable_for_a_version_not_loaded(store, other_architectures, image: bytes,
+                                                                 tmp_path: Path) -> None:
+    """The server maps a registry it cannot reach to UNAVAILABLE (server down, retry later),
+    never to INVALID_ARGUMENT or FAILED_PRECONDITION that a client would file as final."""
+    import signal
+
+    from conftest import mlflow_server_process, tracking_uri
+
+    from registry.mlflow_registry import log_and_register
+
+    with mlflow_server_process(f"sqlite:///{tmp_path / 'reg.db'}", tmp_path) as (url, registry):
+        with tracking_uri(url):
+            log_and_register(store.build.onnx_path, store.build.metadata, params={}, metrics={},
+                             aliases=("champion",))
+            rd = other_architectures["rd"]
+            other = log_and_register(rd.onnx_path, rd.metadata, params={}, metrics={}).version
+        child, target = start_server(url, tmp_path / "server.log", cache_dir=tmp_path / "cache")
+        try:
+            registry.signal(signal.SIGKILL)
+            registry.proc.wait(10)
+            with AnomalyClient(target, retries=0, timeout=30) as client:
+                assert client.score(image).model.version == "1"  # the loaded champion still serves
+                with pytest.raises(AnomalyError) as info:
+                    client.score(image, version=int(other))
+            assert info.value.code == "UNAVAILABLE" and info.value.kind == "server down", info.value
+        finally:
+            child.stop()

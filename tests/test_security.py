@@ -154,3 +154,36 @@ def test_keys_are_secret_in_settings() -> None:
 
     s = Settings(api_keys=[KEY])
     assert KEY not in repr(s) and KEY not in str(s.model_dump())
+
+
+def test_hotfolder_and_score_commands_reach_a_secured_server(secure_server, pki, good_and_defect,
+                                                              tmp_path: Path) -> None:
+    """Security parity: `anomaly hotfolder` and `anomaly score` take the SDK's API-key (value,
+    environment or file) and mutual-TLS options."""
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    target, _ = secure_server
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(KEY + "\n")
+    tls = ["--tls-ca", str(pki["ca"]), "--client-cert", str(pki["client_cert"]),
+           "--client-key", str(pki["client_key"])]
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for i, path in enumerate(good_and_defect[0][:3]):
+        (inbox / f"part-{i}.png").write_bytes(path.read_bytes())
+    runner = CliRunner()
+    hot = runner.invoke(app, ["hotfolder", str(inbox), "--target", target, "--until-empty", "--seconds", "60",
+                              "--settle", "0", "--api-key-file", str(key_file), *tls])
+    assert hot.exit_code == 0, hot.output
+    assert len(list((inbox / "OK").glob("*.png")) + list((inbox / "NG").glob("*.png"))) == 3
+    scored = runner.invoke(app, ["score", str(good_and_defect[1][0]), "--target", target, *tls],
+                           env={"ANOMALY_API_KEY": KEY})
+    assert scored.exit_code == 0, scored.output
+    refused = runner.invoke(app, ["score", str(good_and_defect[1][0]), "--target", target, "--api-key",
+                                  "wrong", *tls], env={"COLUMNS": "250"})
+    assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.output and "wrong" not in refused.output
+    half = runner.invoke(app, ["score", str(good_and_defect[1][0]), "--target", target,
+                               "--client-cert", str(pki["client_cert"])])
+    assert half.exit_code == 2 and "--client-key" in half.output

@@ -4,6 +4,13 @@ transports), the HTTP gateway and the SDK, which checks before it sends.
 Identifiers (`request_id`, `station`) are recorded in the inspection log and written to log
 lines, so they are bounded and printable: at most `MAX_ID_LENGTH` characters, no control
 or other non-printable characters (`str.isprintable`).
+
+Failures are classified once, here, for the SDK's retries and the hot folder alike
+(`classify`): **permanent** (the request itself is wrong: invalid, too large,
+unauthenticated, permission denied, not found; sending it again cannot help), **server
+down** (unavailable, or cancelled by a server shutting down: everything waits, nothing is
+the request's fault), and **transient** (overloaded, deadline exceeded, and anything the
+server did not foresee: try this request again later, within a budget).
 """
 
 from __future__ import annotations
@@ -26,3 +33,23 @@ def identifier_problem(field: str, value: str) -> str | None:
         return (f"{field} contains the non-printable character U+{ord(bad):04X} at position "
                 f"{value.index(bad)}; use printable characters only")
     return None
+
+
+PERMANENT = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                       "NOT_FOUND", "UNIMPLEMENTED"})
+SERVER_DOWN = frozenset({"UNAVAILABLE", "CANCELLED"})
+PERMANENT_KIND, SERVER_DOWN_KIND, TRANSIENT_KIND = "permanent", "server down", "transient"
+
+
+def too_large(code: str, message: str) -> bool:
+    """Whether this is the answer to a message over gRPC's size limit (RESOURCE_EXHAUSTED, but permanent)."""
+    return code == "RESOURCE_EXHAUSTED" and "larger than max" in message
+
+
+def classify(code: str, message: str = "") -> str:
+    """`permanent`, `server down` or `transient` for a gRPC status name and its message."""
+    if code in PERMANENT or too_large(code, message):
+        return PERMANENT_KIND
+    if code in SERVER_DOWN:
+        return SERVER_DOWN_KIND
+    return TRANSIENT_KIND

@@ -121,7 +121,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version", "state")
+    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version", "state", "max_image_bytes")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class ModelInfo(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ref: ModelRef
     input_height: int
     input_width: int
@@ -153,4 +154,5 @@ class ModelInfo(_message.Message):
     last_error: str
     last_error_version: str
     state: str
-    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    max_image_bytes: int
+    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ..., state: _Optional[str] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
