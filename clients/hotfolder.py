@@ -2,8 +2,11 @@
 let one stop the others.
 
 For each image that appears in `inbox` (and has stopped changing: size and mtime stable for
-`settle_s`, so a file still being written is left alone however long it grows; `*.part`,
-`*.tmp` and dot-files are ignored), the client
+`settle_s`, so a file still being written is left alone however long it grows; and, for PNG
+and JPEG, complete: its end marker is there, so a camera that pauses longer than `settle_s`
+mid-write is waited for too: up to `incomplete_grace_s` after its last change when it was
+seen growing, `incomplete_quiet_s` otherwise, after which it is sent anyway and the server
+says what is wrong; `*.part`, `*.tmp` and dot-files are ignored), the client
 
 1. scores it with a request id derived from its name and content (the same id on every
    retry, so the server's records de-duplicate),
@@ -85,6 +88,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_END_MARKERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+def looks_complete(suffix: str, data: bytes) -> bool:
+    """Whether a PNG / JPEG holds its end marker (IEND chunk / EOI) near its end; other
+    formats cannot tell and count as complete."""
+    marker = _END_MARKERS.get(suffix.lower())
+    return marker is None or marker in data[-4096:]
+
+
 def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "_" for c in text)
 
@@ -103,6 +116,12 @@ class HotFolder:
         max_attempts: answered failures (not outages) after which an image goes to error/.
         max_age_s: seconds after its first answered failure after which it goes to error/.
         backoff_s, max_backoff_s: an image's wait after a transient failure, doubling.
+        empty_grace_s: a file that stays empty (0 bytes) this long goes to error/ (a camera
+            may create the file before it writes).
+        incomplete_grace_s: a PNG / JPEG seen growing and still without its end marker is
+            waited for this long after its last change, then sent anyway.
+        incomplete_quiet_s: the same for one never seen growing (it may have been complete
+            garbage from the start).
     """
 
     client: AnomalyClient
@@ -115,9 +134,13 @@ class HotFolder:
     max_age_s: float = 600.0
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
+    empty_grace_s: float = 60.0
+    incomplete_grace_s: float = 300.0
+    incomplete_quiet_s: float = 10.0
     server_down: bool = False  # the last `process` found the server unreachable
     _seen: dict[Path, tuple[int, int, float]] = field(default_factory=dict)
     _attempts: dict[Path, _Attempts] = field(default_factory=dict)
+    _grew: set[Path] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.inbox = Path(self.inbox)
@@ -145,6 +168,8 @@ class HotFolder:
         sig = (st.st_size, st.st_mtime_ns)
         seen = self._seen.get(path)
         if seen is None or seen[:2] != sig:
+            if seen is not None and sig[0] > seen[0]:
+                self._grew.add(path)  # a writer at work: wait for its end marker too
             self._seen[path] = (*sig, now)
             return self.settle_s <= 0 and st.st_size > 0
         return st.st_size > 0 and now - seen[2] >= self.settle_s
@@ -229,6 +254,9 @@ class HotFolder:
         if seen is not None and seen[:2] != (st.st_size, st.st_mtime_ns) or len(data) != st.st_size:
             self._seen.pop(image, None)  # it changed while read: wait for it to settle again
             return None
+        grace = self.incomplete_grace_s if image in self._grew else self.incomplete_quiet_s
+        if not looks_complete(image.suffix, data) and time.time() - st.st_mtime < grace:
+            return None  # a writer that pauses mid-file: wait for the end marker
         digest = hashlib.sha256(data).hexdigest()
         recorded = self._read_json(self.result_path(image))
         if recorded is not None and recorded.get("sha256") == digest:  # scored before a crash
@@ -273,6 +301,18 @@ class HotFolder:
                                              "kind": kind, "message": reason,
                                              "at": datetime.now(UTC).isoformat()}, digest)
 
+    def _empty_for_too_long(self, image: Path, now: float) -> str | None:
+        """File an image that has stayed empty for `empty_grace_s` under error/."""
+        seen = self._seen.get(image)
+        if seen is None or seen[0] != 0 or now - seen[2] < self.empty_grace_s:
+            return None
+        reason = f"empty file: 0 bytes for {now - seen[2]:.0f}s"
+        log.error("%s → error/: %s", image.name, reason)
+        return self._record_and_move(image, {"outcome": "error", "request_id": "", "code": "EMPTY",
+                                             "kind": PERMANENT_KIND, "message": reason,
+                                             "at": datetime.now(UTC).isoformat()},
+                                     hashlib.sha256(b"").hexdigest())
+
     @staticmethod
     def _payload(r: ScoreResult, outcome: str) -> dict:
         return {"outcome": outcome, "request_id": r.request_id, "score": r.score,
@@ -315,8 +355,11 @@ class HotFolder:
                 continue  # backing off: the others go ahead
             try:
                 if not self.settled(image):
-                    continue
-                outcome = self.process(image)
+                    outcome = self._empty_for_too_long(image, now)
+                    if outcome is None:
+                        continue
+                else:
+                    outcome = self.process(image)
             except FileNotFoundError:  # taken away by someone else meanwhile
                 self._seen.pop(image, None)
                 continue
@@ -327,6 +370,7 @@ class HotFolder:
                     return True  # every image would fail the same way: wait
                 continue
             self._seen.pop(image, None)
+            self._grew.discard(image)
             setattr(summary, outcome.lower(), getattr(summary, outcome.lower()) + 1)
             on_done(image, outcome)
         return False

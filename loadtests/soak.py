@@ -25,6 +25,7 @@ peak RSS of server and gateway, and the gateway's growth under a 1 GiB chunked b
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -40,6 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError
 from service.launch import ChildProcess, free_port, peak_rss_mb, start_gateway, start_server, wait_http_ready
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
+HOT_BEGIN, HOT_END = "<!-- hotfolder-soak:begin -->", "<!-- hotfolder-soak:end -->"
 MODEL = "soak-model"
 STATION = "soak"
 
@@ -454,24 +457,28 @@ class Soak:
         self.stop.wait(max(0.0, end - time.monotonic()))
 
     # -- the run ----------------------------------------------------------------------
-    def run(self) -> SoakResult:
-        """Set up, drive for `minutes`, tear down; returns the result."""
+    def _start_sandbox(self) -> None:
+        """The registry (with the good and broken versions), the database, the server."""
         from loadtests.pgcluster import PostgresCluster
 
         self.work.mkdir(parents=True, exist_ok=True)
-        self.good, defects = _images(self.images)
         source = self._source_folder()
         self.registry = MlflowServer(f"sqlite:///{self.work / 'registry.db'}", self.work)
         self.pg = PostgresCluster()
         self.server_port = free_port()
+        self.progress("starting the registry, the inspection database and the server")
+        self.registry.start()
+        self.pg.init()
+        self.pg.start()
+        self.versions = self._versions(source)
+        self._start_server()
+
+    def run(self) -> SoakResult:
+        """Set up, drive for `minutes`, tear down; returns the result."""
+        self.good, defects = _images(self.images)
         threads: list[threading.Thread] = []
         try:
-            self.progress("starting the registry, the inspection database, the server and the gateway")
-            self.registry.start()
-            self.pg.init()
-            self.pg.start()
-            self.versions = self._versions(source)
-            self._start_server()
+            self._start_sandbox()
             self.gateway, self.base = start_gateway(self.target, self.work / "gateway.log")
             self.known_defects = self._reference(defects)
             before = peak_rss_mb(self.gateway.proc.pid, 0.0)
@@ -517,27 +524,32 @@ class Soak:
         self.progress(f"{len(known)} of {min(len(defects), 60)} test defects are known-defective references")
         return known
 
-    def _missing(self, timeout: float = 180) -> int:
-        """Acknowledged request ids not in the inspection database once it has caught up."""
+    def _rows(self, wanted: set[str], station: str = STATION, timeout: float = 180) -> list[str]:
+        """The request ids of `station`'s rows once the database holds every one of `wanted`
+        (or `timeout` passed)."""
         from sqlalchemy import create_engine, text
 
         engine = create_engine(self.pg.url)
         deadline = time.monotonic() + timeout
-        missing = set(self.tally.acknowledged)
+        rows: list[str] = []
         try:
-            while missing and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 try:
                     with engine.connect() as conn:
-                        rows = {r[0] for r in conn.execute(text("SELECT request_id FROM inspections "
-                                                                "WHERE station = :s"), {"s": STATION})}
-                    missing -= rows
+                        rows = [r[0] for r in conn.execute(text("SELECT request_id FROM inspections "
+                                                                "WHERE station = :s"), {"s": station})]
+                    if wanted <= set(rows):
+                        break
                 except Exception as exc:  # the database may still be starting
                     self.progress(f"  waiting for the inspection database: {exc}")
-                if missing:
-                    time.sleep(1.0)
+                time.sleep(1.0)
         finally:
             engine.dispose()
-        return len(missing)
+        return rows
+
+    def _missing(self) -> int:
+        """Acknowledged request ids not in the inspection database once it has caught up."""
+        return len(self.tally.acknowledged - set(self._rows(self.tally.acknowledged)))
 
     def _teardown(self) -> None:
         self._check_processes()
@@ -551,6 +563,221 @@ class Soak:
                     self.crashed.append(f"{name} (exit code {code} at shutdown)")
         self.registry.stop()
         self.pg.remove()
+
+
+HOT_STATION = "hotfolder-soak"
+
+
+@dataclass
+class HotFolderResult:
+    """What the hot-folder soak measured (see `render_hotfolder`)."""
+
+    minutes: float
+    good_dropped: int
+    scored_once: int
+    lost: list[str]
+    duplicated: list[str]
+    poison_dropped: dict[str, int]
+    poison_filed: dict[str, int]
+    poison_unclassified: list[str]
+    db_missing: int
+    db_repeated: int
+    max_excess_wait_s: float
+    outage_s: float
+    server_kills: int
+    db_outages: int
+    crashed: list[str]
+
+    def failures(self) -> list[str]:
+        """The checks that did not hold (empty: the soak passed)."""
+        checks = [(not self.lost, f"{len(self.lost)} good images lost: {self.lost[:5]}"),
+                  (not self.duplicated, f"{len(self.duplicated)} images filed twice: {self.duplicated[:5]}"),
+                  (not self.poison_unclassified,
+                   f"poison files not in error/: {self.poison_unclassified[:5]}"),
+                  (self.db_missing == 0, f"{self.db_missing} scored images without an inspection-log row"),
+                  (not self.crashed, f"crashed: {', '.join(self.crashed)}"),
+                  (self.good_dropped >= 1, "no image was dropped")]
+        return [message for ok, message in checks if not ok]
+
+
+class HotFolderSoak(Soak):
+    """The MES edge under poison files and outages: a hot folder fed `count` images (good
+    ones from two cameras, reused names, a file written over a minute, oversize, not an
+    image, empty) while the server is SIGKILLed and the inspection database goes down."""
+
+    def __init__(self, *args: object, count: int = 2000, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.count = count
+        self.dropped: dict[str, tuple[str, float]] = {}  # good file name → (sha256, ready at)
+        self.poison: dict[str, str] = {}  # file name → kind
+        self.outages: list[tuple[float, float]] = []
+        self.lock = threading.Lock()
+
+    def _drop(self, name: str, data: bytes, kind: str = "good") -> None:
+        tmp = self.inbox / f".{name}.part"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.inbox / name)
+        with self.lock:
+            if kind == "good":
+                key = f"{name}#{len(self.dropped)}"
+                self.dropped[key] = (hashlib.sha256(data).hexdigest(), time.time())
+            else:
+                self.poison[name] = kind
+
+    def _dropper(self, end: float) -> None:
+        sources = [p.read_bytes() for p, _ in self.good[:40]]
+        interval = max(0.0, (end - time.monotonic()) * 0.8 / self.count)
+        slow = threading.Thread(target=self._slow_writer, args=(sources[0],), daemon=True)
+        for i in range(self.count):
+            if self.stop.is_set():
+                break
+            # Unique content per part: bytes after PNG's IEND are ignored by decoders.
+            data = sources[i % len(sources)] + b"SOAK%08d" % i
+            if i % 97 == 13:  # two cameras, one name: the second part arrives after the first left
+                name = f"dup-{i // 194:04d}.png"  # each name twice
+                while (self.inbox / name).exists() and not self.stop.is_set():
+                    time.sleep(0.05)
+            else:
+                name = f"cam{1 + i % 2}-{i:05d}.png"
+            self._drop(name, data)
+            if i == self.count // 10:
+                slow.start()
+            if i % 200 == 50:
+                n = i // 200
+                self._drop(f"oversize-{n}.png", b"\x89PNG\r\n\x1a\n" + os.urandom(9 << 20), "oversize")
+                self._drop(f"not-an-image-{n}.png", b"%PDF-1.4 definitely not pixels " * 40, "not an image")
+                self._drop(f"empty-{n}.png", b"", "zero bytes")
+            self.stop.wait(interval)
+        slow.join(120)
+
+    def _slow_writer(self, data: bytes) -> None:
+        """A camera that takes a minute to write one image."""
+        path = self.inbox / "slow-camera.png"
+        data = data + b"SOAK-SLOW"
+        piece = len(data) // 60 + 1
+        with path.open("wb") as f:
+            for i in range(0, len(data), piece):
+                f.write(data[i:i + piece])
+                f.flush()
+                if self.stop.wait(1.0):
+                    break
+        with self.lock:
+            self.dropped["slow-camera.png#slow"] = (hashlib.sha256(data).hexdigest(), time.time())
+
+    def _watch(self) -> None:
+        from clients.hotfolder import HotFolder
+
+        with AnomalyClient(self.target, retries=2, timeout=30, backoff_s=0.2, max_backoff_s=1.0) as client:
+            folder = HotFolder(client, self.inbox, self.out, station=HOT_STATION, settle_s=0.5,
+                               max_attempts=8, backoff_s=0.5, empty_grace_s=10.0)
+            folder.run(poll_s=0.2, max_backoff_s=2.0, stop=self.stop.is_set)
+
+    def _server_kill(self, seconds: float) -> None:
+        t0 = time.time()
+        super()._server_kill(seconds)
+        self.outages.append((t0, time.time()))
+
+    def run(self) -> HotFolderResult:  # type: ignore[override]
+        """Set up, drop and watch for `minutes`, drain, tear down; returns the result."""
+        self.good, _ = _images(self.images)
+        self.inbox, self.out = self.work / "inbox", self.work / "out"
+        threads: list[threading.Thread] = []
+        try:
+            self._start_sandbox()
+            self.inbox.mkdir(parents=True, exist_ok=True)
+            self.t0 = time.monotonic()
+            end = self.t0 + self.minutes * 60
+            dropper = threading.Thread(target=self._dropper, args=(end,), daemon=True)
+            watcher = threading.Thread(target=self._watch, daemon=True)
+            threads = [dropper, watcher, threading.Thread(target=self._monitor, daemon=True)]
+            for t in threads:
+                t.start()
+            schedule = [("server SIGKILL", self._server_kill),
+                        ("inspection database down",
+                         lambda s: self._outage("db", self.pg.stop, self.pg.start, s))]
+            pause = min(60.0, max(5.0, self.minutes * 60 / 8))
+            i = 0
+            while time.monotonic() + pause < end and not self.stop.is_set():
+                self.stop.wait(pause)
+                name, fault = schedule[i % len(schedule)]
+                self.progress(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] fault: {name}")
+                fault(min(20.0, pause / 2))
+                i += 1
+            dropper.join(max(0.0, end - time.monotonic()) + 180)
+            self._drain()
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join(60)
+        try:
+            return self._result()
+        finally:
+            self._teardown()
+
+    def _drain(self, timeout: float = 180) -> None:
+        """Wait until every good image and every poison file has left the inbox."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = [p for p in self.inbox.iterdir() if p.is_file() and not p.name.startswith(".")]
+            if not left:
+                return
+            time.sleep(0.5)
+        self.progress(f"  {len(left)} files still in the inbox after {timeout:.0f}s: "
+                      f"{[p.name for p in left[:5]]}")
+
+    def _result(self) -> HotFolderResult:
+        results: dict[str, list[dict]] = {}
+        for outcome in ("OK", "NG", "error"):
+            for j in (self.out / outcome).glob("*.json"):
+                payload = json.loads(j.read_text())
+                payload["_file"] = f"{outcome}/{j.name[:-5]}"
+                results.setdefault(payload.get("sha256", ""), []).append(payload)
+        good = {sha: (name.split("#")[0], ready) for name, (sha, ready) in self.dropped.items()}
+        lost = [name for sha, (name, _) in good.items() if sha not in results]
+        duplicated = [name for sha, (name, _) in good.items() if len(results.get(sha, [])) > 1]
+        scored_once = sum(1 for sha in good if len(results.get(sha, [])) == 1
+                          and results[sha][0]["outcome"] in ("OK", "NG"))
+        errors = {p["image"]: p for ps in results.values() for p in ps if p["outcome"] == "error"}
+        unclassified = [name for name in self.poison if name not in errors or not errors[name].get("message")]
+        kinds = Counter(self.poison.values())
+        filed = Counter(kind for name, kind in self.poison.items() if name in errors)
+        excess = 0.0
+        for sha, (_, ready) in good.items():
+            for payload in results.get(sha, []):
+                done = datetime.fromisoformat(payload["at"]).timestamp()  # when it was filed
+                overlap = sum(max(0.0, min(done, b) - max(ready, a)) for a, b in self.outages)
+                excess = max(excess, done - ready - overlap)
+        rids = {p["request_id"] for sha in good for p in results.get(sha, []) if p["outcome"] != "error"}
+        rows = self._rows(rids, station=HOT_STATION)
+        return HotFolderResult(
+            self.minutes, len(good), scored_once, lost, duplicated, dict(kinds), dict(filed), unclassified,
+            len(rids - set(rows)), len(rows) - len(set(rows)), excess,
+            sum(b - a for a, b in self.outages), self.counts["server kills"], self.counts["db outages"],
+            self.crashed)
+
+
+def render_hotfolder(r: HotFolderResult, command: str, machine: str) -> str:
+    """The Markdown report of the hot-folder soak."""
+    failures = r.failures()
+    poison = ", ".join(f"{kind} {r.poison_filed.get(kind, 0)} of {n}"
+                       for kind, n in sorted(r.poison_dropped.items()))
+    lines = [f"Command: `{command}`  ", f"{machine}  ",
+             f"Result: **{'PASSED' if not failures else 'FAILED: ' + '; '.join(failures)}**", "",
+             "| check | result |", "|---|---|",
+             "| good images dropped (two cameras, reused names, one written over a minute) | "
+             f"{r.good_dropped} |",
+             f"| good images scored exactly once | **{r.scored_once}** of {r.good_dropped} |",
+             f"| good images lost / filed twice | **{len(r.lost)}** / **{len(r.duplicated)}** |",
+             f"| poison files in error/ with a reason | {poison}; "
+             f"unclassified **{len(r.poison_unclassified)}** |",
+             f"| scored images without an inspection-log row | **{r.db_missing}** |",
+             "| repeated inspection-log rows (an answer lost to a SIGKILL, retried with the same "
+             f"request id) | {r.db_repeated} |",
+             f"| server SIGKILLs / inspection-database outages | {r.server_kills} / {r.db_outages} "
+             f"({r.outage_s:.0f} s of server down in all) |",
+             f"| longest wait of a good image beyond the outages | **{r.max_excess_wait_s:.1f} s** |",
+             f"| crashed processes | **{len(r.crashed)}** {', '.join(r.crashed)} |"]
+    return "\n".join(lines) + "\n"
 
 
 def render(r: SoakResult, command: str, machine: str) -> str:
@@ -583,6 +810,12 @@ def run_soak(tracking_uri: str, model: str, alias: str, images: Path, minutes: f
              progress: Callable[[str], None] = print, workers: int = 2) -> SoakResult:
     """Run one soak (see the module docstring) and return its result."""
     return Soak(tracking_uri, model, alias, images, minutes, work, progress, workers).run()
+
+
+def run_hotfolder_soak(tracking_uri: str, model: str, alias: str, images: Path, minutes: float, work: Path,
+                       count: int = 2000, progress: Callable[[str], None] = print) -> HotFolderResult:
+    """Run one hot-folder soak (`HotFolderSoak`) and return its result."""
+    return HotFolderSoak(tracking_uri, model, alias, images, minutes, work, progress, count=count).run()
 
 
 def result_json(r: SoakResult) -> str:

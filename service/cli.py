@@ -176,33 +176,46 @@ def soak_cmd(
     minutes: Annotated[float, typer.Option(min=0.2, help="how long to drive load and faults")] = 10.0,
     work: Annotated[Path | None, typer.Option(help="sandbox folder (default: a new temporary one)")] = None,
     out: Annotated[Path | None, typer.Option(help="Markdown report (table between soak markers)")] = None,
+    hotfolder: Annotated[bool, typer.Option(help="soak the MES hot folder instead: poison files, reused "
+                                                 "names, a slow writer, server SIGKILLs, database outages")
+                         ] = False,
+    count: Annotated[int, typer.Option(min=1, help="--hotfolder: good images to drop")] = 2000,
 ) -> None:
     """Fault-injection soak: a real server and gateway under good and hostile load while
     alias moves to broken versions, registry and database outages and SIGKILLs are
-    injected; prints what was lost, passed wrongly or crashed (exit 1 if anything was)."""
+    injected; prints what was lost, passed wrongly or crashed (exit 1 if anything was).
+    With --hotfolder, the same for the MES hot folder."""
     import platform
     import shlex
     import sys
     import tempfile
 
+    from loadtests import soak
     from loadtests.bench import write_report
-    from loadtests.soak import BEGIN, END, render, run_soak
     from service.settings import usable_cores
 
     settings = _settings(tracking_uri=tracking_uri)
     folder = work or Path(tempfile.mkdtemp(prefix="anomaly-soak-"))
+    progress = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        result = run_soak(settings.tracking_uri, model, alias, images, minutes, folder,
-                          progress=lambda m: typer.echo(m, err=True))
+        if hotfolder:
+            result = soak.run_hotfolder_soak(settings.tracking_uri, model, alias, images, minutes, folder,
+                                             count=count, progress=progress)
+        else:
+            result = soak.run_soak(settings.tracking_uri, model, alias, images, minutes, folder,
+                                   progress=progress)
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
     machine = f"Machine: {usable_cores()} CPU cores, {platform.system()} {platform.machine()}, Python " \
               f"{platform.python_version()}; sandbox {folder}"
-    report = render(result, "anomaly " + shlex.join(sys.argv[1:]), machine)
+    command = "anomaly " + shlex.join(sys.argv[1:])
+    render = soak.render_hotfolder if hotfolder else soak.render
+    report = render(result, command, machine)  # type: ignore[arg-type]
     typer.echo(report)
     if out is not None:
-        write_report(out, report, markers=(BEGIN, END), heading="# Reliability\n\nProduced by `anomaly soak` "
+        markers = (soak.HOT_BEGIN, soak.HOT_END) if hotfolder else (soak.BEGIN, soak.END)
+        write_report(out, report, markers=markers, heading="# Reliability\n\nProduced by `anomaly soak` "
                      "(loadtests/soak.py).")
         typer.echo(f"wrote {out}")
     if result.failures():

@@ -208,19 +208,19 @@ def test_a_growing_file_is_never_sent_half_written(grpc_target: str, good_and_de
     data = good_and_defect[0][0].read_bytes()
     target = inbox / "slow-camera.png"
 
-    def write_slowly() -> None:
+    def write_slowly() -> None:  # pauses longer than the settle time: only the end marker tells
         with target.open("wb") as f:
-            for i in range(0, len(data), len(data) // 12 + 1):
-                f.write(data[i:i + len(data) // 12 + 1])
+            for i in range(0, len(data), len(data) // 6 + 1):
+                f.write(data[i:i + len(data) // 6 + 1])
                 f.flush()
-                time.sleep(0.25)
+                time.sleep(0.8)
 
     writer = threading.Thread(target=write_slowly)
     writer.start()
     while not target.exists():
         time.sleep(0.01)
     with AnomalyClient(grpc_target) as client:
-        summary = HotFolder(client, inbox, out, settle_s=0.6).run(seconds=20, until_empty=True, poll_s=0.1)
+        summary = HotFolder(client, inbox, out, settle_s=0.3).run(seconds=20, until_empty=True, poll_s=0.1)
     writer.join()
     results = _results(out)
     assert summary.done == 1 and summary.error == 0, summary

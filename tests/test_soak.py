@@ -23,3 +23,18 @@ def test_short_soak_loses_nothing_and_passes_no_defect(store, sample_root: Path,
     assert result.registry_outages >= 1 and result.db_outages >= 1 and result.server_kills >= 1, report
     assert any(k.startswith("HTTP 64 MiB chunked body: 413") for k in result.outcomes), result.outcomes
     assert result.gateway_chunked_growth_mb < 64
+
+
+def test_short_hotfolder_soak_files_every_image_exactly_once(store, sample_root: Path,
+                                                             tmp_path: Path) -> None:
+    from loadtests.soak import render_hotfolder, run_hotfolder_soak
+
+    lines: list[str] = []
+    result = run_hotfolder_soak(store.tracking_uri, store.model_name, "champion", sample_root, minutes=1.2,
+                                work=tmp_path / "hot", count=200, progress=lines.append)
+    report = render_hotfolder(result, "test_soak", "CI")
+    print("\n".join(lines[-20:]), report, sep="\n")
+    assert not result.failures(), report
+    assert result.scored_once == result.good_dropped > 200  # and the slow camera's image
+    assert result.poison_filed == result.poison_dropped and result.poison_dropped["oversize"] >= 1
+    assert result.server_kills >= 1 and result.db_outages >= 1
