@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from anomaly.durable import fsync_dir, write_atomic
 from anomaly.wire import PERMANENT_KIND, SERVER_DOWN_KIND
 
 from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError, ScoreResult
@@ -78,14 +79,6 @@ class _Attempts:
     first_failure: float = 0.0
     next_try: float = 0.0
     last_error: str = ""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _END_MARKERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
@@ -187,14 +180,8 @@ class HotFolder:
 
     @staticmethod
     def _write_json(path: Path, payload: dict) -> None:
-        """Write `payload` durably and atomically: temp file, fsync, rename, fsync the folder."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        """Write `payload` durably and atomically (`anomaly.durable.write_atomic`)."""
+        write_atomic(path, json.dumps(payload, indent=2))
 
     @staticmethod
     def _read_json(path: Path) -> dict | None:
@@ -223,11 +210,11 @@ class HotFolder:
     def _move(self, image: Path, result: Path, dest: Path) -> None:
         """The image first (it is the unit of work), then its JSON; both folders fsync'd."""
         os.replace(image, dest)
-        _fsync_dir(dest.parent)
-        _fsync_dir(image.parent)
+        fsync_dir(dest.parent)
+        fsync_dir(image.parent)
         os.replace(result, self.result_path(dest))
-        _fsync_dir(dest.parent)
-        _fsync_dir(result.parent)
+        fsync_dir(dest.parent)
+        fsync_dir(result.parent)
 
     def _record_and_move(self, image: Path, payload: dict, digest: str) -> str:
         assert self.out is not None
@@ -339,7 +326,7 @@ class HotFolder:
             dest = self.out / (recorded.get("dest") or f"{recorded['outcome']}/{image_name}")
             if dest.is_file() and not self.result_path(dest).exists():
                 os.replace(result, self.result_path(dest))
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
                 moved += 1
         return moved
 

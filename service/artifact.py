@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import numpy as np
 import yaml
+from anomaly.durable import write_atomic
 
 from service.errors import InvalidInput, ModelLoadError
 from service.metadata import METADATA_FILE, ModelMetadata
@@ -145,16 +146,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ArtifactCache:
     """Content-addressed local copies of model version folders (see the module docstring).
 
@@ -215,7 +206,7 @@ class ArtifactCache:
                 raise ModelLoadError(f"the artifact of {name}/{version} holds no MLmodel file")
             files = manifest(local)
             digest = content_digest(files)
-            _write_atomic(local / MANIFEST, json.dumps(files, indent=1))
+            write_atomic(local / MANIFEST, json.dumps(files, indent=1))
             target = self.blobs / digest
             if not target.is_dir():
                 self.blobs.mkdir(parents=True, exist_ok=True)
@@ -224,7 +215,7 @@ class ArtifactCache:
                 except OSError:  # the same content arrived concurrently
                     if not target.is_dir():
                         raise
-            _write_atomic(self._index_path(name, version), json.dumps({"identity": identity,
+            write_atomic(self._index_path(name, version), json.dumps({"identity": identity,
                                                                       "digest": digest}))
             return target, digest
         finally:

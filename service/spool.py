@@ -25,6 +25,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from anomaly.durable import fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".seg"
@@ -57,14 +59,6 @@ def _unframe(line: bytes) -> bytes | None:
     except ValueError:
         return None
     return record if zlib.crc32(record) == crc else None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -119,7 +113,7 @@ class Spool:
         if not segments:
             segments = [max(self._shipped.segment, 0)]
             self._segment(segments[0]).touch()
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         if self._shipped.segment < segments[0]:
             self._shipped = Position(segments[0], 0)
         last = segments[-1]
@@ -177,7 +171,7 @@ class Spool:
         self._file.close()
         nxt = self._write.segment + 1
         self._file = self._segment(nxt).open("ab")
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         with self._lock:
             self._write = Position(nxt, 0)
 
@@ -224,13 +218,8 @@ class Spool:
             old = self._shipped
             self._shipped = position
             self.pending_bytes -= shipped
-        tmp = self.folder / f".{CHECKPOINT}.tmp"
-        with tmp.open("w") as f:
-            json.dump({"segment": position.segment, "offset": position.offset}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / CHECKPOINT)
-        _fsync_dir(self.folder)
+        write_atomic(self.folder / CHECKPOINT, json.dumps({"segment": position.segment,
+                                                           "offset": position.offset}))
         for n in range(old.segment, position.segment):
             self._segment(n).unlink(missing_ok=True)
 
