@@ -167,7 +167,7 @@ class DataPlane:
         try:
             return await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError:
-            future.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" log
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
             raise DeadlineExceeded(f"model {spec} is still loading; try again shortly") from None
 
     def list_models(self) -> list[LoadedModel]:
