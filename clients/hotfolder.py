@@ -207,6 +207,18 @@ class HotFolder:
                 return dest
         raise RuntimeError(f"no free name for {image.name} in {folder}")
 
+    def _recorded_destination(self, recorded: dict, image_name: str) -> Path | None:
+        """Where a result JSON says its image went: only a file directly in OK/, NG/ or error/
+        (a JSON is data from the inbox; it may not send a file anywhere else)."""
+        assert self.out is not None
+        dest = (self.out / (recorded.get("dest") or f"{recorded['outcome']}/{image_name}")).resolve()
+        folders = {(self.out / outcome).resolve() for outcome in OUTCOMES}
+        if dest.parent not in folders or dest.suffix.lower() not in IMAGE_SUFFIXES:
+            log.warning("%s.json names %s as its destination, outside the outcome folders; ignored",
+                        image_name, recorded.get("dest"))
+            return None
+        return dest
+
     def _move(self, image: Path, result: Path, dest: Path) -> None:
         """The image first (it is the unit of work), then its JSON; both folders fsync'd."""
         os.replace(image, dest)
@@ -247,9 +259,8 @@ class HotFolder:
         digest = hashlib.sha256(data).hexdigest()
         recorded = self._read_json(self.result_path(image))
         if recorded is not None and recorded.get("sha256") == digest:  # scored before a crash
-            assert self.out is not None
-            dest = self.out / recorded.get("dest", f"{recorded['outcome']}/{image.name}")
-            if dest.exists() or self.result_path(dest).exists():
+            dest = self._recorded_destination(recorded, image.name)
+            if dest is None or dest.exists() or self.result_path(dest).exists():
                 dest = self._destination(image, recorded["outcome"], digest)
             self._move(image, self.result_path(image), dest)
             return recorded["outcome"]
@@ -283,8 +294,12 @@ class HotFolder:
             reason = (f"gave up after {state.failures} attempts over {now - state.first_failure:.0f}s; "
                       f"last: {reason}")
         self._attempts.pop(image, None)
+        return self._file_error(image, digest, rid, exc.code, kind, reason)
+
+    def _file_error(self, image: Path, digest: str, rid: str, code: str, kind: str, reason: str) -> str:
+        """Record why an image failed and move it to error/."""
         log.error("%s → error/: %s", image.name, reason)
-        return self._record_and_move(image, {"outcome": "error", "request_id": rid, "code": exc.code,
+        return self._record_and_move(image, {"outcome": "error", "request_id": rid, "code": code,
                                              "kind": kind, "message": reason,
                                              "at": datetime.now(UTC).isoformat()}, digest)
 
@@ -293,12 +308,8 @@ class HotFolder:
         seen = self._seen.get(image)
         if seen is None or seen[0] != 0 or now - seen[2] < self.empty_grace_s:
             return None
-        reason = f"empty file: 0 bytes for {now - seen[2]:.0f}s"
-        log.error("%s → error/: %s", image.name, reason)
-        return self._record_and_move(image, {"outcome": "error", "request_id": "", "code": "EMPTY",
-                                             "kind": PERMANENT_KIND, "message": reason,
-                                             "at": datetime.now(UTC).isoformat()},
-                                     hashlib.sha256(b"").hexdigest())
+        return self._file_error(image, hashlib.sha256(b"").hexdigest(), "", "EMPTY", PERMANENT_KIND,
+                                f"empty file: 0 bytes for {now - seen[2]:.0f}s")
 
     @staticmethod
     def _payload(r: ScoreResult, outcome: str) -> dict:
@@ -323,8 +334,8 @@ class HotFolder:
                 os.replace(result, aside)
                 log.error("%s is torn and its image is gone; set aside as %s", result.name, aside)
                 continue
-            dest = self.out / (recorded.get("dest") or f"{recorded['outcome']}/{image_name}")
-            if dest.is_file() and not self.result_path(dest).exists():
+            dest = self._recorded_destination(recorded, image_name)
+            if dest is not None and dest.is_file() and not self.result_path(dest).exists():
                 os.replace(result, self.result_path(dest))
                 fsync_dir(dest.parent)
                 moved += 1
@@ -348,7 +359,7 @@ class HotFolder:
                 else:
                     outcome = self.process(image)
             except FileNotFoundError:  # taken away by someone else meanwhile
-                self._seen.pop(image, None)
+                self._forget(image)
                 continue
             if outcome is None:
                 if image in self._attempts or self.server_down:
@@ -356,16 +367,16 @@ class HotFolder:
                 if self.server_down:
                     return True  # every image would fail the same way: wait
                 continue
-            self._seen.pop(image, None)
-            self._grew.discard(image)
+            self._forget(image)
             setattr(summary, outcome.lower(), getattr(summary, outcome.lower()) + 1)
             on_done(image, outcome)
         return False
 
-    def next_due(self) -> float:
-        """Seconds until the earliest image in backoff may be tried again (inf if none)."""
-        now = time.monotonic()
-        return min((s.next_try - now for s in self._attempts.values()), default=float("inf"))
+    def _forget(self, image: Path) -> None:
+        """Drop what was tracked about an image that has left the inbox."""
+        self._seen.pop(image, None)
+        self._grew.discard(image)
+        self._attempts.pop(image, None)
 
     def run(self, *, seconds: float | None = None, until_empty: bool = False, poll_s: float = 0.5,
             max_backoff_s: float = 10.0, on_done: Callable[[Path, str], None] = lambda p, o: None,

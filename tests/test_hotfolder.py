@@ -75,6 +75,11 @@ def test_partial_file_waits_and_restart_is_idempotent(grpc_target: str, good_and
         other = {"outcome": "NG", "request_id": "old-c", "image": "c.png", "sha256": "0" * 64,
                  "dest": "NG/c.png"}
         (inbox / "c.png.json").write_text(json.dumps(other))
+        # A JSON that would send its image outside the outcome folders is not followed.
+        shutil.copyfile(good_and_defect[1][1], inbox / "e.png")
+        escape = {"outcome": "NG", "request_id": "e", "image": "e.png", "dest": "../../escaped.png",
+                  "sha256": hashlib.sha256((inbox / "e.png").read_bytes()).hexdigest()}
+        HotFolder._write_json(HotFolder.result_path(inbox / "e.png"), escape)
         # A power cut left an empty JSON: detected, the image scored, not fatal.
         shutil.copyfile(good_and_defect[0][3], inbox / "d.png")
         (inbox / "d.png.json").write_text("")
@@ -87,12 +92,14 @@ def test_partial_file_waits_and_restart_is_idempotent(grpc_target: str, good_and
         (out / "OK" / "b.png.json").write_text(json.dumps({"outcome": "OK", "request_id": "b-older"}))
         restarted = HotFolder(client, inbox, out, settle_s=0)
         summary = restarted.run(until_empty=True, seconds=20)
-    assert summary.pending == 0 and summary.done == 3
+    assert summary.pending == 0 and summary.done == 4
     results = _results(out)
     assert results["a.png"]["request_id"] == "from-before"  # moved as recorded, not scored again
     assert results["c.png"]["request_id"] != "old-c" and results["c.png"]["sha256"] != "0" * 64
     assert results["d.png"]["sha256"] and "slow.png" in results
     assert results["b-1234.png"]["request_id"] == "b" and results["b.png"]["request_id"] == "b-older"
+    assert results["e.png"]["request_id"] == "e" and (out / "NG" / "e.png").is_file()
+    assert not (tmp_path / "escaped.png").exists() and not (out.parent.parent / "escaped.png").exists()
     assert not list(inbox.iterdir())
 
 
