@@ -45,10 +45,10 @@ import grpc
 import httpx
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from anomaly.wire import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: files treated as images
 from anomaly.wire import PERMANENT_KIND, classify, identifier_problem, too_large
 
 ImageInput = bytes | str | Path
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images
 StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request id)
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MODEL = "anomaly-detector"  # the server's default; HTTP paths need a name

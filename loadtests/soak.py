@@ -436,10 +436,24 @@ class Soak:
         self._start_server()
         self.expected_down.discard("server")
 
+    def _db_outage(self, seconds: float) -> None:
+        self._outage("db", self.pg.stop, self.pg.start, seconds)
+
+    def _fault_loop(self, end: float, schedule: list[tuple[str, Callable[[float], None]]], pause: float,
+                    outage_s: float) -> None:
+        """Inject the faults of `schedule` in turn, one every `pause` seconds, until `end`."""
+        i = 0
+        while time.monotonic() + pause < end and not self.stop.is_set():
+            self.stop.wait(pause)
+            name, fault = schedule[i % len(schedule)]
+            self.progress(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] fault: {name}")
+            fault(outage_s)
+            i += 1
+
     def _faults(self, end: float) -> None:
         schedule: list[tuple[str, Callable[[float], None]]] = [
             ("alias moved to garbage ONNX", lambda s: self._move_to_broken("garbage-onnx")),
-            ("inspection database down", lambda s: self._outage("db", self.pg.stop, self.pg.start, s)),
+            ("inspection database down", self._db_outage),
             ("server SIGKILL", self._server_kill),
             ("alias moved to malformed MLmodel", lambda s: self._move_to_broken("malformed-mlmodel")),
             ("registry down", lambda s: self._outage("registry", self.registry.kill, self.registry.start, s)),
@@ -447,13 +461,7 @@ class Soak:
         ]
         total = max(1.0, end - time.monotonic())
         pause = min(45.0, max(2.0, total / (len(schedule) * 3)))
-        i = 0
-        while time.monotonic() + pause < end and not self.stop.is_set():
-            self.stop.wait(pause)
-            name, fault = schedule[i % len(schedule)]
-            self.progress(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] fault: {name}")
-            fault(min(20.0, pause))
-            i += 1
+        self._fault_loop(end, schedule, pause, min(20.0, pause))
         self.stop.wait(max(0.0, end - time.monotonic()))
 
     # -- the run ----------------------------------------------------------------------
@@ -692,17 +700,9 @@ class HotFolderSoak(Soak):
             threads = [dropper, watcher, threading.Thread(target=self._monitor, daemon=True)]
             for t in threads:
                 t.start()
-            schedule = [("server SIGKILL", self._server_kill),
-                        ("inspection database down",
-                         lambda s: self._outage("db", self.pg.stop, self.pg.start, s))]
             pause = min(60.0, max(5.0, self.minutes * 60 / 8))
-            i = 0
-            while time.monotonic() + pause < end and not self.stop.is_set():
-                self.stop.wait(pause)
-                name, fault = schedule[i % len(schedule)]
-                self.progress(f"[{(time.monotonic() - self.t0) / 60:5.1f} min] fault: {name}")
-                fault(min(20.0, pause / 2))
-                i += 1
+            schedule = [("server SIGKILL", self._server_kill), ("inspection database down", self._db_outage)]
+            self._fault_loop(end, schedule, pause, min(20.0, pause / 2))
             dropper.join(max(0.0, end - time.monotonic()) + 180)
             self._drain()
         finally:

@@ -30,6 +30,7 @@ from urllib.parse import quote
 import numpy as np
 import yaml
 from anomaly.durable import write_atomic
+from anomaly.wire import IMAGE_SUFFIXES
 
 from service.errors import InvalidInput, ModelLoadError
 from service.metadata import METADATA_FILE, ModelMetadata
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 MANIFEST = ".manifest.json"
 REFERENCE_DIR = "reference"
 MAX_REFERENCE_IMAGES = 64
-REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _inside(folder: Path, relative: str, what: str) -> Path:
@@ -98,7 +98,7 @@ def reference_inputs(local_dir: Path, prepare: Callable[[np.ndarray], np.ndarray
     folder = local_dir / REFERENCE_DIR
     if not folder.is_dir():
         return []
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in REFERENCE_SUFFIXES)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     inputs = []
     for path in paths[:MAX_REFERENCE_IMAGES]:
         try:

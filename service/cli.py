@@ -185,14 +185,12 @@ def soak_cmd(
     alias moves to broken versions, registry and database outages and SIGKILLs are
     injected; prints what was lost, passed wrongly or crashed (exit 1 if anything was).
     With --hotfolder, the same for the MES hot folder."""
-    import platform
     import shlex
     import sys
     import tempfile
 
     from loadtests import soak
-    from loadtests.bench import write_report
-    from service.settings import usable_cores
+    from loadtests.bench import machine_line, write_report
 
     settings = _settings(tracking_uri=tracking_uri)
     folder = work or Path(tempfile.mkdtemp(prefix="anomaly-soak-"))
@@ -207,8 +205,7 @@ def soak_cmd(
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
-    machine = f"Machine: {usable_cores()} CPU cores, {platform.system()} {platform.machine()}, Python " \
-              f"{platform.python_version()}; sandbox {folder}"
+    machine = f"{machine_line('CPUExecutionProvider')} Sandbox: {folder}."
     command = "anomaly " + shlex.join(sys.argv[1:])
     render = soak.render_hotfolder if hotfolder else soak.render
     report = render(result, command, machine)  # type: ignore[arg-type]

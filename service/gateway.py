@@ -182,26 +182,20 @@ def _version(value: str | int | None) -> int:
 async def _read_image(request: Request, ctype: str, fields: dict[str, object]) -> bytes:
     """The image bytes of a score request (raw body or the multipart `image` part), bounded
     while they stream in; multipart text fields override `fields`."""
-    settings = request.app.state.settings
-    limit = http_body.body_limit(request, settings.max_image_bytes)
-    try:
-        if ctype == "multipart/form-data":
-            form = await http_body.read_form(request, limit)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise Problem(400, "Invalid Argument", "multipart body needs a file field named 'image'",
-                              "INVALID_ARGUMENT")
-            data = await upload.read()
-            await form.close()
-            for key in fields:
-                if key in form and isinstance(form[key], str) and form[key] != "":
-                    fields[key] = form[key]
-            return data
+    limit = http_body.body_limit(request, request.app.state.settings.max_image_bytes)
+    if ctype != "multipart/form-data":
         return await http_body.read_body(request, limit)
-    except http_body.BodyTooLarge as exc:
-        raise Problem(413, "Payload Too Large", str(exc), "INVALID_ARGUMENT") from exc
-    except http_body.BadBody as exc:
-        raise Problem(400, "Invalid Argument", str(exc), "INVALID_ARGUMENT") from exc
+    form = await http_body.read_form(request, limit)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise Problem(400, "Invalid Argument", "multipart body needs a file field named 'image'",
+                      "INVALID_ARGUMENT")
+    data = await upload.read()
+    await form.close()
+    for key in fields:
+        if key in form and isinstance(form[key], str) and form[key] != "":
+            fields[key] = form[key]
+    return data
 
 
 router = APIRouter()
@@ -235,12 +229,7 @@ async def score(
                       "'image' file, or the image bytes as image/* or application/octet-stream")
     settings = request.app.state.settings
     limit = http_body.body_limit(request, settings.max_image_bytes)
-    try:
-        declared = http_body.declared_length(request, limit)
-    except http_body.BodyTooLarge as exc:
-        raise Problem(413, "Payload Too Large", str(exc), "INVALID_ARGUMENT") from exc
-    except http_body.BadBody as exc:
-        raise Problem(400, "Invalid Argument", str(exc), "INVALID_ARGUMENT") from exc
+    declared = http_body.declared_length(request, limit)
     budget: MemoryBudget = request.app.state.body_budget
     reserve = http_body.COPIES * (limit if declared is None else declared)
     async with budget.reserve(reserve, settings.decode_wait_s) as ok:
@@ -349,6 +338,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return _problem_response(request, exc.status, exc.title, exc.detail, exc.grpc_code)
+
+    @app.exception_handler(http_body.BodyTooLarge)
+    async def _too_large(request: Request, exc: http_body.BodyTooLarge) -> JSONResponse:
+        return _problem_response(request, 413, "Payload Too Large", str(exc), "INVALID_ARGUMENT")
+
+    @app.exception_handler(http_body.BadBody)
+    async def _bad_body(request: Request, exc: http_body.BadBody) -> JSONResponse:
+        return _problem_response(request, 400, "Invalid Argument", str(exc), "INVALID_ARGUMENT")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -4,7 +4,7 @@ Also serves the standard `grpc.health.v1` health service (NOT_SERVING until the 
 model is warm) and server reflection (`ANOMALY_REFLECTION=false` turns it off). Stops
 gracefully on SIGTERM/SIGINT, draining in-flight requests for `grace_s` seconds.
 
-Bounds: at most `max_concurrent_rpcs` Score/ScoreStream calls are open at once (beyond,
+Bounds: at most `max_concurrent_rpcs` anomaly.v1 calls are open at once (beyond,
 RESOURCE_EXHAUSTED at once, before the message is read; health checks and reflection are
 not counted, so probes keep answering under load), messages are at most `max_image_bytes`
 (+64 KiB), and a ScoreStream reads its next image only while the images it has in flight
@@ -101,8 +101,8 @@ class InternalError(ServiceError):
 
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):
-    """At most `limit` scoring calls open at once; more get RESOURCE_EXHAUSTED before their
-    message is read. Health checks and reflection pass uncounted."""
+    """At most `limit` anomaly.v1 calls open at once; more get RESOURCE_EXHAUSTED before
+    their message is read. Health checks and reflection pass uncounted."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from sqlalchemy import DateTime, Float, Index, Integer, String, create_engine, event, insert, select
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -311,10 +312,9 @@ class InspectionLog:
         assert self.engine is not None
         dialect = self.engine.dialect.name
         with self.engine.begin() as conn:
-            if dialect in ("postgresql", "sqlite"):
-                module = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
-                stmt = module.insert(Inspection).on_conflict_do_nothing(index_elements=["record_id"])
-                conn.execute(stmt, rows)
+            upsert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+            if upsert is not None:
+                conn.execute(upsert(Inspection).on_conflict_do_nothing(index_elements=["record_id"]), rows)
                 return
             ids = [r["record_id"] for r in rows]
             query = select(Inspection.record_id).where(Inspection.record_id.in_(ids))

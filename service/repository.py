@@ -246,11 +246,9 @@ class ModelRepository:
                                    timeout_s=self.settings.load_probe_timeout_s)
                 with self._build_lock:
                     model = load_model_dir(local, self.settings)
-            except ModelLoadError as exc:
-                self._failed[key] = Failure(f"version {version}: {exc.message}", digest)
-                raise ModelLoadError(self._failed[key].message) from exc
-            except Exception as exc:  # anything else the load can throw is the version's fault too
-                self._failed[key] = Failure(f"version {version}: {type(exc).__name__}: {exc}", digest)
+            except Exception as exc:  # ModelLoadError, or anything else the load throws: the version's fault
+                reason = exc.message if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+                self._failed[key] = Failure(f"version {version}: {reason}", digest)
                 raise ModelLoadError(self._failed[key].message) from exc
             self._failed.pop(key, None)
             loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest)
@@ -367,6 +365,9 @@ class ModelRepository:
             if current is not None:
                 return current
         version = self.resolve(spec)
+        remembered = self.failure(spec.name, version)
+        if remembered is not None:  # logged and counted when it failed: answer from memory
+            raise ModelLoadError(remembered.message)
         try:
             loaded = self.load(spec.name, version)
         except ModelLoadError as exc:

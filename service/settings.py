@@ -62,9 +62,9 @@ class Settings(BaseSettings):
                                               "CPU core this process may use, container limit included)")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
-    max_concurrent_rpcs: int = Field(16, ge=1, description="Score/ScoreStream calls open at once (health "
-                                                           "and reflection not counted); more get "
-                                                           "RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = Field(16, ge=1, description="anomaly.v1 calls (Score, ScoreStream, GetModel, "
+                                                           "ListModels) open at once; health and reflection "
+                                                           "are not counted; more get RESOURCE_EXHAUSTED")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image (or raw pixel "
                                                                     "buffer) accepted")
     max_image_pixels: int = Field(24_000_000, ge=1, description="largest decoded image (width × height)")
@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     negative_cache_s: float = Field(5.0, ge=0, description="how long an unknown model, alias or version "
                                                            "is remembered as unknown")
     failed_retry_s: float = Field(600.0, ge=0, description="how long a version that failed to load is "
-                                                           "not tried again (unless its alias moves)")
+                                                           "not tried again; then it is loaded again only "
+                                                           "if its artifact changed")
     load_isolation: bool = Field(True, description="load and validate each new version in a child process "
                                                    "first (memory limit, timeout)")
     load_probe_memory_mb: int = Field(2048, ge=64, description="address-space limit of that child process")

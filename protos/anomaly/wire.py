@@ -15,6 +15,7 @@ server did not foresee: try this request again later, within a budget).
 
 from __future__ import annotations
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images
 MAX_ID_LENGTH = 128
 ID_FIELDS = ("request_id", "station")
 
