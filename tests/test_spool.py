@@ -212,3 +212,25 @@ def test_csv_export_neutralises_formulas(tmp_path: Path) -> None:
     with (tmp_path / "out.csv").open() as f:
         stations = [row["station"] for row in csv.DictReader(f)]
     assert stations == ["'=HYPERLINK(\"http://x\",\"click\")", "'@SUM(A1)", "'-2+3"]
+
+
+def test_a_second_server_on_the_same_spool_refuses_to_start(store, good_and_defect, tmp_path: Path) -> None:
+    """Two processes appending to one spool would corrupt it: the second one says so and
+    exits 1; the first keeps serving and recording."""
+    from service.launch import ChildProcess
+
+    env = {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{tmp_path / 'i.db'}",
+           "ANOMALY_INSPECTION_SPOOL_DIR": str(tmp_path / "spool")}
+    first, target = start_server(store.tracking_uri, tmp_path / "first.log", cache_dir=tmp_path / "cache",
+                                 env=env)
+    try:
+        second = ChildProcess(["serve", "--tracking-uri", store.tracking_uri, "--port", str(free_port()),
+                               "--cache-dir", str(tmp_path / "cache")], tmp_path / "second.log", env)
+        second.start()
+        assert second.proc.wait(120) == 1
+        assert "in use by another process" in (tmp_path / "second.log").read_text()
+        with AnomalyClient(target) as client:
+            rid = client.score(good_and_defect[0][0].read_bytes(), request_id="after-refusal").request_id
+        assert rid in _wait_rows(f"sqlite:///{tmp_path / 'i.db'}", {rid}, timeout=30)
+    finally:
+        assert first.stop() == 0
