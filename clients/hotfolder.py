@@ -48,9 +48,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from anomaly.durable import fsync_dir, write_atomic
-from anomaly.wire import PERMANENT_KIND, SERVER_DOWN_KIND
-
-from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError, ScoreResult
+from anomaly.wire import IMAGE_SUFFIXES, PERMANENT_KIND, SERVER_DOWN_KIND
+from clients.sdk import AnomalyClient, AnomalyError, ScoreResult
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("OK", "NG", "error")

@@ -31,7 +31,6 @@ request id, and the caller resumes with a new stream from that image.
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import ssl
 import time
@@ -43,42 +42,31 @@ from typing import Any
 
 import grpc
 import httpx
+from google.protobuf import json_format
+
+from anomaly.channel import MESSAGE_OPTIONS, grpc_channel
+from anomaly.http_json import from_json
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from anomaly.wire import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_TARGET,
+    PERMANENT_KIND,
+    TIMING_KEYS,
+    classify,
+    identifier_problem,
+    too_large,
+)
 from anomaly.wire import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: files treated as images
-from anomaly.wire import PERMANENT_KIND, classify, identifier_problem, too_large
 
 ImageInput = bytes | str | Path
 StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request id)
-DEFAULT_TARGET = "127.0.0.1:50051"
-DEFAULT_MODEL = "anomaly-detector"  # the server's default; HTTP paths need a name
-MAX_MESSAGE = 64 * 1024 * 1024
 RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"})
 CHECK_SIZE_ABOVE = 1 << 20  # images over this are checked against the server's limit first
+_RESPONSES = {"Score": pb.ScoreResponse, "ListModels": pb.ListModelsResponse, "GetModel": pb.ModelInfo}
 _HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
                415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
                504: "DEADLINE_EXCEEDED"}
-
-
-def channel_credentials(ca_file: Path | str | None, cert_file: Path | str | None = None,
-                        key_file: Path | str | None = None) -> grpc.ChannelCredentials:
-    """Client-side gRPC TLS credentials: trust `ca_file` (None = system roots), optionally
-    with a client certificate and key for mutual TLS."""
-    def read(p: Path | str | None) -> bytes | None:
-        return Path(p).read_bytes() if p else None
-
-    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
-
-
-def grpc_channel(target: str, *, aio: bool, options: list[tuple[str, Any]] | None = None,
-                 tls: tuple[Path | str | None, Path | str | None, Path | str | None] = (None, None, None),
-                 ) -> grpc.Channel:
-    """A sync or `grpc.aio` channel to `target`: plaintext, or TLS when any of
-    `tls` = (CA file, client certificate, client key) is given (see `channel_credentials`)."""
-    api = grpc.aio if aio else grpc
-    if not any(tls):
-        return api.insecure_channel(target, options=options)
-    return api.secure_channel(target, channel_credentials(*tls), options=options)
 
 
 class AnomalyError(Exception):
@@ -172,11 +160,6 @@ class _Call:
         return {"content-type": "application/octet-stream"} if self.body is not None else None
 
 
-def _timings(t: Any) -> dict[str, float]:
-    get = t.get if isinstance(t, dict) else lambda k: getattr(t, k)
-    return {k: float(get(k)) for k in ("decode_ms", "queue_ms", "inference_ms", "total_ms")}
-
-
 class _BaseClient:
     """Everything that does no I/O: options, calls, parsing, the retry policy."""
 
@@ -195,8 +178,6 @@ class _BaseClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
-        self._options = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                         ("grpc.max_send_message_length", MAX_MESSAGE)]
         self._max_image_bytes: int | None = None  # learned from the server (0 = it said none)
 
     def _needs_limit(self, call: _Call) -> bool:
@@ -247,13 +228,13 @@ class _BaseClient:
         return _Call("ListModels", pb.ListModelsRequest(), "GET", "/v1/models")
 
     def _get_call(self, model: str, alias: str, version: int) -> _Call:
-        name = model or self.model or DEFAULT_MODEL
+        name = model or self.model or DEFAULT_MODEL_NAME  # HTTP paths need a name
         params = {k: str(v) for k, v in (("alias", alias), ("version", version)) if v}
         return _Call("GetModel", pb.GetModelRequest(model=model or self.model, alias=alias, version=version),
                      "GET", f"/v1/models/{name}", params)
 
     def _grpc_channel(self, aio: bool) -> grpc.Channel:
-        return grpc_channel(self.target, aio=aio, options=self._options, tls=self._tls)
+        return grpc_channel(self.target, aio=aio, options=MESSAGE_OPTIONS, tls=self._tls)
 
     @property
     def _metadata(self) -> list[tuple[str, str]] | None:
@@ -269,29 +250,18 @@ class _BaseClient:
         return {"base_url": self.target, "timeout": self.timeout, "verify": verify,
                 "headers": {"x-api-key": self._api_key} if self._api_key else None}
 
-    # -- parsing (proto over gRPC, JSON over HTTP) --------------------------------------
+    # -- parsing: every answer is a proto message here (`_send` reads the gateway's JSON
+    # back into one), mapped to the SDK's types once -----------------------------------
     @staticmethod
-    def _ref(r: Any) -> ModelRef:
-        if isinstance(r, dict):
-            return ModelRef(r["name"], r["version"], r.get("alias", ""), r.get("architecture", ""),
-                            r.get("variant", ""))
+    def _ref(r: pb.ModelRef) -> ModelRef:
         return ModelRef(r.name, r.version, r.alias, r.architecture, r.variant)
 
-    def _score_result(self, r: Any) -> ScoreResult:
-        if isinstance(r, dict):
-            amap = base64.b64decode(r["anomaly_map_png_base64"]) if r.get("anomaly_map_png_base64") else b""
-            return ScoreResult(r["request_id"], r["score"], r["normalized_score"], r["is_anomalous"],
-                               r["threshold"], r["category"], self._ref(r["model"]), amap,
-                               _timings(r["timings"]))
+    def _score_result(self, r: pb.ScoreResponse) -> ScoreResult:
         return ScoreResult(r.request_id, r.score, r.normalized_score, r.is_anomalous, r.threshold,
-                           r.category, self._ref(r.model), r.anomaly_map_png, _timings(r.timings))
+                           r.category, self._ref(r.model), r.anomaly_map_png,
+                           {k: getattr(r.timings, k) for k in TIMING_KEYS})
 
-    def _model_info(self, m: Any) -> ModelInfo:
-        if isinstance(m, dict):
-            return ModelInfo(self._ref(m["ref"]), m["input_height"], m["input_width"], list(m["categories"]),
-                             dict(m["thresholds"]), m["provider"], m["precision"], m["loaded_at"],
-                             m["source_uri"], m.get("state") or "SERVING", m.get("last_error", ""),
-                             m.get("last_error_version", ""), int(m.get("max_image_bytes", 0)))
+    def _model_info(self, m: pb.ModelInfo) -> ModelInfo:
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
                          dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri,
                          m.state or "SERVING", m.last_error, m.last_error_version, m.max_image_bytes)
@@ -300,8 +270,19 @@ class _BaseClient:
         if rpc == "Score":
             return self._score_result(raw)
         if rpc == "ListModels":
-            return [self._model_info(m) for m in (raw if isinstance(raw, list) else raw.models)]
+            return [self._model_info(m) for m in raw.models]
         return self._model_info(raw)
+
+    @staticmethod
+    def _from_http(call: _Call, body: Any) -> Any:
+        """The gateway's JSON answer → the proto message the gRPC call would have returned."""
+        if call.rpc == "ListModels":  # the gateway answers with the bare list
+            body = {"models": body}
+        try:
+            return from_json(body, _RESPONSES[call.rpc])
+        except (json_format.ParseError, TypeError, AttributeError) as exc:
+            raise AnomalyError("INTERNAL", f"the gateway's answer to {call.http_method} {call.http_path} "
+                                           f"does not fit {_RESPONSES[call.rpc].__name__}: {exc}") from exc
 
     # -- errors and retries ---------------------------------------------------------------
     @staticmethod
@@ -368,7 +349,7 @@ class AnomalyClient(_BaseClient):
                                headers=call.headers, timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
-        return r.json()
+        return self._from_http(call, r.json())
 
     def _invoke(self, call: _Call, timeout: float | None) -> Any:
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -456,7 +437,7 @@ class AsyncAnomalyClient(_BaseClient):
                                      content=call.body, headers=call.headers, timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
-        return r.json()
+        return self._from_http(call, r.json())
 
     async def _invoke(self, call: _Call, timeout: float | None) -> Any:
         deadline = time.monotonic() + (timeout or self.timeout)

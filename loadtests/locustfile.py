@@ -25,11 +25,11 @@ from pathlib import Path
 
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from locust import HttpUser, User, between, events, task
 
-from clients.sdk import IMAGE_SUFFIXES
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from anomaly.wire import IMAGE_SUFFIXES
 
 grpc_gevent.init_gevent()  # gRPC's C core must cooperate with Locust's gevent loop
 

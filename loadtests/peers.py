@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtests.bench import ClientTarget, Target
-from service.launch import ChildProcess, free_port, wait_http_ready
+from loadtests.launch import ChildProcess, free_port, wait_http_ready
+from loadtests.targets import ClientTarget, Target
 from service.settings import usable_cores
 
 PEERS = ("mlflow", "kserve")

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.launch import free_port
+from loadtests.launch import free_port
 
 USER = "postgres"
 

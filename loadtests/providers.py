@@ -59,7 +59,7 @@ class ProviderRow:
 def _time(model, inputs: list[np.ndarray], batch: int, seconds: float) -> tuple[float, float]:  # noqa: ANN001
     """Batch-1 p50 (ms) for seconds/2, then images/s at `batch` from one caller for seconds/2
     (after a warm-up call at that batch: TensorRT may build an engine per shape)."""
-    from loadtests.bench import time_batch1, time_batches
+    from loadtests.timing import time_batch1, time_batches
 
     p50_ms = 1e3 * statistics.median(time_batch1(model, inputs, seconds / 2, 5000).latencies_s)
     model.warmup((batch,))

@@ -47,8 +47,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clients.sdk import IMAGE_SUFFIXES, AnomalyClient, AnomalyError
-from service.launch import ChildProcess, free_port, peak_rss_mb, start_gateway, start_server, wait_http_ready
+from anomaly.wire import IMAGE_SUFFIXES
+from clients.sdk import AnomalyClient, AnomalyError
+from loadtests.launch import (
+    ChildProcess,
+    free_port,
+    peak_rss_mb,
+    start_gateway,
+    start_server,
+    wait_http_ready,
+)
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 HOT_BEGIN, HOT_END = "<!-- hotfolder-soak:begin -->", "<!-- hotfolder-soak:end -->"

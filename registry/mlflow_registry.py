@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.wire import DEFAULT_MODEL_NAME
 from service.metadata import GLOBAL, ModelMetadata
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "anomaly-detector"
 DEFAULT_EXPERIMENT = "anomaly-detection"
 ARTIFACT_PATH = "model"
 
@@ -52,6 +52,15 @@ def embedded_tracking_uri(root: Path | str) -> str:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """For a SQLite store, `mlartifacts/` beside its database file (so store and artifacts
+    stay together, as in the demo); None for any other store (its server decides)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return Path(tracking_uri[len(prefix):]).parent / "mlartifacts"
 
 
 def ensure_experiment(name: str, artifact_root: Path | str | None = None) -> str:

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anomaly.wire import DEFAULT_MODEL_NAME
 from registry.architectures import AnomalyModel, ModelConfig, build_model
 from registry.data.mvtec import Sample, fingerprint, load_test_split, load_train_split
 from registry.evaluate import EvalReport, evaluate
 from registry.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
-from registry.mlflow_registry import DEFAULT_MODEL_NAME, RegisteredVersion, log_and_register
+from registry.mlflow_registry import RegisteredVersion, log_and_register
 from registry.train import TrainConfig, TrainResult, train_model
 from registry.variants import PRECISION
 from registry.variants.calibration import (

@@ -29,9 +29,9 @@ from urllib.parse import quote
 
 import numpy as np
 import yaml
+
 from anomaly.durable import write_atomic
 from anomaly.wire import IMAGE_SUFFIXES
-
 from service.errors import InvalidInput, ModelLoadError
 from service.metadata import METADATA_FILE, ModelMetadata
 

@@ -30,8 +30,8 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from anomaly.wire import identifier_problem
 
+from anomaly.wire import identifier_problem
 from service import metrics
 from service.batcher import Batcher, BatchResult
 from service.budget import MemoryBudget
@@ -144,12 +144,8 @@ class DataPlane:
         self.watcher.start()
         return self.ready
 
-    async def get_model(self, model: str = "", alias: str = "", version: int = 0) -> LoadedModel:
-        """Resolve (and load) a model; raises ModelNotFound / NotReady / ModelLoadError."""
-        return await self.get(self.spec(model, alias, version))
-
     async def get(self, spec: ModelSpec, deadline: float | None = None) -> LoadedModel:
-        """`get_model` for a filled-in spec. Watched aliases and models already loaded answer
+        """Resolve (and load) the model `spec` names. Watched aliases and models already loaded answer
         from memory; anything else is resolved and loaded on the loader threads, waiting at
         most until `deadline` (the load goes on for the next request).
 

@@ -72,6 +72,7 @@ class OnnxModel:
         intra_op_threads: threads per operator (0 = ONNX Runtime's default).
         provider_options: per-provider options (e.g. TensorRT engine cache settings).
         spinning: let idle intra-op threads spin-wait (best when ORT has the CPU alone).
+        log_severity: ONNX Runtime log severity for this session (3 = errors only).
 
     Raises:
         ModelLoadError: when the file does not load or does not match the contract.
@@ -85,6 +86,7 @@ class OnnxModel:
         intra_op_threads: int = 0,
         provider_options: dict[str, dict[str, str]] | None = None,
         spinning: bool = True,
+        log_severity: int = 3,
     ) -> None:
         self.path = Path(onnx_path)
         self.metadata = metadata
@@ -93,6 +95,7 @@ class OnnxModel:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        opts.log_severity_level = log_severity
         if not spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = available_providers(providers or ["CPUExecutionProvider"])

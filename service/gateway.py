@@ -14,7 +14,6 @@ with a reference to the log line, never the error's text. Routes:
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
@@ -22,16 +21,18 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import grpc
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException
 
-from clients.sdk import grpc_channel
+from anomaly.channel import grpc_channel
+from anomaly.http_json import to_json
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from anomaly.wire import TIMING_KEYS
 from service import http_body
 from service.budget import MemoryBudget
 from service.grpc_server import grpc_options
@@ -72,6 +73,11 @@ class Problem(Exception):
         self.status, self.title, self.detail, self.grpc_code = status, title, detail, grpc_code
 
 
+# The response schemas (for the OpenAPI document and response validation). The JSON itself
+# is `anomaly.http_json.to_json` of the server's proto answer, which the SDK reads back the
+# same way; tests/test_layers.py checks that these fields are the proto's.
+
+
 class ModelRefOut(BaseModel):
     """The model version that answered."""
 
@@ -82,13 +88,8 @@ class ModelRefOut(BaseModel):
     variant: str = ""
 
 
-class TimingsOut(BaseModel):
-    """Server-side timings in milliseconds."""
-
-    decode_ms: float = 0.0
-    queue_ms: float = 0.0
-    inference_ms: float = 0.0
-    total_ms: float = 0.0
+TimingsOut = create_model("TimingsOut", __doc__="Server-side timings in milliseconds.",
+                          **{key: (float, 0.0) for key in TIMING_KEYS})
 
 
 class ScoreOut(BaseModel):
@@ -102,7 +103,7 @@ class ScoreOut(BaseModel):
     category: str
     anomaly_map_png_base64: str | None = None
     model: ModelRefOut
-    timings: TimingsOut
+    timings: TimingsOut  # type: ignore[valid-type]
 
 
 class ModelOut(BaseModel):
@@ -121,30 +122,6 @@ class ModelOut(BaseModel):
     last_error: str = ""
     last_error_version: str = ""
     max_image_bytes: int = 0
-
-
-def _ref(r: pb.ModelRef) -> ModelRefOut:
-    return ModelRefOut(name=r.name, version=r.version, alias=r.alias,
-                       architecture=r.architecture, variant=r.variant)
-
-
-def _model(m: pb.ModelInfo) -> ModelOut:
-    return ModelOut(ref=_ref(m.ref), input_height=m.input_height, input_width=m.input_width,
-                    categories=list(m.categories), thresholds=dict(m.thresholds),
-                    provider=m.provider, precision=m.precision, loaded_at=m.loaded_at,
-                    source_uri=m.source_uri, state=m.state or "SERVING", last_error=m.last_error,
-                    last_error_version=m.last_error_version, max_image_bytes=m.max_image_bytes)
-
-
-def _score(r: pb.ScoreResponse) -> ScoreOut:
-    return ScoreOut(
-        request_id=r.request_id, score=r.score, normalized_score=r.normalized_score,
-        is_anomalous=r.is_anomalous, threshold=r.threshold, category=r.category,
-        anomaly_map_png_base64=base64.b64encode(r.anomaly_map_png).decode() if r.anomaly_map_png else None,
-        model=_ref(r.model),
-        timings=TimingsOut(decode_ms=r.timings.decode_ms, queue_ms=r.timings.queue_ms,
-                           inference_ms=r.timings.inference_ms, total_ms=r.timings.total_ms),
-    )
 
 
 async def _call(request: Request, method: str, message: object) -> object:
@@ -216,7 +193,7 @@ async def score(
     return_anomaly_map: Annotated[bool, Query(description="include the heat map")] = False,
     request_id: Annotated[str, Query(description="client part / serial id")] = "",
     station: Annotated[str, Query(description="inspection station / line (inspection log)")] = "",
-) -> ScoreOut:
+) -> dict:
     """Score one image: multipart upload (`image` field) or raw image bytes as the body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
@@ -248,21 +225,21 @@ async def score(
             request_id=str(fields["request_id"]), station=str(fields["station"]),
         )
         del data
-        return _score(await _call(request, "Score", message))  # type: ignore[arg-type]
+        return to_json(await _call(request, "Score", message))  # type: ignore[arg-type]
 
 
 @router.get("/v1/models", response_model=list[ModelOut])
-async def list_models(request: Request) -> list[ModelOut]:
+async def list_models(request: Request) -> list[dict]:
     """The model versions the server has loaded."""
     resp = await _call(request, "ListModels", pb.ListModelsRequest())
-    return [_model(m) for m in resp.models]  # type: ignore[attr-defined]
+    return to_json(resp)["models"]  # type: ignore[arg-type]
 
 
 @router.get("/v1/models/{name}", response_model=ModelOut)
-async def get_model(request: Request, name: str, alias: str = "", version: str = "") -> ModelOut:
+async def get_model(request: Request, name: str, alias: str = "", version: str = "") -> dict:
     """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
     msg = pb.GetModelRequest(model=name, alias=alias, version=_version(version))
-    return _model(await _call(request, "GetModel", msg))  # type: ignore[arg-type]
+    return to_json(await _call(request, "GetModel", msg))  # type: ignore[arg-type]
 
 
 @router.get("/healthz")

@@ -22,11 +22,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from anomaly.wire import TIMING_KEYS
 from service import metrics
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError
@@ -91,8 +92,7 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
         request_id=out.request_id, score=d.score, normalized_score=d.normalized_score,
         is_anomalous=d.is_anomalous, threshold=d.threshold, category=d.category,
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
-        timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in
-                              ("decode_ms", "queue_ms", "inference_ms", "total_ms")}),
+        timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )
 
 

@@ -62,11 +62,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Configure the root logger (`fmt`: "text" or "json")."""
+def configure_logging(level: str = "INFO", fmt: str = "text", ort_severity: int = 3) -> None:
+    """Configure the root logger (`fmt`: "text" or "json") and ONNX Runtime's default log
+    severity (`ort_severity`: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal), which every
+    session uses that sets none, e.g. those onnxruntime.quantization opens: its graph
+    optimizer's notes ("Removing initializer …") are warnings, not news for a user."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler],
                         force=True)
     for noisy in ("alembic", "mlflow.store.db.utils", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import onnxruntime
+    except ImportError:  # a gateway-only install
+        return
+    onnxruntime.set_default_logger_severity(ort_severity)

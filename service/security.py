@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from clients.sdk import channel_credentials
+from anomaly.channel import channel_credentials
 from service.settings import Settings
 
 __all__ = ["ApiKeyInterceptor", "channel_credentials", "exposure_warning", "load_api_keys",

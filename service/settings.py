@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from anomaly.wire import DEFAULT_MODEL_NAME
+
 DEFAULT_HOME = Path(".demo")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
@@ -43,7 +45,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ANOMALY_TRACKING_URI", "MLFLOW_TRACKING_URI", "tracking_uri"),
         description="MLflow tracking/registry URI",
     )
-    model_name: str = Field("anomaly-detector", description="registered model served by default")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="registered model served by default")
     model_alias: str = Field("champion", description="alias served by default (and followed)")
     grpc_host: str = Field("127.0.0.1", description="gRPC bind address")
     grpc_port: int = Field(50051, description="gRPC port (0 = pick a free one)")
@@ -97,6 +99,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, description="Prometheus metrics port of the gRPC server (0 = off)")
     log_format: str = Field("text", pattern="^(text|json)$", description="text | json log lines")
     trt_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache folder")
+    ort_log_severity: int = Field(3, ge=0, le=4, description="ONNX Runtime log severity: 0 verbose, "
+                                  "1 info, 2 warning, 3 error (default), 4 fatal")
     trt_fp16: bool = Field(False, description="let TensorRT build FP16 engines")
     trt_int8: bool = Field(False, description="let TensorRT use INT8 (explicit Q/DQ models)")
     max_loaded_models: int = Field(4, ge=1, description="versions kept loaded at once (LRU)")

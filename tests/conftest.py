@@ -144,7 +144,7 @@ def variant_builds(store: Store, other_architectures: dict[str, object],
 
 @pytest.fixture(scope="session")
 def grpc_target(store: Store, tmp_path_factory: pytest.TempPathFactory):
-    from service.launch import start_server
+    from loadtests.launch import start_server
 
     logs = tmp_path_factory.mktemp("logs")
     child, target = start_server(store.tracking_uri, logs / "server.log",
@@ -156,7 +156,7 @@ def grpc_target(store: Store, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def http_base(grpc_target: str, tmp_path_factory: pytest.TempPathFactory):
-    from service.launch import start_gateway
+    from loadtests.launch import start_gateway
 
     logs = tmp_path_factory.mktemp("gwlogs")
     child, base = start_gateway(grpc_target, logs / "gateway.log")

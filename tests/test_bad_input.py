@@ -18,9 +18,10 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
+
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from PIL import Image
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 LIMIT = 8 * 1024 * 1024  # the server's default ANOMALY_MAX_IMAGE_BYTES

@@ -9,18 +9,9 @@ from pathlib import Path
 import pytest
 
 from loadtests import peers
-from loadtests.bench import (
-    BARE,
-    GRPC_OFF,
-    GRPC_ON,
-    GRPC_ONE,
-    GRPC_RAW,
-    GRPC_STREAM,
-    HTTP,
-    LATENCY,
-    SATURATION,
-    run_benchmark,
-)
+from loadtests.bench import run_benchmark
+from loadtests.targets import GRPC_OFF, GRPC_ON, GRPC_ONE, GRPC_RAW, GRPC_STREAM, HTTP
+from loadtests.timing import BARE, LATENCY, SATURATION
 
 
 @pytest.mark.timeout(600)

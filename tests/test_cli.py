@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _anomaly(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
 
 

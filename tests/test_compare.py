@@ -8,8 +8,8 @@ import mlflow
 from mlflow import MlflowClient
 
 from registry.architectures import ModelConfig
-from registry.compare import EXPERIMENT, run_and_write
 from registry.train import TrainConfig
+from studies.compare import EXPERIMENT, run_and_write
 
 
 def test_unified_vs_one_class_report(sample_root: Path, tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_serve_image_has_no_torch() -> None:
 
 
 def test_serve_commands_exist() -> None:
-    from service.cli import app
+    from cli.main import app
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert SERVE_COMMANDS <= names

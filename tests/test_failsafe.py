@@ -12,14 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import fresh_postgres_database, register_mutated, wait_alias_error
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from loadtests.launch import peak_rss_mb, start_gateway, start_server
 from loadtests.soak import send_chunked
-from service.launch import peak_rss_mb, start_gateway, start_server
 
 
 def test_gateway_memory_flat_under_a_1gib_chunked_body(grpc_target: str, tmp_path: Path) -> None:

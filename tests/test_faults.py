@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 import httpx
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import mlflow_server_process, tracking_uri
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.launch import ChildProcess, free_port, start_server, wait_http_ready
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from loadtests.launch import ChildProcess, free_port, start_server, wait_http_ready
 
 
 def test_registry_stopped_scoring_and_readiness_hold(store, good_and_defect, tmp_path: Path) -> None:

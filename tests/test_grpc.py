@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from clients.sdk import AnomalyClient, AsyncAnomalyClient
 
 

@@ -15,17 +15,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from clients.cli import app
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from cli.main import app
+from loadtests.launch import start_server
 from service.dataplane import DataPlane
 from service.grpc_server import GrpcServer
-from service.launch import start_server
 from service.logs import TextFormatter
 from service.security import exposure_warning
 from service.settings import Settings

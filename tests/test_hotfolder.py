@@ -16,10 +16,10 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from clients.cli import app
+from cli.main import app
 from clients.hotfolder import HotFolder, Summary
 from clients.sdk import AnomalyClient
-from service.launch import free_port, start_server
+from loadtests.launch import free_port, start_server
 
 
 def _fill(inbox: Path, sources: list[Path], n: int) -> list[str]:

@@ -13,10 +13,10 @@ from conftest import fresh_postgres_database
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from clients.cli import app
+from cli.main import app
 from clients.sdk import AnomalyClient, AnomalyError
+from loadtests.launch import start_server
 from service.inspection import Decided, InspectionLog, export_csv
-from service.launch import start_server
 
 
 def _rows(url: str) -> list[dict]:

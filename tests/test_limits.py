@@ -16,15 +16,15 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import register_tiny, wait_alias_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow import MlflowClient
 from PIL import Image
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from clients.sdk import AnomalyClient, AnomalyError
-from service.launch import free_port, start_server
+from loadtests.launch import free_port, start_server
 
 
 def _png(width: int, height: int, seed: int = 0) -> bytes:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import fresh_postgres_database, mlflow_server_process, tracking_uri
 
-from service.launch import start_server
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from loadtests.launch import start_server
 
 
 @pytest.fixture(scope="module")

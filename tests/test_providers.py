@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from clients.cli import app
+from cli.main import app
 from loadtests.providers import BEGIN, END, check_providers
 
 GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clients.sdk import AnomalyClient, AnomalyError, AsyncAnomalyClient
-from service.launch import free_port, start_server
+from loadtests.launch import free_port, start_server
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,17 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.sdk import AnomalyClient, AnomalyError, channel_credentials
-from service.launch import start_gateway, start_server
+from anomaly.channel import channel_credentials
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from clients.sdk import AnomalyClient, AnomalyError
+from loadtests.launch import start_gateway, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret-key-7f1c9a"
@@ -162,7 +163,7 @@ def test_hotfolder_and_score_commands_reach_a_secured_server(secure_server, pki,
     environment or file) and mutual-TLS options."""
     from typer.testing import CliRunner
 
-    from clients.cli import app
+    from cli.main import app
 
     target, _ = secure_server
     key_file = tmp_path / "key.txt"

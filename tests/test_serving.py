@@ -13,14 +13,14 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import register_mutated, wait_alias_error
 from mlflow import MlflowClient
 from PIL import Image
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from clients.sdk import AnomalyClient
-from service.launch import free_port, start_gateway, start_server
+from loadtests.launch import free_port, start_gateway, start_server
 
 ALIAS = "canary"  # the session's other servers follow `champion`, not this alias
 FAST_POLL = {"ANOMALY_POLL_INTERVAL_S": "0.5"}

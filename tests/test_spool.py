@@ -17,10 +17,10 @@ from conftest import fresh_postgres_database
 from sqlalchemy import create_engine, text
 
 from clients.sdk import AnomalyClient, AnomalyError
+from loadtests.launch import free_port, start_server
 from loadtests.pgcluster import postgres_cluster
 from service.errors import NotReady
 from service.inspection import Decided, InspectionLog, export_csv
-from service.launch import free_port, start_server
 from service.spool import Spool, SpoolFull
 
 
@@ -217,7 +217,7 @@ def test_csv_export_neutralises_formulas(tmp_path: Path) -> None:
 def test_a_second_server_on_the_same_spool_refuses_to_start(store, good_and_defect, tmp_path: Path) -> None:
     """Two processes appending to one spool would corrupt it: the second one says so and
     exits 1; the first keeps serving and recording."""
-    from service.launch import ChildProcess
+    from loadtests.launch import ChildProcess
 
     env = {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{tmp_path / 'i.db'}",
            "ANOMALY_INSPECTION_SPOOL_DIR": str(tmp_path / "spool")}

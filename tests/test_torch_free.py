@@ -9,8 +9,8 @@ import textwrap
 
 SNIPPET = textwrap.dedent("""
     import asyncio, sys
-    import service, service.engine, service.gateway, service.grpc_server, service.cli
-    import clients.sdk, clients.cli
+    import service, service.engine, service.gateway, service.grpc_server, cli.serve, cli.main
+    import clients.sdk, cli.client
     assert "torch" not in sys.modules, "importing the service pulled torch"
 
     from service.grpc_server import GrpcServer

@@ -173,7 +173,7 @@ def test_quant_study_writes_tables_and_plot(store, variant_builds, sample_root: 
 
 
 def test_demo_rejects_an_unknown_variant() -> None:
-    from clients.cli import app
+    from cli.main import app
 
     result = CliRunner().invoke(app, ["demo", "--variants", "int4"])
     assert result.exit_code == 2
@@ -200,7 +200,7 @@ def test_tensorrt_target_uses_symmetric_int8_activations(store, sample_root: Pat
 
 def test_quant_study_command_is_mounted_and_refuses_an_empty_store(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from clients.cli import app
+    from cli.main import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = CliRunner().invoke(app, ["quant-study", "--home", str(tmp_path), "--out",

@@ -12,15 +12,15 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from anomaly.v1 import anomaly_pb2 as pb
-from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from conftest import Store, register_mutated, register_tiny, tracking_uri, wait_alias_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow import MlflowClient
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.faults import escaping_mlmodel, garbage_onnx, malformed_mlmodel
+from loadtests.launch import ChildProcess, free_port, peak_rss_mb, start_server, wait_grpc_serving
 from service.errors import ModelLoadError, ModelNotFound
-from service.launch import ChildProcess, free_port, peak_rss_mb, start_server, wait_grpc_serving
 from service.repository import ModelRepository, ModelSpec
 from service.settings import Settings
 

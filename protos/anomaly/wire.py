@@ -1,6 +1,10 @@
 """Rules of the wire contract that every side applies the same way: the server (all
 transports), the HTTP gateway and the SDK, which checks before it sends.
 
+Names shared by every side: the default registered model and server address, the files
+treated as images, and the server-side timing keys of a score result (defined by the
+proto's `Timings` message).
+
 Identifiers (`request_id`, `station`) are recorded in the inspection log and written to log
 lines, so they are bounded and printable: at most `MAX_ID_LENGTH` characters, no control
 or other non-printable characters (`str.isprintable`).
@@ -15,6 +19,11 @@ server did not foresee: try this request again later, within a budget).
 
 from __future__ import annotations
 
+from anomaly.v1 import anomaly_pb2 as pb
+
+DEFAULT_MODEL_NAME = "anomaly-detector"  # the registered model a server serves unless told otherwise
+DEFAULT_TARGET = "127.0.0.1:50051"  # the server's default gRPC address
+TIMING_KEYS: tuple[str, ...] = tuple(f.name for f in pb.Timings.DESCRIPTOR.fields)  # decode_ms, …, total_ms
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images
 MAX_ID_LENGTH = 128
 ID_FIELDS = ("request_id", "station")

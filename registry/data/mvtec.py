@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.sdk import IMAGE_SUFFIXES
+from anomaly.wire import IMAGE_SUFFIXES
 
 
 class DatasetLayoutError(ValueError):

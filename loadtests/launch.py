@@ -88,7 +88,7 @@ def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | No
 
 
 class ChildProcess:
-    """A `python -m service.cli …` child (or any `command`), logging to a file, stopped with
+    """An `anomaly …` child (`python -m cli.main …`) (or any `command`), logging to a file, stopped with
     SIGTERM.
 
     With `group`, the child leads its own process group and the signals go to the whole
@@ -97,7 +97,7 @@ class ChildProcess:
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None, *,
                  command: list[str] | None = None, group: bool = False) -> None:
-        self.args = command if command is not None else [sys.executable, "-m", "service.cli", *args]
+        self.args = command if command is not None else [sys.executable, "-m", "cli.main", *args]
         self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.group = group

@@ -17,7 +17,7 @@ def serving_peak_rss(tracking_uri: str, model_name: str, alias: str, images: lis
                      category: str, work: Path) -> float:
     """Start a server for `model_name@alias`, score `images`, return its peak RSS in MB."""
     from clients.sdk import AnomalyClient
-    from service.launch import peak_rss_mb, start_server
+    from loadtests.launch import peak_rss_mb, start_server
 
     child, target = start_server(tracking_uri, work / "logs" / f"rss-{alias}.log",
                                  cache_dir=work / "cache", model=model_name, alias=alias,

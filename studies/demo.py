@@ -22,14 +22,15 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from anomaly.wire import DEFAULT_MODEL_NAME
 from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
 from registry.data.mvtec import load_test_split
 from registry.data.sample import SampleSpec, make_sample_dataset
-from registry.footprint import serving_peak_rss
-from registry.mlflow_registry import DEFAULT_MODEL_NAME, embedded_tracking_uri
+from registry.mlflow_registry import embedded_tracking_uri
 from registry.pipeline import BuildResult, build_variant_fp32, build_variants
 from registry.train import TrainConfig
 from registry.variants.qat import QATConfig
+from studies.footprint import serving_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _score_over_wire(grpc_target: str, http_base: str, cfg: DemoConfig, data: Pa
 
 def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> list[BuildResult]:
     """Run the whole demo; returns the build results (one per architecture/variant)."""
-    from service.launch import start_gateway, start_server
+    from loadtests.launch import start_gateway, start_server
 
     cfg = cfg or DemoConfig()
     # Wide enough for the comparison table when the output is a log file rather than a terminal.

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from loadtests.report import replace_section
 from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
 from registry.data.mvtec import discover_categories
 from registry.pipeline import BuildResult, build_variant_fp32
-from registry.report import replace_section
 from registry.train import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from anomaly.wire import DEFAULT_MODEL_NAME
+from loadtests.report import replace_section
 from registry.data.mvtec import load_test_split, load_train_split
 from registry.evaluate import batch_throughput, evaluate
-from registry.mlflow_registry import DEFAULT_MODEL_NAME
 from registry.pipeline import calibration_images, calibration_label
-from registry.report import replace_section
 from registry.variants import VARIANTS
 from registry.variants.calibration import CalibrationAlgo, CalibrationData
 from registry.variants.ptq import quantize_int8

@@ -1,0 +1,105 @@
+"""`anomaly demo`, `anomaly compare`, `anomaly quant-study`: the studies behind this
+repository's results (the `train` extra). Their defaults are this repository's folders:
+`.demo/` for data and the MLflow store, `docs/` for the reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import command_line, fail, split_csv
+
+
+def compare_cmd(
+    data: Annotated[Path, typer.Option(help="dataset root in MVTec AD layout")] = Path(".demo/data"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    categories: Annotated[str, typer.Option(help="comma-separated subset (default: all)")] = "",
+    epochs: Annotated[int, typer.Option(help="epochs for every model (0 = per-architecture defaults)")] = 0,
+    input_size: Annotated[int, typer.Option(help="square input side")] = 256,
+    out: Annotated[Path, typer.Option(help="Markdown report to (re)write")] = Path("docs/results.md"),
+    work_dir: Annotated[Path, typer.Option(help="where ONNX files are written")] = Path("runs/compare"),
+    tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in .demo)")] = "",
+) -> None:
+    """Unified vs one-class for each architecture → MLflow metrics + docs/results.md."""
+    import mlflow
+
+    from registry.architectures import ModelConfig
+    from registry.mlflow_registry import embedded_tracking_uri
+    from registry.train import TrainConfig
+    from service.logs import configure_logging
+    from studies.compare import run_and_write
+
+    configure_logging("INFO")
+    mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(Path(".demo")))
+    rows = run_and_write(
+        data, work_dir, out, split_csv(architectures), ModelConfig(input_size=(input_size, input_size)),
+        TrainConfig(epochs=epochs), command=command_line(), categories=split_csv(categories) or None)
+    for r in rows:
+        typer.echo(f"{r.architecture:6s} {r.setup:9s} models={r.n_models} image AUROC "
+                   f"{r.mean('image_auroc'):.3f} pixel AUROC {r.mean('pixel_auroc'):.3f} "
+                   f"AUPRO {r.mean('aupro'):.3f}")
+    typer.echo(f"wrote {out}")
+
+
+def quant_study_cmd(
+    home: Annotated[Path, typer.Option(help="the demo folder (data + MLflow store)")] = Path(".demo"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    images: Annotated[int, typer.Option(help="calibration images per source")] = 64,
+    out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
+    tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in --home)")] = "",
+) -> None:
+    """Variants table + PTQ calibration study (data × method) + AUROC-vs-latency plot."""
+    import mlflow
+
+    from registry.mlflow_registry import embedded_tracking_uri
+    from service.logs import configure_logging
+    from studies.quant_study import run_and_write
+
+    configure_logging("INFO")
+    mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(home))
+    try:
+        variants, calib, speed = run_and_write(home, out, split_csv(architectures), command=command_line(),
+                                               n_images=images)
+    except LookupError as exc:
+        raise fail(str(exc), 2) from exc
+    for c in calib:
+        typer.echo(f"{c.architecture:6s} {c.data:7s} {c.method:10s} image AUROC {c.image_auroc:.3f} "
+                   f"pixel AUROC {c.pixel_auroc:.3f}")
+    for r in speed:
+        typer.echo(f"{r.architecture:6s} {r.variant:9s} {r.images_per_s_b1:7.1f} img/s (b=1) "
+                   f"{r.images_per_s_b8:7.1f} img/s (b=8)")
+    typer.echo(f"wrote {out} and {out.parent / 'variants.png'} ({len(variants)} variants)")
+
+
+def demo_cmd(
+    home: Annotated[Path, typer.Option(help="folder for data, MLflow store, logs")] = Path(".demo"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    epochs: Annotated[int, typer.Option(help="epochs for every architecture (0 = demo defaults)")] = 0,
+    input_size: Annotated[int, typer.Option(help="square input side")] = 256,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    variants: Annotated[str, typer.Option(
+        help="comma-separated variants besides fp32 (fp16, ptq-int8, qat-int8; empty = none)")]
+    = "fp16,ptq-int8,qat-int8",
+    qat_epochs: Annotated[int, typer.Option(help="QAT fine-tuning epochs (0 = demo defaults)")] = 0,
+    rss: Annotated[bool, typer.Option(help="measure each version's peak memory in a server process")]
+    = True,
+) -> None:
+    """The main job end to end: data → train → variants → register → serve → score → table."""
+    from registry.variants import VARIANTS
+    from service.logs import configure_logging
+    from studies.demo import DemoConfig, run_demo
+
+    chosen = tuple(split_csv(variants))
+    unknown = [v for v in chosen if v not in VARIANTS or v == "fp32"]
+    if unknown:
+        raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(VARIANTS[1:])}",
+                                 param_hint="--variants")
+    configure_logging("WARNING")
+    run_demo(DemoConfig(home=home, architectures=tuple(split_csv(architectures)),
+                        epochs=epochs, input_size=input_size, seed=seed, variants=chosen,
+                        qat_epochs=qat_epochs, measure_rss=rss))
+
+
+COMMANDS = {"demo": demo_cmd, "compare": compare_cmd, "quant-study": quant_study_cmd}

@@ -1,0 +1,109 @@
+"""The structure holds: the import rules of `[tool.importlinter]` (checked with
+import-linter, and shown to catch a violation), the gateway's JSON schema is the proto's,
+and both SDK transports map a result the same way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from anomaly.http_json import from_json, to_json
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.wire import TIMING_KEYS
+from clients.sdk import AnomalyClient
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
+
+
+def _lint(cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": str(Path(sys.executable).parent), "LC_ALL": "C.UTF-8"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_import_rules_hold() -> None:
+    proc = _lint(ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout
+
+
+@pytest.mark.parametrize(("importer", "imported", "broken"), [
+    ("service", "clients", "Only the CLI imports every layer"),
+    ("service", "registry", "Only the CLI imports every layer"),
+    ("registry", "clients", "Only the CLI imports every layer"),
+    ("clients", "service", "Clients (the SDK and the hot folder) never import the server"),
+    ("anomaly", "service", "Only the CLI imports every layer"),
+    ("loadtests", "studies", "Only the CLI imports every layer"),
+])
+def test_the_rules_catch_a_violation(tmp_path: Path, importer: str, imported: str, broken: str) -> None:
+    """The project's own contracts, run over a tree of the same packages where
+    `importer` imports `imported`, report it."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    for package in config["root_packages"]:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "core.py").write_text("")
+    (tmp_path / importer / "core.py").write_text(f"import {imported}.core\n")
+    lines = ["[tool.importlinter]", f"root_packages = {config['root_packages']!r}"]
+    for contract in config["contracts"]:
+        lines += ["", "[[tool.importlinter.contracts]]"]
+        lines += [f"{key} = {value!r}".replace("'", '"') for key, value in contract.items()]
+    (tmp_path / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    proc = _lint(tmp_path, pythonpath=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{importer}.core -> {imported}.core" in proc.stdout
+    assert broken in proc.stdout.split("Broken contracts")[1]
+
+
+def _fields(model: type) -> set[str]:
+    return set(model.model_fields)
+
+
+def _proto_fields(message: type) -> set[str]:
+    """The field names of `message` as the gateway's JSON spells them."""
+    return {f"{f.name}_base64" if f.type == f.TYPE_BYTES else f.name for f in message.DESCRIPTOR.fields}
+
+
+def test_gateway_schema_is_the_proto() -> None:
+    from service import gateway
+
+    assert _fields(gateway.ScoreOut) == _proto_fields(pb.ScoreResponse)
+    assert _fields(gateway.ModelOut) == _proto_fields(pb.ModelInfo)
+    assert _fields(gateway.ModelRefOut) == _proto_fields(pb.ModelRef)
+    assert tuple(gateway.TimingsOut.model_fields) == TIMING_KEYS == ("decode_ms", "queue_ms", "inference_ms",
+                                                                     "total_ms")
+
+
+def test_json_round_trip() -> None:
+    response = pb.ScoreResponse(request_id="SN-1", score=1.25, normalized_score=0.75, is_anomalous=True,
+                                threshold=0.5, category="brick", anomaly_map_png=b"\x89PNG\x00",
+                                model=pb.ModelRef(name="m", version="3", alias="champion"),
+                                timings=pb.Timings(**{k: i + 0.5 for i, k in enumerate(TIMING_KEYS)}))
+    data = to_json(response)
+    assert data["anomaly_map_png_base64"] == "iVBORwA=" and "anomaly_map_png" not in data
+    assert from_json(data, pb.ScoreResponse) == response
+    assert to_json(pb.ScoreResponse(request_id="x"))["anomaly_map_png_base64"] is None
+    info = pb.ModelInfo(ref=pb.ModelRef(name="m", version="1"), thresholds={"brick": 0.25},
+                        categories=["brick"], max_image_bytes=1 << 33)
+    assert from_json(to_json(info), pb.ModelInfo) == info
+    assert from_json({**to_json(info), "a_field_from_a_newer_gateway": 1}, pb.ModelInfo) == info
+
+
+def test_both_transports_give_the_same_result(grpc_target: str, http_base: str, sample_root: Path) -> None:
+    image = next((sample_root / "brick" / "test" / "patch").glob("*.png"))
+    results = []
+    for target in (grpc_target, http_base):
+        with AnomalyClient(target) as client:
+            results.append(client.score(image, category="brick", request_id="same",
+                                        return_anomaly_map=True))
+    over_grpc, over_http = results
+    assert set(over_grpc.timings) == set(over_http.timings) == set(TIMING_KEYS)
+    assert over_http.anomaly_map_png[:4] == b"\x89PNG"
+    assert {**over_grpc.__dict__, "timings": None} == {**over_http.__dict__, "timings": None}
