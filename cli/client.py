@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anomaly.wire import DEFAULT_TARGET, IMAGE_SUFFIXES
-from cli.common import ApiKey, ApiKeyFile, ClientCert, ClientKey, TlsCa, security
+from cli.common import with_security
 from clients.sdk import AnomalyClient, AnomalyError
 
 Target = Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")]
@@ -29,6 +29,7 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
+@with_security
 def score_cmd(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     target: Target = DEFAULT_TARGET,
@@ -37,21 +38,16 @@ def score_cmd(
     version: Annotated[int, typer.Option(help="version number")] = 0,
     category: Annotated[str, typer.Option(help="product category")] = "",
     timeout: Annotated[float, typer.Option(help="deadline per image, seconds")] = 30.0,
-    api_key: ApiKey = "",
-    api_key_file: ApiKeyFile = None,
-    tls_ca: TlsCa = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
+    sdk_options: dict | None = None,
 ) -> None:
     """Score image files (or every image in folders) and print a table."""
-    options = security(api_key, api_key_file, tls_ca, client_cert, client_key)
     files = _expand(paths)
     console = Console()
     table = Table(title=f"{len(files)} image(s) scored by {target}")
     for col in ("image", "score", "normalized", "decision", "threshold", "model", "ms"):
         table.add_column(col)
     failures = 0
-    with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **options) as client:
+    with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **(sdk_options or {})) as client:
         for f in files:
             try:
                 r = client.score(f, version=version, category=category, request_id=f.name)
@@ -68,22 +64,18 @@ def score_cmd(
         raise typer.Exit(1)
 
 
+@with_security
 def models_cmd(
     target: Target = DEFAULT_TARGET,
-    api_key: ApiKey = "",
-    api_key_file: ApiKeyFile = None,
-    tls_ca: TlsCa = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
+    sdk_options: dict | None = None,
 ) -> None:
     """List the model versions loaded on a server."""
-    options = security(api_key, api_key_file, tls_ca, client_cert, client_key)
     console = Console()
     table = Table(title=f"models on {target}")
     for col in ("name", "version", "aliases", "architecture", "variant", "input", "provider",
                 "categories"):
         table.add_column(col)
-    with AnomalyClient(target, **options) as client:
+    with AnomalyClient(target, **(sdk_options or {})) as client:
         for m in client.list_models():
             table.add_row(m.ref.name, m.ref.version, m.ref.alias, m.ref.architecture,
                           m.ref.variant, f"{m.input_height}x{m.input_width}", m.provider,
@@ -91,6 +83,7 @@ def models_cmd(
     console.print(table)
 
 
+@with_security
 def hotfolder_cmd(
     inbox: Annotated[Path, typer.Argument(help="folder the MES drops images into")],
     target: Target = DEFAULT_TARGET,
@@ -105,11 +98,7 @@ def hotfolder_cmd(
                                                          "goes to error/")] = 8,
     max_age: Annotated[float, typer.Option(help="seconds after its first failed answer before an image "
                                                 "goes to error/")] = 600.0,
-    api_key: ApiKey = "",
-    api_key_file: ApiKeyFile = None,
-    tls_ca: TlsCa = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
+    sdk_options: dict | None = None,
 ) -> None:
     """Watch a folder: score each new image, write <image>.json beside it, move both to OK/NG/error.
 
@@ -117,13 +106,12 @@ def hotfolder_cmd(
     image's failures never hold up the others, and a restart never loses or double-moves a
     file.
     """
-    options = security(api_key, api_key_file, tls_ca, client_cert, client_key)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from clients.hotfolder import HotFolder
 
     console = Console()
-    with AnomalyClient(target, retries=1, **options) as client, Progress(
+    with AnomalyClient(target, retries=1, **(sdk_options or {})) as client, Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
             transient=True) as progress:
         folder = HotFolder(client, inbox, out, category=category, station=station, settle_s=settle,

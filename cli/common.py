@@ -3,8 +3,11 @@ errors, and the SDK's security options."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -52,13 +55,17 @@ def settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
-# The SDK's security options, the same on every command that talks to a server.
-ApiKey = Annotated[str, typer.Option(envvar="ANOMALY_API_KEY", show_default=False,
-                                     help="API key (x-api-key); or set ANOMALY_API_KEY")]
-ApiKeyFile = Annotated[Path | None, typer.Option(help="file whose first line is the API key")]
-TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate to trust (TLS / HTTPS)")]
-ClientCert = Annotated[Path | None, typer.Option(help="client certificate (mutual TLS)")]
-ClientKey = Annotated[Path | None, typer.Option(help="client private key (mutual TLS)")]
+# The SDK's security options, the same on every command that talks to a server
+# (`with_security` adds them).
+SECURITY_OPTIONS: list[tuple[str, object, object]] = [
+    ("api_key", Annotated[str, typer.Option(envvar="ANOMALY_API_KEY", show_default=False,
+                                            help="API key (x-api-key); or set ANOMALY_API_KEY")], ""),
+    ("api_key_file", Annotated[Path | None, typer.Option(help="file whose first line is the API key")], None),
+    ("tls_ca", Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate to trust (TLS / HTTPS)")],
+     None),
+    ("client_cert", Annotated[Path | None, typer.Option(help="client certificate (mutual TLS)")], None),
+    ("client_key", Annotated[Path | None, typer.Option(help="client private key (mutual TLS)")], None),
+]
 
 
 def security(api_key: str, api_key_file: Path | None, tls_ca: Path | None, client_cert: Path | None,
@@ -74,3 +81,22 @@ def security(api_key: str, api_key_file: Path | None, tls_ca: Path | None, clien
         raise typer.BadParameter("give both --client-cert and --client-key, or neither")
     return {"api_key": api_key, "tls_ca_file": tls_ca, "client_cert_file": client_cert,
             "client_key_file": client_key}
+
+
+def with_security(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the security options (`--api-key`, `--api-key-file`, `--tls-ca`,
+    `--client-cert`, `--client-key`); it receives them as `sdk_options`, the SDK keyword
+    arguments they make."""
+    signature = inspect.signature(command, eval_str=True)
+    names = [name for name, _, _ in SECURITY_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        options = security(*(kwargs.pop(name) for name in names))  # type: ignore[arg-type]
+        command(*args, sdk_options=options, **kwargs)
+
+    params = [p for p in signature.parameters.values() if p.name != "sdk_options"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+               for name, annotation, default in SECURITY_OPTIONS]
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper

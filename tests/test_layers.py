@@ -107,3 +107,37 @@ def test_both_transports_give_the_same_result(grpc_target: str, http_base: str, 
     assert set(over_grpc.timings) == set(over_http.timings) == set(TIMING_KEYS)
     assert over_http.anomaly_map_png[:4] == b"\x89PNG"
     assert {**over_grpc.__dict__, "timings": None} == {**over_http.__dict__, "timings": None}
+
+
+def test_an_answer_that_does_not_fit_the_contract_is_a_clear_error() -> None:
+    """A gateway (or a proxy in front of one) answering JSON of another shape gets an
+    `AnomalyError` naming the message it should have been, not a KeyError."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from clients.sdk import AnomalyError
+
+    class WrongShape(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"score": "very high", "model": ["not", "an", "object"]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WrongShape)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with AnomalyClient(f"http://127.0.0.1:{server.server_port}", retries=0) as client:
+            with pytest.raises(AnomalyError) as err:
+                client.score(b"\x89PNG not really")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert err.value.code == "INTERNAL" and "does not fit ScoreResponse" in err.value.message

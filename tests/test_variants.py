@@ -146,7 +146,7 @@ def test_quant_study_writes_tables_and_plot(store, variant_builds, sample_root: 
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
-    from registry import quant_study
+    from studies import quant_study
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)
     mlflow.set_tracking_uri(store.tracking_uri)
@@ -178,6 +178,32 @@ def test_demo_rejects_an_unknown_variant() -> None:
     result = CliRunner().invoke(app, ["demo", "--variants", "int4"])
     assert result.exit_code == 2
     assert "unknown variant" in result.output
+
+
+def test_demo_tables_fit_120_columns(store, other_architectures, variant_builds, sample_root: Path) -> None:
+    """Every table the demo prints, filled with this session's real builds and the sample
+    data's longest image name, is at most 120 columns wide (rendered on a wider console, so
+    nothing is squeezed)."""
+    import io
+
+    from rich.console import Console
+
+    from registry.data.mvtec import load_test_split
+    from studies.demo import MAX_WIDTH, comparison_tables, decision_cell, per_category_table, wire_table
+
+    builds = [store.build, *other_architectures.values(), *(b for bs in variant_builds.values() for b in bs)]
+    console = Console(width=250, file=io.StringIO(), color_system=None)
+    for table in comparison_tables(builds, builds[-1], {b.label: 1234.0 for b in builds}):
+        console.print(table)
+    console.print(per_category_table(builds[-1]))
+    wire = wire_table()
+    longest = max((f"{s.category}/{s.defect}/{s.path.name}" for s in load_test_split(sample_root)), key=len)
+    wire.add_row(longest, "NG", "0.0001234", "0.50", decision_cell(True), "0.0001234", decision_cell(False),
+                 "10", "1234.5")
+    console.print(wire)
+    lines = console.file.getvalue().splitlines()
+    assert len(lines) > 2 * len(builds)
+    assert max(len(line) for line in lines) <= MAX_WIDTH, "\n".join(lines)
 
 
 def test_tensorrt_target_uses_symmetric_int8_activations(store, sample_root: Path, tmp_path: Path) -> None:
