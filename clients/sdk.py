@@ -3,9 +3,10 @@
 Shaped like httpx: `_BaseClient` builds calls, parses answers and decides retries (no I/O);
 the two clients mirror each other method for method and differ only in `await`. The target
 picks the transport: `host:port` (or `dns:///…`) speaks gRPC to the server, an
-`http(s)://` URL speaks HTTP to the gateway. Results are typed dataclasses; every failure
-is an `AnomalyError` carrying the gRPC status name (the gateway's problem+json carries it
-too). Both are context managers::
+`http(s)://` URL speaks HTTP to the gateway, whose JSON is read back into the same proto
+message (`anomaly.http_json`), so a result is mapped in one place whichever transport
+carried it. Results are typed dataclasses; every failure is an `AnomalyError` carrying the
+gRPC status name (the gateway's problem+json carries it too). Both are context managers::
 
     with AnomalyClient("127.0.0.1:50051") as client:
         result = client.score("part.png", category="brick", request_id="SN-001")
