@@ -84,9 +84,9 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         max_batch_size: largest batch of the batching-on server; bare ORT is probed at this
             batch too, from as many threads as that server runs batches.
     """
-    import grpc
     import httpx
 
+    from anomaly.channel import grpc_channel
     from loadtests import peers as peer_servers
     from loadtests.launch import start_gateway, start_server
     from service.engine import OnnxModel
@@ -119,11 +119,10 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     children = []
 
     async def run_all() -> dict[tuple[str, str], list[Phase]]:
-        opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with (grpc.aio.insecure_channel(addresses["off"], options=opts) as off,
-                    grpc.aio.insecure_channel(addresses["on"], options=opts) as on,
-                    grpc.aio.insecure_channel(addresses["one"], options=opts) as one,
+        async with (grpc_channel(addresses["off"], aio=True) as off,
+                    grpc_channel(addresses["on"], aio=True) as on,
+                    grpc_channel(addresses["one"], aio=True) as one,
                     httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http):
             paths: list[Target] = [bare, grpc_target(GRPC_OFF, off, images),
                                    grpc_target(GRPC_RAW, off, images, raw=True),

@@ -20,6 +20,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from anomaly.channel import grpc_channel
+
 
 def peak_rss_mb(pid: int, default: float = float("nan")) -> float:
     """Peak resident set size (`VmHWM`) of a live process in MB, from Linux's `/proc`;
@@ -49,8 +51,7 @@ def wait_grpc_serving(target: str, timeout: float = 120.0, proc: subprocess.Pope
         RuntimeError: the process died first.
     """
     deadline = time.monotonic() + timeout
-    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
-    with channel:
+    with grpc_channel(target, aio=False, credentials=credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

@@ -27,6 +27,7 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import HttpUser, User, between, events, task
 
+from anomaly.channel import grpc_channel
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import IMAGE_SUFFIXES
@@ -86,8 +87,7 @@ class GrpcUser(User):
 
     def on_start(self) -> None:  # noqa: D102
         opts = self.environment.parsed_options
-        self.channel = grpc.insecure_channel(opts.grpc_target, options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self.channel = grpc_channel(opts.grpc_target, aio=False)
         self.stub = pb_grpc.AnomalyDetectionStub(self.channel)
 
     def on_stop(self) -> None:  # noqa: D102

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from anomaly.channel import MAX_MESSAGE
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
@@ -272,7 +273,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options: message size limits follow the image byte limit."""
     limit = settings.max_image_bytes + 64 * 1024
     return [("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024))]
+            ("grpc.max_send_message_length", max(limit, MAX_MESSAGE))]
 
 
 class GrpcServer:

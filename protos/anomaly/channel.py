@@ -27,12 +27,15 @@ def channel_credentials(ca_file: Path | str | None, cert_file: Path | str | None
 
 
 def grpc_channel(target: str, *, aio: bool, options: list[tuple[str, Any]] | None = None,
-                 tls: TlsFiles = (None, None, None)) -> grpc.Channel:
+                 tls: TlsFiles = (None, None, None),
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     """A sync or `grpc.aio` channel to `target`: plaintext, or TLS when any of
-    `tls` = (CA file, client certificate, client key) is given (see `channel_credentials`).
-    `options` defaults to `MESSAGE_OPTIONS`."""
+    `tls` = (CA file, client certificate, client key) is given (see `channel_credentials`)
+    or `credentials` are. `options` defaults to `MESSAGE_OPTIONS`."""
     api = grpc.aio if aio else grpc
     options = MESSAGE_OPTIONS if options is None else options
-    if not any(tls):
+    if credentials is None and any(tls):
+        credentials = channel_credentials(*tls)
+    if credentials is None:
         return api.insecure_channel(target, options=options)
-    return api.secure_channel(target, channel_credentials(*tls), options=options)
+    return api.secure_channel(target, credentials, options=options)
