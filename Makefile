@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PEERS_STAMP := .venv-peers/.installed
 
 .PHONY: demo test lint format protos venv peers-venv clean
 
@@ -18,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/anomaly demo
 
 ## The test suite (what CI runs).
-test: $(STAMP)
+test: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -28,15 +29,20 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
-## KServe for the peers benchmark, in its own environment (it pins protobuf 6; we use 7).
-peers-venv:
+## KServe and Triton's clients, in their own environment (they pin protobuf 6; we use 7): the peers
+## benchmark and the Open Inference Protocol client tests use it.
+$(PEERS_STAMP): Makefile
 	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
-	.venv-peers/bin/pip install --quiet kserve onnxruntime pillow numpy pydantic-settings pyyaml
+	.venv-peers/bin/pip install --quiet kserve 'tritonclient[grpc,http]' onnxruntime pillow numpy \
+		pydantic-settings pyyaml
+	touch $(PEERS_STAMP)
 
-## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto.
+peers-venv: $(PEERS_STAMP)
+
+## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto and protos/anomaly/oip/inference.proto.
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
-		--grpc_python_out=protos protos/anomaly/v1/anomaly.proto
+		--grpc_python_out=protos protos/anomaly/v1/anomaly.proto protos/anomaly/oip/inference.proto
 
 clean:
 	rm -rf .demo runs .pytest_cache .ruff_cache

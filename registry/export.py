@@ -65,7 +65,9 @@ def export_onnx(model: AnomalyModel, path: Path | str, opset: int = OPSET,
         )
     folded = simplify(path)
     onnx.checker.check_model(str(path), full_check=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the graph optimizer's notes are not news for a user
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     probe = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         t_map, t_score = model(probe)

@@ -84,6 +84,20 @@ class ScoreOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ModelStats:
+    """What one loaded version has done since the server started (every transport)."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    decode_ns: int = 0  # decoding and pre-processing of the successful requests
+    queue_ns: int = 0
+    infer_ns: int = 0
+    last_inference_ms: int = 0  # when it last answered, ms since the epoch
+
+
 class DataPlane:
     """Scores images with models from a `ModelRepository`, through per-model batchers.
 
@@ -100,6 +114,7 @@ class DataPlane:
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._inflight = 0
+        self.stats: dict[tuple[str, str], ModelStats] = {}
         self.ready = False
         self.watcher = ModelWatcher(self.repository, settings, self._load)
         self.on_ready_change: Callable[[bool], None] | None = None
@@ -231,6 +246,7 @@ class DataPlane:
             raise Overloaded(f"server busy: {self._inflight} requests in flight; retry later")
         self._inflight += 1
         t0 = time.perf_counter()
+        loaded: LoadedModel | None = None
         try:
             spec = self.spec(req.model, req.alias, req.version)
             if req.encoded is None and req.raw is None:
@@ -266,7 +282,20 @@ class DataPlane:
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
                                       "ms": round(total * 1e3, 2)})
+            stats = self.stats.setdefault((loaded.name, loaded.version), ModelStats())
+            stats.success += 1
+            stats.success_ns += int(total * 1e9)
+            stats.decode_ns += int(decode_s * 1e9)
+            stats.queue_ns += int(result.queue_s * 1e9)
+            stats.infer_ns += int(result.inference_s * 1e9)
+            stats.last_inference_ms = int(time.time() * 1e3)
             return ScoreOutput(rid, decision, loaded, spec.alias, timings)
+        except Exception:
+            if loaded is not None:
+                stats = self.stats.setdefault((loaded.name, loaded.version), ModelStats())
+                stats.fail += 1
+                stats.fail_ns += int((time.perf_counter() - t0) * 1e9)
+            raise
         finally:
             self._inflight -= 1
 

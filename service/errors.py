@@ -6,7 +6,12 @@ HTTP gateway maps that status to an HTTP code with a problem+json body.
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 import grpc
+
+log = logging.getLogger("service.grpc_server")  # where unforeseen failures have always been logged
 
 
 class ServiceError(Exception):
@@ -59,3 +64,20 @@ class DeadlineExceeded(ServiceError):
     """The request's deadline passed before it reached the model (or its model loaded)."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Refused(ServiceError):
+    """The request is valid but the server's state forbids it (e.g. unloading a watched alias)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InternalError(ServiceError):
+    """A failure the server did not foresee; the client gets only a reference to the log."""
+
+
+def internal_error(exc: BaseException, request_id: str = "") -> InternalError:
+    """Log an unforeseen failure with a reference; the client gets the reference only."""
+    ref = request_id or uuid.uuid4().hex
+    log.error("internal error (request_id=%s)", ref, exc_info=exc)
+    return InternalError(f"internal error; the server log has the details under request_id={ref!r}")

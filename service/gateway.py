@@ -10,6 +10,7 @@ with a reference to the log line, never the error's text. Routes:
 - `GET /v1/models`, `GET /v1/models/{name}?alias=&version=`
 - `GET /healthz` (process up), `GET /readyz` (gRPC server reports SERVING)
 - `GET /metrics` (Prometheus: requests by route and status, latency)
+- the Open Inference Protocol (V2) under `/v2/…` (`service.oip_rest`)
 """
 
 from __future__ import annotations
@@ -30,48 +31,22 @@ from starlette.exceptions import HTTPException
 
 from anomaly.channel import grpc_channel
 from anomaly.http_json import to_json
+from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
-from service import http_body
+from service import http_body, oip_rest
 from service.budget import MemoryBudget
+from service.forwarding import Problem, error_response, forward, reserved_body
 from service.grpc_server import grpc_options
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-PROBLEM = "application/problem+json"
 MAX_VERSION = 2**32 - 1  # the proto's uint32
 
 HTTP_REQUESTS = Counter("anomaly_http_requests_total", "Gateway requests", ["route", "status"])
 HTTP_LATENCY = Histogram("anomaly_http_request_seconds", "Gateway request latency", ["route"],
                          buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5.0))
-
-# gRPC status → HTTP status (as grpc-gateway maps them).
-GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
-
-class Problem(Exception):
-    """An error answered as problem+json."""
-
-    def __init__(self, status: int, title: str, detail: str, grpc_code: str = "") -> None:
-        super().__init__(detail)
-        self.status, self.title, self.detail, self.grpc_code = status, title, detail, grpc_code
-
 
 # The response schemas (for the OpenAPI document and response validation). The JSON itself
 # is `anomaly.http_json.to_json` of the server's proto answer, which the SDK reads back the
@@ -122,20 +97,6 @@ class ModelOut(BaseModel):
     last_error: str = ""
     last_error_version: str = ""
     max_image_bytes: int = 0
-
-
-async def _call(request: Request, method: str, message: object) -> object:
-    """Forward one unary call; gRPC errors become `Problem`s."""
-    state = request.app.state
-    metadata = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
-                                    ("authorization", request.headers.get("authorization"))) if v]
-    try:
-        return await getattr(state.stub, method)(message, timeout=state.settings.request_timeout_s,
-                                                 metadata=metadata or None)
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        raise Problem(GRPC_TO_HTTP.get(code, 500), code.name.replace("_", " ").title(),
-                      exc.details() or code.name, code.name) from exc
 
 
 def _flag(value: str | bool | None) -> bool:
@@ -205,15 +166,7 @@ async def score(
                       f"content type {ctype or '(none)'!r}: send multipart/form-data with an "
                       "'image' file, or the image bytes as image/* or application/octet-stream")
     settings = request.app.state.settings
-    limit = http_body.body_limit(request, settings.max_image_bytes)
-    declared = http_body.declared_length(request, limit)
-    budget: MemoryBudget = request.app.state.body_budget
-    reserve = http_body.COPIES * (limit if declared is None else declared)
-    async with budget.reserve(reserve, settings.decode_wait_s) as ok:
-        if not ok:
-            raise Problem(429, "Resource Exhausted",
-                          f"gateway busy: {budget.in_use >> 20} of {budget.capacity >> 20} MB of request "
-                          "memory in use (ANOMALY_HTTP_BODY_MEMORY_MB); retry later", "RESOURCE_EXHAUSTED")
+    async with reserved_body(request, http_body.body_limit(request, settings.max_image_bytes)):
         data = await _read_image(request, ctype, fields)
         if len(data) > settings.max_image_bytes:
             raise Problem(413, "Payload Too Large", f"image is {len(data)} bytes; the limit is "
@@ -225,13 +178,13 @@ async def score(
             request_id=str(fields["request_id"]), station=str(fields["station"]),
         )
         del data
-        return to_json(await _call(request, "Score", message))  # type: ignore[arg-type]
+        return to_json(await forward(request, request.app.state.stub, "Score", message))  # type: ignore[arg-type]
 
 
 @router.get("/v1/models", response_model=list[ModelOut])
 async def list_models(request: Request) -> list[dict]:
     """The model versions the server has loaded."""
-    resp = await _call(request, "ListModels", pb.ListModelsRequest())
+    resp = await forward(request, request.app.state.stub, "ListModels", pb.ListModelsRequest())
     return to_json(resp)["models"]  # type: ignore[arg-type]
 
 
@@ -239,7 +192,7 @@ async def list_models(request: Request) -> list[dict]:
 async def get_model(request: Request, name: str, alias: str = "", version: str = "") -> dict:
     """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
     msg = pb.GetModelRequest(model=name, alias=alias, version=_version(version))
-    return to_json(await _call(request, "GetModel", msg))  # type: ignore[arg-type]
+    return to_json(await forward(request, request.app.state.stub, "GetModel", msg))  # type: ignore[arg-type]
 
 
 @router.get("/healthz")
@@ -269,15 +222,6 @@ async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _problem_response(request: Request, status: int, title: str, detail: str,
-                      grpc_code: str = "") -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "instance": str(request.url.path)}
-    if grpc_code:
-        body["grpc_status"] = grpc_code
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the gateway app; it connects to `settings.grpc_target` on start-up."""
     settings = settings or Settings()
@@ -294,6 +238,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.body_budget = MemoryBudget(settings.http_body_memory_mb * 1024 * 1024)
         app.state.channel = channel
         app.state.stub = pb_grpc.AnomalyDetectionStub(channel)
+        app.state.v2 = v2_grpc.GRPCInferenceServiceStub(channel)
         app.state.health = health_pb2_grpc.HealthStub(channel)
         yield
         await channel.close()
@@ -301,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Anomaly detection gateway", version="1.0",
                   description="HTTP front of the anomaly.v1 gRPC service", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(oip_rest.router)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -314,25 +260,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return _problem_response(request, exc.status, exc.title, exc.detail, exc.grpc_code)
+        return error_response(request, exc.status, exc.title, exc.detail, exc.grpc_code)
 
     @app.exception_handler(http_body.BodyTooLarge)
     async def _too_large(request: Request, exc: http_body.BodyTooLarge) -> JSONResponse:
-        return _problem_response(request, 413, "Payload Too Large", str(exc), "INVALID_ARGUMENT")
+        return error_response(request, 413, "Payload Too Large", str(exc), "INVALID_ARGUMENT")
 
     @app.exception_handler(http_body.BadBody)
     async def _bad_body(request: Request, exc: http_body.BadBody) -> JSONResponse:
-        return _problem_response(request, 400, "Invalid Argument", str(exc), "INVALID_ARGUMENT")
+        return error_response(request, 400, "Invalid Argument", str(exc), "INVALID_ARGUMENT")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _problem_response(request, exc.status_code, str(exc.detail), str(exc.detail))
+        return error_response(request, exc.status_code, str(exc.detail), str(exc.detail))
 
     from fastapi.exceptions import RequestValidationError
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _problem_response(request, 422, "Unprocessable Content", str(exc.errors()),
+        return error_response(request, 422, "Unprocessable Content", str(exc.errors()),
                                  "INVALID_ARGUMENT")
 
     @app.exception_handler(Exception)
@@ -340,7 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ref = uuid.uuid4().hex
         log.error("internal error on %s %s (request_id=%s)", request.method, request.url.path, ref,
                   exc_info=exc)
-        return _problem_response(request, 500, "Internal Server Error",
+        return error_response(request, 500, "Internal Server Error",
                                  f"internal error; the gateway log has the details under request_id={ref!r}",
                                  "INTERNAL")
 

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -26,12 +25,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from anomaly.channel import MAX_MESSAGE
+from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
-from service import metrics
+from service import metrics, oip
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
-from service.errors import ServiceError
+from service.errors import ServiceError, internal_error
+from service.oip import InferenceServicer
 from service.repository import LoadedModel
 from service.security import (
     OPEN_SERVICES,
@@ -95,10 +96,6 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
         timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )
-
-
-class InternalError(ServiceError):
-    """A failure the server did not foresee; the client gets only a reference to the log."""
 
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):
@@ -262,13 +259,6 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
             await context.abort(exc.code, exc.message)
 
 
-def internal_error(exc: BaseException, request_id: str = "") -> InternalError:
-    """Log an unforeseen failure with a reference; the client gets the reference only."""
-    ref = request_id or uuid.uuid4().hex
-    log.error("internal error (request_id=%s)", ref, exc_info=exc)
-    return InternalError(f"internal error; the server log has the details under request_id={ref!r}")
-
-
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options: message size limits follow the image byte limit."""
     limit = settings.max_image_bytes + 64 * 1024
@@ -296,10 +286,11 @@ class GrpcServer:
         if keys:
             log.info("API keys required (%d configured); health and reflection stay open", len(keys))
         pb_grpc.add_AnomalyDetectionServicer_to_server(AnomalyServicer(self.plane), self.server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), self.server)
         self.port = 0
 

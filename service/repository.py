@@ -31,7 +31,7 @@ from pathlib import Path
 from service import metrics
 from service.artifact import ArtifactCache, read_model_dir, reference_inputs
 from service.engine import OnnxModel
-from service.errors import ModelLoadError, ModelNotFound, NotReady
+from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused
 from service.metadata import ModelMetadata
 from service.settings import Settings
 
@@ -121,6 +121,7 @@ class ModelRepository:
         self._failed: dict[tuple[str, str], Failure] = {}
         # Watched aliases: what each serves now, and the last failed attempt to move it.
         self._current: dict[tuple[str, str], LoadedModel] = {}
+        self._pinned: set[tuple[str, str]] = set()  # (name, version) loaded on request: never evicted
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}
         self._lru_lock = threading.Lock()  # brief: bookkeeping
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -263,17 +264,52 @@ class ModelRepository:
             return loaded
 
     def _evict(self) -> None:
-        """Drop least recently used versions beyond the cap; never one a watched alias serves."""
-        pinned = {(m.name, m.version) for m in self._current.values()}
+        """Drop least recently used versions beyond the cap; never one a watched alias serves
+        or one pinned by an explicit load."""
+        pinned = self._serving() | self._pinned
         for key in list(self._loaded):
             if len(self._loaded) <= self.settings.max_loaded_models:
                 break
             if key not in pinned:
-                old = self._loaded.pop(key)
-                md = old.metadata
-                metrics.MODEL_INFO.remove(old.name, old.version, md.architecture, md.variant,
-                                          old.model.provider)
-                log.info("unloaded %s/%s (LRU)", *key)
+                self._drop(key, "LRU")
+
+    def _serving(self) -> set[tuple[str, str]]:
+        return {(m.name, m.version) for m in self._current.values()}
+
+    def _drop(self, key: tuple[str, str], why: str) -> None:
+        old = self._loaded.pop(key)
+        md = old.metadata
+        metrics.MODEL_INFO.remove(old.name, old.version, md.architecture, md.variant, old.model.provider)
+        log.info("unloaded %s/%s (%s)", *key, why)
+
+    def pin(self, loaded: LoadedModel) -> None:
+        """Keep a loaded version in memory until `unload` (the repository API's load)."""
+        with self._lru_lock:
+            self._pinned.add((loaded.name, loaded.version))
+
+    def unload(self, name: str, version: str) -> bool:
+        """Unpin and drop a loaded version; False when it was not loaded.
+
+        Raises:
+            Refused: a watched alias serves it (move the alias first).
+        """
+        key = (name, version)
+        with self._lru_lock:
+            aliases = sorted(alias for (n, alias), m in self._current.items()
+                             if n == name and m.version == version)
+            if aliases:
+                raise Refused(f"{name} version {version} is served by the watched alias "
+                              f"{', '.join(f'{name}@{a}' for a in aliases)}; it cannot be unloaded "
+                              "(move the alias, or stop watching it with ANOMALY_MODELS)")
+            self._pinned.discard(key)
+            if key not in self._loaded:
+                return False
+            self._drop(key, "unload requested")
+            return True
+
+    def pinned(self, name: str, version: str) -> bool:
+        """Whether an explicit load keeps this version in memory."""
+        return (name, version) in self._pinned
 
     # -- watched aliases ------------------------------------------------------------------
     def watched(self, name: str, alias: str) -> bool:

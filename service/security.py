@@ -28,7 +28,10 @@ from service.settings import Settings
 __all__ = ["ApiKeyInterceptor", "channel_credentials", "exposure_warning", "load_api_keys",
            "server_credentials"]
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Health, reflection and the Open Inference Protocol's liveness and readiness: open to
+# orchestrators without a key, and not counted against the concurrency cap.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/inference.GRPCInferenceService/ServerLive",
+                 "/inference.GRPCInferenceService/ServerReady")
 API_KEY_HEADER = "x-api-key"
 
 

@@ -195,9 +195,11 @@ def register_mutated(store: Store, client, mutate, tmp_path: Path) -> str:
                                            run_id=run.info.run_id).version)
 
 
-def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, ...] = ()) -> str:
+def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, ...] = (),
+                  model_name: str = "") -> str:
     """Register a tiny model (`loadtests.faults.tiny_onnx`, misbehaving as `fault` says) as a
-    new version of `store`'s model, with the test categories; returns its version."""
+    new version of `store`'s model (or of `model_name`), with the test categories; returns its
+    version."""
     import uuid
 
     from loadtests.faults import tiny_onnx
@@ -212,7 +214,7 @@ def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, 
     path = tiny_onnx(folder / "model.onnx", (TEST_INPUT, TEST_INPUT), fault)
     with tracking_uri(store.tracking_uri):
         return log_and_register(path, metadata, params={"fault": fault}, metrics={},
-                                model_name=store.model_name, aliases=aliases,
+                                model_name=model_name or store.model_name, aliases=aliases,
                                 artifact_root=store.home / "artifacts").version
 
 

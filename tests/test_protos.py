@@ -1,4 +1,4 @@
-"""The committed gRPC stubs are exactly what `grpc_tools.protoc` generates from the proto."""
+"""The committed gRPC stubs are exactly what `grpc_tools.protoc` generates from the protos."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ("anomaly_pb2.py", "anomaly_pb2.pyi", "anomaly_pb2_grpc.py")
 
 
-def test_stubs_are_reproducible(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto", ["anomaly/v1/anomaly.proto", "anomaly/oip/inference.proto"])
+def test_stubs_are_reproducible(tmp_path: Path, proto: str) -> None:
     src = tmp_path / "protos"
-    (src / "anomaly" / "v1").mkdir(parents=True)
-    shutil.copy(ROOT / "protos/anomaly/v1/anomaly.proto", src / "anomaly/v1/anomaly.proto")
+    (src / proto).parent.mkdir(parents=True)
+    shutil.copy(ROOT / "protos" / proto, src / proto)
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(src),
                     f"--python_out={src}", f"--pyi_out={src}", f"--grpc_python_out={src}",
-                    str(src / "anomaly/v1/anomaly.proto")], check=True)
-    for name in GENERATED:
-        assert (src / "anomaly/v1" / name).read_bytes() == \
-            (ROOT / "protos/anomaly/v1" / name).read_bytes(), name
+                    str(src / proto)], check=True)
+    stem = Path(proto).stem
+    for name in (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"):
+        generated = (src / proto).parent / name
+        assert generated.read_bytes() == (ROOT / "protos" / proto).parent.joinpath(name).read_bytes(), name

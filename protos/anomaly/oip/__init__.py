@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of the Open Inference Protocol (package `inference`)."""
