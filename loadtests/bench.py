@@ -38,11 +38,13 @@ from loadtests.targets import (
     GRPC_ON,
     GRPC_ONE,
     GRPC_RAW,
+    V2_GRPC,
     BareOrt,
     StreamTarget,
     Target,
     grpc_target,
     http_target,
+    v2_target,
 )
 from loadtests.timing import BARE, Phase, Result, measure, summarize
 
@@ -127,7 +129,8 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
             paths: list[Target] = [bare, grpc_target(GRPC_OFF, off, images),
                                    grpc_target(GRPC_RAW, off, images, raw=True),
                                    StreamTarget(off, images), grpc_target(GRPC_ON, on, images),
-                                   grpc_target(GRPC_ONE, one, images), http_target(http, images)]
+                                   grpc_target(GRPC_ONE, one, images), http_target(http, images),
+                                   v2_target(V2_GRPC, off, images, model_name)]
             async with peer_servers.started(peers, tracking_uri, model_name, version, inputs, images,
                                             work, concurrency) as peer_targets:
                 return await measure(paths + peer_targets, rounds=rounds, seconds=seconds,

@@ -15,9 +15,10 @@ import numpy as np
 
 from loadtests.timing import BARE, Phase, time_batch1, time_batches
 
-GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP = (
+GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, V2_GRPC = (
     "gRPC (batching off)", "gRPC raw pixels (batching off)", "gRPC ScoreStream (batching off)",
-    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "HTTP gateway")
+    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "HTTP gateway",
+    "V2 gRPC ModelInfer (batching off)")
 
 
 class Target:
@@ -140,6 +141,26 @@ def grpc_target(name: str, channel, images: list[bytes], *, raw: bool = False) -
 
     async def call(i: int) -> object:
         return await stub.Score(reqs[i % len(reqs)], timeout=30)
+
+    return ClientTarget(name, call)
+
+
+def v2_target(name: str, channel, images: list[bytes], model: str) -> ClientTarget:  # noqa: ANN001
+    """An Open Inference Protocol `ModelInfer` client over an open `grpc.aio` channel: one PNG
+    per request as a BYTES [1] tensor in raw form (what tritonclient sends)."""
+    from anomaly.oip import inference_pb2 as v2
+    from anomaly.oip import inference_pb2_grpc as v2_grpc
+    from anomaly.oip.tensors import serialize_bytes
+
+    stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    reqs = []
+    for image in images:
+        request = v2.ModelInferRequest(model_name=model, raw_input_contents=[serialize_bytes([image])])
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        reqs.append(request)
+
+    async def call(i: int) -> object:
+        return await stub.ModelInfer(reqs[i % len(reqs)], timeout=30)
 
     return ClientTarget(name, call)
 

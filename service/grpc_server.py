@@ -1,15 +1,16 @@
-"""The gRPC server: a thin translator between `anomaly.v1` messages and the data plane.
+"""The gRPC server: a thin translator between `anomaly.v1` messages and the data plane,
+beside the Open Inference Protocol (V2) service on the same port (`service.oip`).
 
 Also serves the standard `grpc.health.v1` health service (NOT_SERVING until the default
 model is warm) and server reflection (`ANOMALY_REFLECTION=false` turns it off). Stops
 gracefully on SIGTERM/SIGINT, draining in-flight requests for `grace_s` seconds.
 
-Bounds: at most `max_concurrent_rpcs` anomaly.v1 calls are open at once (beyond,
-RESOURCE_EXHAUSTED at once, before the message is read; health checks and reflection are
-not counted, so probes keep answering under load), messages are at most `max_image_bytes`
-(+64 KiB), and a ScoreStream reads its next image only while the images it has in flight
-total less than `max_image_bytes`. An unexpected error answers INTERNAL with the request
-id, never the error's text (which goes to the log).
+Bounds: at most `max_concurrent_rpcs` anomaly.v1 and V2 calls are open at once (beyond,
+RESOURCE_EXHAUSTED at once, before the message is read; health checks, reflection and V2
+liveness/readiness are not counted, so probes keep answering under load), messages are at
+most `max_image_bytes` (+64 KiB), and a ScoreStream reads its next image only while the
+images it has in flight total less than `max_image_bytes`. An unexpected error answers
+INTERNAL with the request id, never the error's text (which goes to the log).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
 
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):
-    """At most `limit` anomaly.v1 calls open at once; more get RESOURCE_EXHAUSTED before
-    their message is read. Health checks and reflection pass uncounted."""
+    """At most `limit` calls open at once; more get RESOURCE_EXHAUSTED before their message
+    is read. Health checks, reflection and V2 liveness/readiness pass uncounted."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

@@ -71,7 +71,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text", ort_severity: int 
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler],
                         force=True)
-    for noisy in ("alembic", "mlflow.store.db.utils", "urllib3"):
+    # MLflow's own INFO lines ("Registered model … already exists", creating tables) are
+    # about its bookkeeping, not this program's work.
+    for noisy in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         import onnxruntime

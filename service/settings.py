@@ -64,9 +64,10 @@ class Settings(BaseSettings):
                                               "CPU core this process may use, container limit included)")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
-    max_concurrent_rpcs: int = Field(16, ge=1, description="anomaly.v1 calls (Score, ScoreStream, GetModel, "
-                                                           "ListModels) open at once; health and reflection "
-                                                           "are not counted; more get RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = Field(16, ge=1, description="anomaly.v1 and Open Inference Protocol calls "
+                                                           "open at once; health, reflection and V2 liveness "
+                                                           "and readiness are not counted; more get "
+                                                           "RESOURCE_EXHAUSTED")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image (or raw pixel "
                                                                     "buffer) accepted")
     max_image_pixels: int = Field(24_000_000, ge=1, description="largest decoded image (width × height)")

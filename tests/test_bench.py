@@ -10,7 +10,7 @@ import pytest
 
 from loadtests import peers
 from loadtests.bench import run_benchmark
-from loadtests.targets import GRPC_OFF, GRPC_ON, GRPC_ONE, GRPC_RAW, GRPC_STREAM, HTTP
+from loadtests.targets import GRPC_OFF, GRPC_ON, GRPC_ONE, GRPC_RAW, GRPC_STREAM, HTTP, V2_GRPC
 from loadtests.timing import BARE, LATENCY, SATURATION
 
 
@@ -24,7 +24,7 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
                             peers=("mlflow", "kserve"), out=out,
                             providers=("CUDAExecutionProvider",), max_batch_size=4)
     got = {(r.name, r.mode): r for r in results}
-    for path in (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, peers.MLFLOW):
+    for path in (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, V2_GRPC, peers.MLFLOW):
         for mode in (LATENCY, SATURATION):
             r = got[(path, mode)]
             assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms, r
@@ -38,5 +38,5 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path, monkeypat
     assert "Execution provider: CPUExecutionProvider." in text  # CUDA requested, not in this ORT
     assert "b=4 x" in text  # bare ORT probed at the batching server's batch size
     assert "KServe ModelServer: not measured (no environment with KServe" in text
-    assert text.count("\n| ") == 17  # header + 8 paths × 2 modes
+    assert text.count("\n| ") == 19  # header + 9 paths × 2 modes
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

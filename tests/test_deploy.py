@@ -101,7 +101,13 @@ def test_kubernetes_manifests() -> None:
     for key in by_kind["ConfigMap"]["anomaly-config"]["data"]:
         assert key in SETTING_ENV, key
     isvc = by_kind["InferenceService"]["anomaly-detector"]
-    assert isvc["spec"]["predictor"]["containers"][0]["image"] == "edge-anomaly:serve"
+    model = isvc["spec"]["predictor"]["model"]
+    runtime = by_kind["ServingRuntime"][model["runtime"]]
+    assert model["protocolVersion"] == "grpc-v2" and "grpc-v2" in runtime["spec"]["protocolVersions"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    container = runtime["spec"]["containers"][0]
+    assert container["image"] == "edge-anomaly:serve" and container["args"][0] in SERVE_COMMANDS
+    assert {e["name"] for e in container["env"]} <= SETTING_ENV
     kustomization = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
     assert all((ROOT / "deploy" / "k8s" / r).is_file() for r in kustomization["resources"])
 
