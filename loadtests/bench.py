@@ -131,8 +131,9 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                                    StreamTarget(off, images), grpc_target(GRPC_ON, on, images),
                                    grpc_target(GRPC_ONE, one, images), http_target(http, images),
                                    v2_target(V2_GRPC, off, images, model_name)]
+            model_dir = next(d for d in model.path.parents if (d / "MLmodel").is_file())
             async with peer_servers.started(peers, tracking_uri, model_name, version, inputs, images,
-                                            work, concurrency) as peer_targets:
+                                            work, concurrency, model_dir) as peer_targets:
                 return await measure(paths + peer_targets, rounds=rounds, seconds=seconds,
                                      concurrency=concurrency, max_requests=max_requests,
                                      progress=progress)

@@ -79,14 +79,16 @@ def start_kserve(python: Path, model_dir: Path, work: Path, workers: int) -> tup
     return _launch([str(python), str(ROOT / "loadtests" / "kserve_model.py"), "--model_dir", str(model_dir),
                     "--model_name", "anomaly", "--http_port", str(port), "--grpc_port", str(free_port()),
                     "--workers", str(workers)],
-                   work / "kserve.log", {"PYTHONPATH": str(ROOT)}, f"{base}/v1/models/anomaly"), base
+                   work / "kserve.log", {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "protos")])},
+                   f"{base}/v1/models/anomaly"), base
 
 
 @contextlib.asynccontextmanager
 async def started(peers: tuple[str, ...], tracking_uri: str, name: str, version: str,
                   inputs: list[np.ndarray], images: list[bytes], work: Path,
-                  concurrency: int) -> AsyncIterator[list[Target]]:
-    """Start the asked-for peers; yield their benchmark targets; stop them all."""
+                  concurrency: int, model_dir: Path | None = None) -> AsyncIterator[list[Target]]:
+    """Start the asked-for peers; yield their benchmark targets; stop them all. KServe
+    serves the downloaded model folder `model_dir` (the one holding `MLmodel`)."""
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
@@ -115,10 +117,11 @@ async def started(peers: tuple[str, ...], tracking_uri: str, name: str, version:
                     SKIPPED[MLFLOW] = f"did not start: {exc}"
             if "kserve" in peers:
                 python = kserve_python()
-                model_dir = work / "cache" / name / version
                 if python is None:
                     SKIPPED[KSERVE] = ("no environment with KServe (make peers-venv, or set "
                                        "ANOMALY_KSERVE_PYTHON)")
+                elif model_dir is None:
+                    SKIPPED[KSERVE] = "no downloaded model folder to serve"
                 else:
                     try:
                         proc, base = start_kserve(python, model_dir, work, workers)

@@ -291,21 +291,21 @@ def _repository_parameters(doc: dict) -> dict[str, str]:
     return {"version": str(version)} if version not in (None, "") else {}
 
 
+async def _repository(request: Request, method: str, message: Any) -> dict:
+    for key, value in _repository_parameters(await _json_body(request)).items():
+        message.parameters[key].string_param = value
+    await _v2(request, method, message)
+    return {}
+
+
 @router.post("/repository/models/{model}/load")
 async def load(request: Request, model: str) -> dict:
     """Load a model (parameter `version`: a number or an alias) and keep it loaded."""
-    message = v2.RepositoryModelLoadRequest(model_name=model)
-    for key, value in _repository_parameters(await _json_body(request)).items():
-        message.parameters[key].string_param = value
-    await _v2(request, "RepositoryModelLoad", message)
-    return {}
+    return await _repository(request, "RepositoryModelLoad", v2.RepositoryModelLoadRequest(model_name=model))
 
 
 @router.post("/repository/models/{model}/unload")
 async def unload(request: Request, model: str) -> dict:
     """Unload a model version (refused for one a watched alias serves)."""
     message = v2.RepositoryModelUnloadRequest(model_name=model)
-    for key, value in _repository_parameters(await _json_body(request)).items():
-        message.parameters[key].string_param = value
-    await _v2(request, "RepositoryModelUnload", message)
-    return {}
+    return await _repository(request, "RepositoryModelUnload", message)

@@ -19,11 +19,11 @@ server did not foresee: try this request again later, within a budget).
 
 from __future__ import annotations
 
-from anomaly.v1 import anomaly_pb2 as pb
-
 DEFAULT_MODEL_NAME = "anomaly-detector"  # the registered model a server serves unless told otherwise
 DEFAULT_TARGET = "127.0.0.1:50051"  # the server's default gRPC address
-TIMING_KEYS: tuple[str, ...] = tuple(f.name for f in pb.Timings.DESCRIPTOR.fields)  # decode_ms, …, total_ms
+# The fields of the proto's `Timings`, in order (tests/test_layers.py checks): spelled here so
+# that this module needs no protobuf runtime (a peer environment may have another one).
+TIMING_KEYS: tuple[str, ...] = ("decode_ms", "queue_ms", "inference_ms", "total_ms")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images
 MAX_ID_LENGTH = 128
 ID_FIELDS = ("request_id", "station")
