@@ -3,7 +3,8 @@ and HTTP gateway, and (optionally) peer servers, measured in one run, interleave
 
 Paths:
 - bare ORT: `InferenceSession.run` on preprocessed tensors (no decoding), in-process;
-  saturation uses the best of a few thread/batch/intra-op configurations, probed first;
+  saturation uses the best of a few thread/batch/intra-op configurations, probed first
+  (with every server and peer already up, as during the rounds);
   batch-1 latency uses all cores per call (the fastest alone);
 - gRPC: the real server as a child process, batching off (the CPU default) and on, driven
   by asyncio clients sending PNG bytes (decoding is part of what a server does), and
@@ -111,10 +112,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                                  provider_options=provider_options(settings))
                     for n in {1, cores, per_batch[2]}},
                    inputs, extra_configs=((max_batch_size, 1, cores), per_batch))
-    progress("probing bare ORT configurations")
-    speeds = bare.probe(seconds, concurrency)
-    details = {BARE: "b={} x{} callers x{} ORT threads; probed ".format(*bare.config)
-                     + ", ".join(f"b={b} x{t}x{i}: {v:.1f}" for (b, t, i), v in speeds.items())}
+    details: dict[str, str] = {}
     quiet = {"ANOMALY_LOG_LEVEL": "WARNING"}
     if providers:
         quiet["ANOMALY_PROVIDERS"] = json.dumps(list(providers))
@@ -134,6 +132,11 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
             model_dir = next(d for d in model.path.parents if (d / "MLmodel").is_file())
             async with peer_servers.started(peers, tracking_uri, model_name, version, inputs, images,
                                             work, concurrency, model_dir) as peer_targets:
+                # Probed with every server and peer up, idle, as they are during the rounds.
+                progress("probing bare ORT configurations")
+                speeds = await asyncio.to_thread(bare.probe, seconds, concurrency)
+                details[BARE] = "b={} x{} callers x{} ORT threads; probed ".format(*bare.config) + ", ".join(
+                    f"b={b} x{t}x{i}: {v:.1f}" for (b, t, i), v in speeds.items())
                 return await measure(paths + peer_targets, rounds=rounds, seconds=seconds,
                                      concurrency=concurrency, max_requests=max_requests,
                                      progress=progress)
