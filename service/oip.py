@@ -346,8 +346,11 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         """Counts and times per loaded version (every transport's requests)."""
         try:
             wanted = None
-            if request.name:
-                wanted = await self._loaded(model_spec(self.plane, request.name, request.version), context)
+            if request.name:  # statistics never load a model
+                spec = model_spec(self.plane, request.name, request.version)
+                wanted = self.plane.repository.cached_model(spec)
+                if wanted is None:
+                    raise ModelNotFound(f"{spec} is not loaded")
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
         response = v2.ModelStatisticsResponse()

@@ -99,7 +99,9 @@ def test_bad_input_problem_json_then_still_serving(case: str, http: httpx.Client
 
 
 def test_unknown_route_is_problem_json(http: httpx.Client) -> None:
-    _problem(http.get("/v2/nothing"), 404)
+    _problem(http.get("/v9/nothing"), 404)
+    v2 = http.get("/v2/nothing")  # under /v2, the Open Inference Protocol's error shape
+    assert v2.status_code == 404 and set(v2.json()) == {"error"}
 
 
 def test_openapi_lists_routes(http: httpx.Client) -> None:

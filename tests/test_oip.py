@@ -133,6 +133,10 @@ def test_grpc_health_metadata_statistics_index(stubs, store) -> None:
         mine.inference_stats.success.count == mine.inference_count
         and mine.inference_stats.compute_infer.ns > 0
     )
+    unloaded = v2.ModelStatisticsRequest(name="anomaly-detector", version="4242")
+    with pytest.raises(grpc.RpcError) as err:  # statistics never load a version
+        v2_stub.ModelStatistics(unloaded, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     index = v2_stub.RepositoryIndex(v2.RepositoryIndexRequest(), timeout=10)
     assert ("anomaly-detector", store.version, "READY") in {
         (m.name, m.version, m.state) for m in index.models
