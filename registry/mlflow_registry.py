@@ -110,6 +110,33 @@ def version_tags(metadata: ModelMetadata, metrics: dict[str, float]) -> dict[str
     return tags
 
 
+MODEL_DESCRIPTION = (
+    "Unified knowledge-distillation anomaly detectors: one model for all product categories. "
+    "Each version is one build (architecture × variant: fp32, fp16, ptq-int8, qat-int8), "
+    "evaluated through the serving engine and tagged with its metrics; alias `<arch>-<variant>` "
+    "names each build's latest version. Servers follow `champion` (or the alias they are "
+    "configured with): move it to promote a version, and every server swaps within a poll."
+)
+METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
+                 "latency_ms_p50": "ms/image (batch 1, p50)", "images_per_s_b8": "images/s (batch 8)",
+                 "model_mb": "model MB"}
+
+
+def version_description(metadata: ModelMetadata, metrics: dict[str, float]) -> str:
+    """What the MLflow UI shows on a version's page: what was built, how, and how it scored."""
+    built = f"**{metadata.architecture} {metadata.variant}** ({metadata.precision}"
+    built += f", calibrated {metadata.calibration})" if metadata.calibration else ")"
+    lines = [f"{built}, backbone {metadata.backbone}, input {metadata.input_height}×"
+             f"{metadata.input_width}, trained on {metadata.dataset or 'an unnamed dataset'} "
+             f"({', '.join(metadata.categories)}).", "",
+             "Evaluated through the serving engine (the same decoding and pre-processing as the server):", ""]
+    lines += [f"- {label}: {metrics[key]:.4g}" for key, label in METRIC_LABELS.items()
+              if key in metrics and np.isfinite(metrics[key])]
+    lines += ["", f"Global threshold {metadata.image_stats[GLOBAL].threshold:.6g}; per-category thresholds "
+              "in `anomaly_model.json`."]
+    return "\n".join(lines)
+
+
 def log_and_register(
     onnx_path: Path | str,
     metadata: ModelMetadata,
@@ -166,6 +193,8 @@ def log_and_register(
         )
         version = str(info.registered_model_version)
     client = MlflowClient()
+    client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
+    client.update_model_version(model_name, version, description=version_description(metadata, metrics))
     for key, value in version_tags(metadata, metrics).items():
         client.set_model_version_tag(model_name, version, key, value)
     for alias in all_aliases:

@@ -27,6 +27,16 @@ def test_version_tags_and_aliases(store) -> None:
         assert str(client.get_model_version_by_alias(store.model_name, alias).version) == store.version
 
 
+def test_descriptions_tell_an_engineer_what_they_promote(store) -> None:
+    """The MLflow UI shows, on the model and on each version, what it is and how it scored."""
+    client = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+    assert "champion" in client.get_registered_model(store.model_name).description
+    mv = client.get_model_version(store.model_name, store.version)
+    assert mv.description.startswith("**stfpm fp32** (fp32), backbone efficientnet_lite0, input 128×128")
+    assert f"- image AUROC: {float(mv.tags['image_auroc']):.4g}" in mv.description
+    assert "brick, coffee" in mv.description and "Global threshold" in mv.description
+
+
 def test_run_has_metrics_params_and_loss_curve(store) -> None:
     client = MlflowClient(tracking_uri=store.tracking_uri)
     run = client.get_run(store.build.registered.run_id)
