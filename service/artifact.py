@@ -159,7 +159,7 @@ class ArtifactCache:
         self.index = self.root / "index"
         self.staging = self.root / "staging" / str(os.getpid())  # servers may share a cache
         for left in (self.root / "staging").glob("*"):  # left over by processes that crashed
-            if not left.name.isdigit() or not _alive(int(left.name)):
+            if not (left.name.isascii() and left.name.isdigit()) or not _alive(int(left.name)):
                 shutil.rmtree(left, ignore_errors=True)
 
     def _index_path(self, name: str, version: str) -> Path:

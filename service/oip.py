@@ -48,6 +48,7 @@ OUTPUTS = {
 }
 EXTENSIONS = ["model_repository", "statistics"]
 MAX_IMAGES = 64  # images in one request
+MAX_VERSION = 2**32 - 1  # as anomaly.v1's uint32 version
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -59,13 +60,21 @@ def server_version() -> str:
         return "0"
 
 
-def model_spec(plane: DataPlane, name: str, version: str) -> ModelSpec:
-    """A V2 (model name, model version) → the data plane's spec: digits are a version
-    number, anything else an alias, "" the default alias."""
+def split_version(version: str) -> tuple[int, str]:
+    """A V2 model version → (version number, alias): ASCII digits are a number, anything
+    else an alias, "" the default alias."""
     version = version.strip()
-    if version.isdigit():
-        return plane.spec(name, version=int(version))
-    return plane.spec(name, alias=version)
+    if version.isascii() and version.isdigit():
+        if int(version) > MAX_VERSION:
+            raise InvalidInput(f"model version {version} is out of range (at most {MAX_VERSION})")
+        return int(version), ""
+    return 0, version
+
+
+def model_spec(plane: DataPlane, name: str, version: str) -> ModelSpec:
+    """A V2 (model name, model version) → the data plane's spec."""
+    number, alias = split_version(version)
+    return plane.spec(name, alias=alias, version=number)
 
 
 def _parameter(parameters: object, key: str) -> object:
@@ -177,7 +186,7 @@ def score_inputs(
     for name, value in (("category", category), ("station", station)):
         if value is not None and not isinstance(value, str):
             raise InvalidInput(f"parameter {name!r} must be a string")
-    version = request.model_version.strip()
+    number, alias = split_version(request.model_version)
     ids = (
         [request.id]
         if len(images) == 1
@@ -188,8 +197,8 @@ def score_inputs(
             encoded=image if isinstance(image, bytes) else None,
             raw=image if isinstance(image, RawPixels) else None,
             model=request.model_name,
-            version=int(version) if version.isdigit() else 0,
-            alias="" if version.isdigit() else version,
+            version=number,
+            alias=alias,
             category=str(category or ""),
             station=str(station or ""),
             return_anomaly_map=with_map,

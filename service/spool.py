@@ -85,7 +85,8 @@ class Spool:
         return self.folder / f"{n:012d}{SEGMENT_SUFFIX}"
 
     def _segments(self) -> list[int]:
-        return sorted(int(p.stem) for p in self.folder.glob(f"*{SEGMENT_SUFFIX}") if p.stem.isdigit())
+        return sorted(int(p.stem) for p in self.folder.glob(f"*{SEGMENT_SUFFIX}")
+                      if p.stem.isascii() and p.stem.isdigit())
 
     def open(self) -> None:
         """Lock the folder, recover torn tails, find the checkpoint and the unshipped bytes.

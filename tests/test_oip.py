@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
 import httpx
@@ -375,3 +376,17 @@ def test_rest_bad_input_then_a_good_request(
 def test_bytes_codec_round_trip() -> None:
     items = [b"", b"\x89PNG", bytes(range(256))]
     assert deserialize_bytes(serialize_bytes(items), 3) == items
+
+
+@pytest.mark.parametrize("version", ["\u00b9", "99999999999999999999999", "-1", "1.5", "champion\u0000"])
+def test_odd_versions_are_not_found_never_internal(stubs, http_base: str, version: str) -> None:
+    """A version that is no number and no alias is NOT_FOUND (404), on both transports."""
+    v2_stub, _ = stubs
+    with pytest.raises(grpc.RpcError) as err:
+        v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="anomaly-detector", version=version), timeout=30)
+    assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), (
+        err.value.details())
+    with httpx.Client(base_url=http_base, timeout=30) as http:
+        r = http.get(f"/v2/models/anomaly-detector/versions/{quote(version, safe='')}")
+        assert r.status_code in (400, 404), r.text
+        assert "error" in r.json()
