@@ -22,10 +22,13 @@ model repository; a version a watched alias serves is never unloaded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import time
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,6 +40,7 @@ from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import InvalidInput, ModelNotFound, Refused, ServiceError, internal_error
 from service.repository import LoadedModel, ModelSpec
 
+Context = grpc.aio.ServicerContext
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 IMAGE = "image"
 OUTPUTS = {
@@ -255,6 +259,25 @@ OUTPUT_METADATA = [
 ]
 
 
+def answering(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """An RPC method whose `ServiceError`s answer their status and message, and whose
+    unforeseen failures answer INTERNAL with a reference to the log (never their text)."""
+
+    @functools.wraps(method)
+    async def rpc(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error = internal_error(exc, getattr(request, "id", ""))
+            await context.abort(error.code, error.message)
+
+    return rpc
+
+
 class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` on top of a `DataPlane`."""
 
@@ -264,77 +287,43 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def _loaded(self, spec: ModelSpec, context: grpc.aio.ServicerContext) -> LoadedModel:
         return await self.plane.get(spec, time.monotonic() + (context.time_remaining() or 30.0))
 
-    async def ServerLive(
-        self,
-        request: v2.ServerLiveRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ServerLiveResponse:
+    @answering
+    async def ServerLive(self, request: v2.ServerLiveRequest, context: Context) -> v2.ServerLiveResponse:
         """Always live while the process answers."""
         return v2.ServerLiveResponse(live=True)
 
-    async def ServerReady(
-        self,
-        request: v2.ServerReadyRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ServerReadyResponse:
+    @answering
+    async def ServerReady(self, request: v2.ServerReadyRequest, context: Context) -> v2.ServerReadyResponse:
         """Ready when the default model serves."""
         return v2.ServerReadyResponse(ready=self.plane.ready)
 
-    async def ServerMetadata(
-        self,
-        request: v2.ServerMetadataRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ServerMetadataResponse:
+    @answering
+    async def ServerMetadata(self, request: v2.ServerMetadataRequest,
+                             context: Context) -> v2.ServerMetadataResponse:
         """Name, version and protocol extensions."""
         return v2.ServerMetadataResponse(name="edge-anomaly", version=server_version(), extensions=EXTENSIONS)
 
-    async def ModelReady(
-        self,
-        request: v2.ModelReadyRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ModelReadyResponse:
+    @answering
+    async def ModelReady(self, request: v2.ModelReadyRequest, context: Context) -> v2.ModelReadyResponse:
         """Ready = loaded now (a watched alias serving, or a version in memory); no load."""
-        try:
-            spec = model_spec(self.plane, request.name, request.version)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+        spec = model_spec(self.plane, request.name, request.version)
         return v2.ModelReadyResponse(ready=self.plane.repository.cached_model(spec) is not None)
 
-    async def ModelMetadata(
-        self,
-        request: v2.ModelMetadataRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ModelMetadataResponse:
+    @answering
+    async def ModelMetadata(self, request: v2.ModelMetadataRequest,
+                            context: Context) -> v2.ModelMetadataResponse:
         """Inputs, outputs and the resolved version."""
-        try:
-            loaded = await self._loaded(model_spec(self.plane, request.name, request.version), context)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-        return v2.ModelMetadataResponse(
-            name=loaded.name,
-            versions=[loaded.version],
-            platform=PLATFORM,
-            inputs=INPUT_METADATA,
-            outputs=OUTPUT_METADATA,
-        )
+        loaded = await self._loaded(model_spec(self.plane, request.name, request.version), context)
+        return v2.ModelMetadataResponse(name=loaded.name, versions=[loaded.version], platform=PLATFORM,
+                                        inputs=INPUT_METADATA, outputs=OUTPUT_METADATA)
 
-    async def ModelInfer(
-        self,
-        request: v2.ModelInferRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ModelInferResponse:
+    @answering
+    async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
         """Score the request's images (see the module docstring for the mapping)."""
-        try:
-            return await self.infer(request, context.time_remaining())
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-        except Exception as exc:
-            error = internal_error(exc, request.id)
-            await context.abort(error.code, error.message)
+        return await self.infer(request, context.time_remaining())
 
-    async def infer(
-        self, request: v2.ModelInferRequest, time_remaining: float | None
-    ) -> v2.ModelInferResponse:
+    async def infer(self, request: v2.ModelInferRequest,
+                    time_remaining: float | None) -> v2.ModelInferResponse:
         """Score the request's images together; the first failure fails the request (the
         others still finish and are recorded)."""
         names = wanted_outputs(request)
@@ -347,21 +336,16 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 raise result
         return infer_response(request, results, names)  # type: ignore[arg-type]
 
-    async def ModelStatistics(
-        self,
-        request: v2.ModelStatisticsRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.ModelStatisticsResponse:
-        """Counts and times per loaded version (every transport's requests)."""
-        try:
-            wanted = None
-            if request.name:  # statistics never load a model
-                spec = model_spec(self.plane, request.name, request.version)
-                wanted = self.plane.repository.cached_model(spec)
-                if wanted is None:
-                    raise ModelNotFound(f"{spec} is not loaded")
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+    @answering
+    async def ModelStatistics(self, request: v2.ModelStatisticsRequest,
+                              context: Context) -> v2.ModelStatisticsResponse:
+        """Counts and times per loaded version (every transport's requests); never loads one."""
+        wanted = None
+        if request.name:
+            spec = model_spec(self.plane, request.name, request.version)
+            wanted = self.plane.repository.cached_model(spec)
+            if wanted is None:
+                raise ModelNotFound(f"{spec} is not loaded")
         response = v2.ModelStatisticsResponse()
         for m in self.plane.list_models():
             if wanted is not None and (m.name, m.version) != (wanted.name, wanted.version):
@@ -371,10 +355,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             if s is None:
                 continue
             stat.last_inference, stat.inference_count, stat.execution_count = (
-                s.last_inference_ms,
-                s.success,
-                s.success,
-            )
+                s.last_inference_ms, s.success, s.success)
             st = stat.inference_stats
             st.success.count, st.success.ns = s.success, s.success_ns
             st.fail.count, st.fail.ns = s.fail, s.fail_ns
@@ -383,11 +364,9 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             st.compute_infer.count, st.compute_infer.ns = s.success, s.infer_ns
         return response
 
-    async def RepositoryIndex(
-        self,
-        request: v2.RepositoryIndexRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.RepositoryIndexResponse:
+    @answering
+    async def RepositoryIndex(self, request: v2.RepositoryIndexRequest,
+                              context: Context) -> v2.RepositoryIndexResponse:
         """Loaded versions (READY) and watched aliases that serve nothing (UNAVAILABLE, with
         the reason)."""
         repo = self.plane.repository
@@ -397,51 +376,35 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         if not request.ready:
             for name, alias in self.plane.settings.watched():
                 if repo.current(name, alias) is None:
-                    response.models.add(
-                        name=name,
-                        version=alias,
-                        state="UNAVAILABLE",
-                        reason=repo.not_serving_reason(name, alias),
-                    )
+                    response.models.add(name=name, version=alias, state="UNAVAILABLE",
+                                        reason=repo.not_serving_reason(name, alias))
         return response
 
-    async def RepositoryModelLoad(
-        self,
-        request: v2.RepositoryModelLoadRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.RepositoryModelLoadResponse:
+    @answering
+    async def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest,
+                                  context: Context) -> v2.RepositoryModelLoadResponse:
         """Load `model_name` (parameter `version`: a number or an alias; default alias
         otherwise) and keep it in memory until unloaded."""
-        try:
-            version = str(_parameter(request.parameters, "version") or "")
-            loaded = await self._loaded(model_spec(self.plane, request.model_name, version), context)
-            self.plane.repository.pin(loaded)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+        version = str(_parameter(request.parameters, "version") or "")
+        loaded = await self._loaded(model_spec(self.plane, request.model_name, version), context)
+        self.plane.repository.pin(loaded)
         return v2.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(
-        self,
-        request: v2.RepositoryModelUnloadRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> v2.RepositoryModelUnloadResponse:
+    @answering
+    async def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest,
+                                    context: Context) -> v2.RepositoryModelUnloadResponse:
         """Unload a version (parameter `version`; default alias otherwise). Refused
         (FAILED_PRECONDITION) for a version a watched alias serves."""
-        try:
-            version = str(_parameter(request.parameters, "version") or "")
-            spec = model_spec(self.plane, request.model_name, version)
-            repo = self.plane.repository
-            if spec.alias and repo.watched(spec.name, spec.alias):
-                current = repo.current(spec.name, spec.alias)
-                serving = current.version if current else "?"
-                raise Refused(
-                    f"{spec.name}@{spec.alias} is a watched alias (version {serving}); it cannot "
-                    "be unloaded (move the alias, or stop watching it with ANOMALY_MODELS)"
-                )
-            loaded = repo.cached_model(spec)
-            if loaded is None:
-                raise ModelNotFound(f"{spec} is not loaded")
-            repo.unload(loaded.name, loaded.version)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+        version = str(_parameter(request.parameters, "version") or "")
+        spec = model_spec(self.plane, request.model_name, version)
+        repo = self.plane.repository
+        if spec.alias and repo.watched(spec.name, spec.alias):
+            current = repo.current(spec.name, spec.alias)
+            serving = current.version if current else "?"
+            raise Refused(f"{spec.name}@{spec.alias} is a watched alias (version {serving}); it cannot "
+                          "be unloaded (move the alias, or stop watching it with ANOMALY_MODELS)")
+        loaded = repo.cached_model(spec)
+        if loaded is None:
+            raise ModelNotFound(f"{spec} is not loaded")
+        repo.unload(loaded.name, loaded.version)
         return v2.RepositoryModelUnloadResponse()
