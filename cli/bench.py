@@ -36,8 +36,10 @@ def bench_cmd(
                                                 "comma-separated (empty = CPU)")] = "",
     max_batch_size: Annotated[int, typer.Option(min=2, help="largest batch of the batching-on server")] = 8,
 ) -> None:
-    """Bare ONNX Runtime vs the gRPC server (batching off/on, PNG/raw) vs the HTTP gateway
-    (and peers), interleaved rounds in one run."""
+    """Serving benchmark: bare ONNX Runtime vs our servers and peers, in one run.
+
+    Bare ORT vs the gRPC server (batching off/on, PNG/raw, ScoreStream, V2 ModelInfer) vs the
+    HTTP gateway (and peers), measured in interleaved rounds."""
     from loadtests.bench import run_benchmark
 
     config = settings(tracking_uri=tracking_uri)
@@ -70,8 +72,10 @@ def providers_check_cmd(
     out: Annotated[Path | None, typer.Option(help="Markdown report (table between providers markers)")
                    ] = None,
 ) -> None:
-    """Load every registered version on the CPU provider and on the requested ones (CUDA,
-    TensorRT) through the serving path; compare speed, scores and OK/NG decisions."""
+    """Compare each registered version on CPU and on CUDA/TensorRT.
+
+    Loads every version through the serving path on the CPU provider and on the requested
+    ones; compares speed, scores and OK/NG decisions."""
     from loadtests.providers import BEGIN, END, check_providers, render
     from loadtests.report import machine_line, write_report
 
@@ -111,10 +115,11 @@ def soak_cmd(
                          ] = False,
     count: Annotated[int, typer.Option(min=1, help="--hotfolder: good images to drop")] = 2000,
 ) -> None:
-    """Fault-injection soak: a real server and gateway under good and hostile load while
-    alias moves to broken versions, registry and database outages and SIGKILLs are
-    injected; prints what was lost, passed wrongly or crashed (exit 1 if anything was).
-    With --hotfolder, the same for the MES hot folder."""
+    """Fault-injection soak of a real server and gateway (or the MES hot folder).
+
+    Good and hostile load while alias moves to broken versions, registry and database
+    outages and SIGKILLs are injected; prints what was lost, passed wrongly or crashed
+    (exit 1 if anything was). With --hotfolder, the same for the MES hot folder."""
     from loadtests import soak
     from loadtests.report import machine_line, write_report
 
