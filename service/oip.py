@@ -37,7 +37,7 @@ from anomaly.oip import inference_pb2 as v2
 from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.oip.tensors import TensorError, deserialize_bytes, to_raw
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
-from service.errors import InvalidInput, ModelNotFound, Refused, ServiceError, internal_error
+from service.errors import InvalidInput, ModelNotFound, ServiceError, internal_error
 from service.repository import LoadedModel, ModelSpec
 
 Context = grpc.aio.ServicerContext
@@ -394,17 +394,11 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest,
                                     context: Context) -> v2.RepositoryModelUnloadResponse:
         """Unload a version (parameter `version`; default alias otherwise). Refused
-        (FAILED_PRECONDITION) for a version a watched alias serves."""
+        (FAILED_PRECONDITION, by the repository) for a version a watched alias serves."""
         version = str(_parameter(request.parameters, "version") or "")
         spec = model_spec(self.plane, request.model_name, version)
-        repo = self.plane.repository
-        if spec.alias and repo.watched(spec.name, spec.alias):
-            current = repo.current(spec.name, spec.alias)
-            serving = current.version if current else "?"
-            raise Refused(f"{spec.name}@{spec.alias} is a watched alias (version {serving}); it cannot "
-                          "be unloaded (move the alias, or stop watching it with ANOMALY_MODELS)")
-        loaded = repo.cached_model(spec)
+        loaded = self.plane.repository.cached_model(spec)
         if loaded is None:
             raise ModelNotFound(f"{spec} is not loaded")
-        repo.unload(loaded.name, loaded.version)
+        self.plane.repository.unload(loaded.name, loaded.version)
         return v2.RepositoryModelUnloadResponse()

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from anomaly.http_json import to_json
 from anomaly.oip import inference_pb2 as v2
-from anomaly.oip.tensors import DTYPES, TensorError, from_raw, serialize_bytes, to_raw
+from anomaly.oip.tensors import DTYPES, TensorError, element_count, from_raw, serialize_bytes, to_raw
 from service import http_body
 from service.forwarding import Problem, forward, reserved_body
 
@@ -90,7 +90,11 @@ def _raw_input(tensor: dict, binary: memoryview, offset: int) -> tuple[bytes, in
         array = np.asarray(flat.tolist(), dtype=DTYPES[datatype])
     except (TypeError, ValueError, OverflowError) as exc:
         raise _bad(f"input {name!r}: data does not fit datatype {datatype} ({exc})") from None
-    if array.size != int(np.prod(shape, dtype=np.int64)):
+    try:
+        expected = element_count(shape)
+    except TensorError as exc:
+        raise _bad(f"input {name!r}: {exc}") from None
+    if array.size != expected:
         raise _bad(f"input {name!r}: {array.size} value(s) for shape {shape}")
     return to_raw(array, datatype), offset
 

@@ -266,15 +266,12 @@ class ModelRepository:
     def _evict(self) -> None:
         """Drop least recently used versions beyond the cap; never one a watched alias serves
         or one pinned by an explicit load."""
-        pinned = self._serving() | self._pinned
+        pinned = {(m.name, m.version) for m in self._current.values()} | self._pinned
         for key in list(self._loaded):
             if len(self._loaded) <= self.settings.max_loaded_models:
                 break
             if key not in pinned:
                 self._drop(key, "LRU")
-
-    def _serving(self) -> set[tuple[str, str]]:
-        return {(m.name, m.version) for m in self._current.values()}
 
     def _drop(self, key: tuple[str, str], why: str) -> None:
         old = self._loaded.pop(key)
@@ -307,9 +304,6 @@ class ModelRepository:
             self._drop(key, "unload requested")
             return True
 
-    def pinned(self, name: str, version: str) -> bool:
-        """Whether an explicit load keeps this version in memory."""
-        return (name, version) in self._pinned
 
     # -- watched aliases ------------------------------------------------------------------
     def watched(self, name: str, alias: str) -> bool:

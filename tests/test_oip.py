@@ -331,6 +331,13 @@ def test_rest_health_metadata_repository(http_base: str, store) -> None:
             400,
             "needs a name, a datatype and a shape",
         ),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, -2, 2, 3],
+                                    "data": [0] * 12}]}).encode(),
+            {},
+            400,
+            "negative dimension",
+        ),
         (b"{}" + b"\0" * (17 << 20), {"Inference-Header-Content-Length": "2"}, 413, "limit"),
     ],
 )
