@@ -139,4 +139,26 @@ def hotfolder_cmd(
     console.print(table)
 
 
-COMMANDS = {"score": score_cmd, "models": models_cmd, "hotfolder": hotfolder_cmd}
+@with_security
+def feedback_cmd(
+    request_id: Annotated[str, typer.Argument(help="request id of the scored part (as answered)")],
+    verdict: Annotated[str, typer.Argument(help="OK (good part) or NG (defective)")],
+    target: Target = DEFAULT_TARGET,
+    defect_type: Annotated[str, typer.Option(help="e.g. scratch (for NG)")] = "",
+    operator: Annotated[str, typer.Option(help="who checked the part")] = "",
+    comment: Annotated[str, typer.Option(help="free text")] = "",
+    station: Annotated[str, typer.Option(help="where it was checked")] = "",
+    sdk_options: dict | None = None,
+) -> None:
+    """Record an operator's verdict on a part the server scored (kept in its inspection log)."""
+    with AnomalyClient(target, **(sdk_options or {})) as client:
+        try:
+            r = client.feedback(request_id, verdict.upper(), defect_type=defect_type, operator=operator,
+                                comment=comment, station=station)
+        except AnomalyError as exc:
+            typer.secho(f"error: {exc.code}: {exc.message}", fg="red", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"recorded {verdict.upper()} for {r.request_id} at {r.recorded_at}")
+
+
+COMMANDS = {"score": score_cmd, "models": models_cmd, "hotfolder": hotfolder_cmd, "feedback": feedback_cmd}

@@ -24,7 +24,10 @@ def _installed(module: str | None) -> bool:
 for _group, _needs in GROUPS:
     if _installed(_needs):
         for _name, _command in importlib.import_module(_group).COMMANDS.items():
-            app.command(_name)(_command)
+            if isinstance(_command, typer.Typer):  # a group of sub-commands (`anomaly reference add`)
+                app.add_typer(_command, name=_name)
+            else:
+                app.command(_name)(_command)
 
 if __name__ == "__main__":
     app()

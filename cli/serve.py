@@ -77,4 +77,140 @@ def inspections_export_cmd(
     typer.echo(f"wrote {n} decisions to {out}")
 
 
-COMMANDS = {"serve": serve_cmd, "gateway": gateway_cmd, "inspections-export": inspections_export_cmd}
+Since = Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")]
+Until = Annotated[datetime | None, typer.Option(help="up to (not including) this time")]
+Db = Annotated[str | None, typer.Option(help="inspection-log database URL (default: "
+                                             "ANOMALY_INSPECTION_DB_URL)")]
+
+
+def quality_report_cmd(
+    db: Db = None,
+    since: Since = None,
+    until: Until = None,
+    proposal: Annotated[Path | None, typer.Option(help="write the threshold proposal here (JSON) for "
+                                                       "`anomaly thresholds apply`")] = None,
+) -> None:
+    """False calls and escapes per version, category and station, from operator feedback, and the
+    per-category thresholds that keep escapes at zero with the fewest false calls."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.quality import proposals_json, quality_report
+
+    rows, proposals = quality_report(db or settings().inspection_db_url, since, until)
+    console = Console()
+    table = Table(title="Quality: operator verdicts against the served decisions")
+    for col in ("model", "category", "station", "decided", "reviewed", "false calls", "escapes",
+                "escaped request ids"):
+        table.add_column(col)
+    for q in rows:
+        table.add_row(f"{q.model_name}/{q.model_version}", q.category or "(global)", q.station or "-",
+                      str(q.decided), str(q.reviewed), str(q.false_calls),
+                      f"[red]{q.escapes}[/]" if q.escapes else "0", ", ".join(q.escape_ids[:3]))
+    console.print(table)
+    table = Table(title="Proposed thresholds (zero escapes, fewest false calls, on the reviewed parts)")
+    for col in ("model", "tag", "now", "proposed", "defects / good reviewed", "false calls now → proposed",
+                "escapes now", "note"):
+        table.add_column(col)
+    for p in proposals:
+        table.add_row(f"{p.model_name}/{p.model_version}", p.tag, f"{p.current:.6g}",
+                      "-" if p.threshold is None else f"{p.threshold:.6g}",
+                      f"{p.confirmed_defects} / {p.confirmed_good}",
+                      f"{p.false_calls_now} → {'-' if p.threshold is None else p.false_calls_proposed}",
+                      str(p.escapes_now), p.note)
+    console.print(table)
+    if proposal is not None:
+        proposal.parent.mkdir(parents=True, exist_ok=True)
+        proposal.write_text(json.dumps(proposals_json(proposals), indent=1))
+        typer.echo(f"wrote the proposal to {proposal}; apply it with `anomaly thresholds apply {proposal}`")
+
+
+def shadow_report_cmd(db: Db = None, since: Since = None, until: Until = None) -> None:
+    """How often the shadow challenger agreed with the served answers, per category, with example
+    request ids of each kind of disagreement."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.quality import shadow_report
+
+    rows = shadow_report(db or settings().inspection_db_url, since, until)
+    table = Table(title="Shadow challenger against the served answers")
+    for col in ("served", "challenger", "category", "pairs", "agreement", "served OK, challenger NG",
+                "served NG, challenger OK"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.served_version, r.shadow_version, r.category or "(global)", str(r.pairs),
+                      f"{r.agreement:.1%}", f"{len(r.ok_to_ng)} {' '.join(r.ok_to_ng[:3])}",
+                      f"{len(r.ng_to_ok)} {' '.join(r.ng_to_ok[:3])}")
+    Console().print(table)
+    if not rows:
+        typer.echo("no shadow decisions in this range (is ANOMALY_SHADOW_ALIAS set on the server, with the "
+                   "inspection log on?)")
+
+
+TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ANOMALY_TRACKING_URI)")]
+ModelName = Annotated[str | None, typer.Option("--model", help="registered model")]
+reference_app = typer.Typer(help="The plant's known parts, which the promotion gate checks every candidate "
+                                 "against.", no_args_is_help=True)
+thresholds_app = typer.Typer(help="Per-category thresholds as version tags that running servers follow.",
+                             no_args_is_help=True)
+
+
+def _client(tracking_uri: str | None):  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or settings().tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@reference_app.command("add")
+def reference_add_cmd(
+    images: Annotated[list[Path], typer.Argument(help="images of the known parts")],
+    category: Annotated[str, typer.Option(help="their product category (empty = global)")] = "",
+    expect: Annotated[str, typer.Option(help="the decision each must get: OK or NG")] = "NG",
+    model: ModelName = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Add known parts to the plant's reference set of a registered model."""
+    from registry.plant import add_known_parts
+
+    name = model or settings().model_name
+    try:
+        run_id, total = add_known_parts(_client(tracking_uri), name, category, expect.upper(), images)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(f"{name}: the plant's reference set holds {total} known parts (MLflow run {run_id})")
+
+
+@thresholds_app.command("apply")
+def thresholds_apply_cmd(
+    proposal: Annotated[Path, typer.Argument(help="JSON written by `anomaly quality-report --proposal`")],
+    version: Annotated[str, typer.Option(help="tag this version instead of the one each proposal "
+                                              "is for")] = "",
+    model: ModelName = None,
+    tracking_uri: TrackingUri = None,
+    dry_run: Annotated[bool, typer.Option(help="print the tags without writing them")] = False,
+) -> None:
+    """Write a quality report's proposed thresholds as `threshold.<category>` version tags."""
+    import json
+
+    from registry.plant import apply_thresholds
+
+    try:
+        proposals = json.loads(proposal.read_text())["proposals"]
+        applied = apply_thresholds(_client(tracking_uri), model or settings().model_name, proposals,
+                                   version, dry_run)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise fail(f"cannot apply {proposal}: {exc}") from exc
+    for a in applied:
+        typer.echo(f"{'would set' if dry_run else 'set'} version {a.version} {a.tag}={a.value}"
+                   f"{f' (was {a.previous})' if a.previous else ''}")
+    if not applied:
+        typer.echo("nothing to apply: no proposal has a threshold")
+
+
+COMMANDS = {"serve": serve_cmd, "gateway": gateway_cmd, "inspections-export": inspections_export_cmd,
+            "quality-report": quality_report_cmd, "shadow-report": shadow_report_cmd,
+            "reference": reference_app, "thresholds": thresholds_app}

@@ -64,7 +64,8 @@ ImageInput = bytes | str | Path
 StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request id)
 RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"})
 CHECK_SIZE_ABOVE = 1 << 20  # images over this are checked against the server's limit first
-_RESPONSES = {"Score": pb.ScoreResponse, "ListModels": pb.ListModelsResponse, "GetModel": pb.ModelInfo}
+_RESPONSES = {"Score": pb.ScoreResponse, "ListModels": pb.ListModelsResponse, "GetModel": pb.ModelInfo,
+              "Feedback": pb.FeedbackResponse}
 _HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
                415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
                504: "DEADLINE_EXCEEDED"}
@@ -124,6 +125,7 @@ class ScoreResult:
     model: ModelRef
     anomaly_map_png: bytes = b""
     timings: dict[str, float] = field(default_factory=dict)
+    threshold_source: str = "model"  # or the version tag that overrides it, e.g. threshold.bottle
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,15 @@ class ModelInfo:
     last_error: str = ""  # the alias's last failed move (the version above keeps serving)
     last_error_version: str = ""
     max_image_bytes: int = 0  # the largest image the server accepts (0 = not said)
+    threshold_sources: dict[str, str] = field(default_factory=dict)  # "model" or the overriding tag
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """The server's acknowledgement of an operator's verdict."""
+
+    request_id: str
+    recorded_at: str  # RFC 3339, UTC: when it was made durable
 
 
 @dataclass(frozen=True)
@@ -155,10 +166,17 @@ class _Call:
     http_path: str
     params: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
+    json_body: dict[str, str] | None = None
 
     @property
     def headers(self) -> dict[str, str] | None:  # noqa: D102
         return {"content-type": "application/octet-stream"} if self.body is not None else None
+
+    @property
+    def http_request(self) -> dict[str, Any]:
+        """The keyword arguments of `httpx.Client.request` (besides the timeout)."""
+        return {"method": self.http_method, "url": self.http_path, "params": self.params,
+                "content": self.body, "json": self.json_body, "headers": self.headers}
 
 
 class _BaseClient:
@@ -234,6 +252,13 @@ class _BaseClient:
         return _Call("GetModel", pb.GetModelRequest(model=model or self.model, alias=alias, version=version),
                      "GET", f"/v1/models/{name}", params)
 
+    @staticmethod
+    def _feedback_call(request_id: str, verdict: str, defect_type: str, operator: str, comment: str,
+                       station: str) -> _Call:
+        fields = {"request_id": request_id, "verdict": verdict, "defect_type": defect_type,
+                  "operator": operator, "comment": comment, "station": station}
+        return _Call("Feedback", pb.FeedbackRequest(**fields), "POST", "/v1/feedback", json_body=fields)
+
     def _grpc_channel(self, aio: bool) -> grpc.Channel:
         return grpc_channel(self.target, aio=aio, options=MESSAGE_OPTIONS, tls=self._tls)
 
@@ -260,16 +285,19 @@ class _BaseClient:
     def _score_result(self, r: pb.ScoreResponse) -> ScoreResult:
         return ScoreResult(r.request_id, r.score, r.normalized_score, r.is_anomalous, r.threshold,
                            r.category, self._ref(r.model), r.anomaly_map_png,
-                           {k: getattr(r.timings, k) for k in TIMING_KEYS})
+                           {k: getattr(r.timings, k) for k in TIMING_KEYS}, r.threshold_source or "model")
 
     def _model_info(self, m: pb.ModelInfo) -> ModelInfo:
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
                          dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri,
-                         m.state or "SERVING", m.last_error, m.last_error_version, m.max_image_bytes)
+                         m.state or "SERVING", m.last_error, m.last_error_version, m.max_image_bytes,
+                         dict(m.threshold_sources))
 
     def _parse(self, rpc: str, raw: Any) -> Any:
         if rpc == "Score":
             return self._score_result(raw)
+        if rpc == "Feedback":
+            return FeedbackResult(raw.request_id, raw.recorded_at)
         if rpc == "ListModels":
             return [self._model_info(m) for m in raw.models]
         return self._model_info(raw)
@@ -346,8 +374,7 @@ class AnomalyClient(_BaseClient):
     def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
             return getattr(self._stub, call.rpc)(call.message, timeout=timeout, metadata=self._metadata)
-        r = self._http.request(call.http_method, call.http_path, params=call.params, content=call.body,
-                               headers=call.headers, timeout=timeout)
+        r = self._http.request(**call.http_request, timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
         return self._from_http(call, r.json())
@@ -405,6 +432,12 @@ class AnomalyClient(_BaseClient):
         """Describe one model version."""
         return self._invoke(self._get_call(model, alias, version), timeout)
 
+    def feedback(self, request_id: str, verdict: str, *, defect_type: str = "", operator: str = "",
+                 comment: str = "", station: str = "", timeout: float | None = None) -> FeedbackResult:
+        """Record an operator's verdict ("OK" or "NG") on a part scored earlier."""
+        call = self._feedback_call(request_id, verdict, defect_type, operator, comment, station)
+        return self._invoke(call, timeout)
+
     def close(self) -> None:
         """Close the connection."""
         if self.http:
@@ -434,8 +467,7 @@ class AsyncAnomalyClient(_BaseClient):
         if not self.http:
             return await getattr(self._stub, call.rpc)(call.message, timeout=timeout,
                                                        metadata=self._metadata)
-        r = await self._http.request(call.http_method, call.http_path, params=call.params,
-                                     content=call.body, headers=call.headers, timeout=timeout)
+        r = await self._http.request(**call.http_request, timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
         return self._from_http(call, r.json())
@@ -500,6 +532,12 @@ class AsyncAnomalyClient(_BaseClient):
                         timeout: float | None = None) -> ModelInfo:
         """Describe one model version."""
         return await self._invoke(self._get_call(model, alias, version), timeout)
+
+    async def feedback(self, request_id: str, verdict: str, *, defect_type: str = "", operator: str = "",
+                       comment: str = "", station: str = "", timeout: float | None = None) -> FeedbackResult:
+        """Record an operator's verdict ("OK" or "NG") on a part scored earlier."""
+        call = self._feedback_call(request_id, verdict, defect_type, operator, comment, station)
+        return await self._invoke(call, timeout)
 
     async def close(self) -> None:
         """Close the connection."""

@@ -37,6 +37,7 @@ class EvalReport:
     map_range: tuple[float, float] = (0.0, 1.0)
     latency_ms_p50: float = 0.0
     images_per_s_b8: float = 0.0
+    scores: np.ndarray | None = None  # raw image score of each test sample, in order
 
     @property
     def image_auroc(self) -> float:
@@ -124,7 +125,7 @@ def evaluate(onnx_path: Path | str, metadata: ModelMetadata, samples: list[Sampl
     scores, maps, times = score_samples(model, samples)
     labels = np.array([s.label for s in samples])
     cats = np.array([s.category for s in samples])
-    report = EvalReport(latency_ms_p50=float(np.median(times)))
+    report = EvalReport(latency_ms_p50=float(np.median(times)), scores=scores)
     for cat in sorted(set(cats)):
         sel = cats == cat
         masks = np.stack([_mask(s, metadata.input_size) for s in np.array(samples, dtype=object)[sel]])

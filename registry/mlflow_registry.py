@@ -133,8 +133,61 @@ def version_description(metadata: ModelMetadata, metrics: dict[str, float]) -> s
     lines += [f"- {label}: {metrics[key]:.4g}" for key, label in METRIC_LABELS.items()
               if key in metrics and np.isfinite(metrics[key])]
     lines += ["", f"Global threshold {metadata.image_stats[GLOBAL].threshold:.6g}; per-category thresholds "
-              "in `anomaly_model.json`."]
+              "in `anomaly_model.json` (a tag `threshold.<category>` overrides one live).",
+              "", "Reference set (known parts the promotion gate checks a successor against): the run's "
+              "`reference/` artifacts."]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class KnownPart:
+    """One image of a version's reference set and the decision it must get."""
+
+    path: Path
+    category: str
+    expect: str  # "OK" | "NG"
+
+
+def choose_reference_set(paths: list[Path], categories: list[str], labels: np.ndarray, scores: np.ndarray,
+                         metadata: ModelMetadata, per_class: int = 3) -> list[KnownPart]:
+    """The reference set a version carries: per category, up to `per_class` good and
+    `per_class` defective evaluation images that the version itself decides correctly (with
+    its own per-category thresholds), spread evenly over each group's score range, so that
+    the gate asks a successor for what this version already gets right, easy and hard."""
+    chosen: list[KnownPart] = []
+    for cat in sorted(set(categories)):
+        threshold = metadata.image_stats[cat].threshold
+        for label, expect in ((0, "OK"), (1, "NG")):
+            right = [i for i, (c, y, s) in enumerate(zip(categories, labels, scores, strict=True))
+                     if c == cat and y == label and (s >= threshold) == bool(label)]
+            right.sort(key=lambda i: scores[i])
+            if not right:
+                continue
+            picks = sorted({right[round(k * (len(right) - 1) / max(per_class - 1, 1))]
+                            for k in range(min(per_class, len(right)))})
+            chosen += [KnownPart(paths[i], cat, expect) for i in picks]
+    return chosen
+
+
+def log_reference_set(parts: list[KnownPart], origin: str) -> None:
+    """Log a reference set as artifacts of the active run (`reference/`, see
+    `service.promotion`)."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    from service.promotion import REFERENCE_ARTIFACTS, manifest_entry, write_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = []
+        for i, part in enumerate(parts):
+            rel = f"{part.category}/{part.expect}/{i:03d}-{part.path.name}"
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(part.path, Path(tmp) / rel)
+            entries.append(manifest_entry(rel, part.category, part.expect, origin))
+        write_manifest(Path(tmp), entries)
+        mlflow.log_artifacts(tmp, artifact_path=REFERENCE_ARTIFACTS)
 
 
 def log_and_register(
@@ -148,6 +201,7 @@ def log_and_register(
     aliases: tuple[str, ...] = (),
     experiment: str = DEFAULT_EXPERIMENT,
     artifact_root: Path | str | None = None,
+    reference: list[KnownPart] = (),  # type: ignore[assignment]
 ) -> RegisteredVersion:
     """Log one variant as an MLflow run and register it as a new version.
 
@@ -161,6 +215,8 @@ def log_and_register(
         aliases: aliases to point at the new version (`<arch>-<variant>` is always set).
         experiment: MLflow experiment name.
         artifact_root: artifact folder for a newly created experiment.
+        reference: the version's reference set (known parts the promotion gate checks its
+            successors against), logged under the run's `reference/`.
 
     Returns:
         The registered version.
@@ -192,6 +248,8 @@ def log_and_register(
             onnx_execution_providers=["CPUExecutionProvider"],
         )
         version = str(info.registered_model_version)
+        if reference:
+            log_reference_set(list(reference), f"evaluation split of {metadata.dataset or 'the dataset'}")
     client = MlflowClient()
     client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
     client.update_model_version(model_name, version, description=version_description(metadata, metrics))

@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from anomaly.wire import DEFAULT_MODEL_NAME
 from registry.architectures import AnomalyModel, ModelConfig, build_model
 from registry.data.mvtec import Sample, fingerprint, load_test_split, load_train_split
 from registry.evaluate import EvalReport, evaluate
 from registry.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
-from registry.mlflow_registry import RegisteredVersion, log_and_register
+from registry.mlflow_registry import RegisteredVersion, choose_reference_set, log_and_register
 from registry.train import TrainConfig, TrainResult, train_model
 from registry.variants import PRECISION
 from registry.variants.calibration import (
@@ -96,11 +98,14 @@ def finish_build(
     metadata.save(onnx_path.parent)
     registered = None
     if register:
+        assert report.scores is not None
+        reference = choose_reference_set([s.path for s in test_set], [s.category for s in test_set],
+                                         np.array([s.label for s in test_set]), report.scores, metadata)
         all_metrics = {**report.metrics, **(metrics or {}), "model_mb": onnx_path.stat().st_size / 1e6}
         registered = log_and_register(onnx_path, metadata, params={**(params or {}), "variant": variant,
                                                                    "calibration": calibration or "none"},
                                       metrics=all_metrics, history=history, model_name=model_name,
-                                      aliases=aliases, artifact_root=artifact_root)
+                                      aliases=aliases, artifact_root=artifact_root, reference=reference)
     return metadata, report, registered
 
 

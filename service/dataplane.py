@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -36,14 +37,16 @@ from service import metrics
 from service.batcher import Batcher, BatchResult
 from service.budget import MemoryBudget
 from service.engine import Decision
-from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded
+from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
 from service.imaging import Probe, check_raw, decode_probe, probe_image, raw_cost, raw_pixels
-from service.inspection import Decided, InspectionLog
+from service.inspection import VERDICTS, Decided, InspectionLog, Verdict
 from service.repository import LoadedModel, ModelRepository, ModelSpec
 from service.settings import Settings
+from service.shadow import Shadow, ShadowJob
 from service.watcher import ModelWatcher
 
 log = logging.getLogger(__name__)
+MAX_COMMENT = 2000
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class DataPlane:
         self.watcher = ModelWatcher(self.repository, settings, self._load)
         self.on_ready_change: Callable[[bool], None] | None = None
         self.inspections = InspectionLog.from_settings(settings) if settings.inspection_log else None
+        self.shadow = None if not settings.shadow_alias else Shadow(
+            settings, self.repository, self.inspections, busy=lambda: self._inflight > settings.workers)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -153,6 +158,8 @@ class DataPlane:
         """
         if self.inspections is not None:
             await self.inspections.start()
+        if self.shadow is not None:
+            self.shadow.start()
         await self.watcher.refresh_all()
         self._update_ready()
         self.watcher.on_change = self._update_ready
@@ -274,10 +281,13 @@ class DataPlane:
             metrics.LATENCY.labels("queue").observe(result.queue_s)
             metrics.LATENCY.labels("inference").observe(result.inference_s)
             metrics.LATENCY.labels("total").observe(total)
+            decided = Decided(rid, req.station, decision.category, loaded.name, loaded.version,
+                              decision.score, decision.normalized_score, decision.threshold,
+                              decision.is_anomalous, total * 1e3, decision.threshold_source)
             if self.inspections is not None:  # durable before the answer leaves (sync mode)
-                await self.inspections.record(Decided(
-                    rid, req.station, decision.category, loaded.name, loaded.version, decision.score,
-                    decision.normalized_score, decision.threshold, decision.is_anomalous, total * 1e3))
+                await self.inspections.record(decided)
+            if self.shadow is not None:
+                self.shadow.offer(ShadowJob(partial(self._decode, req, probe), decided, decision.category))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
@@ -326,27 +336,63 @@ class DataPlane:
         metrics.DECODE_MEMORY.set(budget.in_use)
         return await batcher.submit(x, req.deadline), size, decode_s
 
-    def _prepare(self, loaded: LoadedModel, req: ScoreInput,
-                 probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float]:
-        """Decode and preprocess (runs in the pool)."""
-        t0 = time.perf_counter()
+    def _decode(self, req: ScoreInput, probe: Probe | None) -> tuple[Any, tuple[int, int]]:
+        """The request's image, decoded, and its (height, width)."""
         if req.raw is not None:
             r = req.raw
             image = raw_pixels(r.data, r.width, r.height, r.channels, r.bits,
                                max_pixels=self.settings.max_image_pixels)
-            size = image.shape[:2]
-        else:
-            assert probe is not None
-            image = decode_probe(probe)
-            size = (image.height, image.width)
+            return image, image.shape[:2]
+        assert probe is not None
+        decoded = decode_probe(probe)
+        return decoded, (decoded.height, decoded.width)
+
+    def _prepare(self, loaded: LoadedModel, req: ScoreInput,
+                 probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float]:
+        """Decode and preprocess (runs in the pool)."""
+        t0 = time.perf_counter()
+        image, size = self._decode(req, probe)
         x = loaded.model.prepare(image)
         return x, size, time.perf_counter() - t0
+
+    async def feedback(self, verdict: Verdict) -> datetime:
+        """Record an operator's verdict on a past request id in the inspection log.
+
+        Returns:
+            When it was made durable (UTC).
+
+        Raises:
+            InvalidInput: a bad verdict or field.
+            Refused: the server keeps no inspection log.
+            NotReady: the spool refused it (full or failing disk).
+        """
+        if verdict.verdict not in VERDICTS:
+            raise InvalidInput(f"verdict must be one of {', '.join(VERDICTS)} (OK = good part, NG = "
+                               f"defective), got {verdict.verdict!r}")
+        if not verdict.request_id:
+            raise InvalidInput("request_id is empty: give the request id of the scored part")
+        for name in ("request_id", "defect_type", "operator", "station"):
+            problem = identifier_problem(name, getattr(verdict, name))
+            if problem:
+                raise InvalidInput(problem)
+        if len(verdict.comment) > MAX_COMMENT:
+            raise InvalidInput(f"comment is {len(verdict.comment)} characters long; at most {MAX_COMMENT} "
+                               "are allowed")
+        if self.inspections is None:
+            raise Refused("this server keeps no inspection log, so it cannot record feedback; start it "
+                          "with ANOMALY_INSPECTION_LOG=true")
+        await self.inspections.record(verdict)
+        log.info("feedback", extra={"request_id": verdict.request_id, "verdict": verdict.verdict,
+                                    "defect_type": verdict.defect_type, "operator": verdict.operator})
+        return datetime.now(UTC)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop following the registry, drain the batchers, stop the worker threads, then
         ship what the inspection log still holds (what is left stays in the spool)."""
         await self.watcher.stop()
         await asyncio.gather(*(b.close(timeout) for b in self._batchers.values()))
+        if self.shadow is not None:
+            await self.shadow.close()
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.loader.shutdown(wait=False, cancel_futures=True)
         if self.inspections is not None:  # after the drain: every answered request is recorded

@@ -18,7 +18,8 @@ from PIL import Image
 
 from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
 from service.imaging import anomaly_map_png, preprocess
-from service.metadata import GLOBAL, ModelMetadata
+from service.metadata import GLOBAL, ModelMetadata, ScoreStats
+from service.promotion import threshold_source
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Decision:
     threshold: float
     category: str
     anomaly_map_png: bytes = b""
+    threshold_source: str = "model"  # "model" (calibrated) or the tag that overrode it
 
 
 def available_providers(requested: list[str]) -> list[str]:
@@ -90,6 +92,9 @@ class OnnxModel:
     ) -> None:
         self.path = Path(onnx_path)
         self.metadata = metadata
+        # Live threshold overrides ({category: threshold}, "" = global) from the version's
+        # `threshold.<category>` tags (`service.promotion`); replaced whole, never mutated.
+        self.overrides: dict[str, float] = {}
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -171,7 +176,7 @@ class OnnxModel:
         if not np.isfinite(score):
             raise NonFiniteOutput(f"model produced a non-finite score ({score}); no decision was made")
         cat = self.resolve_category(category)
-        stats = self.metadata.stats_for(cat)
+        stats, source = self.stats_for(cat)
         png = b""
         if amap is not None:
             lo, hi = self.metadata.map_range
@@ -183,7 +188,22 @@ class OnnxModel:
             threshold=stats.threshold,
             category=cat,
             anomaly_map_png=png,
+            threshold_source=source,
         )
+
+    def stats_for(self, category: str) -> tuple[ScoreStats, str]:
+        """The score statistics a decision in `category` uses, with a live threshold override
+        applied, and where the threshold came from ("model" or the overriding tag)."""
+        stats = self.metadata.stats_for(category)
+        override = self.overrides.get(category)
+        if override is None:
+            return stats, "model"
+        return stats.model_copy(update={"threshold": override}), threshold_source(category)
+
+    def thresholds(self) -> dict[str, tuple[float, str]]:
+        """Threshold in use per category ("" = global), with where it came from."""
+        return {cat: (stats.threshold, source) for cat in self.metadata.image_stats
+                for stats, source in [self.stats_for(cat)]}
 
     def validation_inputs(self, reference: list[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
         """The batches a new version must pass: two flat grays, seeded uniform noise, and the

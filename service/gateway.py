@@ -8,6 +8,7 @@ with a reference to the log line, never the error's text. Routes:
 - `POST /v1/score` — multipart (`image` file + form fields) or a raw image body
   (`image/*` / `application/octet-stream`, options as query parameters)
 - `GET /v1/models`, `GET /v1/models/{name}?alias=&version=`
+- `POST /v1/feedback` — an operator's verdict on a part scored earlier (JSON)
 - `GET /healthz` (process up), `GET /readyz` (gRPC server reports SERVING)
 - `GET /metrics` (Prometheus: requests by route and status, latency)
 - the Open Inference Protocol (V2) under `/v2/…` (`service.oip_rest`)
@@ -79,6 +80,7 @@ class ScoreOut(BaseModel):
     anomaly_map_png_base64: str | None = None
     model: ModelRefOut
     timings: TimingsOut  # type: ignore[valid-type]
+    threshold_source: str = "model"
 
 
 class ModelOut(BaseModel):
@@ -97,6 +99,25 @@ class ModelOut(BaseModel):
     last_error: str = ""
     last_error_version: str = ""
     max_image_bytes: int = 0
+    threshold_sources: dict[str, str] = Field(default_factory=dict)
+
+
+class FeedbackIn(BaseModel):
+    """Body of `POST /v1/feedback`: an operator's verdict on a part scored earlier."""
+
+    request_id: str = Field(description="the request id of the scored part, as answered")
+    verdict: str = Field(description='"OK" (good part) or "NG" (defective)')
+    defect_type: str = Field("", description="e.g. scratch; empty for a good part")
+    operator: str = Field("", description="who checked the part")
+    comment: str = ""
+    station: str = Field("", description="where it was checked")
+
+
+class FeedbackOut(BaseModel):
+    """Result of `POST /v1/feedback`."""
+
+    request_id: str
+    recorded_at: str
 
 
 def _flag(value: str | bool | None) -> bool:
@@ -193,6 +214,15 @@ async def get_model(request: Request, name: str, alias: str = "", version: str =
     """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
     msg = pb.GetModelRequest(model=name, alias=alias, version=_version(version))
     return to_json(await forward(request, request.app.state.stub, "GetModel", msg))  # type: ignore[arg-type]
+
+
+@router.post("/v1/feedback", response_model=FeedbackOut, responses={
+    400: {"description": "bad verdict or fields, or the server keeps no inspection log (problem+json)"},
+})
+async def feedback(request: Request, body: FeedbackIn) -> dict:
+    """Record an operator's verdict on a part scored earlier (kept in the inspection log)."""
+    message = pb.FeedbackRequest(**body.model_dump())
+    return to_json(await forward(request, request.app.state.stub, "Feedback", message))  # type: ignore[arg-type]
 
 
 @router.get("/healthz")

@@ -33,6 +33,7 @@ from anomaly.wire import TIMING_KEYS
 from service import metrics, oip
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError, internal_error
+from service.inspection import Verdict
 from service.oip import InferenceServicer
 from service.repository import LoadedModel
 from service.security import (
@@ -77,12 +78,14 @@ def model_info(loaded: LoadedModel, alias: str = "", error: tuple[str, str] | No
     """Loaded model → `ModelInfo` (with the alias's last failed move, if any, and the
     server's image size limit)."""
     md = loaded.metadata
+    thresholds = loaded.model.thresholds()
     return pb.ModelInfo(
         max_image_bytes=max_image_bytes,
         state="SERVING", last_error=error[1] if error else "", last_error_version=error[0] if error else "",
         ref=model_ref(loaded, alias or ",".join(sorted(loaded.aliases))),
         input_height=md.input_height, input_width=md.input_width,
-        categories=md.categories, thresholds=md.thresholds(),
+        categories=md.categories, thresholds={c: t for c, (t, _) in thresholds.items()},
+        threshold_sources={c: source for c, (_, source) in thresholds.items()},
         provider=loaded.model.provider, precision=md.precision,
         loaded_at=loaded.loaded_at.isoformat(), source_uri=loaded.source_uri,
     )
@@ -94,6 +97,7 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
     return pb.ScoreResponse(
         request_id=out.request_id, score=d.score, normalized_score=d.normalized_score,
         is_anomalous=d.is_anomalous, threshold=d.threshold, category=d.category,
+        threshold_source=d.threshold_source,
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
         timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )
@@ -258,6 +262,23 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
             return model_info(loaded, spec.alias, error, self.plane.settings.max_image_bytes)
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
+
+
+    async def Feedback(self, request: pb.FeedbackRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        """Record an operator's verdict on a past request id (durable before the answer)."""
+        verdict = Verdict(request.request_id, request.verdict.strip().upper(), request.defect_type,
+                          request.operator, request.comment, request.station)
+        try:
+            try:
+                at = await self.plane.feedback(verdict)
+            except ServiceError:
+                raise
+            except Exception as exc:
+                raise internal_error(exc, request.request_id) from exc
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.FeedbackResponse(request_id=request.request_id, recorded_at=at.isoformat())
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:

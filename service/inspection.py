@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,7 +57,9 @@ from service.spool import Spool, SpoolFull
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 COLUMNS = ("request_id", "station", "category", "model_name", "model_version", "score",
-           "normalized_score", "threshold", "decision", "latency_ms", "created_at")
+           "normalized_score", "threshold", "threshold_source", "decision", "role", "latency_ms",
+           "created_at")
+VERDICTS = ("OK", "NG")
 
 
 class Base(DeclarativeBase):
@@ -85,6 +87,34 @@ class Inspection(Base):
     decision: Mapped[str] = mapped_column(String(2))  # "OK" | "NG"
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime)  # UTC, stored naive (same on every backend)
+    threshold_source: Mapped[str] = mapped_column(String(160), default="model", server_default="model")
+    role: Mapped[str] = mapped_column(String(8), default="serve", server_default="serve")  # serve | shadow
+    served_record_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # a shadow's answer
+
+
+class Feedback(Base):
+    """An operator's verdict on a part scored earlier (`request_id`)."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (Index("ux_feedback_record_id", "record_id", unique=True),
+                      Index("ix_feedback_request_id", "request_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(String(32))
+    request_id: Mapped[str] = mapped_column(String(128))
+    verdict: Mapped[str] = mapped_column(String(2))  # "OK" | "NG"
+    defect_type: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    operator: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    comment: Mapped[str] = mapped_column(String(2000), default="", server_default="")
+    station: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+TABLES: dict[str, type[Base]] = {"inspections": Inspection, "feedback": Feedback}
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(tzinfo=None).isoformat()
 
 
 def upgrade(url: str) -> None:
@@ -112,15 +142,41 @@ class Decided:
     threshold: float
     anomalous: bool
     latency_ms: float
+    threshold_source: str = "model"
+    role: str = "serve"  # "shadow": the challenger's decision on an image already answered
+    served_record_id: str | None = None
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    table = "inspections"
 
     def row(self) -> dict:
-        """The table row, stamped now (UTC), with a fresh `record_id`."""
-        return {"record_id": uuid.uuid4().hex, "request_id": self.request_id, "station": self.station,
+        """The table row, stamped now (UTC)."""
+        return {"record_id": self.record_id, "request_id": self.request_id, "station": self.station,
                 "category": self.category,
                 "model_name": self.model_name, "model_version": self.model_version, "score": self.score,
                 "normalized_score": self.normalized_score, "threshold": self.threshold,
-                "decision": "NG" if self.anomalous else "OK", "latency_ms": self.latency_ms,
-                "created_at": datetime.now(UTC).replace(tzinfo=None).isoformat()}
+                "threshold_source": self.threshold_source, "decision": "NG" if self.anomalous else "OK",
+                "role": self.role, "served_record_id": self.served_record_id,
+                "latency_ms": self.latency_ms, "created_at": _now()}
+
+
+@dataclass
+class Verdict:
+    """What `record` takes for operator feedback: the verdict on one past request id."""
+
+    request_id: str
+    verdict: str
+    defect_type: str = ""
+    operator: str = ""
+    comment: str = ""
+    station: str = ""
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    table = "feedback"
+
+    def row(self) -> dict:
+        """The table row, stamped now (UTC)."""
+        return {"record_id": self.record_id, "request_id": self.request_id, "verdict": self.verdict,
+                "defect_type": self.defect_type, "operator": self.operator, "comment": self.comment,
+                "station": self.station, "created_at": _now()}
 
 
 OUTAGES = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
@@ -149,6 +205,7 @@ def _sqlite_wal(engine: Engine) -> None:
 
 def _from_json(record: bytes) -> dict:
     row = json.loads(record)
+    row.setdefault("table", "inspections")  # spooled before feedback existed
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
 
@@ -205,15 +262,15 @@ class InspectionLog:
         log.info("inspection log: spooling to %s (%s), shipping to %s", self.spool.folder, self.durability,
                  self.engine.url.render_as_string(hide_password=True))
 
-    async def record(self, decided: Decided) -> None:
-        """Spool one decision; in sync mode, return once it is fsync'd.
+    async def record(self, decided: Decided | Verdict) -> None:
+        """Spool one decision (or operator verdict); in sync mode, return once it is fsync'd.
 
         Raises:
             NotReady: the spool is full (the database has been unreachable too long) or the
                 disk refused the write; the decision is not acknowledged.
         """
         future = self._loop.create_future()
-        self._inbox.put((json.dumps(decided.row()).encode(), future))
+        self._inbox.put((json.dumps({**decided.row(), "table": decided.table}).encode(), future))
         if self.durability == "sync":
             await future
         else:
@@ -308,20 +365,28 @@ class InspectionLog:
                 delay = min(delay * 2, 30.0)
 
     def _insert(self, rows: list[dict]) -> None:
-        """Insert rows in one transaction; a row already there (same record_id) is skipped."""
+        """Insert rows (of either table) in one transaction; a row already there (same
+        record_id) is skipped."""
         assert self.engine is not None
         dialect = self.engine.dialect.name
+        by_table: dict[str, list[dict]] = {}
+        for row in rows:
+            by_table.setdefault(row.get("table", "inspections"), []).append(
+                {k: v for k, v in row.items() if k != "table"})
         with self.engine.begin() as conn:
-            upsert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
-            if upsert is not None:
-                conn.execute(upsert(Inspection).on_conflict_do_nothing(index_elements=["record_id"]), rows)
-                return
-            ids = [r["record_id"] for r in rows]
-            query = select(Inspection.record_id).where(Inspection.record_id.in_(ids))
-            have = set(conn.execute(query).scalars())
-            fresh = [r for r in rows if r["record_id"] not in have]
-            if fresh:
-                conn.execute(insert(Inspection), fresh)
+            for name, table_rows in by_table.items():
+                table = TABLES[name]
+                upsert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+                if upsert is not None:
+                    conn.execute(upsert(table).on_conflict_do_nothing(index_elements=["record_id"]),
+                                 table_rows)
+                    continue
+                ids = [r["record_id"] for r in table_rows]
+                query = select(table.record_id).where(table.record_id.in_(ids))  # type: ignore[attr-defined]
+                have = set(conn.execute(query).scalars())
+                fresh = [r for r in table_rows if r["record_id"] not in have]
+                if fresh:
+                    conn.execute(insert(table), fresh)
 
     def _ship(self, rows: list[dict]) -> None:
         """Insert a batch; when the database rejects it, row by row, setting rejected rows aside.

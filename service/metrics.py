@@ -33,3 +33,9 @@ SPOOL_BYTES = Gauge("anomaly_inspection_spool_bytes", "Decisions in the local sp
 SPOOL_FILL = Gauge("anomaly_inspection_spool_fill_ratio", "Spool bytes ÷ its bound")
 INSPECTION_ROWS = Counter("anomaly_inspection_rows_total", "Inspection-log rows by outcome",
                           ["outcome"])  # spooled | shipped | dead_letter | refused
+GATE_VERDICTS = Counter("anomaly_promotion_gate_total", "Promotion-gate verdicts on alias moves",
+                        ["name", "alias", "status"])  # passed | refused | overridden | skipped
+SHADOW = Counter("anomaly_shadow_decisions_total", "Challenger decisions on answered images, by whether "
+                 "they agree with the answer", ["category", "outcome"])  # agree | disagree | error
+SHADOW_DROPPED = Counter("anomaly_shadow_dropped_total", "Answered images not shadowed, by reason",
+                         ["reason"])

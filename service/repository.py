@@ -21,21 +21,39 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from service import metrics
 from service.artifact import ArtifactCache, read_model_dir, reference_inputs
-from service.engine import OnnxModel
-from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused
+from service.engine import OnnxModel, finite
+from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused, ServiceError
 from service.metadata import ModelMetadata
+from service.promotion import (
+    GATE_OVERRIDE,
+    GATE_REASON,
+    GATE_STATUS,
+    PLANT_REFERENCE_TAG,
+    REFERENCE_ARTIFACTS,
+    GateResult,
+    ReferenceItem,
+    ReferenceSetError,
+    judge,
+    overridden,
+    reference_items,
+    threshold_overrides,
+    threshold_source,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+GATE_SECTION = "\n\n---\n**Promotion gate**: "  # the part of a version's description the gate writes
 AD_HOC = "(ad hoc)"  # metric label of loads not made for a watched alias
 
 __all__ = ["LoadedModel", "ModelRepository", "ModelSpec", "load_model_dir", "read_model_dir"]
@@ -62,6 +80,7 @@ class LoadedModel:
     model: OnnxModel
     source_uri: str
     digest: str = ""
+    run_id: str = ""  # the MLflow run that logged it (its reference set lives there)
     aliases: set[str] = field(default_factory=set)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -123,6 +142,8 @@ class ModelRepository:
         self._current: dict[tuple[str, str], LoadedModel] = {}
         self._pinned: set[tuple[str, str]] = set()  # (name, version) loaded on request: never evicted
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}
+        # Gate refusals: (name, candidate) → (serving version then, verdict, when)
+        self._refusals: dict[tuple[str, str], tuple[str, GateResult, float]] = {}
         self._lru_lock = threading.Lock()  # brief: bookkeeping
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._build_lock = threading.Lock()  # one in-process ONNX Runtime build at a time
@@ -168,8 +189,9 @@ class ModelRepository:
         self._aliases[key] = (version, time.monotonic())
         return version
 
-    def _fetch(self, name: str, version: str) -> tuple[Path, str]:
-        """The version's folder in the local cache (downloaded if needed) and its digest.
+    def _fetch(self, name: str, version: str) -> tuple[Path, str, Any]:
+        """The version's folder in the local cache (downloaded if needed), its digest and
+        its registry entry (`ModelVersion`: run id, tags).
 
         Raises:
             NotReady: the registry or the artifact store cannot be reached (transient).
@@ -183,7 +205,7 @@ class ModelRepository:
                     "created": str(mv.creation_timestamp or "")}
         hit = self.cache.lookup(name, version, identity)
         if hit is not None:
-            return hit
+            return (*hit, mv)
 
         def download(dest: Path) -> Path:
             try:
@@ -193,7 +215,7 @@ class ModelRepository:
             except Exception as exc:
                 raise NotReady(f"could not download models:/{name}/{version}: {exc}") from exc
 
-        return self.cache.store(name, version, identity, download)
+        return (*self.cache.store(name, version, identity, download), mv)
 
     # -- loading --------------------------------------------------------------------------
     def _cached(self, key: tuple[str, str]) -> LoadedModel | None:
@@ -234,7 +256,7 @@ class ModelRepository:
             if loaded is not None:
                 return loaded
             t0 = time.perf_counter()
-            local, digest = self._fetch(name, version)
+            local, digest, mv = self._fetch(name, version)
             previous = self._failed.get(key)
             if previous is not None and previous.digest == digest:  # checked again: unchanged
                 previous.at = time.monotonic()
@@ -252,7 +274,11 @@ class ModelRepository:
                 self._failed[key] = Failure(f"version {version}: {reason}", digest)
                 raise ModelLoadError(self._failed[key].message) from exc
             self._failed.pop(key, None)
-            loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest)
+            loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest,
+                                 str(mv.run_id or ""))
+            problem = self.follow_thresholds(loaded, dict(mv.tags or {}))
+            if problem:
+                log.error("%s; serving it with its calibrated thresholds", problem)
             with self._lru_lock:
                 self._loaded[key] = loaded
                 self._evict()
@@ -315,12 +341,16 @@ class ModelRepository:
         return self._current.get((name, alias))
 
     def refresh(self, name: str, alias: str) -> LoadedModel | None:
-        """Re-resolve a watched alias; if it moved, load, check and validate the new version
-        and only then swap it in. A failure leaves the serving version in place and is
-        recorded in `errors` (and counted, and logged at ERROR).
+        """Re-resolve a watched alias and follow it.
+
+        Unmoved: apply its version's live threshold tags (`service.promotion`). Moved: load,
+        check and validate the new version, apply its threshold tags, pass it through the
+        promotion gate against what serves now, and only then swap it in. A failure at any
+        step leaves the serving version in place and is recorded in `errors` (and counted,
+        and logged at ERROR).
 
         Returns:
-            The newly swapped-in version, or None when nothing changed or the load failed.
+            The newly swapped-in version, or None when nothing changed or the move failed.
 
         Raises:
             NotReady: the registry or artifact store cannot be reached (keep serving, retry
@@ -330,19 +360,29 @@ class ModelRepository:
         serving = self._current.get(key)
         still = f"still serving {serving.version if serving else 'nothing'}"
         try:
-            version = self._resolve(ModelSpec(name, alias))
+            mv = self._model_version(ModelSpec(name, alias))
         except ModelNotFound as exc:
             self.record_failure(key, "", exc.message, f"watched alias {name}@{alias}; {still}")
             return None
         except NotReady as exc:
             self.record_failure(key, "", exc.message, f"watched alias {name}@{alias}; {still}")
             raise
+        version, tags = str(mv.version), dict(mv.tags or {})
         if serving is not None and serving.version == version:
-            self.errors.pop(key, None)
+            problem = self.follow_thresholds(serving, tags)
+            if problem:
+                self.note_failure(key, version, problem, f"watched alias {name}@{alias}")
+            else:
+                self.errors.pop(key, None)
             return None
         failed = self.failure(name, version)
         if failed is not None:  # already refused: keep saying why, do not load it again
             self.errors[key] = (version, failed.message)
+            return None
+        refused = self._refusals.get((name, version))
+        if (refused is not None and serving is not None and refused[0] == serving.version
+                and time.monotonic() - refused[2] < self.settings.failed_retry_s and not overridden(tags)):
+            self.errors[key] = (version, refused[1].reason)  # judged already: not scored again
             return None
         context = f"alias {name}@{alias} moved to version {version}, which failed to load; {still}"
         try:
@@ -353,6 +393,18 @@ class ModelRepository:
         except Exception as exc:  # ModelLoadError, ModelNotFound, or anything unforeseen
             self.record_failure(key, version, getattr(exc, "message", None) or repr(exc), context)
             return None
+        moved = f"alias {name}@{alias} moved to version {version}; {still}"
+        problem = self.follow_thresholds(loaded, tags)
+        if problem:
+            self.note_failure(key, version, problem, moved)
+            return None
+        if serving is not None and self.settings.gate:
+            verdict = self.gate(name, alias, loaded, serving, tags)
+            if not verdict.allows:
+                self._refusals[(name, version)] = (serving.version, verdict, time.monotonic())
+                self.record_failure(key, version, verdict.reason, moved)
+                return None
+        self._refusals.pop((name, version), None)
         loaded.aliases.add(alias)
         self._current[key] = loaded  # the swap: one reference assignment
         self.errors.pop(key, None)
@@ -364,11 +416,123 @@ class ModelRepository:
                  serving.version if serving else "none")
         return loaded
 
+    # -- live thresholds and the promotion gate ----------------------------------------------
+    def follow_thresholds(self, loaded: LoadedModel, tags: dict[str, str]) -> str:
+        """Apply a version's `threshold.<category>` tags to its loaded model.
+
+        Returns:
+            "" when applied (or unchanged), else why the tags were refused (the thresholds
+            in use stay as they were).
+        """
+        try:
+            overrides = threshold_overrides(tags, loaded.metadata)
+        except ValueError as exc:
+            return f"version {loaded.version}: invalid threshold tag: {exc}; thresholds unchanged"
+        if overrides != loaded.model.overrides:
+            loaded.model.overrides = overrides  # replaced whole: a decision sees old or new, never a mix
+            shown = ", ".join(f"{threshold_source(c)}={t:.6g}" for c, t in sorted(overrides.items()))
+            log.info("%s/%s thresholds now follow its tags: %s", loaded.name, loaded.version,
+                     shown or "none (the calibrated thresholds)")
+        return ""
+
+    def gate(self, name: str, alias: str, candidate: LoadedModel, serving: LoadedModel,
+             tags: dict[str, str]) -> GateResult:
+        """Score the known parts (the serving version's reference set and the plant's) with the
+        candidate; the verdict is logged, counted and written back to the candidate's tags.
+
+        Raises:
+            NotReady: the reference sets cannot be downloaded now (retried at the next poll).
+        """
+        what = f"{name} version {candidate.version}"
+        if overridden(tags):
+            verdict = GateResult("overridden", f"{what}: promotion gate overridden by the tag "
+                                               f"{GATE_OVERRIDE}=true (serving version {serving.version} "
+                                               "was not compared)")
+        else:
+            with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
+                try:
+                    items = self._known_parts(name, serving, Path(scratch))
+                    outcomes = [self._outcome(candidate.model, item) for item in items]
+                    verdict = judge(outcomes, self.settings.gate_max_false_reject,
+                                    f"{what} (against version {serving.version}'s reference set"
+                                    f"{' and the plant' if any(i.source == 'plant' for i in items) else ''})")
+                except ReferenceSetError as exc:
+                    verdict = GateResult("refused", f"{what} refused by the promotion gate: a reference "
+                                                    f"set cannot be read: {exc}")
+        metrics.GATE_VERDICTS.labels(name, alias, verdict.status).inc()
+        (log.error if verdict.status == "refused" else log.info)("promotion gate: %s", verdict.reason)
+        if self.settings.gate_write_tags:
+            self._write_verdict(name, candidate.version, verdict)
+        return verdict
+
+    def _scratch(self) -> Path:
+        folder = self.cache.staging
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _known_parts(self, name: str, serving: LoadedModel, scratch: Path) -> list[ReferenceItem]:
+        """Download the serving version's reference set and the plant's into `scratch`."""
+        runs = [(serving.run_id, f"version {serving.version}")]
+        spec = ModelSpec(name, version=int(serving.version))
+        registered = self._registry_call(spec, self.client.get_registered_model, name)
+        plant = (registered.tags or {}).get(PLANT_REFERENCE_TAG, "")
+        if plant:
+            runs.append((plant, "plant"))
+        items: list[ReferenceItem] = []
+        for run_id, source in runs:
+            if not run_id:
+                continue
+            listed = self._registry_call(spec, self.client.list_artifacts, run_id, REFERENCE_ARTIFACTS)
+            if not listed:
+                continue
+            try:
+                local = self.client.download_artifacts(run_id, REFERENCE_ARTIFACTS,
+                                                       str(scratch / source.replace(" ", "-")))
+            except Exception as exc:
+                raise NotReady(f"could not download the reference set of {source}: {exc}") from exc
+            items += reference_items(Path(local), source)
+        return items
+
+    def _outcome(self, model: OnnxModel, item: ReferenceItem) -> tuple[ReferenceItem, bool | None, str]:
+        """Whether the candidate flags one known part (None: it could not be scored, and why)."""
+        from service.imaging import decode_image
+
+        s = self.settings
+        try:
+            image = decode_image(item.path.read_bytes(), max_bytes=s.max_image_bytes,
+                                 max_pixels=s.max_image_pixels)
+            score, amap = model.run(model.prepare(image)[None])
+            if not finite(score, amap).all():
+                return item, None, "non-finite score"
+            return item, model.decide(float(score[0]), None, item.category).is_anomalous, ""
+        except ServiceError as exc:
+            return item, None, exc.message
+        except Exception as exc:  # the candidate's fault (a crash in its graph): refuse it
+            return item, None, f"{type(exc).__name__}: {exc}"
+
+    def _write_verdict(self, name: str, version: str, verdict: GateResult) -> None:
+        """Best effort: the verdict on the version's tags and in its description."""
+        try:
+            self.client.set_model_version_tag(name, version, GATE_STATUS, verdict.status)
+            self.client.set_model_version_tag(name, version, GATE_REASON, verdict.reason[:4000])
+            mv = self.client.get_model_version(name, version)
+            own = (mv.description or "").split(GATE_SECTION)[0].rstrip()
+            stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            self.client.update_model_version(name, version, description=(
+                f"{own}{GATE_SECTION}{verdict.status.upper()} ({stamp}): {verdict.reason}"))
+        except Exception as exc:  # a read-only registry, an outage: the verdict stands regardless
+            log.warning("could not write the gate verdict to %s version %s: %s", name, version, exc)
+
     def record_failure(self, key: tuple[str, str], version: str, message: str, context: str) -> None:
         """Remember (for GetModel), count and log at ERROR a failed move of a watched alias."""
         self.errors[key] = (version, message)
         metrics.LOAD_FAILURES.labels(*key).inc()
         log.error("%s: %s", context, message)
+
+    def note_failure(self, key: tuple[str, str], version: str, message: str, context: str) -> None:
+        """`record_failure`, once per distinct message (a problem seen at every poll)."""
+        if self.errors.get(key) != (version, message):
+            self.record_failure(key, version, message, context)
 
     def not_serving_reason(self, name: str, alias: str) -> str:
         """Why a watched alias serves nothing (for the UNAVAILABLE answer)."""

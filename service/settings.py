@@ -88,6 +88,21 @@ class Settings(BaseSettings):
     failed_retry_s: float = Field(600.0, ge=0, description="how long a version that failed to load is "
                                                            "not tried again; then it is loaded again only "
                                                            "if its artifact changed")
+    gate: bool = Field(True, description="promotion gate: a moved alias swaps only if the new version "
+                                         "gets the known parts right (the serving version's reference "
+                                         "set and the plant's); see docs/promotion.md")
+    gate_max_false_reject: float = Field(0.1, ge=0, le=1, description="promotion gate: largest fraction "
+                                                                      "of known-good parts the new version "
+                                                                      "may reject")
+    gate_write_tags: bool = Field(True, description="promotion gate: write the verdict to the version's "
+                                                    "tags (gate.status, gate.reason) and description")
+    shadow_alias: str = Field("", description="shadow challenger: also score a sample of answered images "
+                                              "with this alias of the served model, off the hot path "
+                                              "(e.g. challenger; empty = off)")
+    shadow_fraction: float = Field(1.0, ge=0, le=1, description="shadow challenger: fraction of answered "
+                                                                "images it scores")
+    shadow_queue: int = Field(8, ge=1, description="shadow challenger: images waiting for it; more are "
+                                                   "dropped (counted), never delaying answers")
     load_isolation: bool = Field(True, description="load and validate each new version in a child process "
                                                    "first (memory limit, timeout)")
     load_probe_memory_mb: int = Field(2048, ge=64, description="address-space limit of that child process")
@@ -200,6 +215,8 @@ class Settings(BaseSettings):
     def watched(self) -> list[tuple[str, str]]:
         """(name, alias) pairs the server keeps loaded and follows: the default first."""
         pairs = [(self.model_name, self.model_alias)]
+        if self.shadow_alias and self.shadow_alias != self.model_alias:
+            pairs.append((self.model_name, self.shadow_alias))
         for entry in self.models:
             name, _, alias = entry.partition("@")
             if (name, alias) not in pairs:

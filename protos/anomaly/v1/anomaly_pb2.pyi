@@ -65,7 +65,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "score", "normalized_score", "is_anomalous", "threshold", "category", "anomaly_map_png", "model", "timings")
+    __slots__ = ("request_id", "score", "normalized_score", "is_anomalous", "threshold", "category", "anomaly_map_png", "model", "timings", "threshold_source")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class ScoreResponse(_message.Message):
     ANOMALY_MAP_PNG_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     score: float
     normalized_score: float
@@ -84,7 +85,8 @@ class ScoreResponse(_message.Message):
     anomaly_map_png: bytes
     model: ModelRef
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., is_anomalous: _Optional[bool] = ..., threshold: _Optional[float] = ..., category: _Optional[str] = ..., anomaly_map_png: _Optional[bytes] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    threshold_source: str
+    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., is_anomalous: _Optional[bool] = ..., threshold: _Optional[float] = ..., category: _Optional[str] = ..., anomaly_map_png: _Optional[bytes] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., threshold_source: _Optional[str] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version", "alias", "architecture", "variant")
@@ -121,7 +123,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version", "state", "max_image_bytes")
+    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version", "state", "max_image_bytes", "threshold_sources")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +131,13 @@ class ModelInfo(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ThresholdSourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REF_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +151,7 @@ class ModelInfo(_message.Message):
     LAST_ERROR_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SOURCES_FIELD_NUMBER: _ClassVar[int]
     ref: ModelRef
     input_height: int
     input_width: int
@@ -155,4 +165,29 @@ class ModelInfo(_message.Message):
     last_error_version: str
     state: str
     max_image_bytes: int
-    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ..., state: _Optional[str] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+    threshold_sources: _containers.ScalarMap[str, str]
+    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ..., state: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., threshold_sources: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "verdict", "defect_type", "operator", "comment", "station")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DEFECT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    STATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    verdict: str
+    defect_type: str
+    operator: str
+    comment: str
+    station: str
+    def __init__(self, request_id: _Optional[str] = ..., verdict: _Optional[str] = ..., defect_type: _Optional[str] = ..., operator: _Optional[str] = ..., comment: _Optional[str] = ..., station: _Optional[str] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("request_id", "recorded_at")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    recorded_at: str
+    def __init__(self, request_id: _Optional[str] = ..., recorded_at: _Optional[str] = ...) -> None: ...

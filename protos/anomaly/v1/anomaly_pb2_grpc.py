@@ -54,6 +54,11 @@ class AnomalyDetectionStub:
                 request_serializer=anomaly_dot_v1_dot_anomaly__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/anomaly.v1.AnomalyDetection/Feedback',
+                request_serializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class AnomalyDetectionServicer:
@@ -87,6 +92,13 @@ class AnomalyDetectionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Record an operator's verdict on a part scored earlier (needs the inspection log).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnomalyDetectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_AnomalyDetectionServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.GetModelRequest.FromString,
                     response_serializer=anomaly_dot_v1_dot_anomaly__pb2.ModelInfo.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackRequest.FromString,
+                    response_serializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class AnomalyDetection:
             '/anomaly.v1.AnomalyDetection/GetModel',
             anomaly_dot_v1_dot_anomaly__pb2.GetModelRequest.SerializeToString,
             anomaly_dot_v1_dot_anomaly__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anomaly.v1.AnomalyDetection/Feedback',
+            anomaly_dot_v1_dot_anomaly__pb2.FeedbackRequest.SerializeToString,
+            anomaly_dot_v1_dot_anomaly__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

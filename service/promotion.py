@@ -1,0 +1,206 @@
+"""Safe promotion: live thresholds, reference sets and the promotion gate.
+
+**Live thresholds.** A model version's tags `threshold.<category>` (and `threshold.global`
+for requests without a category) override the thresholds calibrated into its
+`anomaly_model.json`, with no new version and no restart: the watcher reads the tags of
+every watched alias at each poll. A tag that is not a finite number, or that names a
+category the model does not know, is refused as a whole (`GetModel.last_error`), and the
+thresholds in use stay as they were.
+
+**Reference sets.** Each registered version carries, as artifacts of its MLflow run under
+`reference/`, a few good and defective images per category with the decision they must get
+(`reference/manifest.json`), taken from its evaluation split. A plant adds its own known
+parts with `anomaly reference add`; they are kept in one MLflow run per registered model,
+named by the registered model's tag `reference.run_id`.
+
+**The gate.** Before a watched alias swaps to a new version, the candidate scores the
+reference set of the version serving now plus the plant's known parts, through the serving
+path (decoding, pre-processing, thresholds, live overrides included). The swap is refused
+when a known defect would pass (an escape), when more than `gate_max_false_reject` of the
+known-good parts would be rejected, or when the candidate cannot score a known part at all
+(an unknown category, a non-finite score). The verdict is logged, counted, shown in
+`GetModel`, and written back to the candidate's tags (`gate.status`, `gate.reason`) and
+description. The tag `gate.override=true` on the candidate lets an engineer force it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.metadata import GLOBAL, ModelMetadata
+
+THRESHOLD_PREFIX = "threshold."
+GLOBAL_THRESHOLD_TAG = "threshold.global"
+GATE_STATUS, GATE_REASON, GATE_OVERRIDE = "gate.status", "gate.reason", "gate.override"
+PLANT_REFERENCE_TAG = "reference.run_id"  # registered-model tag: the run holding the plant's parts
+REFERENCE_ARTIFACTS = "reference"  # run artifact folder of a reference set
+REFERENCE_MANIFEST = "manifest.json"
+EXPECTATIONS = ("OK", "NG")
+MAX_REFERENCE_ITEMS = 512
+
+
+class ReferenceSetError(ValueError):
+    """A reference set that cannot be read (its manifest or one of its files)."""
+
+
+# -- live thresholds -----------------------------------------------------------------------------
+def threshold_source(category: str) -> str:
+    """The tag that overrides `category`'s threshold ("" = global)."""
+    return GLOBAL_THRESHOLD_TAG if category == GLOBAL else f"{THRESHOLD_PREFIX}{category}"
+
+
+def threshold_overrides(tags: dict[str, str], metadata: ModelMetadata) -> dict[str, float]:
+    """The per-category threshold overrides a version's tags ask for ({category: threshold},
+    "" = global).
+
+    Raises:
+        ValueError: naming the first bad tag (not a finite number, an unknown category, or
+            `threshold.global` when the model has a category called "global").
+    """
+    overrides: dict[str, float] = {}
+    for key in sorted(tags):
+        if not key.startswith(THRESHOLD_PREFIX):
+            continue
+        value = tags[key]
+        category = key[len(THRESHOLD_PREFIX):]
+        if key == GLOBAL_THRESHOLD_TAG:
+            if "global" in metadata.categories:
+                raise ValueError(f"tag {key} is ambiguous: the model has a category called 'global'")
+            category = GLOBAL
+        elif category not in metadata.categories:
+            raise ValueError(f"tag {key}={value!r} names category {category!r}, which this model does not "
+                             f"know (it knows {', '.join(metadata.categories)})")
+        try:
+            threshold = float(value)
+        except ValueError:
+            raise ValueError(f"tag {key}={value!r} is not a number") from None
+        if not math.isfinite(threshold):
+            raise ValueError(f"tag {key}={value!r} is not a finite number")
+        overrides[category] = threshold
+    return overrides
+
+
+def overridden(tags: dict[str, str]) -> bool:
+    """Whether a version's tags force it past the gate (`gate.override=true`)."""
+    return tags.get(GATE_OVERRIDE, "").strip().lower() == "true"
+
+
+# -- reference sets ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReferenceItem:
+    """One known part: an image and the decision it must get."""
+
+    path: Path
+    category: str
+    expect: str  # "OK" | "NG"
+    source: str  # "version 3", "plant"
+
+    @property
+    def label(self) -> str:
+        """How reasons name it: `<source>: <category>/<file name>`."""
+        return f"{self.source}: {self.category or '(global)'}/{self.path.name}"
+
+
+def manifest_entry(file: str, category: str, expect: str, origin: str) -> dict[str, str]:
+    """One item of `reference/manifest.json` (`file` relative to `reference/`)."""
+    if expect not in EXPECTATIONS:
+        raise ValueError(f"expected decision {expect!r} is not one of {', '.join(EXPECTATIONS)}")
+    return {"file": file, "category": category, "expect": expect, "origin": origin}
+
+
+def write_manifest(folder: Path, items: list[dict[str, str]]) -> Path:
+    """Write `manifest.json` into a reference-set folder."""
+    path = Path(folder) / REFERENCE_MANIFEST
+    path.write_text(json.dumps({"items": items}, indent=1))
+    return path
+
+
+def read_manifest(folder: Path) -> list[dict[str, str]]:
+    """The manifest's items, checked (an absent manifest is an empty set).
+
+    Raises:
+        ReferenceSetError: the manifest cannot be parsed, an entry is malformed, or a file
+            it names is missing or lies outside the folder.
+    """
+    path = Path(folder) / REFERENCE_MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        items = json.loads(path.read_text())["items"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReferenceSetError(f"{REFERENCE_MANIFEST} cannot be read: {exc}") from exc
+    if not isinstance(items, list) or len(items) > MAX_REFERENCE_ITEMS:
+        raise ReferenceSetError(f"{REFERENCE_MANIFEST}: 'items' must be a list of at most "
+                                f"{MAX_REFERENCE_ITEMS} entries")
+    root = Path(folder).resolve()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str)
+                                                 for k in ("file", "category", "expect")):
+            raise ReferenceSetError(f"{REFERENCE_MANIFEST}: entry {i} needs text fields file, category, "
+                                    "expect")
+        if item["expect"] not in EXPECTATIONS:
+            raise ReferenceSetError(f"{REFERENCE_MANIFEST}: entry {i} expects {item['expect']!r}, not one "
+                                    f"of {', '.join(EXPECTATIONS)}")
+        file = (root / item["file"]).resolve()
+        if not file.is_relative_to(root) or not file.is_file() or file.is_symlink():
+            raise ReferenceSetError(f"{REFERENCE_MANIFEST}: entry {i} names {item['file']!r}, which is not "
+                                    "a file of the reference set")
+    return items
+
+
+def reference_items(folder: Path, source: str) -> list[ReferenceItem]:
+    """The known parts of one reference-set folder (see `read_manifest`)."""
+    root = Path(folder).resolve()
+    return [ReferenceItem(root / item["file"], item["category"], item["expect"], source)
+            for item in read_manifest(folder)]
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+@dataclass
+class GateResult:
+    """The gate's verdict on one candidate."""
+
+    status: str  # passed | refused | overridden | skipped
+    reason: str
+    checked: int = 0
+    escapes: list[str] = field(default_factory=list)
+    false_rejects: list[str] = field(default_factory=list)
+
+    @property
+    def allows(self) -> bool:
+        """Whether the swap may go ahead."""
+        return self.status != "refused"
+
+
+def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reject: float,
+          candidate: str) -> GateResult:
+    """The verdict from each known part's outcome (anomalous?, or None with why it could not
+    be scored)."""
+    if not outcomes:
+        return GateResult("skipped", f"no reference set to check {candidate} against")
+    unscored = [(item, why) for item, anomalous, why in outcomes if anomalous is None]
+    escapes = [item.label for item, anomalous, _ in outcomes if item.expect == "NG" and anomalous is False]
+    goods = [item for item, _, _ in outcomes if item.expect == "OK"]
+    rejects = [item.label for item, anomalous, _ in outcomes if item.expect == "OK" and anomalous]
+    result = GateResult("passed", "", len(outcomes), escapes, rejects)
+    problems = []
+    if unscored:
+        item, why = unscored[0]
+        problems.append(f"{len(unscored)} known part(s) could not be scored (first: {item.label}: {why})")
+    if escapes:
+        problems.append(f"{len(escapes)} known defect(s) would pass as OK: {', '.join(escapes[:5])}"
+                        + (" …" if len(escapes) > 5 else ""))
+    if goods and len(rejects) / len(goods) > max_false_reject:
+        problems.append(f"{len(rejects)} of {len(goods)} known-good parts would be rejected "
+                        f"({len(rejects) / len(goods):.0%} > the allowed {max_false_reject:.0%}): "
+                        f"{', '.join(rejects[:5])}" + (" …" if len(rejects) > 5 else ""))
+    if problems:
+        result.status = "refused"
+        result.reason = f"{candidate} refused by the promotion gate: " + "; ".join(problems)
+    else:
+        result.reason = (f"{candidate} passed the promotion gate: {len(outcomes)} known parts, no escape, "
+                         f"{len(rejects)} of {len(goods)} known-good parts rejected")
+    return result
