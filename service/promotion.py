@@ -176,11 +176,11 @@ class GateResult:
 
 
 def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reject: float,
-          candidate: str) -> GateResult:
+          candidate: str, against: str) -> GateResult:
     """The verdict from each known part's outcome (anomalous?, or None with why it could not
-    be scored)."""
+    be scored) on `candidate` (e.g. "model version 3"), checked `against` (what serves now)."""
     if not outcomes:
-        return GateResult("skipped", f"no reference set to check {candidate} against")
+        return GateResult("skipped", f"{candidate} was not checked: {against} hold no known parts")
     unscored = [(item, why) for item, anomalous, why in outcomes if anomalous is None]
     escapes = [item.label for item, anomalous, _ in outcomes if item.expect == "NG" and anomalous is False]
     goods = [item for item, _, _ in outcomes if item.expect == "OK"]
@@ -199,8 +199,10 @@ def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reje
                         f"{', '.join(rejects[:5])}" + (" …" if len(rejects) > 5 else ""))
     if problems:
         result.status = "refused"
-        result.reason = f"{candidate} refused by the promotion gate: " + "; ".join(problems)
+        result.reason = (f"{candidate} refused by the promotion gate (checked against {against}): "
+                         + "; ".join(problems))
     else:
-        result.reason = (f"{candidate} passed the promotion gate: {len(outcomes)} known parts, no escape, "
-                         f"{len(rejects)} of {len(goods)} known-good parts rejected")
+        result.reason = (f"{candidate} passed the promotion gate (checked against {against}): "
+                         f"{len(outcomes)} known parts, no escape, {len(rejects)} of {len(goods)} known-good "
+                         "parts rejected")
     return result

@@ -453,9 +453,8 @@ class ModelRepository:
                 try:
                     items = self._known_parts(name, serving, Path(scratch))
                     outcomes = [self._outcome(candidate.model, item) for item in items]
-                    verdict = judge(outcomes, self.settings.gate_max_false_reject,
-                                    f"{what} (against version {serving.version}'s reference set"
-                                    f"{' and the plant' if any(i.source == 'plant' for i in items) else ''})")
+                    against = f"the reference set of version {serving.version} and the plant's known parts"
+                    verdict = judge(outcomes, self.settings.gate_max_false_reject, what, against)
                 except ReferenceSetError as exc:
                     verdict = GateResult("refused", f"{what} refused by the promotion gate: a reference "
                                                     f"set cannot be read: {exc}")

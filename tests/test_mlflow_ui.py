@@ -1,0 +1,129 @@
+"""Promotion through the stock MLflow UI, in a real browser: Playwright drives Debian's
+Chromium against `mlflow server` on a test store; an engineer adds `champion` to another
+version and sets a threshold tag, and a running gRPC server follows both. The version page
+is saved in the test's temporary folder, and as `docs/mlflow-version-page.png` with
+`ANOMALY_DOCS_SCREENSHOT=1`.
+
+Needs Chromium at /usr/bin/chromium (Debian's `chromium` package; `.ci/run` installs it)
+and the `playwright` package (the `dev` extra); skipped with the reason where either is
+missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Store, mlflow_server_process, tracking_uri
+from mlflow import MlflowClient
+
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from loadtests.launch import start_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = Path(__file__).parent.parent / "docs" / "mlflow-version-page.png"
+MODEL = "ui-promotion"
+# What a headless Chromium needs on a machine with no display and no internet (root, no
+# sandbox; no background calls to Google's hosts).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                                             "(pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debian's chromium package is "
+                                                              "not installed (apt-get install chromium)")
+
+
+def _register(store: Store, tmp_path: Path, variant: str, reference: list = ()) -> str:  # type: ignore[assignment]
+    from registry.mlflow_registry import log_and_register
+
+    folder = tmp_path / variant
+    folder.mkdir()
+    shutil.copyfile(store.build.onnx_path, folder / "model.onnx")
+    with tracking_uri(store.tracking_uri):
+        metadata = store.build.metadata.model_copy(update={"variant": variant})
+        return log_and_register(folder / "model.onnx", metadata, params={}, metrics={"image_auroc": 0.9},
+                                model_name=MODEL, artifact_root=store.home / "artifacts",
+                                reference=reference).version
+
+
+def _reference_set(store: Store, client: MlflowClient, tmp_path: Path) -> list:
+    """The session model's reference set, as the parts to log with another version."""
+    from registry.mlflow_registry import KnownPart
+    from service.promotion import read_manifest
+
+    run_id = client.get_model_version(store.model_name, store.version).run_id
+    local = Path(client.download_artifacts(run_id, "reference", str(tmp_path)))
+    return [KnownPart(local / i["file"], i["category"], i["expect"]) for i in read_manifest(local)]
+
+
+def _wait(check, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
+        store: Store, good_and_defect, tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+    first = _register(store, tmp_path, "ui-first", _reference_set(store, client, tmp_path))
+    second = _register(store, tmp_path, "ui-second")
+    client.set_registered_model_alias(MODEL, "champion", first)
+    image = good_and_defect[1][0].read_bytes()
+    category = good_and_defect[1][0].parent.parent.parent.name
+    server, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                  model=MODEL, env={"ANOMALY_POLL_INTERVAL_S": "0.3"})
+    try:
+        with mlflow_server_process(store.tracking_uri, store.home) as (url, _), \
+                grpc.insecure_channel(target) as channel, sync_api.sync_playwright() as pw:
+            stub = pb_grpc.AnomalyDetectionStub(channel)
+            score = lambda: stub.Score(pb.ScoreRequest(encoded=image, category=category), timeout=30)  # noqa: E731
+            assert score().model.version == first
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 2000})  # the whole version page
+            page.goto(f"{url}/#/models/{MODEL}/versions/{second}")
+
+            # Promote: add the alias `champion` to the second version and save.
+            page.get_by_title("Edit aliases").click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_role("combobox").fill("champion")
+            page.keyboard.press("Enter")
+            dialog.get_by_role("button", name="Save aliases").click()
+            dialog.wait_for(state="hidden")
+            _wait(lambda: score().model.version == second, "the server to follow champion")
+            assert client.get_model_version(MODEL, second).tags["gate.status"] == "passed"
+            assert str(client.get_model_version_by_alias(MODEL, "champion").version) == second
+
+            # A live threshold: add the tag, then edit its value in the table.
+            page.get_by_test_id("tags-form-input-name").fill(f"threshold.{category}")
+            page.get_by_test_id("tags-form-input-value").fill("1000000")
+            page.get_by_test_id("add-tag-button").click()
+            _wait(lambda: score().threshold_source == f"threshold.{category}", "the server to follow the tag")
+            assert score().threshold == pytest.approx(1e6) and not score().is_anomalous
+            row = page.get_by_role("row").filter(has_text=f"threshold.{category}")
+            row.get_by_test_id("editable-table-button-edit").click()
+            editor = row.get_by_role("textbox")
+            editor.fill("0")
+            row.get_by_role("button", name="Save").click()
+            _wait(lambda: score().threshold == pytest.approx(0.0), "the server to follow the edited tag")
+            assert score().is_anomalous and score().model.version == second
+            page.reload()
+            page.get_by_title("champion", exact=True).wait_for()  # the alias chip: the page has loaded
+            page.get_by_role("row").filter(has_text=f"threshold.{category}").scroll_into_view_if_needed()
+            docs = os.environ.get("ANOMALY_DOCS_SCREENSHOT") == "1"
+            shot = SCREENSHOT if docs else tmp_path / SCREENSHOT.name
+            page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1040, "height": 1220})
+            assert shot.stat().st_size > 20_000
+            browser.close()
+    finally:
+        server.stop()
+    assert client.get_model_version(MODEL, second).tags[f"threshold.{category}"] == "0"
