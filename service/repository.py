@@ -41,6 +41,7 @@ from service.promotion import (
     GATE_STATUS,
     PLANT_REFERENCE_TAG,
     REFERENCE_ARTIFACTS,
+    THRESHOLD_PREFIX,
     GateResult,
     ReferenceItem,
     ReferenceSetError,
@@ -99,6 +100,12 @@ class Failure:
     at: float = field(default_factory=time.monotonic)
 
 
+def _gate_inputs(tags: dict[str, str]) -> tuple:
+    """The tags of a candidate that can change the gate's verdict (thresholds, the override)."""
+    return tuple(sorted((k, v) for k, v in tags.items()
+                        if k.startswith(THRESHOLD_PREFIX) or k == GATE_OVERRIDE))
+
+
 def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
     """Load, warm up and validate (with its reference images) the model in a folder."""
     onnx_path, metadata = read_model_dir(local_dir)
@@ -142,8 +149,9 @@ class ModelRepository:
         self._current: dict[tuple[str, str], LoadedModel] = {}
         self._pinned: set[tuple[str, str]] = set()  # (name, version) loaded on request: never evicted
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}
-        # Gate refusals: (name, candidate) → (serving version then, verdict, when)
-        self._refusals: dict[tuple[str, str], tuple[str, GateResult, float]] = {}
+        # Gate refusals: (name, candidate) → ((serving version, the candidate's gate-relevant
+        # tags) when judged, verdict, when): judged again only when one of those changes.
+        self._refusals: dict[tuple[str, str], tuple[tuple[str, tuple], GateResult, float]] = {}
         self._lru_lock = threading.Lock()  # brief: bookkeeping
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._build_lock = threading.Lock()  # one in-process ONNX Runtime build at a time
@@ -380,8 +388,9 @@ class ModelRepository:
             self.errors[key] = (version, failed.message)
             return None
         refused = self._refusals.get((name, version))
-        if (refused is not None and serving is not None and refused[0] == serving.version
-                and time.monotonic() - refused[2] < self.settings.failed_retry_s and not overridden(tags)):
+        judged = (serving.version if serving else "", _gate_inputs(tags))
+        if (refused is not None and refused[0] == judged
+                and time.monotonic() - refused[2] < self.settings.failed_retry_s):
             self.errors[key] = (version, refused[1].reason)  # judged already: not scored again
             return None
         context = f"alias {name}@{alias} moved to version {version}, which failed to load; {still}"
@@ -401,7 +410,7 @@ class ModelRepository:
         if serving is not None and self.settings.gate:
             verdict = self.gate(name, alias, loaded, serving, tags)
             if not verdict.allows:
-                self._refusals[(name, version)] = (serving.version, verdict, time.monotonic())
+                self._refusals[(name, version)] = (judged, verdict, time.monotonic())
                 self.record_failure(key, version, verdict.reason, moved)
                 return None
         self._refusals.pop((name, version), None)

@@ -234,3 +234,16 @@ def wait_alias_error(stub, alias: str, version: str, request=None, serving: str 
         time.sleep(0.2)
         info = stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)
     return info
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll `check()` every 0.2 s until it returns something true, and return that."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -77,6 +77,8 @@ def test_gateway_schema_is_the_proto() -> None:
     assert _fields(gateway.ScoreOut) == _proto_fields(pb.ScoreResponse)
     assert _fields(gateway.ModelOut) == _proto_fields(pb.ModelInfo)
     assert _fields(gateway.ModelRefOut) == _proto_fields(pb.ModelRef)
+    assert _fields(gateway.FeedbackIn) == _proto_fields(pb.FeedbackRequest)
+    assert _fields(gateway.FeedbackOut) == _proto_fields(pb.FeedbackResponse)
     assert tuple(gateway.TimingsOut.model_fields) == TIMING_KEYS == tuple(
         f.name for f in pb.Timings.DESCRIPTOR.fields)
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Store, mlflow_server_process, tracking_uri
+from conftest import Store, mlflow_server_process, tracking_uri, wait_for
 from mlflow import MlflowClient
 
 from anomaly.v1 import anomaly_pb2 as pb
@@ -62,16 +61,6 @@ def _reference_set(store: Store, client: MlflowClient, tmp_path: Path) -> list:
     return [KnownPart(local / i["file"], i["category"], i["expect"]) for i in read_manifest(local)]
 
 
-def _wait(check, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
         store: Store, good_and_defect, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
@@ -99,7 +88,7 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
             page.keyboard.press("Enter")
             dialog.get_by_role("button", name="Save aliases").click()
             dialog.wait_for(state="hidden")
-            _wait(lambda: score().model.version == second, "the server to follow champion")
+            wait_for(lambda: score().model.version == second, what="the server to follow champion")
             assert client.get_model_version(MODEL, second).tags["gate.status"] == "passed"
             assert str(client.get_model_version_by_alias(MODEL, "champion").version) == second
 
@@ -107,14 +96,15 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
             page.get_by_test_id("tags-form-input-name").fill(f"threshold.{category}")
             page.get_by_test_id("tags-form-input-value").fill("1000000")
             page.get_by_test_id("add-tag-button").click()
-            _wait(lambda: score().threshold_source == f"threshold.{category}", "the server to follow the tag")
+            tag = f"threshold.{category}"
+            wait_for(lambda: score().threshold_source == tag, what="the server to follow the tag")
             assert score().threshold == pytest.approx(1e6) and not score().is_anomalous
             row = page.get_by_role("row").filter(has_text=f"threshold.{category}")
             row.get_by_test_id("editable-table-button-edit").click()
             editor = row.get_by_role("textbox")
             editor.fill("0")
             row.get_by_role("button", name="Save").click()
-            _wait(lambda: score().threshold == pytest.approx(0.0), "the server to follow the edited tag")
+            wait_for(lambda: score().threshold == pytest.approx(0.0), what="the edited tag followed")
             assert score().is_anomalous and score().model.version == second
             page.reload()
             page.get_by_title("champion", exact=True).wait_for()  # the alias chip: the page has loaded

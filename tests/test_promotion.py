@@ -9,13 +9,12 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
-from conftest import Store, tracking_uri
+from conftest import Store, tracking_uri, wait_for
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
@@ -35,16 +34,6 @@ def client(store: Store) -> MlflowClient:
     return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
 
 
-def wait_for(check: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: float = 1.0) -> str:
     """The session's trained model registered again (no reference set of its own), with its
     thresholds multiplied by `threshold_scale` (a huge scale: every defect passes)."""
@@ -60,6 +49,18 @@ def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: f
     with tracking_uri(store.tracking_uri):
         return log_and_register(onnx, md.model_copy(update={"image_stats": stats, "variant": variant}),
                                 params={}, metrics={}, artifact_root=store.home / "artifacts").version
+
+
+def serve_alias_with_log(store: Store, client: MlflowClient, alias: str, version: str,
+                         tmp_path: Path) -> tuple[object, str, str]:
+    """A server following `alias` (moved to `version`) with an inspection log in `tmp_path`;
+    returns (its process, its target, the log's database URL)."""
+    client.set_registered_model_alias(store.model_name, alias, version)
+    db = f"sqlite:///{tmp_path / 'inspections.db'}"
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 alias=alias, env={**POLL, "ANOMALY_INSPECTION_LOG": "true",
+                                                   "ANOMALY_INSPECTION_DB_URL": db})
+    return child, target, db
 
 
 def category_of(path: Path) -> str:
@@ -116,6 +117,13 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
             assert "Promotion gate**: REFUSED" in description
             time.sleep(1.5)  # five polls: judged once, not scored again at every poll
             assert served_version(stub, image) == store.version
+            # A threshold tag on the candidate changes what it decides: it is judged again.
+            client.set_model_version_tag(store.model_name, blind, "threshold.brick", "0")
+            info = wait_for(lambda: "known-good parts would be rejected" in (i := get()).last_error and i,
+                            what="a new verdict")
+            assert info.ref.version == store.version
+            client.delete_model_version_tag(store.model_name, blind, "threshold.brick")
+            wait_for(lambda: "known-good parts" not in get().last_error, what="the verdict without the tag")
 
             client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE, "true")  # forced
             wait_for(lambda: served_version(stub, image) == blind, what="the overridden swap")
@@ -146,13 +154,29 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
     finally:
         client.set_registered_model_alias(store.model_name, alias, store.version)
         child.stop()
-    for status, count in (("refused", 2), ("overridden", 1), ("passed", 1)):
+    for status, count in (("refused", 4), ("overridden", 1), ("passed", 1)):
         labels = f'alias="{alias}",name="{store.model_name}",status="{status}"'
         assert f"anomaly_promotion_gate_total{{{labels}}} {count}.0" in metrics, metrics
     log = (tmp_path / "server.log").read_text()
     start = f"ERROR service.repository promotion gate: {store.model_name} version {blind} refused"
     refusals = [line for line in log.splitlines() if start in line]
-    assert len(refusals) == 2, log[-3000:]  # judged once per move, not at every poll
+    assert len(refusals) == 4, log[-3000:]  # judged once per move or tag change, not at every poll
+
+
+def test_threshold_tags_are_checked_as_a_whole(store) -> None:
+    from service.promotion import threshold_overrides
+
+    md = store.build.metadata
+    assert threshold_overrides({"threshold": "0.3", "threshold.brick": "0.25", "threshold.global": "1e-3",
+                                "architecture": "stfpm"}, md) == {"brick": 0.25, "": 1e-3}
+    for tags, message in (({"threshold.brick": "x"}, "is not a number"),
+                          ({"threshold.brick": "inf"}, "not a finite number"),
+                          ({"threshold.coffee": "1", "threshold.bolt": "1"}, "does not know")):
+        with pytest.raises(ValueError, match=message):
+            threshold_overrides(tags, md)
+    global_md = md.model_copy(update={"categories": [*md.categories, "global"]})
+    with pytest.raises(ValueError, match="ambiguous"):
+        threshold_overrides({"threshold.global": "1"}, global_md)
 
 
 def test_reference_add_refuses_what_the_server_could_not_read(store, tmp_path: Path) -> None:
@@ -170,11 +194,7 @@ def test_threshold_tags_are_followed_live_and_bad_ones_refused(store, client, go
                                                                tmp_path: Path) -> None:
     alias = "threshold-canary"
     version = register_copy(store, tmp_path, "live-thresholds")
-    client.set_registered_model_alias(store.model_name, alias, version)
-    db = f"sqlite:///{tmp_path / 'inspections.db'}"
-    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
-                                 alias=alias, env={**POLL, "ANOMALY_INSPECTION_LOG": "true",
-                                                   "ANOMALY_INSPECTION_DB_URL": db})
+    child, target, db = serve_alias_with_log(store, client, alias, version, tmp_path)
     defect = good_and_defect[1][0].read_bytes()
     category = category_of(good_and_defect[1][0])
     tag = f"threshold.{category}"
@@ -223,11 +243,7 @@ def test_feedback_quality_report_and_threshold_proposal(store, client, good_and_
     escapes and proposes thresholds that `thresholds apply` writes and the server follows."""
     alias = "feedback-canary"
     version = register_copy(store, tmp_path, "feedback")
-    client.set_registered_model_alias(store.model_name, alias, version)
-    db = f"sqlite:///{tmp_path / 'inspections.db'}"
-    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
-                                 alias=alias, env={**POLL, "ANOMALY_INSPECTION_LOG": "true",
-                                                   "ANOMALY_INSPECTION_DB_URL": db})
+    child, target, db = serve_alias_with_log(store, client, alias, version, tmp_path)
     gateway, base = start_gateway(target, tmp_path / "gateway.log")
     goods, defects = good_and_defect
     try:
