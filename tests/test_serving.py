@@ -23,7 +23,9 @@ from clients.sdk import AnomalyClient
 from loadtests.launch import free_port, start_gateway, start_server
 
 ALIAS = "canary"  # the session's other servers follow `champion`, not this alias
-FAST_POLL = {"ANOMALY_POLL_INTERVAL_S": "0.5"}
+# The swap itself is under test here (moving to RD and US, which miss some of STFPM's known
+# defects): the promotion gate that would refuse them has its own tests (test_promotion.py).
+FAST_POLL = {"ANOMALY_POLL_INTERVAL_S": "0.5", "ANOMALY_GATE": "false"}
 
 
 @pytest.fixture(scope="module")
