@@ -287,7 +287,7 @@ class DataPlane:
             if self.inspections is not None:  # durable before the answer leaves (sync mode)
                 await self.inspections.record(decided)
             if self.shadow is not None:
-                self.shadow.offer(ShadowJob(partial(self._decode, req, probe), decided, decision.category))
+                self.shadow.offer(ShadowJob(partial(self._decode_again, req), decided, decision.category))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
@@ -346,6 +346,14 @@ class DataPlane:
         assert probe is not None
         decoded = decode_probe(probe)
         return decoded, (decoded.height, decoded.width)
+
+    def _decode_again(self, req: ScoreInput) -> tuple[Any, tuple[int, int]]:
+        """Decode a request's image from its bytes once more (the shadow's copy: a queued
+        shadow job holds only the encoded bytes, never decoded pixels)."""
+        s = self.settings
+        probe = None if req.raw is not None else probe_image(req.encoded or b"", max_bytes=s.max_image_bytes,
+                                                             max_pixels=s.max_image_pixels)
+        return self._decode(req, probe)
 
     def _prepare(self, loaded: LoadedModel, req: ScoreInput,
                  probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float]:
