@@ -64,11 +64,13 @@ def add_known_parts(client, model_name: str, category: str, expect: str,  # type
         ValueError: an unreadable image, an unsupported suffix, a bad expectation.
     """
     manifest_entry("x", category, expect, "")  # checks `expect`
+    contents: dict[Path, bytes] = {}
     for image in images:
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{image}: not an image file this server reads ({', '.join(IMAGE_SUFFIXES)})")
+        contents[image] = image.read_bytes()
         try:
-            decode_image(image.read_bytes())
+            decode_image(contents[image])
         except Exception as exc:
             raise ValueError(f"{image}: cannot be decoded: {getattr(exc, 'message', exc)}") from exc
     run_id = _plant_run(client, model_name, experiment)
@@ -80,13 +82,13 @@ def add_known_parts(client, model_name: str, category: str, expect: str,  # type
                             dirs_exist_ok=True)
         items = read_manifest(folder)
         have = {item["file"] for item in items}
-        for image in images:
-            digest = hashlib.sha256(image.read_bytes()).hexdigest()[:16]
+        for image, data in contents.items():
+            digest = hashlib.sha256(data).hexdigest()[:16]
             rel = f"{category or 'global'}/{expect}/{digest}{image.suffix.lower()}"
             if rel in have:
                 continue
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(image, folder / rel)
+            (folder / rel).write_bytes(data)
             items.append(manifest_entry(rel, category, expect, f"plant: {image.name}"))
             have.add(rel)
         write_manifest(folder, items)

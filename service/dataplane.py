@@ -39,14 +39,13 @@ from service.budget import MemoryBudget
 from service.engine import Decision
 from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
 from service.imaging import Probe, check_raw, decode_probe, probe_image, raw_cost, raw_pixels
-from service.inspection import VERDICTS, Decided, InspectionLog, Verdict
+from service.inspection import MAX_COMMENT, VERDICTS, Decided, InspectionLog, Verdict
 from service.repository import LoadedModel, ModelRepository, ModelSpec
 from service.settings import Settings
 from service.shadow import Shadow, ShadowJob
 from service.watcher import ModelWatcher
 
 log = logging.getLogger(__name__)
-MAX_COMMENT = 2000
 
 
 @dataclass(frozen=True)
@@ -287,7 +286,7 @@ class DataPlane:
             if self.inspections is not None:  # durable before the answer leaves (sync mode)
                 await self.inspections.record(decided)
             if self.shadow is not None:
-                self.shadow.offer(ShadowJob(partial(self._decode_again, req), decided, decision.category))
+                self.shadow.offer(ShadowJob(partial(self._decode_again, req), decided))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
@@ -350,9 +349,7 @@ class DataPlane:
     def _decode_again(self, req: ScoreInput) -> tuple[Any, tuple[int, int]]:
         """Decode a request's image from its bytes once more (the shadow's copy: a queued
         shadow job holds only the encoded bytes, never decoded pixels)."""
-        s = self.settings
-        probe = None if req.raw is not None else probe_image(req.encoded or b"", max_bytes=s.max_image_bytes,
-                                                             max_pixels=s.max_image_pixels)
+        probe, _ = self._probe(req)
         return self._decode(req, probe)
 
     def _prepare(self, loaded: LoadedModel, req: ScoreInput,

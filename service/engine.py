@@ -191,6 +191,21 @@ class OnnxModel:
             threshold_source=source,
         )
 
+    def score_image(self, image: np.ndarray | Image.Image, category: str,
+                    original_size: tuple[int, int] | None = None) -> Decision:
+        """Prepare, run and decide one decoded image at batch 1, outside the batcher (the
+        promotion gate's known parts, the shadow challenger).
+
+        Raises:
+            NonFiniteOutput: the score or map is NaN or infinite (no decision).
+            InvalidInput: a category this model does not know.
+        """
+        scores, maps = self.run(self.prepare(image)[None])
+        if not finite(scores, maps).all():
+            raise NonFiniteOutput(f"{self.metadata.architecture}-{self.metadata.variant} produced a "
+                                  "non-finite score or map; no decision was made")
+        return self.decide(float(scores[0]), None, category, original_size)
+
     def stats_for(self, category: str) -> tuple[ScoreStats, str]:
         """The score statistics a decision in `category` uses, with a live threshold override
         applied, and where the threshold came from ("model" or the overriding tag)."""
@@ -202,8 +217,11 @@ class OnnxModel:
 
     def thresholds(self) -> dict[str, tuple[float, str]]:
         """Threshold in use per category ("" = global), with where it came from."""
-        return {cat: (stats.threshold, source) for cat in self.metadata.image_stats
-                for stats, source in [self.stats_for(cat)]}
+        used = {}
+        for category in self.metadata.image_stats:
+            stats, source = self.stats_for(category)
+            used[category] = (stats.threshold, source)
+        return used
 
     def validation_inputs(self, reference: list[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
         """The batches a new version must pass: two flat grays, seeded uniform noise, and the

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Float, Index, Integer, String, create_engine, event, insert, select
+from sqlalchemy import DateTime, Float, Index, Integer, Select, String, create_engine, event, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
@@ -60,6 +60,7 @@ COLUMNS = ("request_id", "station", "category", "model_name", "model_version", "
            "normalized_score", "threshold", "threshold_source", "decision", "role", "latency_ms",
            "created_at")
 VERDICTS = ("OK", "NG")
+MAX_COMMENT = 2000  # characters of an operator's comment
 
 
 class Base(DeclarativeBase):
@@ -105,7 +106,7 @@ class Feedback(Base):
     verdict: Mapped[str] = mapped_column(String(2))  # "OK" | "NG"
     defect_type: Mapped[str] = mapped_column(String(128), default="", server_default="")
     operator: Mapped[str] = mapped_column(String(128), default="", server_default="")
-    comment: Mapped[str] = mapped_column(String(2000), default="", server_default="")
+    comment: Mapped[str] = mapped_column(String(MAX_COMMENT), default="", server_default="")
     station: Mapped[str] = mapped_column(String(128), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -460,16 +461,22 @@ def _csv_safe(value: object) -> object:
     return value
 
 
-def export_csv(url: str, out: Path, since: datetime | None = None, until: datetime | None = None) -> int:
-    """Write the decisions with `since <= created_at < until` (UTC; aware datetimes are
-    converted) to `out` as CSV; returns the number of rows."""
+def in_range(query: Select, since: datetime | None, until: datetime | None) -> Select:
+    """`query` limited to decisions with `since <= created_at < until` (UTC; aware datetimes
+    are converted), oldest first."""
     since, until = (_naive_utc(t) for t in (since, until))
-    engine = create_engine(url)
-    query = select(*(getattr(Inspection, c) for c in COLUMNS)).order_by(Inspection.created_at, Inspection.id)
     if since is not None:
         query = query.where(Inspection.created_at >= since)
     if until is not None:
         query = query.where(Inspection.created_at < until)
+    return query.order_by(Inspection.created_at, Inspection.id)
+
+
+def export_csv(url: str, out: Path, since: datetime | None = None, until: datetime | None = None) -> int:
+    """Write the decisions with `since <= created_at < until` (UTC; aware datetimes are
+    converted) to `out` as CSV; returns the number of rows."""
+    engine = create_engine(url)
+    query = in_range(select(*(getattr(Inspection, c) for c in COLUMNS)), since, until)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from service.metadata import GLOBAL, ModelMetadata
@@ -165,9 +165,6 @@ class GateResult:
 
     status: str  # passed | refused | overridden | skipped
     reason: str
-    checked: int = 0
-    escapes: list[str] = field(default_factory=list)
-    false_rejects: list[str] = field(default_factory=list)
 
     @property
     def allows(self) -> bool:
@@ -185,7 +182,6 @@ def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reje
     escapes = [item.label for item, anomalous, _ in outcomes if item.expect == "NG" and anomalous is False]
     goods = [item for item, _, _ in outcomes if item.expect == "OK"]
     rejects = [item.label for item, anomalous, _ in outcomes if item.expect == "OK" and anomalous]
-    result = GateResult("passed", "", len(outcomes), escapes, rejects)
     problems = []
     if unscored:
         item, why = unscored[0]
@@ -198,11 +194,8 @@ def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reje
                         f"({len(rejects) / len(goods):.0%} > the allowed {max_false_reject:.0%}): "
                         f"{', '.join(rejects[:5])}" + (" …" if len(rejects) > 5 else ""))
     if problems:
-        result.status = "refused"
-        result.reason = (f"{candidate} refused by the promotion gate (checked against {against}): "
-                         + "; ".join(problems))
-    else:
-        result.reason = (f"{candidate} passed the promotion gate (checked against {against}): "
-                         f"{len(outcomes)} known parts, no escape, {len(rejects)} of {len(goods)} known-good "
-                         "parts rejected")
-    return result
+        return GateResult("refused", f"{candidate} refused by the promotion gate (checked against "
+                                     f"{against}): " + "; ".join(problems))
+    return GateResult("passed", f"{candidate} passed the promotion gate (checked against {against}): "
+                                f"{len(outcomes)} known parts, no escape, {len(rejects)} of {len(goods)} "
+                                "known-good parts rejected")

@@ -17,12 +17,14 @@ version's `threshold.<category>` tags, which running servers follow within a pol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import create_engine, select
 
-from service.inspection import Feedback, Inspection, _naive_utc
+from service.inspection import Feedback, Inspection, in_range
 from service.metadata import GLOBAL
 from service.promotion import threshold_source
 
@@ -60,26 +62,22 @@ class Proposal:
     note: str = ""
 
 
-def _rows(url: str, since: datetime | None, until: datetime | None, role: str) -> list:
-    since, until = _naive_utc(since), _naive_utc(until)
-    query = select(Inspection).where(Inspection.role == role).order_by(Inspection.created_at, Inspection.id)
-    if since is not None:
-        query = query.where(Inspection.created_at >= since)
-    if until is not None:
-        query = query.where(Inspection.created_at < until)
+def _read(url: str, since: datetime | None, until: datetime | None, role: str,
+          table: type, column: str, key: Callable[[Any], str]) -> tuple[list, dict[str, Any]]:
+    """The decisions of `role` in the time range, and the rows of `table` whose `column`
+    equals `key(decision)` for one of them, by that value (the newest wins)."""
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            rows = list(conn.execute(query))
-            verdicts: dict[str, object] = {}
-            if role == "serve":
-                ids = sorted({r.request_id for r in rows})
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    found = conn.execute(select(Feedback).where(Feedback.request_id.in_(chunk))
-                                         .order_by(Feedback.created_at, Feedback.id))
-                    verdicts.update({f.request_id: f for f in found})  # the latest wins
-            return [rows, verdicts]
+            decisions = in_range(select(Inspection).where(Inspection.role == role), since, until)
+            rows = list(conn.execute(decisions))
+            values = sorted({key(r) for r in rows} - {""})
+            found: dict[str, Any] = {}
+            for start in range(0, len(values), 500):  # bounded IN lists
+                query = select(table).where(getattr(table, column).in_(values[start:start + 500]))
+                found.update({getattr(r, column): r
+                              for r in conn.execute(query.order_by(table.created_at, table.id))})
+            return rows, found
     finally:
         engine.dispose()
 
@@ -87,7 +85,7 @@ def _rows(url: str, since: datetime | None, until: datetime | None, role: str) -
 def quality_report(url: str, since: datetime | None = None,
                    until: datetime | None = None) -> tuple[list[QualityRow], list[Proposal]]:
     """False calls and escapes, and the threshold proposals (see the module docstring)."""
-    rows, verdicts = _rows(url, since, until, "serve")
+    rows, verdicts = _read(url, since, until, "serve", Feedback, "request_id", lambda r: r.request_id)
     latest = {}  # a part scored twice (a retry) counts once: its latest decision
     for r in rows:
         latest[(r.request_id, r.model_name, r.model_version)] = r
@@ -151,18 +149,8 @@ class ShadowRow:
 
 def shadow_report(url: str, since: datetime | None = None, until: datetime | None = None) -> list[ShadowRow]:
     """Each shadow decision beside the answer it shadowed, per versions and category."""
-    shadows, _ = _rows(url, since, until, "shadow")
-    served_ids = sorted({s.served_record_id for s in shadows if s.served_record_id})
-    served: dict[str, object] = {}
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            for start in range(0, len(served_ids), 500):
-                chunk = served_ids[start:start + 500]
-                served.update({r.record_id: r for r in conn.execute(
-                    select(Inspection).where(Inspection.record_id.in_(chunk)))})
-    finally:
-        engine.dispose()
+    shadows, served = _read(url, since, until, "shadow", Inspection, "record_id",
+                            lambda r: r.served_record_id or "")
     table: dict[tuple[str, str, str], ShadowRow] = {}
     for s in shadows:
         answer = served.get(s.served_record_id or "")

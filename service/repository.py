@@ -32,7 +32,7 @@ from typing import Any
 
 from service import metrics
 from service.artifact import ArtifactCache, read_model_dir, reference_inputs
-from service.engine import OnnxModel, finite
+from service.engine import OnnxModel
 from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused, ServiceError
 from service.metadata import ModelMetadata
 from service.promotion import (
@@ -104,6 +104,26 @@ def _gate_inputs(tags: dict[str, str]) -> tuple:
     """The tags of a candidate that can change the gate's verdict (thresholds, the override)."""
     return tuple(sorted((k, v) for k, v in tags.items()
                         if k.startswith(THRESHOLD_PREFIX) or k == GATE_OVERRIDE))
+
+
+def _reference_call(what: str, fn, *args):  # type: ignore[no-untyped-def]
+    """A registry call made for the promotion gate: something missing (a deleted run named by
+    `reference.run_id`) is a broken reference set, anything else an outage.
+
+    Raises:
+        ReferenceSetError: the registry says it does not exist.
+        NotReady: the registry or artifact store failed or cannot be reached (retry later).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            raise ReferenceSetError(f"{what}: {exc.message}") from exc
+        raise NotReady(f"registry error reading {what}: {exc.message}") from exc
+    except Exception as exc:  # connection errors of any HTTP/DB client, a failed download
+        raise NotReady(f"could not read {what}: {exc}") from exc
 
 
 def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
@@ -285,8 +305,8 @@ class ModelRepository:
             loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest,
                                  str(mv.run_id or ""))
             problem = self.follow_thresholds(loaded, dict(mv.tags or {}))
-            if problem:
-                log.error("%s; serving it with its calibrated thresholds", problem)
+            if problem:  # a watched alias will not move to it (see `refresh`)
+                log.error("%s; requests naming it use its calibrated thresholds", problem)
             with self._lru_lock:
                 self._loaded[key] = loaded
                 self._evict()
@@ -408,7 +428,11 @@ class ModelRepository:
             self.note_failure(key, version, problem, moved)
             return None
         if serving is not None and self.settings.gate:
-            verdict = self.gate(name, alias, loaded, serving, tags)
+            try:
+                verdict = self.gate(name, alias, loaded, serving, tags)
+            except NotReady as exc:  # the reference sets could not be fetched: judged at a later poll
+                self.record_failure(key, version, exc.message, moved)
+                raise
             if not verdict.allows:
                 self._refusals[(name, version)] = (judged, verdict, time.monotonic())
                 self.record_failure(key, version, verdict.reason, moved)
@@ -481,8 +505,7 @@ class ModelRepository:
     def _known_parts(self, name: str, serving: LoadedModel, scratch: Path) -> list[ReferenceItem]:
         """Download the serving version's reference set and the plant's into `scratch`."""
         runs = [(serving.run_id, f"version {serving.version}")]
-        spec = ModelSpec(name, version=int(serving.version))
-        registered = self._registry_call(spec, self.client.get_registered_model, name)
+        registered = _reference_call(f"registered model {name}", self.client.get_registered_model, name)
         plant = (registered.tags or {}).get(PLANT_REFERENCE_TAG, "")
         if plant:
             runs.append((plant, "plant"))
@@ -490,14 +513,11 @@ class ModelRepository:
         for run_id, source in runs:
             if not run_id:
                 continue
-            listed = self._registry_call(spec, self.client.list_artifacts, run_id, REFERENCE_ARTIFACTS)
-            if not listed:
+            what = f"the reference set of {source} (run {run_id})"
+            if not _reference_call(what, self.client.list_artifacts, run_id, REFERENCE_ARTIFACTS):
                 continue
-            try:
-                local = self.client.download_artifacts(run_id, REFERENCE_ARTIFACTS,
-                                                       str(scratch / source.replace(" ", "-")))
-            except Exception as exc:
-                raise NotReady(f"could not download the reference set of {source}: {exc}") from exc
+            local = _reference_call(what, self.client.download_artifacts, run_id, REFERENCE_ARTIFACTS,
+                                    str(scratch / source.replace(" ", "-")))
             items += reference_items(Path(local), source)
         return items
 
@@ -509,10 +529,7 @@ class ModelRepository:
         try:
             image = decode_image(item.path.read_bytes(), max_bytes=s.max_image_bytes,
                                  max_pixels=s.max_image_pixels)
-            score, amap = model.run(model.prepare(image)[None])
-            if not finite(score, amap).all():
-                return item, None, "non-finite score"
-            return item, model.decide(float(score[0]), None, item.category).is_anomalous, ""
+            return item, model.score_image(image, item.category).is_anomalous, ""
         except ServiceError as exc:
             return item, None, exc.message
         except Exception as exc:  # the candidate's fault (a crash in its graph): refuse it

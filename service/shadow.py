@@ -18,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from service import metrics
-from service.engine import finite
 from service.errors import ServiceError
 from service.inspection import Decided, InspectionLog
 from service.repository import LoadedModel, ModelRepository
@@ -40,8 +38,7 @@ class ShadowJob:
     """One answered image to score again."""
 
     decode: Callable[[], tuple[Any, tuple[int, int]]]  # → (decoded image, (height, width))
-    served: Decided
-    category: str
+    served: Decided  # the answer's row; its category is the one the challenger decides in
 
 
 class Shadow:
@@ -65,7 +62,6 @@ class Shadow:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="shadow")
         self._random = random.Random()
         self._task: asyncio.Task | None = None
-        self.done = 0
 
     def start(self) -> None:
         """Start draining the queue."""
@@ -112,7 +108,6 @@ class Shadow:
                 continue
             outcome = "agree" if decided.anomalous == job.served.anomalous else "disagree"
             metrics.SHADOW.labels(job.served.category, outcome).inc()
-            self.done += 1
             if self.inspections is not None:
                 try:
                     await self.inspections.record(decided)
@@ -122,20 +117,13 @@ class Shadow:
 
     def _score(self, challenger: LoadedModel, job: ShadowJob) -> Decided:
         """Decode, run and decide with the challenger (on the shadow thread)."""
-        from service.errors import NonFiniteOutput
-
         image, size = job.decode()
-        model = challenger.model
-        scores, maps = model.run(model.prepare(image)[None])
-        if not finite(scores, maps).all():
-            raise NonFiniteOutput(f"challenger {challenger.name}/{challenger.version} produced a "
-                                  "non-finite score")
-        decision = model.decide(float(np.asarray(scores)[0]), None, job.category, size)
+        decision = challenger.model.score_image(image, job.served.category, size)
         return replace(job.served, model_name=challenger.name, model_version=challenger.version,
                        score=decision.score, normalized_score=decision.normalized_score,
                        threshold=decision.threshold, threshold_source=decision.threshold_source,
                        anomalous=decision.is_anomalous, latency_ms=0.0, role="shadow",
-                       served_record_id=job.served.record_id, record_id=_new_id())
+                       served_record_id=job.served.record_id, record_id=uuid.uuid4().hex)
 
     async def close(self) -> None:
         """Stop shadowing (queued images are dropped)."""
@@ -143,9 +131,3 @@ class Shadow:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _new_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex

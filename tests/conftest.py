@@ -218,6 +218,30 @@ def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, 
                                 artifact_root=store.home / "artifacts").version
 
 
+def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: float = 1.0,
+                  model_name: str = "", reference: list = (), metrics: dict | None = None) -> str:  # type: ignore[assignment]
+    """The session's trained model registered again as variant `variant` of `store`'s model
+    (or of `model_name`), with its thresholds multiplied by `threshold_scale` (a huge scale:
+    every defect passes) and with `reference` (`KnownPart`s) as its reference set (none by
+    default); returns its version."""
+    import shutil
+    import uuid
+
+    from registry.mlflow_registry import log_and_register
+
+    folder = tmp_path / f"{variant}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    onnx = folder / "model.onnx"
+    shutil.copyfile(store.build.onnx_path, onnx)
+    md = store.build.metadata
+    stats = {k: v.model_copy(update={"threshold": v.threshold * threshold_scale})
+             for k, v in md.image_stats.items()}
+    with tracking_uri(store.tracking_uri):
+        return log_and_register(onnx, md.model_copy(update={"image_stats": stats, "variant": variant}),
+                                params={}, metrics=metrics or {}, model_name=model_name or store.model_name,
+                                artifact_root=store.home / "artifacts", reference=reference).version
+
+
 def wait_alias_error(stub, alias: str, version: str, request=None, serving: str = "", timeout: float = 30):
     """Poll `GetModel(alias)` until the server reports that moving `alias` to `version`
     failed (`last_error_version`), asserting meanwhile, when `request` is given, that each

@@ -12,12 +12,11 @@ missing.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Store, mlflow_server_process, tracking_uri, wait_for
+from conftest import Store, mlflow_server_process, register_copy, wait_for
 from mlflow import MlflowClient
 
 from anomaly.v1 import anomaly_pb2 as pb
@@ -38,19 +37,6 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debia
                                                               "not installed (apt-get install chromium)")
 
 
-def _register(store: Store, tmp_path: Path, variant: str, reference: list = ()) -> str:  # type: ignore[assignment]
-    from registry.mlflow_registry import log_and_register
-
-    folder = tmp_path / variant
-    folder.mkdir()
-    shutil.copyfile(store.build.onnx_path, folder / "model.onnx")
-    with tracking_uri(store.tracking_uri):
-        metadata = store.build.metadata.model_copy(update={"variant": variant})
-        return log_and_register(folder / "model.onnx", metadata, params={}, metrics={"image_auroc": 0.9},
-                                model_name=MODEL, artifact_root=store.home / "artifacts",
-                                reference=reference).version
-
-
 def _reference_set(store: Store, client: MlflowClient, tmp_path: Path) -> list:
     """The session model's reference set, as the parts to log with another version."""
     from registry.mlflow_registry import KnownPart
@@ -64,8 +50,9 @@ def _reference_set(store: Store, client: MlflowClient, tmp_path: Path) -> list:
 def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
         store: Store, good_and_defect, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
-    first = _register(store, tmp_path, "ui-first", _reference_set(store, client, tmp_path))
-    second = _register(store, tmp_path, "ui-second")
+    first = register_copy(store, tmp_path, "ui-first", model_name=MODEL, metrics={"image_auroc": 0.9},
+                          reference=_reference_set(store, client, tmp_path))
+    second = register_copy(store, tmp_path, "ui-second", model_name=MODEL, metrics={"image_auroc": 0.9})
     client.set_registered_model_alias(MODEL, "champion", first)
     image = good_and_defect[1][0].read_bytes()
     category = good_and_defect[1][0].parent.parent.parent.name

@@ -5,7 +5,6 @@ real MLflow store, the session's trained model and real image bytes."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 import uuid
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import Store, tracking_uri, wait_for
+from conftest import Store, register_copy, tracking_uri, wait_for
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
@@ -32,23 +31,6 @@ POLL = {"ANOMALY_POLL_INTERVAL_S": "0.3"}
 @pytest.fixture(scope="module")
 def client(store: Store) -> MlflowClient:
     return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
-
-
-def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: float = 1.0) -> str:
-    """The session's trained model registered again (no reference set of its own), with its
-    thresholds multiplied by `threshold_scale` (a huge scale: every defect passes)."""
-    from registry.mlflow_registry import log_and_register
-
-    folder = tmp_path / f"{variant}-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    onnx = folder / "model.onnx"
-    shutil.copyfile(store.build.onnx_path, onnx)
-    md = store.build.metadata
-    stats = {k: v.model_copy(update={"threshold": v.threshold * threshold_scale})
-             for k, v in md.image_stats.items()}
-    with tracking_uri(store.tracking_uri):
-        return log_and_register(onnx, md.model_copy(update={"image_stats": stats, "variant": variant}),
-                                params={}, metrics={}, artifact_root=store.home / "artifacts").version
 
 
 def serve_alias_with_log(store: Store, client: MlflowClient, alias: str, version: str,
@@ -177,6 +159,36 @@ def test_threshold_tags_are_checked_as_a_whole(store) -> None:
     global_md = md.model_copy(update={"categories": [*md.categories, "global"]})
     with pytest.raises(ValueError, match="ambiguous"):
         threshold_overrides({"threshold.global": "1"}, global_md)
+
+
+def test_gate_refuses_when_the_plant_reference_run_is_gone(store, client, good_and_defect,
+                                                           tmp_path: Path) -> None:
+    """A `reference.run_id` naming a run that no longer exists is a broken reference set: the
+    move is refused with that reason (not taken for an unknown model), the old version keeps
+    serving, and once the tag is fixed the move is judged again (after ANOMALY_FAILED_RETRY_S)
+    and goes through."""
+    name = "gate-broken-plant"
+    first = register_copy(store, tmp_path, "first", model_name=name)
+    second = register_copy(store, tmp_path, "second", model_name=name)
+    client.set_registered_model_alias(name, "champion", first)
+    client.set_registered_model_tag(name, PLANT_REFERENCE_TAG, uuid.uuid4().hex)  # a deleted run
+    image = good_and_defect[0][0].read_bytes()
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 model=name, env={**POLL, "ANOMALY_FAILED_RETRY_S": "2"})
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.AnomalyDetectionStub(ch)
+            get = lambda: stub.GetModel(pb.GetModelRequest(model=name, alias="champion"), timeout=10)  # noqa: E731
+            served = lambda: stub.Score(pb.ScoreRequest(model=name, encoded=image), timeout=30)  # noqa: E731
+            client.set_registered_model_alias(name, "champion", second)
+            info = wait_for(lambda: (i := get()).last_error_version == second and i, what="a refusal")
+            assert "a reference set cannot be read" in info.last_error and "plant" in info.last_error
+            assert info.ref.version == first and served().model.version == first
+            client.delete_registered_model_tag(name, PLANT_REFERENCE_TAG)
+            wait_for(lambda: served().model.version == second, what="the move once the tag is fixed")
+            assert client.get_model_version(name, second).tags[GATE_STATUS] == "skipped"
+    finally:
+        child.stop()
 
 
 def test_reference_add_refuses_what_the_server_could_not_read(store, tmp_path: Path) -> None:
