@@ -5,6 +5,7 @@ real MLflow store, the session's trained model and real image bytes."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import Store, register_copy, tracking_uri, wait_for
+from conftest import Store, register_copy, register_tiny, tracking_uri, wait_for
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
@@ -163,10 +164,10 @@ def test_threshold_tags_are_checked_as_a_whole(store) -> None:
 
 def test_gate_refuses_when_the_plant_reference_run_is_gone(store, client, good_and_defect,
                                                            tmp_path: Path) -> None:
-    """A `reference.run_id` naming a run that no longer exists is a broken reference set: the
-    move is refused with that reason (not taken for an unknown model), the old version keeps
-    serving, and once the tag is fixed the move is judged again (after ANOMALY_FAILED_RETRY_S)
-    and goes through."""
+    """A `reference.run_id` naming a run that no longer exists, or a run whose manifest is
+    garbage, is a broken reference set: the move is refused with that reason (not taken for an
+    unknown model), the old version keeps serving, and once the tag is fixed the move is judged
+    again (after ANOMALY_FAILED_RETRY_S) and goes through."""
     name = "gate-broken-plant"
     first = register_copy(store, tmp_path, "first", model_name=name)
     second = register_copy(store, tmp_path, "second", model_name=name)
@@ -184,6 +185,16 @@ def test_gate_refuses_when_the_plant_reference_run_is_gone(store, client, good_a
             info = wait_for(lambda: (i := get()).last_error_version == second and i, what="a refusal")
             assert "a reference set cannot be read" in info.last_error and "plant" in info.last_error
             assert info.ref.version == first and served().model.version == first
+            # A plant run whose manifest is not JSON: refused again, with that reason.
+            broken = client.create_run(client.get_experiment_by_name("anomaly-detection").experiment_id)
+            manifest = tmp_path / "garbage" / "manifest.json"
+            manifest.parent.mkdir()
+            manifest.write_text("{not json")
+            client.log_artifact(broken.info.run_id, str(manifest), "reference")
+            client.set_registered_model_tag(name, PLANT_REFERENCE_TAG, broken.info.run_id)
+            info = wait_for(lambda: "manifest.json cannot be read" in (i := get()).last_error and i,
+                            what="the manifest's refusal")
+            assert served().model.version == first
             client.delete_registered_model_tag(name, PLANT_REFERENCE_TAG)
             wait_for(lambda: served().model.version == second, what="the move once the tag is fixed")
             assert client.get_model_version(name, second).tags[GATE_STATUS] == "skipped"
@@ -393,3 +404,36 @@ def test_shadow_challenger_scores_off_the_hot_path(store, client, good_and_defec
     engine.dispose()
     assert len(pairs) >= len(goods + defects)
     assert all(row == (blind, store.version, True) for row in pairs)
+
+
+def test_shadow_failures_never_reach_the_answers(store, client, good_and_defect, tmp_path: Path) -> None:
+    """A challenger that produces NaN on black images: each such shadow decision is counted
+    as an error and nothing else happens; the answers (no inspection log here) are unchanged."""
+    import io
+
+    from PIL import Image
+
+    alias, challenger, port = "shadow-fault-canary", "shadow-fault-challenger", free_port()
+    client.set_registered_model_alias(store.model_name, alias, store.version)
+    nan_on_black = register_tiny(store, "nan_on_black", tmp_path)
+    client.set_registered_model_alias(store.model_name, challenger, nan_on_black)
+    black = io.BytesIO()
+    Image.new("RGB", (160, 160)).save(black, format="PNG")
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 alias=alias, env={**POLL, "ANOMALY_SHADOW_ALIAS": challenger,
+                                                   "ANOMALY_METRICS_PORT": str(port)})
+    try:
+        with AnomalyClient(target) as c:
+            for image in (black.getvalue(),) * 3 + (good_and_defect[0][0].read_bytes(),):
+                r = c.score(image, category="brick")
+                assert r.model.version == store.version and math.isfinite(r.score)
+                time.sleep(0.1)
+            metrics = lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").text  # noqa: E731
+            line = 'anomaly_shadow_decisions_total{category="brick",outcome="error"} 3.0'
+            wait_for(lambda: line in metrics(), what="three shadow errors")
+            assert c.score(black.getvalue(), category="brick").model.version == store.version
+        log = (tmp_path / "server.log").read_text()
+        assert log.count("could not score request_id=") >= 3 and "non-finite" in log
+    finally:
+        client.delete_registered_model_alias(store.model_name, challenger)
+        child.stop()
