@@ -62,12 +62,17 @@ def gateway_cmd(
                 log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s), **tls)
 
 
+Since = Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")]
+Until = Annotated[datetime | None, typer.Option(help="up to (not including) this time")]
+Db = Annotated[str | None, typer.Option(help="inspection-log database URL (default: "
+                                             "ANOMALY_INSPECTION_DB_URL)")]
+
+
 def inspections_export_cmd(
     out: Annotated[Path, typer.Argument(help="CSV file to write")],
-    db: Annotated[str | None, typer.Option(help="inspection-log database URL")] = None,
-    since: Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")
-                     ] = None,
-    until: Annotated[datetime | None, typer.Option(help="up to (not including) this time")] = None,
+    db: Db = None,
+    since: Since = None,
+    until: Until = None,
 ) -> None:
     """Export the inspection log's decisions in a time range to CSV."""
     from service.inspection import export_csv
@@ -75,12 +80,6 @@ def inspections_export_cmd(
     url = db or settings().inspection_db_url
     n = export_csv(url, out, since, until)
     typer.echo(f"wrote {n} decisions to {out}")
-
-
-Since = Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")]
-Until = Annotated[datetime | None, typer.Option(help="up to (not including) this time")]
-Db = Annotated[str | None, typer.Option(help="inspection-log database URL (default: "
-                                             "ANOMALY_INSPECTION_DB_URL)")]
 
 
 def quality_report_cmd(

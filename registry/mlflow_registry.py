@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from anomaly.wire import DEFAULT_MODEL_NAME
 from service.metadata import GLOBAL, ModelMetadata
+
+if TYPE_CHECKING:
+    from registry.data.mvtec import Sample
 
 log = logging.getLogger(__name__)
 
@@ -148,24 +152,22 @@ class KnownPart:
     expect: str  # "OK" | "NG"
 
 
-def choose_reference_set(paths: list[Path], categories: list[str], labels: np.ndarray, scores: np.ndarray,
-                         metadata: ModelMetadata, per_class: int = 3) -> list[KnownPart]:
+def choose_reference_set(samples: Sequence[Sample], scores: np.ndarray, metadata: ModelMetadata,
+                         per_class: int = 3) -> list[KnownPart]:
     """The reference set a version carries: per category, up to `per_class` good and
-    `per_class` defective evaluation images that the version itself decides correctly (with
-    its own per-category thresholds), spread evenly over each group's score range, so that
-    the gate asks a successor for what this version already gets right, easy and hard."""
+    `per_class` defective evaluation images (`samples`, scored `scores` in the same order)
+    that the version itself decides correctly with its own per-category thresholds, spread
+    evenly over each group's score range, so that the gate asks a successor for what this
+    version already gets right, easy and hard."""
     chosen: list[KnownPart] = []
-    for cat in sorted(set(categories)):
+    for cat in sorted({s.category for s in samples}):
         threshold = metadata.image_stats[cat].threshold
         for label, expect in ((0, "OK"), (1, "NG")):
-            right = [i for i, (c, y, s) in enumerate(zip(categories, labels, scores, strict=True))
-                     if c == cat and y == label and (s >= threshold) == bool(label)]
-            right.sort(key=lambda i: scores[i])
-            if not right:
-                continue
+            right = sorted((i for i, s in enumerate(samples) if s.category == cat and s.label == label
+                            and (scores[i] >= threshold) == bool(label)), key=lambda i: scores[i])
             picks = sorted({right[round(k * (len(right) - 1) / max(per_class - 1, 1))]
                             for k in range(min(per_class, len(right)))})
-            chosen += [KnownPart(paths[i], cat, expect) for i in picks]
+            chosen += [KnownPart(samples[i].path, cat, expect) for i in picks]
     return chosen
 
 
@@ -201,7 +203,7 @@ def log_and_register(
     aliases: tuple[str, ...] = (),
     experiment: str = DEFAULT_EXPERIMENT,
     artifact_root: Path | str | None = None,
-    reference: list[KnownPart] = (),  # type: ignore[assignment]
+    reference: Sequence[KnownPart] = (),
 ) -> RegisteredVersion:
     """Log one variant as an MLflow run and register it as a new version.
 

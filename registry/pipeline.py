@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from anomaly.wire import DEFAULT_MODEL_NAME
 from registry.architectures import AnomalyModel, ModelConfig, build_model
 from registry.data.mvtec import Sample, fingerprint, load_test_split, load_train_split
@@ -99,8 +97,7 @@ def finish_build(
     registered = None
     if register:
         assert report.scores is not None
-        reference = choose_reference_set([s.path for s in test_set], [s.category for s in test_set],
-                                         np.array([s.label for s in test_set]), report.scores, metadata)
+        reference = choose_reference_set(test_set, report.scores, metadata)
         all_metrics = {**report.metrics, **(metrics or {}), "model_mb": onnx_path.stat().st_size / 1e6}
         registered = log_and_register(onnx_path, metadata, params={**(params or {}), "variant": variant,
                                                                    "calibration": calibration or "none"},

@@ -6,8 +6,11 @@ HTTP gateway maps that status to an HTTP code with a problem+json body.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -81,3 +84,22 @@ def internal_error(exc: BaseException, request_id: str = "") -> InternalError:
     ref = request_id or uuid.uuid4().hex
     log.error("internal error (request_id=%s)", ref, exc_info=exc)
     return InternalError(f"internal error; the server log has the details under request_id={ref!r}")
+
+
+def answering(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """An RPC method whose `ServiceError`s answer their status and message, and whose
+    unforeseen failures answer INTERNAL with a reference to the log (never their text)."""
+
+    @functools.wraps(method)
+    async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error = internal_error(exc, getattr(request, "id", "") or getattr(request, "request_id", ""))
+            await context.abort(error.code, error.message)
+
+    return rpc

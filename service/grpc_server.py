@@ -32,7 +32,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
 from service import metrics, oip
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
-from service.errors import ServiceError, internal_error
+from service.errors import ServiceError, answering, internal_error
 from service.inspection import Verdict
 from service.oip import InferenceServicer
 from service.repository import LoadedModel
@@ -264,20 +264,13 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
             await context.abort(exc.code, exc.message)
 
 
+    @answering
     async def Feedback(self, request: pb.FeedbackRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
         """Record an operator's verdict on a past request id (durable before the answer)."""
         verdict = Verdict(request.request_id, request.verdict.strip().upper(), request.defect_type,
                           request.operator, request.comment, request.station)
-        try:
-            try:
-                at = await self.plane.feedback(verdict)
-            except ServiceError:
-                raise
-            except Exception as exc:
-                raise internal_error(exc, request.request_id) from exc
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+        at = await self.plane.feedback(verdict)
         return pb.FeedbackResponse(request_id=request.request_id, recorded_at=at.isoformat())
 
 

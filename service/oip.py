@@ -22,13 +22,10 @@ model repository; a version a watched alias serves is never unloaded.
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import time
-from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
 
 import grpc
 import numpy as np
@@ -37,7 +34,7 @@ from anomaly.oip import inference_pb2 as v2
 from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.oip.tensors import TensorError, deserialize_bytes, to_raw
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
-from service.errors import InvalidInput, ModelNotFound, ServiceError, internal_error
+from service.errors import InvalidInput, ModelNotFound, answering
 from service.repository import LoadedModel, ModelSpec
 
 Context = grpc.aio.ServicerContext
@@ -257,25 +254,6 @@ INPUT_METADATA = [tensor_metadata(IMAGE, "BYTES", [-1])]  # UINT8 [N,H,W,C] pixe
 OUTPUT_METADATA = [
     tensor_metadata(n, t, [-1, -1, -1] if n == "anomaly_map" else [-1]) for n, t in OUTPUTS.items()
 ]
-
-
-def answering(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """An RPC method whose `ServiceError`s answer their status and message, and whose
-    unforeseen failures answer INTERNAL with a reference to the log (never their text)."""
-
-    @functools.wraps(method)
-    async def rpc(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            error = internal_error(exc, getattr(request, "id", ""))
-            await context.abort(error.code, error.message)
-
-    return rpc
 
 
 class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):

@@ -219,7 +219,7 @@ def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, 
 
 
 def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: float = 1.0,
-                  model_name: str = "", reference: list = (), metrics: dict | None = None) -> str:  # type: ignore[assignment]
+                  model_name: str = "", reference: tuple | list = (), metrics: dict | None = None) -> str:
     """The session's trained model registered again as variant `variant` of `store`'s model
     (or of `model_name`), with its thresholds multiplied by `threshold_scale` (a huge scale:
     every defect passes) and with `reference` (`KnownPart`s) as its reference set (none by
