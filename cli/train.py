@@ -1,20 +1,43 @@
-"""`anomaly sample-data`, `anomaly train`: the registry side (the `train` extra; torch is
-imported only when a command runs)."""
+"""`anomaly sample-data`, `anomaly train`, `anomaly build`, `anomaly variants`: the registry
+side (the `train` extra; torch is imported only when a command runs)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from anomaly.wire import DEFAULT_MODEL_NAME
 from cli.common import fail, settings, split_csv
 
+if TYPE_CHECKING:
+    from registry.pipeline import BuildResult
+
+# Options `train`, `build` and `variants` share.
+Data = Annotated[Path, typer.Option(help="dataset root in MVTec AD layout")]
+Categories = Annotated[str, typer.Option(help="comma-separated subset (default: all)")]
+WorkDir = Annotated[Path, typer.Option(help="where ONNX files are written")]
+TrackingUri = Annotated[str | None, typer.Option(
+    help="MLflow URI (default: ANOMALY_TRACKING_URI); an embedded sqlite:///DIR/mlflow.db keeps its "
+         "artifacts in DIR/mlartifacts")]
+ModelName = Annotated[str, typer.Option(help="registered model name")]
+BatchSize = Annotated[int, typer.Option(help="batch size")]
+Lr = Annotated[float, typer.Option(help="learning rate (Adam)")]
+InputSize = Annotated[int, typer.Option(help="square input side (multiple of 32)")]
+Backbone = Annotated[str, typer.Option(help="efficientnet_lite0 | resnet18 | wide_resnet50_2")]
+BackboneWeights = Annotated[Path | None, typer.Option(
+    help="torchvision/lukemelas state-dict file (required for the ResNets)")]
+Seed = Annotated[int, typer.Option(help="random seed")]
+Variants = Annotated[str, typer.Option(help="comma-separated: fp32, fp16, ptq-int8, qat-int8")]
+Calibration = Annotated[str, typer.Option(
+    help="PTQ calibration <data>-<method>: data real|random, method minmax|entropy|percentile")]
+QatEpochs = Annotated[int, typer.Option(help="QAT fine-tuning epochs (0 = 3, 2 for us)")]
+
 
 def sample_data_cmd(
     out: Annotated[Path, typer.Argument(help="output folder (MVTec AD layout)")],
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Seed = 0,
     n_train: Annotated[int, typer.Option(help="good training images per category")] = 40,
     size: Annotated[int, typer.Option(help="image side in pixels")] = 256,
 ) -> None:
@@ -25,40 +48,180 @@ def sample_data_cmd(
                         progress=lambda c: typer.echo(f"wrote {c}"))
 
 
-def train_cmd(
-    data: Annotated[Path, typer.Option(help="dataset root in MVTec AD layout")],
-    architecture: Annotated[str, typer.Option("--arch", help="architecture")] = "stfpm",
-    categories: Annotated[str, typer.Option(help="comma-separated subset (default: all)")] = "",
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 20,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 8,
-    lr: Annotated[float, typer.Option(help="learning rate (Adam)")] = 3e-3,
-    input_size: Annotated[int, typer.Option(help="square input side (multiple of 32)")] = 256,
-    backbone: Annotated[str, typer.Option(help="efficientnet_lite0 | resnet18 | wide_resnet50_2")]
-    = "efficientnet_lite0",
-    backbone_weights: Annotated[Path | None, typer.Option(
-        help="torchvision/lukemelas state-dict file (required for the ResNets)")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    work_dir: Annotated[Path, typer.Option(help="where ONNX files are written")] = Path("runs"),
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: ANOMALY_TRACKING_URI)")
-                            ] = None,
-    model_name: Annotated[str, typer.Option(help="registered model name")] = DEFAULT_MODEL_NAME,
-    alias: Annotated[list[str] | None, typer.Option(help="extra alias(es) for the new version")] = None,
-) -> None:
-    """Train one unified model, export, evaluate through the engine, register in MLflow."""
-    import mlflow
-
-    from registry.architectures import ModelConfig
-    from registry.data.mvtec import DatasetLayoutError
-    from registry.mlflow_registry import local_artifact_root
-    from registry.pipeline import build_variant_fp32
-    from registry.train import TrainConfig
+def _open_store(tracking_uri: str | None) -> Path | None:
+    """Point MLflow at the configured store; the artifact root of an embedded one."""
+    from registry.mlflow_registry import use_store
     from service.logs import configure_logging
 
     configure_logging("INFO")
+    return use_store(settings(tracking_uri=tracking_uri).tracking_uri)
+
+
+def _calibration(value: str):  # noqa: ANN202 (torch-side types are imported lazily)
+    from registry.variants.calibration import CalibrationAlgo, CalibrationData
+
+    data, _, method = value.partition("-")
+    try:
+        return CalibrationData(data), CalibrationAlgo(method)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected <real|random>-<minmax|entropy|percentile>",
+                                 param_hint="--calibration") from None
+
+
+def _variants(value: str) -> tuple[str, ...]:
+    from registry.pipeline import VARIANTS
+
+    chosen = tuple(split_csv(value))
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"unknown variant(s) {', '.join(unknown) or '(none)'}; choose from "
+                                 f"{', '.join(VARIANTS)}", param_hint="--variants")
+    return chosen
+
+
+def _end_table(builds: list[BuildResult], data: Path) -> None:
+    from rich.console import Console
+
+    from studies.demo import MAX_WIDTH, comparison_tables
+
+    console = Console(width=MAX_WIDTH)
+    for table in comparison_tables(builds, None, {}, data_name=str(data)):
+        console.print(table)
+
+
+def build_cmd(
+    data: Data,
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated: stfpm, rd, us")] = "stfpm",
+    variants: Variants = "fp32,fp16,ptq-int8,qat-int8",
+    calibration: Calibration = "real-minmax",
+    categories: Categories = "",
+    epochs: Annotated[int, typer.Option(help="training epochs (0 = per architecture: 40 stfpm, "
+                                              "30 rd, 20 us)")] = 0,
+    qat_epochs: QatEpochs = 0,
+    batch_size: BatchSize = 8,
+    lr: Lr = 3e-3,
+    input_size: InputSize = 256,
+    backbone: Backbone = "efficientnet_lite0",
+    backbone_weights: BackboneWeights = None,
+    seed: Seed = 0,
+    work_dir: WorkDir = Path("runs"),
+    tracking_uri: TrackingUri = None,
+    model_name: ModelName = DEFAULT_MODEL_NAME,
+) -> None:
+    """Train each architecture on DATA and build, evaluate (through the serving engine) and
+    register each variant as a version (alias `<arch>-<variant>`); the FP32 version is always
+    registered, with the trained torch model, so that `anomaly variants --from` can add
+    variants later. Ends with the comparison table."""
+    from registry.architectures import (
+        ARCHITECTURES,
+        DEFAULT_EPOCHS,
+        DEFAULT_EXTRA,
+        DEFAULT_QAT_EPOCHS,
+        ModelConfig,
+    )
+    from registry.data.mvtec import DatasetLayoutError
+    from registry.pipeline import build_architecture
+    from registry.train import TrainConfig
+    from registry.variants.qat import QATConfig
+
+    archs = split_csv(architectures)
+    if not archs or any(a not in ARCHITECTURES for a in archs):
+        raise typer.BadParameter(f"choose from {', '.join(ARCHITECTURES)}", param_hint="--arch")
     if input_size % 32:
         raise typer.BadParameter("must be a multiple of 32", param_hint="--input-size")
-    uri = settings(tracking_uri=tracking_uri).tracking_uri
-    mlflow.set_tracking_uri(uri)
+    chosen, calib = _variants(variants), _calibration(calibration)
+    artifact_root = _open_store(tracking_uri)
+    steps = len(archs) * len(set(chosen) | {"fp32"})
+    done: list[BuildResult] = []
+
+    def report(build: BuildResult) -> None:
+        done.append(build)
+        typer.echo(f"[{len(done)}/{steps}] {build.label}: image AUROC {build.report.image_auroc:.3f}, "
+                   f"{build.report.latency_ms_p50:.1f} ms/image → "
+                   f"{build.registered.uri if build.registered else '-'}", err=True)
+
+    try:
+        for arch in archs:
+            build_architecture(
+                data, work_dir, architecture=arch, variants=chosen,
+                model_config=ModelConfig(
+                    input_size=(input_size, input_size), backbone=backbone,
+                    backbone_weights=str(backbone_weights) if backbone_weights else None,
+                    extra=dict(DEFAULT_EXTRA.get(arch, {}))),
+                train_config=TrainConfig(epochs=epochs or DEFAULT_EPOCHS[arch], batch_size=batch_size, lr=lr,
+                                         seed=seed),
+                qat_config=QATConfig(epochs=qat_epochs or DEFAULT_QAT_EPOCHS.get(arch, 3), seed=seed),
+                calibration=calib, categories=split_csv(categories) or None, model_name=model_name,
+                artifact_root=artifact_root, on_build=report)
+    except (DatasetLayoutError, ValueError) as exc:
+        raise fail(str(exc), 2) from exc
+    _end_table(done, data)
+
+
+def variants_cmd(
+    source: Annotated[str, typer.Option("--from", help="a registered FP32 version: models:/<name>/<N> "
+                                                       "or models:/<name>@<alias>")],
+    data: Annotated[Path | None, typer.Option(
+        help="the dataset it was trained on (default: the path its run recorded)")] = None,
+    variants: Variants = "fp16,ptq-int8,qat-int8",
+    calibration: Calibration = "real-minmax",
+    qat_epochs: QatEpochs = 0,
+    seed: Seed = 0,
+    work_dir: WorkDir = Path("runs"),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Build, evaluate and register variants of a registered FP32 version (from the torch
+    model logged with it), each a new version of the same registered model."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.architectures import DEFAULT_QAT_EPOCHS
+    from registry.data.mvtec import DatasetLayoutError
+    from registry.pipeline import build_variants, fp32_from_registry
+    from registry.variants.qat import QATConfig
+
+    chosen = tuple(v for v in _variants(variants) if v != "fp32")
+    calib = _calibration(calibration)
+    artifact_root = _open_store(tracking_uri)
+    try:
+        fp32, data = fp32_from_registry(source, data, work_dir)
+        arch = fp32.architecture
+        builds = build_variants(
+            fp32, data, work_dir, variants=chosen, calibration=calib,
+            qat_config=QATConfig(epochs=qat_epochs or DEFAULT_QAT_EPOCHS.get(arch, 3), seed=seed),
+            categories=fp32.metadata.categories,
+            model_name=fp32.registered.name if fp32.registered else DEFAULT_MODEL_NAME,
+            artifact_root=artifact_root)
+    except (DatasetLayoutError, ValueError, MlflowException) as exc:
+        raise fail(str(exc), 2) from exc
+    _end_table([fp32, *builds], data)
+
+
+def train_cmd(
+    data: Data,
+    architecture: Annotated[str, typer.Option("--arch", help="architecture")] = "stfpm",
+    categories: Categories = "",
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 20,
+    batch_size: BatchSize = 8,
+    lr: Lr = 3e-3,
+    input_size: InputSize = 256,
+    backbone: Backbone = "efficientnet_lite0",
+    backbone_weights: BackboneWeights = None,
+    seed: Seed = 0,
+    work_dir: WorkDir = Path("runs"),
+    tracking_uri: TrackingUri = None,
+    model_name: ModelName = DEFAULT_MODEL_NAME,
+    alias: Annotated[list[str] | None, typer.Option(help="extra alias(es) for the new version")] = None,
+) -> None:
+    """Train one unified model, export, evaluate through the engine, register its FP32
+    version in MLflow (with the torch model; `anomaly build` adds the other variants)."""
+    from registry.architectures import ModelConfig
+    from registry.data.mvtec import DatasetLayoutError
+    from registry.pipeline import build_variant_fp32
+    from registry.train import TrainConfig
+
+    if input_size % 32:
+        raise typer.BadParameter("must be a multiple of 32", param_hint="--input-size")
+    artifact_root = _open_store(tracking_uri)
     try:
         result = build_variant_fp32(
             data, work_dir, architecture=architecture,
@@ -66,7 +229,7 @@ def train_cmd(
                                      backbone_weights=str(backbone_weights) if backbone_weights else None),
             train_config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
             categories=split_csv(categories) or None, model_name=model_name, aliases=tuple(alias or ()),
-            artifact_root=local_artifact_root(uri))
+            artifact_root=artifact_root)
     except (DatasetLayoutError, ValueError) as exc:
         raise fail(str(exc), 2) from exc
     reg = result.registered
@@ -75,4 +238,4 @@ def train_cmd(
                f"aliases {', '.join(reg.aliases) if reg else '-'}")
 
 
-COMMANDS = {"sample-data": sample_data_cmd, "train": train_cmd}
+COMMANDS = {"sample-data": sample_data_cmd, "train": train_cmd, "build": build_cmd, "variants": variants_cmd}

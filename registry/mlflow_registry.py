@@ -67,6 +67,30 @@ def local_artifact_root(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(prefix):]).parent / "mlartifacts"
 
 
+def use_store(tracking_uri: str) -> Path | None:
+    """Point MLflow at `tracking_uri`; returns the artifact root for new experiments.
+
+    An embedded SQLite store is created here, before MLflow touches it, with its default
+    artifact root `mlartifacts/` beside the database: MLflow would otherwise record
+    `./mlruns` of whatever folder the command ran in for the `Default` experiment, and
+    anything logged there would land outside the store. Other stores: their server decides
+    (returns None)."""
+    import mlflow
+
+    root = local_artifact_root(tracking_uri)
+    if root is not None:
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        root = db.parent / "mlartifacts"
+        tracking_uri = f"sqlite:///{db}"
+        if not db.exists():
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(tracking_uri, root.as_uri())  # creates the schema and `Default`
+    mlflow.set_tracking_uri(tracking_uri)
+    return root
+
+
 def ensure_experiment(name: str, artifact_root: Path | str | None = None) -> str:
     """Get or create an experiment; new ones store artifacts under `artifact_root`."""
     import mlflow
@@ -204,6 +228,7 @@ def log_and_register(
     experiment: str = DEFAULT_EXPERIMENT,
     artifact_root: Path | str | None = None,
     reference: Sequence[KnownPart] = (),
+    checkpoint: Path | None = None,
 ) -> RegisteredVersion:
     """Log one variant as an MLflow run and register it as a new version.
 
@@ -219,6 +244,8 @@ def log_and_register(
         artifact_root: artifact folder for a newly created experiment.
         reference: the version's reference set (known parts the promotion gate checks its
             successors against), logged under the run's `reference/`.
+        checkpoint: a folder written by `registry.checkpoint.save_checkpoint` (the trained
+            torch model), logged under the run's `torch/`.
 
     Returns:
         The registered version.
@@ -250,6 +277,10 @@ def log_and_register(
             onnx_execution_providers=["CPUExecutionProvider"],
         )
         version = str(info.registered_model_version)
+        if checkpoint is not None:
+            from registry.checkpoint import TORCH_ARTIFACTS
+
+            mlflow.log_artifacts(str(checkpoint), artifact_path=TORCH_ARTIFACTS)
         if reference:
             log_reference_set(list(reference), f"evaluation split of {metadata.dataset or 'the dataset'}")
     client = MlflowClient()

@@ -9,12 +9,14 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anomaly.wire import DEFAULT_MODEL_NAME
 from registry.architectures import AnomalyModel, ModelConfig, build_model
+from registry.checkpoint import TORCH_ARTIFACTS, load_checkpoint, save_checkpoint
 from registry.data.mvtec import Sample, fingerprint, load_test_split, load_train_split
 from registry.evaluate import EvalReport, evaluate
 from registry.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 # The PTQ calibration the demo registers; `anomaly quant-study` compares all of them.
 DEFAULT_CALIBRATION: tuple[CalibrationData, CalibrationAlgo] = (CalibrationData.real, CalibrationAlgo.minmax)
 CALIBRATION_IMAGES = 64
+VARIANTS = ("fp32", "fp16", "ptq-int8", "qat-int8")
 
 
 @dataclass
@@ -85,6 +88,7 @@ def finish_build(
     model_name: str = DEFAULT_MODEL_NAME,
     aliases: tuple[str, ...] = (),
     artifact_root: Path | str | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[ModelMetadata, EvalReport, RegisteredVersion | None]:
     """Evaluate a built ONNX file through the serving engine, write its metadata beside it
     and (optionally) register it as a version with the DESIGN tags."""
@@ -102,7 +106,8 @@ def finish_build(
         registered = log_and_register(onnx_path, metadata, params={**(params or {}), "variant": variant,
                                                                    "calibration": calibration or "none"},
                                       metrics=all_metrics, history=history, model_name=model_name,
-                                      aliases=aliases, artifact_root=artifact_root, reference=reference)
+                                      aliases=aliases, artifact_root=artifact_root, reference=reference,
+                                      checkpoint=checkpoint)
     return metadata, report, registered
 
 
@@ -136,7 +141,8 @@ def build_variant_fp32(
         show_progress: progress bar while training.
 
     Returns:
-        The build, with the trained torch model in `.model` (for `build_variants`).
+        The build, with the trained torch model in `.model` (for `build_variants`); the
+        registered version carries it too (`torch/` artifacts, see `registry.checkpoint`).
     """
     t0 = time.perf_counter()
     model_config = model_config or ModelConfig()
@@ -155,7 +161,8 @@ def build_variant_fp32(
         score_output=OUTPUT_NAMES[1], input_height=h, input_width=w, categories=cats, image_stats={},
         dataset=fingerprint(train_set + test_set), backbone=model_config.backbone,
     )
-    params = {"architecture": architecture, "data": str(data_root), "categories": ",".join(cats),
+    params = {"architecture": architecture, "data": str(Path(data_root).resolve()),
+              "categories": ",".join(cats),
               **{f"train.{k}": v for k, v in asdict(train_config).items()},
               "input_size": f"{h}x{w}", "backbone": model_config.backbone,
               "score_margin_fraction": model_config.score_margin_fraction,
@@ -164,7 +171,8 @@ def build_variant_fp32(
     metadata, report, registered = finish_build(
         onnx_path, base, test_set, variant="fp32", register=register, params=params,
         metrics={"train_seconds": result.seconds, "best_val_loss": result.best_val_loss},
-        history=result.history, model_name=model_name, aliases=aliases, artifact_root=artifact_root)
+        history=result.history, model_name=model_name, aliases=aliases, artifact_root=artifact_root,
+        checkpoint=save_checkpoint(model, onnx_path.parent / TORCH_ARTIFACTS))
     return BuildResult(architecture, "fp32", onnx_path, metadata, report, result, registered,
                        model=model, seconds=time.perf_counter() - t0)
 
@@ -263,3 +271,122 @@ def build_variants(
         log.info("%s-%s: image AUROC %.3f (fp32 %.3f), %.1f MB", arch, variant, report.image_auroc,
                  fp32.report.image_auroc, g.file_mb)
     return out
+
+
+def build_architecture(
+    data_root: Path | str,
+    work_dir: Path | str,
+    *,
+    architecture: str,
+    variants: tuple[str, ...] = VARIANTS,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    qat_config: QATConfig | None = None,
+    calibration: tuple[CalibrationData, CalibrationAlgo] = DEFAULT_CALIBRATION,
+    categories: list[str] | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    aliases: tuple[str, ...] = (),
+    artifact_root: Path | str | None = None,
+    show_progress: bool = True,
+    on_build: Callable[[BuildResult], None] | None = None,
+) -> list[BuildResult]:
+    """Train one architecture and build and register `variants` of it (FP32 first).
+
+    The FP32 version is always built and registered, whether listed or not: every other
+    variant derives from it, and it carries the torch model (`anomaly variants --from`).
+    `on_build` is called after each registered build (progress reporting).
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    fp32 = build_variant_fp32(data_root, work_dir, architecture=architecture, model_config=model_config,
+                              train_config=train_config, categories=categories, model_name=model_name,
+                              aliases=aliases, artifact_root=artifact_root, show_progress=show_progress)
+    if on_build:
+        on_build(fp32)
+    builds = [fp32]
+    for variant in (v for v in variants if v != "fp32"):
+        built = build_variants(fp32, data_root, work_dir, variants=(variant,), calibration=calibration,
+                               qat_config=qat_config, categories=categories, model_name=model_name,
+                               artifact_root=artifact_root, show_progress=show_progress)
+        builds += built
+        if on_build:
+            on_build(built[0])
+    fp32.model = None  # free the torch model
+    return builds
+
+
+def resolve_version(model_uri: str) -> Any:
+    """The `ModelVersion` behind `models:/<name>/<version>` or `models:/<name>@<alias>`.
+
+    Raises:
+        ValueError: not such a URI.
+        mlflow.exceptions.MlflowException: no such model, version or alias.
+    """
+    from mlflow import MlflowClient
+
+    prefix = "models:/"
+    rest = model_uri[len(prefix):] if model_uri.startswith(prefix) else ""
+    client = MlflowClient()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = rest.rpartition("/")
+    if not name or not version.isdigit():
+        raise ValueError(f"{model_uri!r} is not models:/<name>/<version> or models:/<name>@<alias>")
+    return client.get_model_version(name, version)
+
+
+def fp32_from_registry(
+    model_uri: str,
+    data_root: Path | str | None,
+    work_dir: Path | str,
+    *,
+    categories: list[str] | None = None,
+) -> tuple[BuildResult, Path]:
+    """The registered FP32 version `model_uri` as a build to derive variants from: its
+    ONNX file, metadata and torch model downloaded, and re-evaluated on `data_root` (the
+    dataset it was trained on, by default the path its run recorded; a dataset with other
+    contents is reported in the log). Returns the build and the dataset used.
+
+    Raises:
+        ValueError: not an FP32 version, no dataset, or registered without its torch model.
+    """
+    import mlflow
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from service.artifact import read_model_dir
+
+    mv = resolve_version(model_uri)
+    tags = dict(mv.tags or {})
+    if tags.get("variant") != "fp32":
+        raise ValueError(f"{model_uri} is a {tags.get('variant', 'untagged')} version: variants are "
+                         "built from an FP32 version")
+    if data_root is None:
+        recorded = mlflow.get_run(mv.run_id).data.params.get("data")
+        if not recorded:
+            raise ValueError(f"the run of {model_uri} recorded no dataset path: pass the dataset")
+        data_root = recorded
+    data_root = Path(data_root)
+    dest = Path(work_dir) / f"{tags.get('architecture', 'model')}-fp32-v{mv.version}"
+    source = MlflowClient().get_model_version_download_uri(mv.name, mv.version)
+    onnx_path, metadata = read_model_dir(Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(dest / "model"))))
+    try:
+        torch_dir = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=TORCH_ARTIFACTS,
+                                                        dst_path=str(dest))
+    except Exception as exc:  # MlflowException / OSError: nothing logged under torch/
+        raise ValueError(f"{model_uri} was registered without its torch model (no `{TORCH_ARTIFACTS}/` "
+                         "artifacts in its run; versions built before `anomaly build` existed lack "
+                         "it): train it again with `anomaly build`") from exc
+    model = load_checkpoint(torch_dir)
+    test_set = load_test_split(data_root, categories or metadata.categories)
+    seen = fingerprint(load_train_split(data_root, categories or metadata.categories) + test_set)
+    if metadata.dataset and seen != metadata.dataset:
+        log.warning("%s was trained on dataset %s; %s is %s (variants are calibrated and evaluated "
+                    "on the data given)", model_uri, metadata.dataset, data_root, seen)
+    report = evaluate(onnx_path, metadata, test_set)
+    registered = RegisteredVersion(mv.name, str(mv.version), str(mv.run_id), ())
+    return BuildResult(metadata.architecture, "fp32", onnx_path, metadata, report, None, registered,
+                       model=model), data_root

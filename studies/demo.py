@@ -23,11 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from anomaly.wire import DEFAULT_MODEL_NAME
-from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
+from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, DEFAULT_QAT_EPOCHS, ModelConfig
 from registry.data.mvtec import load_test_split
 from registry.data.sample import SampleSpec, make_sample_dataset
-from registry.mlflow_registry import embedded_tracking_uri
-from registry.pipeline import BuildResult, build_variant_fp32, build_variants
+from registry.mlflow_registry import embedded_tracking_uri, use_store
+from registry.pipeline import BuildResult, build_architecture
 from registry.train import TrainConfig
 from registry.variants.qat import QATConfig
 from studies.footprint import serving_peak_rss
@@ -35,8 +35,6 @@ from studies.footprint import serving_peak_rss
 log = logging.getLogger(__name__)
 MAX_WIDTH = 120  # columns: every table the demo prints fits
 
-# QAT fine-tuning epochs per architecture in the demo's CPU budget.
-QAT_EPOCHS: dict[str, int] = {"stfpm": 3, "rd": 3, "us": 2}
 
 CHAMPION_RULE = ("champion = the fastest build (p50 ms/image at batch 1) whose image AUROC is "
                  "within 1 point of the best build's (all architectures and variants)")
@@ -84,10 +82,10 @@ def _measure_rss(tracking_uri: str, results: list[BuildResult], data: Path, home
 
 
 def comparison_tables(results: list[BuildResult], champion: BuildResult | None,
-                      rss: dict[str, float]) -> tuple[Table, Table]:
+                      rss: dict[str, float], data_name: str = "the sample data") -> tuple[Table, Table]:
     """The demo's comparison, one row per (architecture, variant): what each version
     detects, and what it costs to run (two tables, so that each fits 120 columns)."""
-    accuracy = Table(title="Detection: unified models and their variants on the sample data "
+    accuracy = Table(title=f"Detection: unified models and their variants on {data_name} "
                            "(evaluated through the serving engine)")
     cost = Table(title="Cost on this machine's CPU")
     for col in ("arch", "variant", "calibration", "version", "image AUROC", "pixel AUROC", "AUPRO"):
@@ -181,35 +179,23 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> l
         console.rule("1. sample data")
         make_sample_dataset(data, spec=SampleSpec(seed=cfg.seed),
                             progress=lambda c: console.print(f"  wrote category [bold]{c}[/]"))
-    tracking_uri = embedded_tracking_uri(home)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking_uri = embedded_tracking_uri(home)
+    artifact_root = use_store(tracking_uri) or home / "mlartifacts"
     console.rule("2. train → export → evaluate → register")
     console.print(f"MLflow store: {tracking_uri}")
     results: list[BuildResult] = []
     for arch in cfg.architectures:
         epochs = cfg.epochs or DEFAULT_EPOCHS.get(arch, 30)
-        console.print(f"[bold]{arch}[/]: training {epochs} epochs …")
-        fp32 = build_variant_fp32(
-            data, home / "build", architecture=arch,
+        console.print(f"[bold]{arch}[/]: training {epochs} epochs, then {', '.join(cfg.variants)} …")
+        results += build_architecture(
+            data, home / "build", architecture=arch, variants=("fp32", *cfg.variants),
             model_config=ModelConfig(input_size=(cfg.input_size, cfg.input_size),
                                      extra=dict(DEFAULT_EXTRA.get(arch, {}))),
             train_config=TrainConfig(epochs=epochs, seed=cfg.seed),
-            artifact_root=home / "mlartifacts",
-        )
-        builds = [fp32]
-        _print_build(console, fp32)
-        if cfg.variants:
-            console.print(f"  variants {', '.join(cfg.variants)} …")
-            builds += build_variants(
-                fp32, data, home / "build", variants=cfg.variants,
-                qat_config=QATConfig(epochs=cfg.qat_epochs or QAT_EPOCHS.get(arch, 3), seed=cfg.seed),
-                artifact_root=home / "mlartifacts")
-            for b in builds[1:]:
-                _print_build(console, b)
-        fp32.model = None  # free the torch model
-        results += builds
+            qat_config=QATConfig(epochs=cfg.qat_epochs or DEFAULT_QAT_EPOCHS.get(arch, 3), seed=cfg.seed),
+            artifact_root=artifact_root, on_build=lambda b: _print_build(console, b))
     client = mlflow.MlflowClient()
     rss: dict[str, float] = {}
     if cfg.measure_rss:

@@ -15,6 +15,8 @@ ARCHITECTURES: dict[str, type[AnomalyModel]] = {
 # epochs per architecture and extra options. Pass explicit values for full training.
 DEFAULT_EPOCHS: dict[str, int] = {"stfpm": 40, "rd": 30, "us": 20}
 DEFAULT_EXTRA: dict[str, dict[str, object]] = {"us": {"teacher_epochs": 10}}
+# QAT fine-tuning epochs per architecture in the same budget.
+DEFAULT_QAT_EPOCHS: dict[str, int] = {"stfpm": 3, "rd": 3, "us": 2}
 
 
 def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
@@ -30,5 +32,5 @@ def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
     return cls(config or ModelConfig())
 
 
-__all__ = ["ARCHITECTURES", "DEFAULT_EPOCHS", "DEFAULT_EXTRA", "AnomalyModel", "ModelConfig",
-           "build_model"]
+__all__ = ["ARCHITECTURES", "DEFAULT_EPOCHS", "DEFAULT_EXTRA", "DEFAULT_QAT_EPOCHS", "AnomalyModel",
+           "ModelConfig", "build_model"]

@@ -35,6 +35,9 @@ class ModelConfig:
     # there (measured on the sample data). The anomaly map itself covers the whole image.
     score_margin_fraction: float = 1 / 32
     extra: dict[str, object] = field(default_factory=dict)
+    # False when every weight will come from a saved state dict (`registry.checkpoint`):
+    # the backbone is then built without loading ImageNet weights.
+    pretrained: bool = True
 
 
 class Normalize(nn.Module):
@@ -81,7 +84,7 @@ class AnomalyModel(nn.Module, ABC):
         """The configured ImageNet backbone, frozen, truncated to the levels in use."""
         from registry.backbones import build_backbone
 
-        return self.freeze(build_backbone(self.config.backbone, pretrained=True,
+        return self.freeze(build_backbone(self.config.backbone, pretrained=self.config.pretrained,
                                           weights=self.config.backbone_weights,
                                           stages=self.config.extra.get("stages")))
 

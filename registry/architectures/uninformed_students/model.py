@@ -59,7 +59,7 @@ class UninformedStudents(AnomalyModel):
         super().__init__(config)
         dim = int(config.extra.get("dim", 64))
         self.teacher_epochs = int(config.extra.get("teacher_epochs", 20))
-        self.backbone = self.freeze(build_backbone(config.backbone, pretrained=True,
+        self.backbone = self.freeze(build_backbone(config.backbone, pretrained=config.pretrained,
                                                    weights=config.backbone_weights))
         self.backbone_stages = tuple(self.backbone.default_stages[:2])
         target_ch = sum(self.backbone.channels(s) for s in self.backbone_stages)

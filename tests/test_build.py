@@ -1,0 +1,135 @@
+"""`anomaly build` and `anomaly variants --from`, each in its own process against an
+embedded SQLite store: every variant registered with its tags, the torch model logged with
+the FP32 version and restored in a fresh process to build QAT, artifacts beside the store."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from registry.data.sample import SampleSpec, make_sample_dataset
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = ("fp32", "fp16", "ptq-int8", "qat-int8")
+
+
+def _anomaly(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ANOMALY_TRACKING_URI")}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env={**env, "COLUMNS": "200",
+                                                     "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+    """One `anomaly build` of every STFPM variant on a tiny two-category dataset, run from
+    a working folder that is not the store's."""
+    root = tmp_path_factory.mktemp("build")
+    data = make_sample_dataset(root / "data", categories=("brick", "coffee"),
+                               spec=SampleSpec(image_size=64, n_train=6, n_test_good=3, n_test_per_defect=1))
+    cwd = root / "cwd"
+    cwd.mkdir()
+    uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
+    proc = _anomaly(cwd, "build", "--data", str(data), "--epochs", "1", "--qat-epochs", "1",
+                    "--input-size", "64", "--tracking-uri", uri, "--work-dir", str(root / "work"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "data": data, "cwd": cwd, "uri": uri, "stdout": proc.stdout}
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_build_registers_every_variant_with_its_tags(built) -> None:
+    client = _client(built["uri"])
+    versions = sorted(client.search_model_versions("name='anomaly-detector'"), key=lambda v: int(v.version))
+    assert [v.tags["variant"] for v in versions] == list(VARIANTS)
+    precision = {"fp32": "fp32", "fp16": "fp16", "ptq-int8": "int8", "qat-int8": "int8"}
+    for v in versions:
+        tags = v.tags
+        assert tags["architecture"] == "stfpm"
+        assert tags["precision"] == precision[tags["variant"]]
+        assert tags["input_size"] == "64x64"
+        assert tags["categories"] == "brick,coffee"
+        assert 0.0 <= float(tags["image_auroc"]) <= 1.0
+        assert np.isfinite(float(tags["threshold"]))
+        assert client.get_model_version_by_alias("anomaly-detector", f"stfpm-{tags['variant']}").version \
+            == v.version
+    assert versions[2].tags["calibration"] == "real-minmax"
+    assert versions[0].tags["calibration"] == "none"
+    # The end table lists every registered version.
+    rows = [line for line in built["stdout"].splitlines() if line.count("│") > 2 and "stfpm" in line]
+    assert sorted(line.split("│")[2].strip() for line in rows) == sorted(VARIANTS * 2)
+
+
+def test_build_keeps_artifacts_beside_the_embedded_store(built) -> None:
+    store = built["root"] / "store"
+    assert not (built["cwd"] / "mlruns").exists()
+    assert list(built["cwd"].iterdir()) == []
+    assert any((store / "mlartifacts").rglob("model.onnx"))
+    with sqlite3.connect(store / "mlflow.db") as db:
+        locations = [row[0] for row in db.execute("select artifact_location from experiments")]
+    assert locations and all(loc.startswith((store / "mlartifacts").as_uri()) for loc in locations), locations
+
+
+def test_fp32_version_carries_a_torch_model_that_reproduces_its_onnx(built, tmp_path: Path) -> None:
+    import mlflow.artifacts
+
+    from registry.checkpoint import load_checkpoint
+    from registry.data.mvtec import load_test_split
+    from service.artifact import read_model_dir
+    from service.engine import OnnxModel
+    from service.imaging import decode_image
+
+    client = _client(built["uri"])
+    fp32 = client.get_model_version_by_alias("anomaly-detector", "stfpm-fp32")
+    torch_dir = mlflow.artifacts.download_artifacts(run_id=fp32.run_id, artifact_path="torch",
+                                                    dst_path=str(tmp_path), tracking_uri=built["uri"])
+    model_dir = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("anomaly-detector", fp32.version),
+        dst_path=str(tmp_path / "model"), tracking_uri=built["uri"])
+    import torch
+
+    engine = OnnxModel(*read_model_dir(Path(model_dir)))
+    batch = np.stack([engine.prepare(decode_image(s.path.read_bytes()))
+                      for s in load_test_split(built["data"])[:4]])
+    scores_onnx, maps_onnx = engine.run(batch)
+    with torch.no_grad():
+        maps_torch, scores_torch = load_checkpoint(torch_dir)(torch.from_numpy(batch))
+    np.testing.assert_allclose(maps_torch.numpy()[:, 0], maps_onnx, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(scores_torch.numpy(), scores_onnx, rtol=1e-3, atol=1e-3)
+
+
+def test_variants_from_a_registered_fp32_version_in_a_fresh_process(built) -> None:
+    proc = _anomaly(built["cwd"], "variants", "--from", "models:/anomaly-detector@stfpm-fp32", "--variants",
+                    "qat-int8", "--qat-epochs", "1", "--tracking-uri", built["uri"],
+                    "--work-dir", str(built["root"] / "work-later"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = _client(built["uri"])
+    latest = client.get_model_version_by_alias("anomaly-detector", "stfpm-qat-int8")
+    assert str(latest.version) == "5"
+    assert latest.tags["variant"] == "qat-int8" and latest.tags["precision"] == "int8"
+    assert client.get_run(latest.run_id).data.params["parent_version"] == "1"
+    assert 0.0 <= float(latest.tags["image_auroc"]) <= 1.0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--from", "models:/anomaly-detector/2"), "fp16 version"),
+    (("--from", "models:/no-such-model/1"), "not found"),
+    (("--from", "anomaly-detector/1"), "is not models:/"),
+    (("--from", "models:/anomaly-detector/1", "--variants", "int4"), "unknown variant"),
+    (("--from", "models:/anomaly-detector/1", "--calibration", "real-magic"), "expected <real|random>"),
+])
+def test_variants_bad_requests_are_clear_errors(built, args: tuple[str, ...], message: str) -> None:
+    proc = _anomaly(built["cwd"], "variants", *args, "--tracking-uri", built["uri"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
