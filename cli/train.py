@@ -103,6 +103,11 @@ def build_cmd(
     input_size: InputSize = 256,
     backbone: Backbone = "efficientnet_lite0",
     backbone_weights: BackboneWeights = None,
+    tile_image_size: Annotated[int, typer.Option(
+        help="tiling for large images: the working side each image is resized to, then cut into "
+             "input-size tiles (0 = no tiling: the whole image is resized to the input size)")] = 0,
+    tile_stride: Annotated[int, typer.Option(help="pixels between tiles (0 = the input size: no overlap)")
+                           ] = 0,
     seed: Seed = 0,
     work_dir: WorkDir = Path("runs"),
     tracking_uri: TrackingUri = None,
@@ -130,6 +135,15 @@ def build_cmd(
     if input_size % 32:
         raise typer.BadParameter("must be a multiple of 32", param_hint="--input-size")
     chosen, calib = _variants(variants), _calibration(calibration)
+    tiling = None
+    if tile_image_size:
+        from service.tiling import Tiling
+
+        if tile_image_size < input_size or not 0 <= tile_stride <= input_size:
+            raise typer.BadParameter(f"the working size must be at least the input size ({input_size}) and "
+                                     "the stride at most the input size", param_hint="--tile-image-size")
+        tiling = Tiling(image_height=tile_image_size, image_width=tile_image_size,
+                        stride=tile_stride or input_size)
     artifact_root = _open_store(tracking_uri)
     steps = len(archs) * len(set(chosen) | {"fp32"})
     done: list[BuildResult] = []
@@ -152,7 +166,7 @@ def build_cmd(
                                          seed=seed),
                 qat_config=QATConfig(epochs=qat_epochs or DEFAULT_QAT_EPOCHS.get(arch, 3), seed=seed),
                 calibration=calib, categories=split_csv(categories) or None, model_name=model_name,
-                artifact_root=artifact_root, on_build=report)
+                artifact_root=artifact_root, on_build=report, tiling=tiling)
     except (DatasetLayoutError, ValueError) as exc:
         raise fail(str(exc), 2) from exc
     _end_table(done, data)

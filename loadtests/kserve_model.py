@@ -53,7 +53,7 @@ class AnomalyModel(kserve.Model):
                                     intra_op_threads=self.intra_op_threads)
         batch = np.stack([self.engine.prepare(decode_image(base64.b64decode(inst["b64"])))
                           for inst in payload["instances"]])
-        scores, _ = self.engine.run(batch)
+        scores, _ = self.engine.infer(batch)
         return {"predictions": [
             {"score": float(s), "is_anomalous": self.engine.decide(float(s), None, "").is_anomalous}
             for s in scores]}

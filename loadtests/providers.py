@@ -68,7 +68,7 @@ def _time(model, inputs: list[np.ndarray], batch: int, seconds: float) -> tuple[
 
 def _decisions(model, inputs: list[np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """Normalized scores and OK/NG decisions for every input (global threshold)."""
-    scores = np.concatenate([model.run(np.stack(inputs[i:i + batch]))[0]
+    scores = np.concatenate([model.infer(np.stack(inputs[i:i + batch]))[0]
                              for i in range(0, len(inputs), batch)])
     decided = [model.decide(float(s), None, "") for s in scores]
     return (np.array([d.normalized_score for d in decided]),

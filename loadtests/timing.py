@@ -54,7 +54,7 @@ class Result:
 
 def time_batches(model: Any, inputs: list[np.ndarray], batch: int, threads: int,
                  seconds: float) -> Phase:
-    """`model.run` on one batch of `inputs` from `threads` caller threads for `seconds`
+    """`model.infer` on one batch of `inputs` from `threads` caller threads for `seconds`
     (each thread makes at least one call)."""
     lats: list[float] = []
     count = [0]
@@ -65,7 +65,7 @@ def time_batches(model: Any, inputs: list[np.ndarray], batch: int, threads: int,
     def work() -> None:
         while True:
             s = time.perf_counter()
-            model.run(x)
+            model.infer(x)
             with lock:
                 lats.append(time.perf_counter() - s)
                 count[0] += batch
@@ -82,14 +82,14 @@ def time_batches(model: Any, inputs: list[np.ndarray], batch: int, threads: int,
 
 
 def time_batch1(model: Any, inputs: list[np.ndarray], seconds: float, max_calls: int) -> Phase:
-    """Batch-1 `model.run` calls, one after another, cycling through `inputs`, for `seconds`
+    """Batch-1 `model.infer` calls, one after another, cycling through `inputs`, for `seconds`
     or `max_calls` (at least one call)."""
     lats: list[float] = []
     t_end = time.perf_counter() + seconds
     t0 = time.perf_counter()
     while not lats or (time.perf_counter() < t_end and len(lats) < max_calls):
         s = time.perf_counter()
-        model.run(inputs[len(lats) % len(inputs)][None])
+        model.infer(inputs[len(lats) % len(inputs)][None])
         lats.append(time.perf_counter() - s)
     return Phase(lats, time.perf_counter() - t0, len(lats))
 

@@ -82,7 +82,7 @@ def score_samples(model: OnnxModel, samples: list[Sample]) -> tuple[np.ndarray, 
     for s in samples:
         x = model.prepare(decode_image(s.path.read_bytes()))[None]
         t0 = time.perf_counter()
-        score, amap = model.run(x)
+        score, amap = model.infer(x)
         times.append((time.perf_counter() - t0) * 1e3)
         scores.append(score[0])
         maps.append(amap[0])
@@ -91,15 +91,15 @@ def score_samples(model: OnnxModel, samples: list[Sample]) -> tuple[np.ndarray, 
 
 def batch_throughput(model: OnnxModel, images: np.ndarray, batch_size: int = 8,
                      seconds: float = 2.0, rounds: int = 3) -> float:
-    """Images/s of `model.run` on batches of `batch_size`: one warm-up run, then the best
-    of `rounds` timed rounds sharing `seconds`."""
+    """Images/s of `model.infer` on batches of `batch_size` prepared images: one warm-up
+    run, then the best of `rounds` timed rounds sharing `seconds`."""
     batch = np.concatenate([images] * (batch_size // len(images) + 1))[:batch_size]
-    model.run(batch)
+    model.infer(batch)
     best = 0.0
     for _ in range(rounds):
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / rounds:
-            model.run(batch)
+            model.infer(batch)
             n += batch_size
         best = max(best, n / (time.perf_counter() - t0))
     return best
@@ -128,7 +128,7 @@ def evaluate(onnx_path: Path | str, metadata: ModelMetadata, samples: list[Sampl
     report = EvalReport(latency_ms_p50=float(np.median(times)), scores=scores)
     for cat in sorted(set(cats)):
         sel = cats == cat
-        masks = np.stack([_mask(s, metadata.input_size) for s in np.array(samples, dtype=object)[sel]])
+        masks = np.stack([_mask(s, metadata.map_size) for s in np.array(samples, dtype=object)[sel]])
         report.per_category[cat] = {
             "image_auroc": auroc(labels[sel], scores[sel]),
             "pixel_auroc": auroc(masks, maps[sel]),

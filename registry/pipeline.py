@@ -35,6 +35,7 @@ from registry.variants.graph import census
 from registry.variants.ptq import quantize_int8
 from registry.variants.qat import QATConfig, learned_overrides, qat_finetune, range_summary
 from service.metadata import ModelMetadata
+from service.tiling import Tiling
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def build_variant_fp32(
     aliases: tuple[str, ...] = (),
     artifact_root: Path | str | None = None,
     show_progress: bool = True,
+    tiling: Tiling | None = None,
 ) -> BuildResult:
     """Train one unified model over all categories and register its FP32 variant.
 
@@ -139,6 +141,8 @@ def build_variant_fp32(
         aliases: extra aliases for the new version (besides `<arch>-fp32`).
         artifact_root: artifact folder if the MLflow experiment must be created.
         show_progress: progress bar while training.
+        tiling: score large images as tiles of the input size (`service.tiling`): trained
+            on those tiles, evaluated and served stitched; its score margin is the model's.
 
     Returns:
         The build, with the trained torch model in `.model` (for `build_variants`); the
@@ -153,13 +157,15 @@ def build_variant_fp32(
     log.info("training %s (%s) on %d images of %d categories", architecture,
              "unified" if len(cats) > 1 else "one-class", len(train_set), len(cats))
     model = build_model(architecture, model_config)
-    result = train_model(model, train_set, train_config, show_progress=show_progress)
+    if tiling is not None:
+        tiling = tiling.model_copy(update={"score_margin": model.score_margin})
+    result = train_model(model, train_set, train_config, show_progress=show_progress, tiling=tiling)
     onnx_path = export_onnx(model, Path(work_dir) / f"{architecture}-fp32" / "model.onnx")
     h, w = model_config.input_size
     base = ModelMetadata(
         architecture=architecture, input_name=INPUT_NAME, map_output=OUTPUT_NAMES[0],
         score_output=OUTPUT_NAMES[1], input_height=h, input_width=w, categories=cats, image_stats={},
-        dataset=fingerprint(train_set + test_set), backbone=model_config.backbone,
+        dataset=fingerprint(train_set + test_set), backbone=model_config.backbone, tiling=tiling,
     )
     params = {"architecture": architecture, "data": str(Path(data_root).resolve()),
               "categories": ",".join(cats),
@@ -181,7 +187,7 @@ def calibration_images(data: CalibrationData, train_set: list[Sample], metadata:
                        n: int = CALIBRATION_IMAGES, seed: int = 0) -> ArrayReader:
     """Calibration inputs from `data` for a model described by `metadata`."""
     if data is CalibrationData.real:
-        arr = real_images(train_set, metadata.input_size, n, seed)
+        arr = real_images(train_set, metadata.input_size, n, seed, metadata.tiling)
     else:
         arr = random_normal_images(metadata.input_size, n, metadata.mean, metadata.std, seed)
     return ArrayReader(arr, metadata.input_name)
@@ -245,7 +251,8 @@ def build_variants(
                 raise ValueError("qat-int8 needs the trained torch model (BuildResult.model)")
             cfg = qat_config or QATConfig()
             model = copy.deepcopy(fp32.model)
-            train_result, state = qat_finetune(model, train_set, cfg, show_progress=show_progress)
+            train_result, state = qat_finetune(model, train_set, cfg, show_progress=show_progress,
+                                               tiling=fp32.metadata.tiling)
             float_path = export_onnx(model, work_dir / f"{arch}-qat-fp32" / "model.onnx")
             overrides = learned_overrides(float_path, state) if cfg.ranges == "learned" else {}
             log.info("QAT ranges: %s", range_summary(overrides))
@@ -289,6 +296,7 @@ def build_architecture(
     artifact_root: Path | str | None = None,
     show_progress: bool = True,
     on_build: Callable[[BuildResult], None] | None = None,
+    tiling: Tiling | None = None,
 ) -> list[BuildResult]:
     """Train one architecture and build and register `variants` of it (FP32 first).
 
@@ -301,7 +309,8 @@ def build_architecture(
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     fp32 = build_variant_fp32(data_root, work_dir, architecture=architecture, model_config=model_config,
                               train_config=train_config, categories=categories, model_name=model_name,
-                              aliases=aliases, artifact_root=artifact_root, show_progress=show_progress)
+                              aliases=aliases, artifact_root=artifact_root, show_progress=show_progress,
+                              tiling=tiling)
     if on_build:
         on_build(fp32)
     builds = [fp32]

@@ -20,7 +20,8 @@ import torch
 
 from registry.architectures import AnomalyModel
 from registry.data.mvtec import Sample
-from service.imaging import decode_image, preprocess
+from service.imaging import decode_image
+from service.tiling import Tiling, prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_images(samples: list[Sample], size: tuple[int, int]) -> torch.Tensor:
-    """Decode and preprocess samples exactly as the server does: `(N, 3, H, W)` float32."""
-    arrays = [preprocess(decode_image(s.path.read_bytes()), size) for s in samples]
-    return torch.from_numpy(np.stack(arrays))
+def load_images(samples: list[Sample], size: tuple[int, int], tiling: Tiling | None = None) -> torch.Tensor:
+    """Decode and preprocess samples exactly as the server does: `(N, 3, H, W)` float32
+    (a tiled model: every tile of every image)."""
+    arrays = [prepare_input(decode_image(s.path.read_bytes()), size, tiling) for s in samples]
+    return torch.from_numpy(np.concatenate(arrays) if tiling else np.stack(arrays))
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +82,7 @@ def train_model(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     show_progress: bool = True,
     run_setup: bool = True,
+    tiling: Tiling | None = None,
 ) -> TrainResult:
     """Train `model` on good images; keep the weights of the best validation epoch.
 
@@ -91,6 +94,7 @@ def train_model(
         show_progress: draw a rich progress bar.
         run_setup: call the architecture's `fit_setup` hook first (False when fine-tuning
             an already trained model, e.g. quantization-aware training).
+        tiling: train on the tiles a tiled model will see (`service.tiling`).
 
     Returns:
         A `TrainResult`; `model` holds the best weights and is left in eval mode.
@@ -101,7 +105,7 @@ def train_model(
     if config.threads:
         torch.set_num_threads(config.threads)
     size = tuple(model.config.input_size)
-    images = load_images(samples, size)  # type: ignore[arg-type]
+    images = load_images(samples, size, tiling)  # type: ignore[arg-type]
     train_idx, val_idx = _split(len(images), config.val_fraction, config.seed)
     train_x, val_x = images[train_idx], images[val_idx]
     model.to(memory_format=torch.channels_last)

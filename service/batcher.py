@@ -106,7 +106,7 @@ class Batcher:
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Run a batch (in a pool thread) and check every output for NaN/inf there too."""
-        scores, maps = self.model.run(batch)
+        scores, maps = self.model.infer(batch)
         return scores, maps, finite(scores, maps)
 
     @property

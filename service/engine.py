@@ -17,9 +17,10 @@ import onnxruntime as ort
 from PIL import Image
 
 from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
-from service.imaging import anomaly_map_png, preprocess
+from service.imaging import anomaly_map_png
 from service.metadata import GLOBAL, ModelMetadata, ScoreStats
 from service.promotion import threshold_source
+from service.tiling import image_score, prepare_input, stitch
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,25 @@ class OnnxModel:
 
     def prepare(self, image: np.ndarray | Image.Image) -> np.ndarray:
         """Preprocess one decoded image (array or `L`/`RGB` Pillow image) to this model's
-        `(3, H, W)` input."""
-        return preprocess(image, self.metadata.input_size)
+        `(3, H, W)` input; for a tiled model, to its working size cut into `(N, 3, H, W)`
+        tiles (`service.tiling`)."""
+        return prepare_input(image, self.metadata.input_size, self.metadata.tiling)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run a stack of `prepare` outputs: scores `(B,)` and anomaly maps `(B, *map_size)`.
+
+        Untiled, this is `run`. Tiled, every image's tiles run in one call, their maps are
+        stitched and each image's score is taken from its stitched map.
+        """
+        t = self.metadata.tiling
+        if t is None:
+            return self.run(batch)
+        b, n = batch.shape[:2]
+        _, maps = self.run(batch.reshape(b * n, *batch.shape[2:]))
+        maps = maps.reshape(b, n, *maps.shape[-2:])
+        stitched = np.stack([stitch(m, t.image_size, t.stride) for m in maps])
+        scores = np.array([image_score(m, t.score_margin) for m in stitched], dtype=np.float32)
+        return scores, stitched
 
     def resolve_category(self, category: str) -> str:
         """Validate a request's category ("" = global threshold).
@@ -200,7 +218,7 @@ class OnnxModel:
             NonFiniteOutput: the score or map is NaN or infinite (no decision).
             InvalidInput: a category this model does not know.
         """
-        scores, maps = self.run(self.prepare(image)[None])
+        scores, maps = self.infer(self.prepare(image)[None])
         if not finite(scores, maps).all():
             raise NonFiniteOutput(f"{self.metadata.architecture}-{self.metadata.variant} produced a "
                                   "non-finite score or map; no decision was made")
@@ -223,31 +241,32 @@ class OnnxModel:
             used[category] = (stats.threshold, source)
         return used
 
-    def validation_inputs(self, reference: list[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
-        """The batches a new version must pass: two flat grays, seeded uniform noise, and the
-        version's reference images (preprocessed inputs), if it has any."""
+    def validation_inputs(self) -> list[tuple[str, np.ndarray]]:
+        """Raw input batches a new version must pass: two flat grays and seeded uniform noise."""
         h, w = self.metadata.input_size
         noise = np.random.default_rng(0).random((2, 3, h, w), dtype=np.float32)
-        batches = [("flat gray", np.stack([np.full((3, h, w), v, np.float32) for v in (0.2, 0.7)])),
-                   ("noise", noise)]
-        batches += [(f"reference image {i}", x[None]) for i, x in enumerate(reference)]
-        return batches
+        return [("flat gray", np.stack([np.full((3, h, w), v, np.float32) for v in (0.2, 0.7)])),
+                ("noise", noise)]
 
     def validate(self, reference: list[np.ndarray] = ()) -> None:
-        """Warm up and smoke-test: every batch of `validation_inputs` must give finite outputs
-        of the right shapes.
+        """Warm up and smoke-test: every batch of `validation_inputs` (through `run`) and each
+        of the version's reference images (prepared inputs, through `infer`) must give finite
+        outputs of the right shapes.
 
         Raises:
             ModelLoadError: when the model fails the smoke test (the message says which input).
         """
-        h, w = self.metadata.input_size
         try:
             self.warmup((1,))
         except Exception as exc:
             raise ModelLoadError(f"smoke test failed: {exc}") from exc
-        for name, batch in self.validation_inputs(reference):
+        checks = [(name, batch, self.run, self.metadata.input_size)
+                  for name, batch in self.validation_inputs()]
+        checks += [(f"reference image {i}", x[None], self.infer, self.metadata.map_size)
+                   for i, x in enumerate(reference)]
+        for name, batch, call, (h, w) in checks:
             try:
-                scores, maps = self.run(batch)
+                scores, maps = call(batch)
             except Exception as exc:
                 raise ModelLoadError(f"smoke test failed on {name}: {exc}") from exc
             n = len(batch)

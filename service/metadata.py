@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from service.tiling import Tiling
+
 METADATA_FILE = "anomaly_model.json"
 GLOBAL = ""  # key of the category-independent threshold / statistics
 
@@ -49,11 +51,18 @@ class ModelMetadata(BaseModel):
     map_range: tuple[float, float] = (0.0, 1.0)  # anomaly-map values shown as 0 … 255
     dataset: str = ""
     backbone: str = ""
+    tiling: Tiling | None = None  # large images: scored as tiles of the input size (`service.tiling`)
 
     @property
     def input_size(self) -> tuple[int, int]:
         """(height, width) of the model input."""
         return self.input_height, self.input_width
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        """(height, width) of the anomaly map a prepared image gets: the working size of a
+        tiled model, the input size otherwise."""
+        return self.tiling.image_size if self.tiling else self.input_size
 
     def stats_for(self, category: str) -> ScoreStats:
         """Statistics for `category` ("" = global). Raises KeyError when unknown."""

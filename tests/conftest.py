@@ -219,11 +219,12 @@ def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, 
 
 
 def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: float = 1.0,
-                  model_name: str = "", reference: tuple | list = (), metrics: dict | None = None) -> str:
+                  model_name: str = "", reference: tuple | list = (), metrics: dict | None = None,
+                  metadata: dict | None = None, aliases: tuple[str, ...] = ()) -> str:
     """The session's trained model registered again as variant `variant` of `store`'s model
     (or of `model_name`), with its thresholds multiplied by `threshold_scale` (a huge scale:
-    every defect passes) and with `reference` (`KnownPart`s) as its reference set (none by
-    default); returns its version."""
+    every defect passes), its metadata updated with `metadata` (e.g. a tiling) and with
+    `reference` (`KnownPart`s) as its reference set (none by default); returns its version."""
     import shutil
     import uuid
 
@@ -237,8 +238,9 @@ def register_copy(store: Store, tmp_path: Path, variant: str, threshold_scale: f
     stats = {k: v.model_copy(update={"threshold": v.threshold * threshold_scale})
              for k, v in md.image_stats.items()}
     with tracking_uri(store.tracking_uri):
-        return log_and_register(onnx, md.model_copy(update={"image_stats": stats, "variant": variant}),
-                                params={}, metrics=metrics or {}, model_name=model_name or store.model_name,
+        update = {"image_stats": stats, "variant": variant, **(metadata or {})}
+        return log_and_register(onnx, md.model_copy(update=update), params={}, metrics=metrics or {},
+                                model_name=model_name or store.model_name, aliases=aliases,
                                 artifact_root=store.home / "artifacts", reference=reference).version
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 
 from registry.data.mvtec import Sample
-from service.imaging import decode_image, preprocess
+from service.tiling import Tiling, origins
 
 
 class CalibrationData(StrEnum):
@@ -57,10 +57,14 @@ def balanced_subset(samples: list[Sample], n: int, seed: int = 0) -> list[Sample
     return picked[:n]
 
 
-def real_images(samples: list[Sample], size: tuple[int, int], n: int, seed: int = 0) -> np.ndarray:
-    """`(n, 3, H, W)` float32: normal images through the serving pre-processing."""
-    chosen = balanced_subset(samples, n, seed)
-    return np.stack([preprocess(decode_image(s.path.read_bytes()), size) for s in chosen])
+def real_images(samples: list[Sample], size: tuple[int, int], n: int, seed: int = 0,
+                tiling: Tiling | None = None) -> np.ndarray:
+    """`(n, 3, H, W)` float32: normal images through the serving pre-processing (a tiled
+    model: `n` tiles, every tile of as many images as it takes)."""
+    from registry.train import load_images
+
+    per_image = 1 if tiling is None else len(origins(tiling.image_size, size, tiling.stride))
+    return load_images(balanced_subset(samples, -(-n // per_image), seed), size, tiling).numpy()[:n]
 
 
 def random_normal_images(size: tuple[int, int], n: int, mean: list[float], std: list[float],

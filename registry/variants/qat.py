@@ -41,6 +41,7 @@ from registry.architectures import AnomalyModel
 from registry.data.mvtec import Sample
 from registry.train import TrainConfig, TrainResult, train_model
 from registry.variants.graph import is_layer
+from service.tiling import Tiling
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,10 @@ def onnx_overrides(onnx_path: Path | str, convs: list[nn.Module],
 
 
 def qat_finetune(model: AnomalyModel, samples: list[Sample], config: QATConfig,
-                 show_progress: bool = True) -> tuple[TrainResult, dict[str, object]]:
-    """Fold BN, fake-quantize, observe ranges and fine-tune `model` in place.
+                 show_progress: bool = True, tiling: Tiling | None = None,
+                 ) -> tuple[TrainResult, dict[str, object]]:
+    """Fold BN, fake-quantize, observe ranges and fine-tune `model` in place (on the
+    tiles of a tiled model).
 
     Returns:
         The fine-tuning `TrainResult` and a state to pass to `finish_qat` after export
@@ -245,7 +248,7 @@ def qat_finetune(model: AnomalyModel, samples: list[Sample], config: QATConfig,
     convs = attach_fake_quant(model, config.momentum)
     result = train_model(model, samples, TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
                                                      lr=config.lr, seed=config.seed),
-                         show_progress=show_progress, run_setup=False)
+                         show_progress=show_progress, run_setup=False, tiling=tiling)
     ranges = detach_fake_quant(convs)
     log.info("QAT: folded %d batch-norms, %d fake-quantized convolutions, %d epochs", n_folded,
              len(convs), config.epochs)
