@@ -102,4 +102,47 @@ def demo_cmd(
                         qat_epochs=qat_epochs, measure_rss=rss))
 
 
-COMMANDS = {"demo": demo_cmd, "compare": compare_cmd, "quant-study": quant_study_cmd}
+def families_study_cmd(
+    home: Annotated[Path, typer.Option(help="where data, models and the row cache live")] = Path(".demo"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    families: Annotated[str, typer.Option(help="comma-separated sample families (1, 2)")] = "1,2",
+    out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
+) -> None:
+    """Each architecture trained on both sample families (differently made defects) →
+    the `Two defect families` section of the report."""
+    from service.logs import configure_logging
+    from studies.robustness import families as run
+
+    configure_logging("INFO")
+    try:
+        fams = [int(f) for f in split_csv(families)]
+        rows = run(home, out, split_csv(architectures), fams, command_line())
+    except ValueError as exc:
+        raise fail(str(exc), 2) from exc
+    for r in rows:
+        typer.echo(f"{r.architecture:6s} {r.setup:9s} image AUROC {r.image_auroc:.3f} pixel AUROC "
+                   f"{r.pixel_auroc:.3f} AUPRO {r.aupro:.3f}")
+    typer.echo(f"wrote {out}")
+
+
+def tiling_study_cmd(
+    home: Annotated[Path, typer.Option(help="where data and models live")] = Path(".demo"),
+    architecture: Annotated[str, typer.Option("--arch", help="architecture")] = "stfpm",
+    epochs: Annotated[int, typer.Option(help="training epochs (both setups)")] = 30,
+    working_size: Annotated[int, typer.Option(help="working side of the tiled setup")] = 1024,
+    stride: Annotated[int, typer.Option(help="tile stride (256 = no overlap)")] = 256,
+    out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
+) -> None:
+    """The 2048² high-resolution category resized vs tiled → the report's tiling section."""
+    from service.logs import configure_logging
+    from studies.robustness import tiling
+
+    configure_logging("INFO")
+    for r in tiling(home, out, architecture, epochs, working_size, stride, command_line()):
+        typer.echo(f"{r.setup}: image AUROC {r.image_auroc:.3f} pixel AUROC {r.pixel_auroc:.3f} "
+                   f"{r.ms_per_image:.1f} ms/image")
+    typer.echo(f"wrote {out}")
+
+
+COMMANDS = {"demo": demo_cmd, "compare": compare_cmd, "quant-study": quant_study_cmd,
+            "families-study": families_study_cmd, "tiling-study": tiling_study_cmd}

@@ -40,12 +40,26 @@ def sample_data_cmd(
     seed: Seed = 0,
     n_train: Annotated[int, typer.Option(help="good training images per category")] = 40,
     size: Annotated[int, typer.Option(help="image side in pixels")] = 256,
+    family: Annotated[int, typer.Option(
+        help="1: brick, coffee, grass, gravel with scratch/patch/stain; 2: coins, ihc, moon with "
+             "crack/warp/smudge")] = 1,
+    highres: Annotated[bool, typer.Option(
+        help="write the 2048² gravel_2k category (defects of a few pixels, for tiling) instead")] = False,
 ) -> None:
-    """Write the sample dataset generated from scikit-image's bundled photos."""
-    from registry.data.sample import SampleSpec, make_sample_dataset
+    """Write a sample dataset generated from scikit-image's bundled photos."""
+    from registry.data.sample import HighResSpec, SampleSpec, make_highres_category, make_sample_dataset
 
-    make_sample_dataset(out, spec=SampleSpec(image_size=size, n_train=n_train, seed=seed),
-                        progress=lambda c: typer.echo(f"wrote {c}"))
+    def done(category: str) -> None:
+        typer.echo(f"wrote {category}")
+
+    if highres:
+        make_highres_category(out, HighResSpec(seed=seed), progress=done)
+        return
+    try:
+        make_sample_dataset(out, spec=SampleSpec(image_size=size, n_train=n_train, seed=seed, family=family),
+                            progress=done)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from exc
 
 
 def _open_store(tracking_uri: str | None) -> Path | None:

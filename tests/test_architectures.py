@@ -57,14 +57,41 @@ def test_us_standardises_with_training_statistics() -> None:
     model.fit_setup(x, 6, 1e-3)
     model.eval()
     model.fit_finalize(x, 6, 1e-3)
+    assert [scale.patch for scale in model.scales] == [17, 33, 65]
     with torch.no_grad():
-        target, _ = model._descriptors(x)
+        for scale in model.scales:
+            target, preds = scale.descriptors(model.normalize(x))
+            # teacher descriptors standardised on the same data: mean ≈ 0, std ≈ 1 per channel
+            assert target.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+            assert (target.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
+            assert preds.shape[0] == 3
         amap = model.anomaly_map(x)
-    # teacher descriptors standardised on the same data: mean ≈ 0, std ≈ 1 per channel
-    assert target.mean(dim=(0, 2, 3)).abs().max() < 1e-3
-    assert (target.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
-    # error and variance standardised on the same data: the summed map averages ≈ 0
+    # error and variance standardised on the same data: the averaged map averages ≈ 0
     assert abs(float(amap.mean())) < 0.2
+
+
+@pytest.mark.parametrize("patch", [17, 33, 65])
+def test_us_patch_networks_see_exactly_their_patch(patch: int) -> None:
+    """The receptive field, measured: the input pixels one output descriptor depends on."""
+    from registry.architectures.uninformed_students.model import PatchNet
+
+    net = PatchNet(patch, dim=8, width=8)
+    x = torch.rand(1, 3, 160, 160, requires_grad=True)
+    out = net(x)
+    out[0, :, out.shape[2] // 2, out.shape[3] // 2].sum().backward()
+    rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
+    cols = torch.nonzero(x.grad[0].abs().sum(0).sum(0)).flatten()
+    assert int(rows[-1] - rows[0]) + 1 == patch and int(cols[-1] - cols[0]) + 1 == patch
+
+
+def test_us_compactness_loss_penalises_correlated_dimensions() -> None:
+    from registry.architectures.uninformed_students.loss import compactness_loss
+
+    g = torch.Generator().manual_seed(0)
+    independent = torch.randn(4, 16, 8, 8, generator=g)
+    shared = torch.randn(4, 1, 8, 8, generator=g)
+    correlated = shared + 0.1 * torch.randn(4, 16, 8, 8, generator=g)
+    assert compactness_loss(independent) < 0.01 < 0.9 < compactness_loss(correlated)
 
 
 def test_rd_needs_three_levels() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import TEST_INPUT, register_copy
 from PIL import Image
 
 from anomaly.v1 import anomaly_pb2 as pb
@@ -16,8 +17,6 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from service.engine import OnnxModel
 from service.imaging import decode_image, preprocess
 from service.tiling import Tiling, axis_origins, image_score, origins, split, stitch
-
-from conftest import TEST_INPUT, register_copy
 
 # 320×448 working size, 128-pixel tiles every 96 pixels: overlapping, last tiles flush with the edge.
 TILING = Tiling(image_height=320, image_width=448, stride=96, score_margin=4)
