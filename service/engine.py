@@ -128,6 +128,13 @@ class OnnxModel:
         missing = {m.score_output, m.map_output} - outputs
         if missing:
             raise ModelLoadError(f"model lacks outputs {sorted(missing)} (has {sorted(outputs)})")
+        t = m.tiling
+        if t is not None and (t.stride > min(m.input_size) or t.image_height < m.input_height
+                              or t.image_width < m.input_width):
+            raise ModelLoadError(
+                f"tiling {t.image_height}×{t.image_width} with stride {t.stride} does not fit "
+                f"{m.input_height}×{m.input_width} tiles: the working size must hold a tile and the "
+                "stride must not exceed the tile (pixels would be left unscored)")
 
     @property
     def provider(self) -> str:

@@ -56,6 +56,17 @@ def test_tiling_rejects_a_margin_that_leaves_nothing() -> None:
         Tiling(image_height=64, image_width=64, stride=32, score_margin=32)
 
 
+@pytest.mark.parametrize("tiling", [
+    Tiling(image_height=320, image_width=448, stride=TEST_INPUT + 1),  # gaps between tiles
+    Tiling(image_height=64, image_width=448, stride=96),  # smaller than one tile
+])
+def test_a_tiling_that_leaves_pixels_unscored_is_refused_at_load(store, tiling: Tiling) -> None:
+    from service.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        OnnxModel(store.build.onnx_path, store.build.metadata.model_copy(update={"tiling": tiling}))
+
+
 def test_engine_matches_a_hand_stitched_reference(store) -> None:
     """The engine's tiled path against the obvious loop: resize to the working size, run
     every tile alone, add its map into place, divide by the coverage, take the maximum
