@@ -77,9 +77,11 @@ def models_cmd(
         table.add_column(col)
     with AnomalyClient(target, **(sdk_options or {})) as client:
         for m in client.list_models():
+            size = f"{m.input_height}x{m.input_width}"
+            if m.tiling:  # tiles of the input size over a working size
+                size += f" tiles of {m.tiling[0]}x{m.tiling[1]}/{m.tiling[2]}"
             table.add_row(m.ref.name, m.ref.version, m.ref.alias, m.ref.architecture,
-                          m.ref.variant, f"{m.input_height}x{m.input_width}", m.provider,
-                          ",".join(m.categories))
+                          m.ref.variant, size, m.provider, ",".join(m.categories))
     console.print(table)
 
 

@@ -146,6 +146,7 @@ class ModelInfo:
     last_error_version: str = ""
     max_image_bytes: int = 0  # the largest image the server accepts (0 = not said)
     threshold_sources: dict[str, str] = field(default_factory=dict)  # "model" or the overriding tag
+    tiling: tuple[int, int, int] | None = None  # (working height, width, stride) of a tiled model
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,9 @@ class _BaseClient:
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
                          dict(m.thresholds), m.provider, m.precision, m.loaded_at, m.source_uri,
                          m.state or "SERVING", m.last_error, m.last_error_version, m.max_image_bytes,
-                         dict(m.threshold_sources))
+                         dict(m.threshold_sources),
+                         (m.tiling.image_height, m.tiling.image_width, m.tiling.stride)
+                         if m.HasField("tiling") else None)
 
     def _parse(self, rpc: str, raw: Any) -> Any:
         if rpc == "Score":

@@ -83,6 +83,14 @@ class ScoreOut(BaseModel):
     threshold_source: str = "model"
 
 
+class TilingOut(BaseModel):
+    """How a tiled model covers a large image."""
+
+    image_height: int
+    image_width: int
+    stride: int
+
+
 class ModelOut(BaseModel):
     """A model version as the server describes it."""
 
@@ -100,6 +108,7 @@ class ModelOut(BaseModel):
     last_error_version: str = ""
     max_image_bytes: int = 0
     threshold_sources: dict[str, str] = Field(default_factory=dict)
+    tiling: TilingOut | None = None
 
 
 class FeedbackIn(BaseModel):

@@ -88,6 +88,8 @@ def model_info(loaded: LoadedModel, alias: str = "", error: tuple[str, str] | No
         threshold_sources={c: source for c, (_, source) in thresholds.items()},
         provider=loaded.model.provider, precision=md.precision,
         loaded_at=loaded.loaded_at.isoformat(), source_uri=loaded.source_uri,
+        tiling=pb.Tiling(image_height=md.tiling.image_height, image_width=md.tiling.image_width,
+                         stride=md.tiling.stride) if md.tiling else None,
     )
 
 

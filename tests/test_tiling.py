@@ -14,6 +14,7 @@ from PIL import Image
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
+from clients.sdk import AnomalyClient
 from service.engine import OnnxModel
 from service.imaging import decode_image, preprocess
 from service.tiling import Tiling, axis_origins, image_score, origins, split, stitch
@@ -95,7 +96,7 @@ def test_engine_matches_a_hand_stitched_reference(store) -> None:
     assert both_scores[1] == pytest.approx(model.infer(model.prepare(other)[None])[0][0], rel=1e-4)
 
 
-def test_a_tiled_version_is_served_over_grpc(store, grpc_target: str, tmp_path: Path) -> None:
+def test_a_tiled_version_is_served_over_grpc(store, grpc_target: str, http_base: str, tmp_path: Path) -> None:
     version = register_copy(store, tmp_path, "fp32", model_name="tiled-detector", aliases=("champion",),
                             metadata={"tiling": TILING})
     md = store.build.metadata.model_copy(update={"tiling": TILING})
@@ -107,8 +108,13 @@ def test_a_tiled_version_is_served_over_grpc(store, grpc_target: str, tmp_path: 
         reply = stub.Score(pb.ScoreRequest(encoded=data, model="tiled-detector", category="brick",
                                            return_anomaly_map=True), timeout=60)
         untiled = stub.Score(pb.ScoreRequest(encoded=data, category="brick"), timeout=60)
+        info = stub.GetModel(pb.GetModelRequest(model="tiled-detector"), timeout=30)
+    assert (info.tiling.image_height, info.tiling.image_width, info.tiling.stride) == (320, 448, 96)
     assert reply.model.version == version
     assert reply.score == pytest.approx(expected, rel=1e-4)
     assert reply.score != pytest.approx(untiled.score, rel=1e-3)  # a different view of the image
     heat = Image.open(io.BytesIO(reply.anomaly_map_png))
     assert heat.size == (896, 640)  # the stitched map, shown at the original size
+    with AnomalyClient(http_base) as client:  # the gateway describes it the same way
+        assert client.get_model(model="tiled-detector").tiling == (320, 448, 96)
+        assert client.get_model().tiling is None

@@ -321,12 +321,12 @@ def _mosaic(src: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _pit(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.ndarray, np.ndarray]:
-    """A few small dark pits (radius 4–9 px on a 2048² frame)."""
+    """A few small dark pits (radius 8–14 px on a 2048² frame: 1–2 px once resized to 256²)."""
     size = img.shape[0]
     mask_im = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask_im)
     for _ in range(int(rng.integers(1, 4))):
-        r = rng.uniform(4, 9) * size / 2048
+        r = rng.uniform(8, 14) * size / 2048
         cx, cy = rng.uniform(0.05, 0.95, 2) * size
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
     region = np.asarray(mask_im) > 0
@@ -336,14 +336,15 @@ def _pit(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.nda
 
 
 def _fleck(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.ndarray, np.ndarray]:
-    """A short bright fleck (30–60 px long, 3–4 px wide on a 2048² frame)."""
+    """A short bright fleck (40–80 px long, 6–8 px wide on a 2048² frame: about 1 px wide once
+    resized to 256²)."""
     size = img.shape[0]
     scale = size / 2048
     mask_im = Image.new("L", (size, size), 0)
     x, y = rng.uniform(0.05, 0.9, 2) * size
-    angle, length = rng.uniform(0, np.pi), rng.uniform(30, 60) * scale
+    angle, length = rng.uniform(0, np.pi), rng.uniform(40, 80) * scale
     ImageDraw.Draw(mask_im).line([(x, y), (x + length * np.cos(angle), y + length * np.sin(angle))],
-                                 fill=255, width=max(1, int(round(rng.uniform(3, 4.5) * scale))))
+                                 fill=255, width=max(1, int(round(rng.uniform(6, 8.5) * scale))))
     region = np.asarray(mask_im) > 0
     out = img.copy()
     out[region] = (235, 232, 220)

@@ -123,7 +123,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version", "state", "max_image_bytes", "threshold_sources")
+    __slots__ = ("ref", "input_height", "input_width", "categories", "thresholds", "provider", "precision", "loaded_at", "source_uri", "last_error", "last_error_version", "state", "max_image_bytes", "threshold_sources", "tiling")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
     ref: ModelRef
     input_height: int
     input_width: int
@@ -166,7 +167,18 @@ class ModelInfo(_message.Message):
     state: str
     max_image_bytes: int
     threshold_sources: _containers.ScalarMap[str, str]
-    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ..., state: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., threshold_sources: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tiling: Tiling
+    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., loaded_at: _Optional[str] = ..., source_uri: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ..., state: _Optional[str] = ..., max_image_bytes: _Optional[int] = ..., threshold_sources: _Optional[_Mapping[str, str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ...) -> None: ...
+
+class Tiling(_message.Message):
+    __slots__ = ("image_height", "image_width", "stride")
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    image_height: int
+    image_width: int
+    stride: int
+    def __init__(self, image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("request_id", "verdict", "defect_type", "operator", "comment", "station")
