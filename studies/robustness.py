@@ -71,7 +71,8 @@ def _train(data: Path, work: Path, arch: str, setup: str, epochs: int, input_siz
            tiling: Tiling | None = None) -> Row:
     """Train one unified FP32 model (not registered) and score it through the engine."""
     extra = dict(DEFAULT_EXTRA.get(arch, {}))
-    build = build_variant_fp32(data, work / f"{arch}-{setup.replace(' ', '-')}", architecture=arch,
+    folder = "".join(ch if ch.isalnum() else "-" for ch in setup)
+    build = build_variant_fp32(data, work / f"{arch}-{folder}", architecture=arch,
                                model_config=ModelConfig(input_size=(input_size, input_size), extra=extra),
                                train_config=TrainConfig(epochs=epochs), register=False, tiling=tiling)
     r = build.report
@@ -149,7 +150,7 @@ def tiling(home: Path, out: Path, architecture: str, epochs: int, working: int, 
     text = (f"{TILING_HEADING}\n\nProduced by `{command}` in {time.perf_counter() - t0:.0f} s. Category "
             f"`{HIGHRES_CATEGORY}`: {spec.image_size}² JPEG frames (a mosaic of the gravel photo), "
             f"{spec.n_train} good training frames, {spec.n_test_good} good and {2 * spec.n_test_per_defect} "
-            "defective test frames (dark pits of radius 8–14 px and bright flecks 40–80 px long, 6–8 px "
+            "defective test frames (rust pits of radius 8–14 px and blue flecks 40–80 px long, 6–8 px "
             f"wide). The same {architecture} schedule ({epochs} epochs) either sees each frame resized to "
             f"{input_size}² (a defect shrinks 8×) or at {working}² cut into {input_size}² tiles that run as "
             "one batch, their maps stitched and the image score taken from the stitched map (training, "

@@ -321,7 +321,7 @@ def _mosaic(src: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _pit(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.ndarray, np.ndarray]:
-    """A few small dark pits (radius 8–14 px on a 2048² frame: 1–2 px once resized to 256²)."""
+    """A few small rust pits (radius 8–14 px on a 2048² frame: 1–2 px once resized to 256²)."""
     size = img.shape[0]
     mask_im = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask_im)
@@ -331,13 +331,13 @@ def _pit(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.nda
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
     region = np.asarray(mask_im) > 0
     out = img.copy()
-    out[region] = (img[region] * 0.15).astype(np.uint8)
+    out[region] = (img[region] * 0.3 + np.array([150, 55, 25]) * 0.7).astype(np.uint8)
     return out, _changed(out, img, region)
 
 
 def _fleck(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.ndarray, np.ndarray]:
-    """A short bright fleck (40–80 px long, 6–8 px wide on a 2048² frame: about 1 px wide once
-    resized to 256²)."""
+    """A short blue fleck (40–80 px long, 6–8 px wide on a 2048² frame: about 1 px wide once
+    resized to 256²), like a fibre or a paint chip."""
     size = img.shape[0]
     scale = size / 2048
     mask_im = Image.new("L", (size, size), 0)
@@ -347,7 +347,7 @@ def _fleck(img: np.ndarray, rng: np.random.Generator, **_: object) -> tuple[np.n
                                  fill=255, width=max(1, int(round(rng.uniform(6, 8.5) * scale))))
     region = np.asarray(mask_im) > 0
     out = img.copy()
-    out[region] = (235, 232, 220)
+    out[region] = (50, 80, 190)
     return out, _changed(out, img, region)
 
 
