@@ -4,6 +4,7 @@ repository's results (the `train` extra). Their defaults are this repository's f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -106,6 +107,8 @@ def families_study_cmd(
     home: Annotated[Path, typer.Option(help="where data, models and the row cache live")] = Path(".demo"),
     architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
     families: Annotated[str, typer.Option(help="comma-separated sample families (1, 2)")] = "1,2",
+    extra: Annotated[str, typer.Option(
+        help='architecture options over the defaults, JSON (an ablation, e.g. \'{"compactness": 0}\')')] = "",
     out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
 ) -> None:
     """Each architecture trained on both sample families (differently made defects) →
@@ -116,7 +119,10 @@ def families_study_cmd(
     configure_logging("INFO")
     try:
         fams = [int(f) for f in split_csv(families)]
-        rows = run(home, out, split_csv(architectures), fams, command_line())
+        options = json.loads(extra) if extra else None
+        if options is not None and not isinstance(options, dict):
+            raise ValueError("--extra must be a JSON object")
+        rows = run(home, out, split_csv(architectures), fams, command_line(), options)
     except ValueError as exc:
         raise fail(str(exc), 2) from exc
     for r in rows:

@@ -68,10 +68,10 @@ def _commit() -> str:
 
 
 def _train(data: Path, work: Path, arch: str, setup: str, epochs: int, input_size: int = 256,
-           tiling: Tiling | None = None) -> Row:
+           tiling: Tiling | None = None, options: dict[str, object] | None = None) -> Row:
     """Train one unified FP32 model (not registered) and score it through the engine."""
-    extra = dict(DEFAULT_EXTRA.get(arch, {}))
-    folder = "".join(ch if ch.isalnum() else "-" for ch in setup)
+    extra = {**DEFAULT_EXTRA.get(arch, {}), **(options or {})}
+    folder = "".join(ch if ch.isalnum() else "-" for ch in f"{setup}-{options or ''}")
     build = build_variant_fp32(data, work / f"{arch}-{folder}", architecture=arch,
                                model_config=ModelConfig(input_size=(input_size, input_size), extra=extra),
                                train_config=TrainConfig(epochs=epochs), register=False, tiling=tiling)
@@ -87,28 +87,31 @@ def _load(path: Path) -> list[Row]:
 
 
 def _store(path: Path, rows: list[Row], new: list[Row]) -> list[Row]:
-    """`rows` with each new row replacing the old one of its (architecture, setup)."""
-    keys = {(r.architecture, r.setup) for r in new}
-    merged = [r for r in rows if (r.architecture, r.setup) not in keys] + new
+    """`rows` with each new row replacing the old one of its (architecture, setup, options)."""
+    keys = {(r.architecture, r.setup, r.extra) for r in new}
+    merged = [r for r in rows if (r.architecture, r.setup, r.extra) not in keys] + new
     path.write_text(json.dumps([asdict(r) for r in merged], indent=1))
     return merged
 
 
-def _table(rows: list[Row], categories: list[str]) -> str:
-    head = ["architecture", "setup", "image AUROC", "pixel AUROC", "AUPRO", *categories, "ms/image",
+def _table(rows: list[Row], categories: list[str], by: str = "options") -> str:
+    """Markdown table; the second column is each row's architecture `options` or `setup`."""
+    head = ["architecture", by, "image AUROC", "pixel AUROC", "AUPRO", *categories, "ms/image",
             "epochs", "train s", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         cats = [f"{r.per_category[c]:.3f}" if c in r.per_category else "" for c in categories]
-        cells = [r.architecture, r.setup, f"{r.image_auroc:.3f}", f"{r.pixel_auroc:.3f}", f"{r.aupro:.3f}",
+        second = (r.extra or "-") if by == "options" else r.setup
+        cells = [r.architecture, second, f"{r.image_auroc:.3f}", f"{r.pixel_auroc:.3f}", f"{r.aupro:.3f}",
                  *cats, f"{r.ms_per_image:.1f}", str(r.epochs), f"{r.train_s:.0f}", r.commit]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def families(home: Path, out: Path, architectures: list[str], family_ids: list[int],
-             command: str) -> list[Row]:
-    """Train each architecture on each family; update the cached rows and the report."""
+             command: str, options: dict[str, object] | None = None) -> list[Row]:
+    """Train each architecture on each family (with `options` over its default extras, e.g.
+    an ablation); update the cached rows and the report."""
     cache = home / "robustness.json"
     new = []
     for fam in family_ids:
@@ -116,11 +119,12 @@ def families(home: Path, out: Path, architectures: list[str], family_ids: list[i
         if not (data / FAMILIES[fam][0] / "train" / "good").is_dir():
             make_sample_dataset(data, spec=SampleSpec(family=fam))
         for arch in architectures:
-            new.append(_train(data, home / "robustness", arch, f"family {fam}", DEFAULT_EPOCHS.get(arch, 30)))
+            new.append(_train(data, home / "robustness", arch, f"family {fam}", DEFAULT_EPOCHS.get(arch, 30),
+                              options=options))
             log.info("%s family %d: image AUROC %.3f", arch, fam, new[-1].image_auroc)
     rows = _store(cache, _load(cache), new)
     fam_rows = sorted((r for r in rows if r.setup.startswith("family")),
-                      key=lambda r: (r.setup, r.architecture))
+                      key=lambda r: (r.setup, r.architecture, r.extra))
     sections = []
     for fam in sorted(FAMILIES):
         chosen = [r for r in fam_rows if r.setup == f"family {fam}"]
@@ -156,6 +160,6 @@ def tiling(home: Path, out: Path, architecture: str, epochs: int, working: int, 
             "one batch, their maps stitched and the image score taken from the stitched map (training, "
             "thresholds and serving use the same tiles). Pixel metrics are computed at each model's map "
             "size.\n\n"
-            + _table(rows, [HIGHRES_CATEGORY]) + "\n")
+            + _table(rows, [HIGHRES_CATEGORY], by="setup") + "\n")
     replace_section(out, TILING_HEADING, text)
     return rows
