@@ -136,7 +136,8 @@ def tiling_study_cmd(
     architecture: Annotated[str, typer.Option("--arch", help="architecture")] = "stfpm",
     epochs: Annotated[int, typer.Option(help="training epochs (both setups)")] = 30,
     working_size: Annotated[int, typer.Option(help="working side of the tiled setup")] = 1024,
-    stride: Annotated[int, typer.Option(help="tile stride (256 = no overlap)")] = 256,
+    stride: Annotated[int, typer.Option(help="tile stride (0 = full coverage: 240 for 256² tiles; "
+                                             "256 = no overlap)")] = 0,
     out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
 ) -> None:
     """The 2048² high-resolution category resized vs tiled → the report's tiling section."""

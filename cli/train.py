@@ -120,8 +120,9 @@ def build_cmd(
     tile_image_size: Annotated[int, typer.Option(
         help="tiling for large images: the working side each image is resized to, then cut into "
              "input-size tiles (0 = no tiling: the whole image is resized to the input size)")] = 0,
-    tile_stride: Annotated[int, typer.Option(help="pixels between tiles (0 = the input size: no overlap)")
-                           ] = 0,
+    tile_stride: Annotated[int, typer.Option(
+        help="pixels between tiles (0 = input size − 2 × score margin: every pixel lies inside some "
+             "tile's interior)")] = 0,
     seed: Seed = 0,
     work_dir: WorkDir = Path("runs"),
     tracking_uri: TrackingUri = None,
@@ -156,8 +157,9 @@ def build_cmd(
         if tile_image_size < input_size or not 0 <= tile_stride <= input_size:
             raise typer.BadParameter(f"the working size must be at least the input size ({input_size}) and "
                                      "the stride at most the input size", param_hint="--tile-image-size")
+        margin = round(input_size * ModelConfig().score_margin_fraction)
         tiling = Tiling(image_height=tile_image_size, image_width=tile_image_size,
-                        stride=tile_stride or input_size)
+                        stride=tile_stride or Tiling.full_coverage_stride(input_size, margin))
     artifact_root = _open_store(tracking_uri)
     steps = len(archs) * len(set(chosen) | {"fp32"})
     done: list[BuildResult] = []

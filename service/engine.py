@@ -20,7 +20,7 @@ from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
 from service.imaging import anomaly_map_png
 from service.metadata import GLOBAL, ModelMetadata, ScoreStats
 from service.promotion import threshold_source
-from service.tiling import image_score, prepare_input, stitch
+from service.tiling import image_score, prepare_input, scored_region, stitch
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class OnnxModel:
         # Live threshold overrides ({category: threshold}, "" = global) from the version's
         # `threshold.<category>` tags (`service.promotion`); replaced whole, never mutated.
         self.overrides: dict[str, float] = {}
+        self._scored = np.ones(0, dtype=bool)  # a tiled model's scored pixels (`service.tiling`)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -135,6 +136,10 @@ class OnnxModel:
                 f"tiling {t.image_height}×{t.image_width} with stride {t.stride} does not fit "
                 f"{m.input_height}×{m.input_width} tiles: the working size must hold a tile and the "
                 "stride must not exceed the tile (pixels would be left unscored)")
+        if t is not None:
+            self._scored = scored_region(t.image_size, m.input_size, t.stride, t.score_margin)
+            if not self._scored.any():
+                raise ModelLoadError(f"tiling score margin {t.score_margin} leaves no tile interior to score")
 
     @property
     def provider(self) -> str:
@@ -172,8 +177,8 @@ class OnnxModel:
         b, n = batch.shape[:2]
         _, maps = self.run(batch.reshape(b * n, *batch.shape[2:]))
         maps = maps.reshape(b, n, *maps.shape[-2:])
-        stitched = np.stack([stitch(m, t.image_size, t.stride) for m in maps])
-        scores = np.array([image_score(m, t.score_margin) for m in stitched], dtype=np.float32)
+        stitched = np.stack([stitch(m, t.image_size, t.stride, t.score_margin) for m in maps])
+        scores = np.array([image_score(m, self._scored) for m in stitched], dtype=np.float32)
         return scores, stitched
 
     def resolve_category(self, category: str) -> str:

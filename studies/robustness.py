@@ -146,6 +146,8 @@ def tiling(home: Path, out: Path, architecture: str, epochs: int, working: int, 
     data = home / "data-2k"
     if not (data / HIGHRES_CATEGORY / "train" / "good").is_dir():
         make_highres_category(data, HighResSpec())
+    margin = round(input_size * ModelConfig().score_margin_fraction)
+    stride = stride or Tiling.full_coverage_stride(input_size, margin)
     tiled = Tiling(image_height=working, image_width=working, stride=stride)
     setup = f"tiled {working}² / {input_size}² tiles, stride {stride}"
     rows = [_train(data, home / "tiling", architecture, f"resized {input_size}²", epochs, input_size),

@@ -20,7 +20,8 @@ def test_rows_of_a_rerun_replace_only_their_own(tmp_path: Path) -> None:
     assert sorted((r.architecture, r.extra, r.image_auroc) for r in _load(cache)) == sorted(
         (r.architecture, r.extra, r.image_auroc) for r in rows)
     assert {(r.architecture, r.extra): r.image_auroc for r in rows} == {
-        ("stfpm", ""): 0.9, ("us", "teacher_epochs=10"): 0.8, ("us", "compactness=0, teacher_epochs=10"): 0.75}
+        ("stfpm", ""): 0.9, ("us", "teacher_epochs=10"): 0.8,
+        ("us", "compactness=0, teacher_epochs=10"): 0.75}
     table = _table(rows, ["coins", "ihc"])
     assert table.splitlines()[0].startswith("| architecture | options | image AUROC")
     assert "| us | compactness=0, teacher_epochs=10 | 0.750 |" in table

@@ -17,7 +17,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from clients.sdk import AnomalyClient
 from service.engine import OnnxModel
 from service.imaging import decode_image, preprocess
-from service.tiling import Tiling, axis_origins, image_score, origins, split, stitch
+from service.tiling import Tiling, axis_origins, image_score, origins, scored_region, split, stitch
 
 # 320×448 working size, 128-pixel tiles every 96 pixels: overlapping, last tiles flush with the edge.
 TILING = Tiling(image_height=320, image_width=448, stride=96, score_margin=4)
@@ -50,6 +50,7 @@ def test_split_then_stitch_gives_back_the_image() -> None:
     y, x = origins((320, 448), (128, 128), 96)[7]
     np.testing.assert_array_equal(tiles[7], chw[:, y:y + 128, x:x + 128])
     np.testing.assert_allclose(stitch(tiles[:, 1], (320, 448), 96), chw[1], rtol=1e-6)
+    np.testing.assert_allclose(stitch(tiles[:, 1], (320, 448), 96, margin=4), chw[1], rtol=1e-5)
 
 
 def test_tiling_rejects_a_margin_that_leaves_nothing() -> None:
@@ -70,8 +71,8 @@ def test_a_tiling_that_leaves_pixels_unscored_is_refused_at_load(store, tiling: 
 
 def test_engine_matches_a_hand_stitched_reference(store) -> None:
     """The engine's tiled path against the obvious loop: resize to the working size, run
-    every tile alone, add its map into place, divide by the coverage, take the maximum
-    inside the margin."""
+    every tile alone, add its map into place weighted 1 inside and 1e-3 on its 4-pixel
+    border band, divide by the summed weights, take the maximum over the tiles' interiors."""
     md = store.build.metadata.model_copy(update={"tiling": TILING})
     model = OnnxModel(store.build.onnx_path, md)
     image = decode_image(_synthetic())
@@ -79,21 +80,34 @@ def test_engine_matches_a_hand_stitched_reference(store) -> None:
     assert maps.shape == (1, 320, 448)
 
     full = preprocess(image, (320, 448))
-    total, count = np.zeros((320, 448)), np.zeros((320, 448))
+    total, weight = np.zeros((320, 448)), np.zeros((320, 448))
+    interior = np.zeros((320, 448), dtype=bool)
+    w = np.full((TEST_INPUT, TEST_INPUT), 1e-3)
+    w[4:-4, 4:-4] = 1.0
     for y in (0, 96, 192):
         for x in (0, 96, 192, 288, 320):
             _, amap = model.run(full[None, :, y:y + TEST_INPUT, x:x + TEST_INPUT])
-            total[y:y + TEST_INPUT, x:x + TEST_INPUT] += amap[0]
-            count[y:y + TEST_INPUT, x:x + TEST_INPUT] += 1
-    reference = total / count
+            total[y:y + TEST_INPUT, x:x + TEST_INPUT] += amap[0] * w
+            weight[y:y + TEST_INPUT, x:x + TEST_INPUT] += w
+            interior[y + 4:y + TEST_INPUT - 4, x + 4:x + TEST_INPUT - 4] = True
+    reference = total / weight
     np.testing.assert_allclose(maps[0], reference, rtol=1e-4, atol=1e-5)
-    assert scores[0] == pytest.approx(reference[4:-4, 4:-4].max(), rel=1e-5)
-    assert scores[0] == pytest.approx(image_score(maps[0], 4), rel=1e-6)
+    # stride 96 ≤ 128 − 2·4: every pixel but the image's own 4-pixel border is scored
+    assert interior.sum() == (320 - 8) * (448 - 8)
+    assert scores[0] == pytest.approx(reference[interior].max(), rel=1e-5)
+    assert scores[0] == pytest.approx(image_score(maps[0], interior), rel=1e-6)
     # Two images in one call give the same as each alone (the batched path).
     other = decode_image(_synthetic(480, 640))
     both_scores, both_maps = model.infer(np.stack([model.prepare(image), model.prepare(other)]))
     np.testing.assert_allclose(both_maps[0], maps[0], rtol=1e-4, atol=1e-5)
     assert both_scores[1] == pytest.approx(model.infer(model.prepare(other)[None])[0][0], rel=1e-4)
+
+
+def test_without_overlap_the_bands_between_tiles_are_not_scored() -> None:
+    region = scored_region((256, 256), (128, 128), 128, 4)
+    assert region[4:124, 4:124].all() and not region[124:132, :].any() and not region[:, 124:132].any()
+    assert Tiling.full_coverage_stride(128, 4) == 120
+    assert scored_region((256, 256), (128, 128), 120, 4)[4:-4, 4:-4].all()
 
 
 def test_a_tiled_version_is_served_over_grpc(store, grpc_target: str, http_base: str, tmp_path: Path) -> None:
