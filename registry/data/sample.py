@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 TEXTURES = ("brick", "grass", "gravel", "moon", "ihc")
 OBJECTS = ("coffee", "coins")
-DEFAULT_CATEGORIES = ("brick", "coffee", "grass", "gravel")
+DEFAULT_CATEGORIES = ("brick", "grass", "gravel", "coffee")  # this order seeds each category: keep it
 FAMILIES: dict[int, tuple[str, ...]] = {1: DEFAULT_CATEGORIES, 2: ("coins", "ihc", "moon")}
 DEFECT_TYPES = ("scratch", "patch", "stain")
 FAMILY_DEFECTS: dict[int, tuple[str, ...]] = {1: DEFECT_TYPES, 2: ("crack", "warp", "smudge")}
