@@ -24,16 +24,14 @@ def compare_cmd(
     tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in .demo)")] = "",
 ) -> None:
     """Unified vs one-class for each architecture → MLflow metrics + docs/results.md."""
-    import mlflow
-
     from registry.architectures import ModelConfig
-    from registry.mlflow_registry import embedded_tracking_uri
+    from registry.mlflow_registry import embedded_tracking_uri, use_store
     from registry.train import TrainConfig
     from service.logs import configure_logging
     from studies.compare import run_and_write
 
     configure_logging("INFO")
-    mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(Path(".demo")))
+    use_store(tracking_uri or embedded_tracking_uri(Path(".demo")))
     rows = run_and_write(
         data, work_dir, out, split_csv(architectures), ModelConfig(input_size=(input_size, input_size)),
         TrainConfig(epochs=epochs), command=command_line(), categories=split_csv(categories) or None)
@@ -52,14 +50,12 @@ def quant_study_cmd(
     tracking_uri: Annotated[str, typer.Option(help="MLflow URI (default: embedded SQLite in --home)")] = "",
 ) -> None:
     """Variants table + PTQ calibration study (data × method) + AUROC-vs-latency plot."""
-    import mlflow
-
-    from registry.mlflow_registry import embedded_tracking_uri
+    from registry.mlflow_registry import embedded_tracking_uri, use_store
     from service.logs import configure_logging
     from studies.quant_study import run_and_write
 
     configure_logging("INFO")
-    mlflow.set_tracking_uri(tracking_uri or embedded_tracking_uri(home))
+    use_store(tracking_uri or embedded_tracking_uri(home))
     try:
         variants, calib, speed = run_and_write(home, out, split_csv(architectures), command=command_line(),
                                                n_images=images)

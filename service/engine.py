@@ -130,13 +130,13 @@ class OnnxModel:
         if missing:
             raise ModelLoadError(f"model lacks outputs {sorted(missing)} (has {sorted(outputs)})")
         t = m.tiling
-        if t is not None and (t.stride > min(m.input_size) or t.image_height < m.input_height
-                              or t.image_width < m.input_width):
-            raise ModelLoadError(
-                f"tiling {t.image_height}×{t.image_width} with stride {t.stride} does not fit "
-                f"{m.input_height}×{m.input_width} tiles: the working size must hold a tile and the "
-                "stride must not exceed the tile (pixels would be left unscored)")
         if t is not None:
+            too_small = t.image_height < m.input_height or t.image_width < m.input_width
+            if too_small or t.stride > min(m.input_size):
+                raise ModelLoadError(
+                    f"tiling {t.image_height}×{t.image_width} with stride {t.stride} does not fit "
+                    f"{m.input_height}×{m.input_width} tiles: the working size must hold a tile and the "
+                    "stride must not exceed the tile (pixels would be left unscored)")
             self._scored = scored_region(t.image_size, m.input_size, t.stride, t.score_margin)
             if not self._scored.any():
                 raise ModelLoadError(f"tiling score margin {t.score_margin} leaves no tile interior to score")
