@@ -87,16 +87,20 @@ class Batcher:
         max_queue: bound of the queue.
         workers: concurrent batch loops (more than one when batching is off).
         label: model label for metrics.
+        alone: given the images of a call, whether they are all the requests in flight
+            (the model then may run them on all cores: adaptive execution in `service.engine`).
     """
 
     def __init__(self, model: OnnxModel, run: Callable[..., Awaitable], *, max_batch: int,
-                 max_delay_s: float, max_queue: int, workers: int = 1, label: str = "") -> None:
+                 max_delay_s: float, max_queue: int, workers: int = 1, label: str = "",
+                 alone: Callable[[int], bool] = lambda _: True) -> None:
         self.model = model
         self._run = run
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self.label = label
+        self.alone = alone
         self._tasks = ([asyncio.create_task(self._loop()) for _ in range(workers)]
                        if max_batch > 1 else [])
         self._busy = 0
@@ -106,7 +110,7 @@ class Batcher:
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Run a batch (in a pool thread) and check every output for NaN/inf there too."""
-        scores, maps = self.model.infer(batch)
+        scores, maps = self.model.infer(batch, self.alone(len(batch)))
         return scores, maps, finite(scores, maps)
 
     @property

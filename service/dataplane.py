@@ -199,7 +199,8 @@ class DataPlane:
             batcher = Batcher(loaded.model, self._run, max_batch=s.max_batch_size,
                               max_delay_s=s.max_queue_delay_ms / 1e3, max_queue=s.max_queue,
                               workers=s.concurrent_runs,
-                              label=f"{loaded.name}/{loaded.version}")
+                              label=f"{loaded.name}/{loaded.version}",
+                              alone=lambda n: self._inflight <= n)
             self._batchers[key] = batcher
             self._prune_batchers()
         return batcher

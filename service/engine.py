@@ -1,14 +1,23 @@
-"""The inference engine: one ONNX Runtime session plus the model's metadata.
+"""The inference engine: ONNX Runtime sessions of one model plus its metadata.
 
 `OnnxModel` is what both the server and the registry's evaluation run, so the numbers
 logged to MLflow come from the same artifact and the same pre/post-processing as serving.
 Every exported architecture has the same contract: input `image` `(B, 3, H, W)` float32
 RGB in [0, 1]; outputs `anomaly_map` `(B, 1, H, W)` and `score` `(B,)`.
+
+Adaptive execution: on a CPU the fastest way to run one call alone is all cores on it,
+and the most images per second under load come from one core per concurrent call. A
+model can therefore hold two sessions of the same file: the *shared* one (`intra_op_threads`,
+one thread by default on the server) and a *solo* one (`solo_threads`, all cores). Each
+call runs on the solo session when nothing else is running, or about to run, on the model
+(`run(..., alone=...)`: the server says whether other requests are in flight), and on the
+shared one otherwise; `runs` and the `anomaly_inference_runs_total` metric count which.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from service import metrics
 from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
 from service.imaging import anomaly_map_png
 from service.metadata import GLOBAL, ModelMetadata, ScoreStats
@@ -73,6 +83,9 @@ class OnnxModel:
         metadata: its `ModelMetadata`.
         providers: ONNX Runtime execution providers, in order of preference.
         intra_op_threads: threads per operator (0 = ONNX Runtime's default).
+        solo_threads: threads of a second session for calls that run alone (adaptive
+            execution, see the module docstring); used only when more than
+            `intra_op_threads` > 0; 0 = no second session.
         provider_options: per-provider options (e.g. TensorRT engine cache settings).
         spinning: let idle intra-op threads spin-wait (best when ORT has the CPU alone).
         log_severity: ONNX Runtime log severity for this session (3 = errors only).
@@ -90,6 +103,7 @@ class OnnxModel:
         provider_options: dict[str, dict[str, str]] | None = None,
         spinning: bool = True,
         log_severity: int = 3,
+        solo_threads: int = 0,
     ) -> None:
         self.path = Path(onnx_path)
         self.metadata = metadata
@@ -97,21 +111,30 @@ class OnnxModel:
         # `threshold.<category>` tags (`service.promotion`); replaced whole, never mutated.
         self.overrides: dict[str, float] = {}
         self._scored = np.ones(0, dtype=bool)  # a tiled model's scored pixels (`service.tiling`)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = log_severity
-        if not spinning:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = available_providers(providers or ["CPUExecutionProvider"])
         options = [(provider_options or {}).get(p, {}) for p in chosen]
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
-                                                providers=chosen, provider_options=options)
-        except Exception as exc:  # onnxruntime raises several unrelated types
-            raise ModelLoadError(f"ONNX Runtime could not load {self.path.name}: {exc}") from exc
+
+        def session(threads: int) -> ort.InferenceSession:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = log_severity
+            if not spinning:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                return ort.InferenceSession(str(self.path), sess_options=opts,
+                                            providers=chosen, provider_options=options)
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                raise ModelLoadError(f"ONNX Runtime could not load {self.path.name}: {exc}") from exc
+
+        self.session = session(intra_op_threads)
+        adaptive = 0 < intra_op_threads < solo_threads and chosen[0] == "CPUExecutionProvider"
+        self.solo: ort.InferenceSession | None = session(solo_threads) if adaptive else None
+        self.runs = {"solo": 0, "shared": 0}  # calls per session (adaptive execution)
+        self._running = 0
+        self._lock = threading.Lock()
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -146,17 +169,30 @@ class OnnxModel:
         """The execution provider that runs this session (the first in use)."""
         return self.session.get_providers()[0]
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, alone: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Run a preprocessed batch.
 
         Args:
             batch: `(B, 3, H, W)` float32 in [0, 1].
+            alone: the caller knows of no other request in flight; the call then runs on
+                the solo session (all cores) if no other call is running on this model.
 
         Returns:
             scores `(B,)` and anomaly maps `(B, H, W)`, float32.
         """
         m = self.metadata
-        score, amap = self.session.run([m.score_output, m.map_output], {m.input_name: batch})
+        with self._lock:
+            solo = self.solo is not None and alone and self._running == 0
+            self._running += 1
+            self.runs["solo" if solo else "shared"] += 1
+        try:
+            session = self.solo if solo and self.solo is not None else self.session
+            score, amap = session.run([m.score_output, m.map_output], {m.input_name: batch})
+        finally:
+            with self._lock:
+                self._running -= 1
+        if self.solo is not None:
+            metrics.INFERENCE_RUNS.labels("solo" if solo else "shared").inc()
         return score.reshape(-1), amap.reshape(amap.shape[0], *amap.shape[-2:])
 
     def prepare(self, image: np.ndarray | Image.Image) -> np.ndarray:
@@ -165,17 +201,17 @@ class OnnxModel:
         tiles (`service.tiling`)."""
         return prepare_input(image, self.metadata.input_size, self.metadata.tiling)
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, batch: np.ndarray, alone: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Run a stack of `prepare` outputs: scores `(B,)` and anomaly maps `(B, *map_size)`.
 
         Untiled, this is `run`. Tiled, every image's tiles run in one call, their maps are
-        stitched and each image's score is taken from its stitched map.
+        stitched and each image's score is taken from its stitched map. `alone` as in `run`.
         """
         t = self.metadata.tiling
         if t is None:
-            return self.run(batch)
+            return self.run(batch, alone)
         b, n = batch.shape[:2]
-        _, maps = self.run(batch.reshape(b * n, *batch.shape[2:]))
+        _, maps = self.run(batch.reshape(b * n, *batch.shape[2:]), alone)
         maps = maps.reshape(b, n, *maps.shape[-2:])
         stitched = np.stack([stitch(m, t.image_size, t.stride, t.score_margin) for m in maps])
         scores = np.array([image_score(m, self._scored) for m in stitched], dtype=np.float32)
@@ -291,5 +327,8 @@ class OnnxModel:
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run dummy batches so the first real request pays no lazy-initialisation cost."""
         h, w = self.metadata.input_size
-        for b in batch_sizes:
-            self.run(np.full((b, 3, h, w), 0.5, dtype=np.float32))
+        sessions = [self.session] + ([self.solo] if self.solo is not None else [])
+        m = self.metadata
+        for session in sessions:
+            for b in batch_sizes:
+                session.run([m.score_output], {m.input_name: np.full((b, 3, h, w), 0.5, dtype=np.float32)})

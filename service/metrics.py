@@ -15,6 +15,9 @@ LATENCY = Histogram("anomaly_request_seconds", "Time per request stage",
                     ["stage"], buckets=LATENCY_BUCKETS)  # stage: decode | queue | inference | total
 BATCH_SIZE = Histogram("anomaly_batch_size", "Images per ONNX Runtime call",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+INFERENCE_RUNS = Counter("anomaly_inference_runs_total",
+                         "ONNX Runtime calls by session (adaptive execution): solo = all cores for a "
+                         "call alone, shared = one thread per concurrent call", ["session"])
 QUEUE_DEPTH = Gauge("anomaly_queue_depth", "Images waiting for inference", ["model"])
 MODEL_INFO = Gauge("anomaly_model_loaded", "1 for each model version loaded",
                    ["name", "version", "architecture", "variant", "provider"])

@@ -131,7 +131,8 @@ def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
     onnx_path, metadata = read_model_dir(local_dir)
     model = OnnxModel(onnx_path, metadata, providers=settings.providers,
                       intra_op_threads=settings.intra_op_threads, log_severity=settings.ort_log_severity,
-                      provider_options=provider_options(settings), spinning=settings.ort_spinning)
+                      provider_options=provider_options(settings), spinning=settings.ort_spinning,
+                      solo_threads=settings.solo_threads)
     model.validate(reference_inputs(local_dir, model.prepare))
     return model
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
                                  description="ONNX Runtime execution providers, in order")
     intra_op_threads: int = Field(0, ge=0, description="ORT threads per inference call (0 = auto: the "
                                                        "cores shared among the concurrent calls)")
+    solo_threads: int = Field(0, ge=0, description="adaptive execution: ORT threads of a call that runs "
+                                                   "alone, on a second session of the model (0 = auto: "
+                                                   "every core; 1 or ≤ intra_op_threads turns it off)")
     ort_spinning: bool = Field(False, description="let idle ORT threads spin (faster alone, "
                                                   "steals CPU from decoding and gRPC when shared)")
     workers: int = Field(0, ge=0, description="threads decoding and running inference (0 = one per "
@@ -193,9 +196,9 @@ class Settings(BaseSettings):
         """Resolve the 0 = automatic defaults, measured in docs/benchmarks.md: on a CPU, one
         inference call per core, each on one ONNX Runtime thread, and no batching gave the
         most images/s. More ORT threads than cores (2 calls × 2 threads on 2 cores), or
-        batches, only made the threads wait for each other and for decoding. The price is
-        batch-1 latency: one call alone uses one core. `ANOMALY_WORKERS=1` (auto intra-op
-        threads = all cores) is the low-latency setting for one camera at a time."""
+        batches, only made the threads wait for each other and for decoding. A call alone
+        still gets every core: adaptive execution runs it on a second session with
+        `solo_threads` (all cores) when no other request is in flight (`service.engine`)."""
         cores = usable_cores()
         if self.workers == 0:
             self.workers = cores
@@ -204,6 +207,8 @@ class Settings(BaseSettings):
             self.max_batch_size = 8 if gpu else 1
         if self.intra_op_threads == 0:
             self.intra_op_threads = max(1, cores // self.concurrent_runs)
+        if self.solo_threads == 0:
+            self.solo_threads = cores
         return self
 
     @property
