@@ -105,7 +105,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     loaded = repository.get(ModelSpec(model_name, alias))  # the same download/load path as serving
     model, metadata, version = loaded.model, loaded.metadata, loaded.version
     images = load_images(image_dir)
-    inputs = [model.prepare(decode_image(b)) for b in images]
+    inputs = [model.prepare(decode_image(b, draft=metadata.map_size)) for b in images]
     cores = usable_cores()
     per_batch = (max_batch_size, batching.batch_workers, batching.intra_op_threads)
     bare = BareOrt({n: OnnxModel(model.path, metadata, intra_op_threads=n, providers=settings.providers,

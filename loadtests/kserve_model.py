@@ -51,7 +51,8 @@ class AnomalyModel(kserve.Model):
         if self.engine is None:
             self.engine = OnnxModel(*read_model_dir(Path(self.model_dir)), spinning=False,
                                     intra_op_threads=self.intra_op_threads)
-        batch = np.stack([self.engine.prepare(decode_image(base64.b64decode(inst["b64"])))
+        draft = self.engine.metadata.map_size
+        batch = np.stack([self.engine.prepare(decode_image(base64.b64decode(inst["b64"]), draft=draft))
                           for inst in payload["instances"]])
         scores, _ = self.engine.infer(batch)
         return {"predictions": [

@@ -60,7 +60,8 @@ def seed_everything(seed: int) -> None:
 def load_images(samples: list[Sample], size: tuple[int, int], tiling: Tiling | None = None) -> torch.Tensor:
     """Decode and preprocess samples exactly as the server does: `(N, 3, H, W)` float32
     (a tiled model: every tile of every image)."""
-    arrays = [prepare_input(decode_image(s.path.read_bytes()), size, tiling) for s in samples]
+    working = tiling.image_size if tiling else size
+    arrays = [prepare_input(decode_image(s.path.read_bytes(), draft=working), size, tiling) for s in samples]
     return torch.from_numpy(np.concatenate(arrays) if tiling else np.stack(arrays))
 
 

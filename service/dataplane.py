@@ -336,28 +336,30 @@ class DataPlane:
         metrics.DECODE_MEMORY.set(budget.in_use)
         return await batcher.submit(x, req.deadline), size, decode_s
 
-    def _decode(self, req: ScoreInput, probe: Probe | None) -> tuple[Any, tuple[int, int]]:
-        """The request's image, decoded, and its (height, width)."""
+    def _decode(self, req: ScoreInput, probe: Probe | None,
+                draft: tuple[int, int] | None = None) -> tuple[Any, tuple[int, int]]:
+        """The request's image, decoded (a large JPEG at reduced scale when `draft` is the
+        size the model works at: `service.imaging`), and its original (height, width)."""
         if req.raw is not None:
             r = req.raw
             image = raw_pixels(r.data, r.width, r.height, r.channels, r.bits,
                                max_pixels=self.settings.max_image_pixels)
             return image, image.shape[:2]
         assert probe is not None
-        decoded = decode_probe(probe)
-        return decoded, (decoded.height, decoded.width)
+        return decode_probe(probe, draft), (probe.height, probe.width)
 
-    def _decode_again(self, req: ScoreInput) -> tuple[Any, tuple[int, int]]:
+    def _decode_again(self, req: ScoreInput, draft: tuple[int, int] | None = None,
+                      ) -> tuple[Any, tuple[int, int]]:
         """Decode a request's image from its bytes once more (the shadow's copy: a queued
         shadow job holds only the encoded bytes, never decoded pixels)."""
         probe, _ = self._probe(req)
-        return self._decode(req, probe)
+        return self._decode(req, probe, draft)
 
     def _prepare(self, loaded: LoadedModel, req: ScoreInput,
                  probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float]:
         """Decode and preprocess (runs in the pool)."""
         t0 = time.perf_counter()
-        image, size = self._decode(req, probe)
+        image, size = self._decode(req, probe, loaded.model.metadata.map_size)
         x = loaded.model.prepare(image)
         return x, size, time.perf_counter() - t0
 

@@ -11,6 +11,14 @@ Serving works in two steps so that memory is admitted before it is spent:
    channel until after the resize, and nothing is copied into a full-size numpy array, so
    a 20-megapixel image costs its decoded size plus at most one conversion.
 
+A JPEG much larger than the size the model works at (`draft`: its input, or a tiled
+model's working size) is decoded in libjpeg's reduced-size DCT mode, at 1/2, 1/4 or 1/8
+scale, the smallest that still holds the working size in both directions: a 1920×1200
+camera frame for a 256² model decodes as 480×300, skipping most of the inverse DCT and
+colour conversion. The resize then starts from fewer pixels; the input differs from a
+full decode's by a few grey levels (`tests/test_imaging.py`). Training, evaluation and
+serving all decode through here with the same `draft`, so they see the same pixels.
+
 `decode_image` (both steps, as an `(H, W, 3)` uint8 RGB array) is what evaluation and the
 tools call; `preprocess` accepts either form and gives identical results. ImageNet
 normalisation happens inside the ONNX graph.
@@ -129,8 +137,14 @@ def probe_image(
     return Probe(im, w, h, im.mode, cost)
 
 
-def decode_probe(probe: Probe) -> Image.Image:
+def decode_probe(probe: Probe, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode a probed image to a Pillow image in mode `L` or `RGB`.
+
+    Args:
+        probe: from `probe_image`.
+        draft: (height, width) the image will be resized to; a JPEG at least twice as large
+            in both directions is decoded at reduced scale (module docstring). The original
+            size stays in `probe.width`/`probe.height`.
 
     Raises:
         InvalidInput: truncated or corrupt data, or an unsupported pixel format.
@@ -139,6 +153,8 @@ def decode_probe(probe: Probe) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if draft is not None and im.format == "JPEG":
+                im.draft(None, (draft[1], draft[0]))
             im.load()
             return _to_l_or_rgb(im)
     except InvalidInput:
@@ -179,15 +195,18 @@ def decode_image(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Decode encoded image bytes (PNG, JPEG, BMP, TIFF …) to (H, W, 3) uint8 RGB.
 
     The header is read first, so size limits are enforced before pixels are decoded.
+    `draft`: the (height, width) it will be resized to, as in `decode_probe`.
 
     Raises:
         InvalidInput: as `probe_image` and `decode_probe`.
     """
-    return as_rgb_array(decode_probe(probe_image(data, max_bytes=max_bytes, max_pixels=max_pixels)))
+    probe = probe_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return as_rgb_array(decode_probe(probe, draft))
 
 
 def raw_cost(width: int, height: int, channels: int, bits: int = 8) -> int:

@@ -133,7 +133,7 @@ def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
                       intra_op_threads=settings.intra_op_threads, log_severity=settings.ort_log_severity,
                       provider_options=provider_options(settings), spinning=settings.ort_spinning,
                       solo_threads=settings.solo_threads)
-    model.validate(reference_inputs(local_dir, model.prepare))
+    model.validate(reference_inputs(local_dir, model.prepare, model.metadata.map_size))
     return model
 
 
@@ -529,7 +529,7 @@ class ModelRepository:
         s = self.settings
         try:
             image = decode_image(item.path.read_bytes(), max_bytes=s.max_image_bytes,
-                                 max_pixels=s.max_image_pixels)
+                                 max_pixels=s.max_image_pixels, draft=model.metadata.map_size)
             return item, model.score_image(image, item.category).is_anomalous, ""
         except ServiceError as exc:
             return item, None, exc.message

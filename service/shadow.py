@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 class ShadowJob:
     """One answered image to score again."""
 
-    decode: Callable[[], tuple[Any, tuple[int, int]]]  # → (decoded image, (height, width))
+    # (draft size) → (decoded image, original (height, width)); see `service.imaging`
+    decode: Callable[[tuple[int, int] | None], tuple[Any, tuple[int, int]]]
     served: Decided  # the answer's row; its category is the one the challenger decides in
 
 
@@ -117,7 +118,7 @@ class Shadow:
 
     def _score(self, challenger: LoadedModel, job: ShadowJob) -> Decided:
         """Decode, run and decide with the challenger (on the shadow thread)."""
-        image, size = job.decode()
+        image, size = job.decode(challenger.model.metadata.map_size)
         decision = challenger.model.score_image(image, job.served.category, size)
         return replace(job.served, model_name=challenger.name, model_version=challenger.version,
                        score=decision.score, normalized_score=decision.normalized_score,

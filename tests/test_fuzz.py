@@ -33,9 +33,18 @@ def _png() -> bytes:
 PNG = _png()
 
 
-def _decodes_or_refuses(data: bytes) -> None:
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+JPEG = _jpeg()
+
+
+def _decodes_or_refuses(data: bytes, draft: tuple[int, int] | None = None) -> None:
     try:
-        rgb = decode_image(data, max_bytes=1 << 20, max_pixels=1 << 22)
+        rgb = decode_image(data, max_bytes=1 << 20, max_pixels=1 << 22, draft=draft)
     except InvalidInput:
         return
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.size > 0
@@ -55,6 +64,19 @@ def test_decode_mutated_png(flips: list[tuple[int, int]], keep: int) -> None:
     for pos, value in flips:
         data[pos] = value
     _decodes_or_refuses(bytes(data[:keep]))
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, len(JPEG) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(8, len(JPEG)), st.sampled_from([None, (12, 20), (24, 40), (48, 80)]))
+def test_decode_mutated_jpeg_at_reduced_scale(flips: list[tuple[int, int]], keep: int,
+                                              draft: tuple[int, int] | None) -> None:
+    """The reduced-size JPEG decoding (libjpeg's DCT scaling) on damaged files: decoded or
+    refused with InvalidInput, never another error."""
+    data = bytearray(JPEG)
+    for pos, value in flips:
+        data[pos] = value
+    _decodes_or_refuses(bytes(data[:keep]), draft)
 
 
 @FAST

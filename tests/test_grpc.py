@@ -215,3 +215,23 @@ def test_every_architecture_is_served_by_the_same_server(arch: str, grpc_target:
     for r in g + d:
         assert r.model.architecture == arch and r.model.version == build.registered.version
     assert statistics.median(r.score for r in d) > statistics.median(r.score for r in g)
+
+
+def test_camera_frame_jpeg_served_from_reduced_scale_decode(grpc_target: str, store, good_and_defect) -> None:
+    """A 1920×1200 JPEG (a test image enlarged): the server decodes it at reduced scale,
+    scores exactly what evaluation's decoding gives, and draws the map at the frame's size."""
+    from service.engine import OnnxModel
+    from service.imaging import decode_image
+
+    frame = io.BytesIO()
+    Image.open(good_and_defect[1][0]).convert("RGB").resize((1920, 1200)).save(frame, "JPEG", quality=90)
+    data = frame.getvalue()
+    build = store.build
+    model = OnnxModel(build.onnx_path, build.metadata, intra_op_threads=1)
+    reduced = decode_image(data, draft=model.metadata.map_size)
+    assert reduced.shape[:2] != (1200, 1920)  # a scale was skipped
+    expected = model.score_image(reduced, "").score
+    with AnomalyClient(grpc_target) as client:
+        r = client.score(data, return_anomaly_map=True)
+    assert r.score == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert Image.open(io.BytesIO(r.anomaly_map_png)).size == (1920, 1200)

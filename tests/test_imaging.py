@@ -38,6 +38,28 @@ def test_jpeg_decodes_close(rgb: np.ndarray) -> None:
     assert np.abs(out.astype(int) - 120).max() <= 3
 
 
+def _camera_frame() -> bytes:
+    """A 1920×1200 JPEG with real texture (a bundled photo, tiled and resized)."""
+    from skimage import data
+
+    photo = np.tile(data.astronaut(), (2, 3, 1))  # 1024×1536
+    return _encode(Image.fromarray(photo).resize((1920, 1200), Image.BILINEAR), "JPEG", quality=90)
+
+
+def test_large_jpeg_decodes_at_reduced_scale_close_to_full() -> None:
+    frame = _camera_frame()
+    full = decode_image(frame)
+    reduced = decode_image(frame, draft=(256, 256))
+    assert full.shape == (1200, 1920, 3) and reduced.shape == (300, 480, 3)  # 1/4: the smallest ≥ 256
+    a, b = preprocess(full, (256, 256)), preprocess(reduced, (256, 256))
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.01 and np.percentile(diff, 99) < 0.06, (diff.mean(), np.percentile(diff, 99))
+    # working sizes that allow no reduction, and formats without one, decode in full
+    assert decode_image(frame, draft=(700, 1000)).shape == (1200, 1920, 3)
+    png = _encode(Image.fromarray(full[:600, :960]), "PNG")
+    assert decode_image(png, draft=(64, 64)).shape == (600, 960, 3)
+
+
 def test_gray_palette_rgba_become_rgb(rgb: np.ndarray) -> None:
     gray = decode_image(_encode(Image.fromarray(rgb[..., 0]), "PNG"))
     assert gray.shape == (40, 60, 3) and np.array_equal(gray[..., 0], gray[..., 2])
