@@ -24,14 +24,20 @@ def serve_cmd(
     port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="model download cache")] = None,
     log_level: Annotated[str | None, typer.Option(help="logging level")] = None,
+    http: Annotated[bool | None, typer.Option(
+        "--http/--no-http", help="also answer the HTTP API from this process (ANOMALY_HTTP_IN_PROCESS)",
+        show_default=False)] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port with --http")] = None,
 ) -> None:
-    """Run the gRPC inference server (serves `models:/<model>@<alias>`)."""
+    """Run the gRPC inference server (serves `models:/<model>@<alias>`); with `--http`, the
+    HTTP API too, in the same process."""
     from service.errors import ServiceError
     from service.grpc_server import serve
     from service.logs import configure_logging
 
     config = settings(tracking_uri=tracking_uri, model_name=model, model_alias=alias,
-                      grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level)
+                      grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level,
+                      http_in_process=http, http_port=http_port)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
     try:
         asyncio.run(serve(config))

@@ -1,4 +1,5 @@
-"""HTTP gateway: a thin FastAPI translator in front of the gRPC server.
+"""HTTP gateway: a thin FastAPI translator in front of the gRPC server (its own process,
+or the server's with `ANOMALY_HTTP_IN_PROCESS`: `service.inprocess`).
 
 It holds no model logic: every call is forwarded over gRPC, and gRPC status codes map to
 HTTP codes with RFC 9457 problem+json bodies. Request bodies are bounded while they stream
@@ -39,7 +40,7 @@ from anomaly.wire import TIMING_KEYS
 from service import http_body, oip_rest
 from service.budget import MemoryBudget
 from service.forwarding import Problem, error_response, forward, reserved_body
-from service.grpc_server import grpc_options
+from service.grpc_server import GrpcServer, grpc_options
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -261,20 +262,26 @@ async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the gateway app; it connects to `settings.grpc_target` on start-up."""
+def create_app(settings: Settings | None = None, local: GrpcServer | None = None) -> FastAPI:
+    """Build the gateway app. It connects to `settings.grpc_target` on start-up, or, given
+    the `local` server, calls that server's servicers in its own process
+    (`service.inprocess`: the same routes, interceptors and answers, without the hop)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        app.state.settings = settings
+        app.state.body_budget = MemoryBudget(settings.http_body_memory_mb * 1024 * 1024)
+        if local is not None:
+            app.state.stub, app.state.v2, app.state.health = local.local_stubs()
+            yield
+            return
         # round_robin: with a `dns:///` target naming several server replicas (compose,
         # a headless Kubernetes Service), requests spread over all of them.
         channel = grpc_channel(
             settings.grpc_target, aio=True,
             options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")],
             tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file))
-        app.state.settings = settings
-        app.state.body_budget = MemoryBudget(settings.http_body_memory_mb * 1024 * 1024)
         app.state.channel = channel
         app.state.stub = pb_grpc.AnomalyDetectionStub(channel)
         app.state.v2 = v2_grpc.GRPCInferenceServiceStub(channel)

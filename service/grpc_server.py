@@ -11,6 +11,9 @@ liveness/readiness are not counted, so probes keep answering under load), messag
 most `max_image_bytes` (+64 KiB), and a ScoreStream reads its next image only while the
 images it has in flight total less than `max_image_bytes`. An unexpected error answers
 INTERNAL with the request id, never the error's text (which goes to the log).
+
+With `ANOMALY_HTTP_IN_PROCESS=true` the same process also answers the HTTP API (the
+gateway's routes, calling these servicers directly: `service.inprocess`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from anomaly.wire import TIMING_KEYS
 from service import metrics, oip
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError, answering, internal_error
+from service.inprocess import LocalStub
 from service.inspection import Verdict
 from service.oip import InferenceServicer
 from service.repository import LoadedModel
@@ -302,14 +306,23 @@ class GrpcServer:
                                       maximum_concurrent_rpcs=settings.max_concurrent_rpcs + 32)
         if keys:
             log.info("API keys required (%d configured); health and reflection stay open", len(keys))
-        pb_grpc.add_AnomalyDetectionServicer_to_server(AnomalyServicer(self.plane), self.server)
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
+        self.interceptors = interceptors
+        self.servicer, self.v2_servicer = AnomalyServicer(self.plane), InferenceServicer(self.plane)
+        pb_grpc.add_AnomalyDetectionServicer_to_server(self.servicer, self.server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(self.v2_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), self.server)
         self.port = 0
+
+    def local_stubs(self) -> tuple[LocalStub, LocalStub, LocalStub]:
+        """Stubs that call this server's anomaly.v1, Open Inference Protocol and health
+        servicers in-process, through its interceptors (`service.inprocess`)."""
+        return (LocalStub(SERVICE_NAME, self.servicer, self.interceptors),
+                LocalStub(oip.SERVICE_NAME, self.v2_servicer, self.interceptors),
+                LocalStub(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, self.health))
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", SERVICE_NAME):
@@ -381,11 +394,23 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    http = None
     try:
         await server.start()
-    except Exception:
+        if settings.http_in_process:
+            from service.gateway import create_app
+            from service.inprocess import serve_http
+
+            s = settings
+            tls = {"ssl_certfile": str(s.https_cert_file), "ssl_keyfile": str(s.https_key_file)} \
+                if s.https_cert_file else None
+            http = await serve_http(create_app(s, local=server), s.http_host, s.http_port,
+                                    log_level=s.log_level, grace_s=s.grace_s, tls=tls)
+    except BaseException:
         await server.stop(0)
         raise
     await stop.wait()
     log.info("shutting down: draining in-flight requests for %.1fs", settings.grace_s)
+    if http is not None:
+        await http.stop()
     await server.stop()

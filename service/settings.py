@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, description="gRPC port (0 = pick a free one)")
     http_host: str = Field("127.0.0.1", description="gateway bind address")
     http_port: int = Field(8000, description="gateway port")
+    http_in_process: bool = Field(False, description="the gRPC server also answers the HTTP API (the "
+                                                     "gateway's routes) on http_host:http_port from its "
+                                                     "own process, without a gateway or a gRPC hop")
     grpc_target: str = Field("127.0.0.1:50051", description="gateway → gRPC server address")
     cache_dir: Path = Field(Path.home() / ".cache" / "edge-anomaly" / "models",
                             description="where downloaded model versions are kept")
