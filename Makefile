@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PEERS_STAMP := .venv-peers/.installed
+MLSERVER_STAMP := .venv-mlserver/.installed
 
-.PHONY: demo test lint format protos venv peers-venv clean
+.PHONY: demo test lint format protos venv peers-venv mlserver-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/anomaly demo
 
 ## The test suite (what CI runs).
-test: $(STAMP) $(PEERS_STAMP)
+test: $(STAMP) $(PEERS_STAMP) $(MLSERVER_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -38,6 +39,15 @@ $(PEERS_STAMP): Makefile
 	touch $(PEERS_STAMP)
 
 peers-venv: $(PEERS_STAMP)
+
+## MLServer with its MLflow runtime, the third peer of the benchmark (it pins its own MLflow, FastAPI
+## and protobuf). uvloop < 0.22: MLServer 1.7.1's worker processes do not start with 0.22's get_event_loop.
+$(MLSERVER_STAMP): Makefile
+	test -x .venv-mlserver/bin/python || $(PYTHON) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install --quiet mlserver==1.7.1 mlserver-mlflow==1.7.1 onnxruntime 'uvloop<0.22'
+	touch $(MLSERVER_STAMP)
+
+mlserver-venv: $(MLSERVER_STAMP)
 
 ## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto and protos/anomaly/oip/inference.proto.
 protos: $(STAMP)

@@ -45,13 +45,24 @@ def sample_data_cmd(
              "crack/warp/smudge")] = 1,
     highres: Annotated[bool, typer.Option(
         help="write the 2048² gravel_2k category (defects of a few pixels, for tiling) instead")] = False,
+    camera: Annotated[int, typer.Option(
+        help="write this many 1920×1200 JPEG frames (the benchmark's camera-sized set) instead")] = 0,
 ) -> None:
     """Write a sample dataset generated from scikit-image's bundled photos."""
-    from registry.data.sample import HighResSpec, SampleSpec, make_highres_category, make_sample_dataset
+    from registry.data.sample import (
+        HighResSpec,
+        SampleSpec,
+        make_camera_frames,
+        make_highres_category,
+        make_sample_dataset,
+    )
 
     def done(category: str) -> None:
         typer.echo(f"wrote {category}")
 
+    if camera:
+        typer.echo(f"wrote {len(make_camera_frames(out, camera, seed=seed))} camera frames under {out}")
+        return
     if highres:
         make_highres_category(out, HighResSpec(seed=seed), progress=done)
         return

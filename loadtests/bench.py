@@ -10,9 +10,17 @@ Paths:
   by asyncio clients sending PNG bytes (decoding is part of what a server does), and
   decoded pixels (`RawImage`, as a line camera would send); `ScoreStream` with PNG bytes;
   and the low-latency setting (`ANOMALY_WORKERS=1`: one call at a time on all cores);
-- HTTP: the real gateway in front of the batching-off server;
-- peers (`loadtests.peers`): stock `mlflow models serve` on the registered version and a
-  KServe `ModelServer`, when asked for.
+- HTTP: the real gateway in front of the batching-off server, and the HTTP API the server
+  answers from its own process (`ANOMALY_HTTP_IN_PROCESS`);
+- peers (`loadtests.peers`): stock `mlflow models serve` on the registered version, a
+  KServe `ModelServer` (V1 REST and V2 gRPC) and MLServer's MLflow runtime (V2 REST and
+  gRPC), when asked for;
+- a second image set (`camera_dir`, e.g. 1920×1200 JPEGs from `anomaly sample-data
+  --camera`), where decoding dominates: the paths that receive encoded images (ours and
+  KServe's) again, named `<path> [<W>×<H> JPEG]`.
+
+Every served path's saturation phase also measures the CPU its server processes used
+(their descendants included: the peers' worker processes), reported per image.
 
 Execution providers: `providers` (e.g. CUDA) applies to bare ORT and every server alike, so
 the ratios compare like with like; bare ORT is then also probed at the batching server's
@@ -39,6 +47,8 @@ from loadtests.targets import (
     GRPC_ON,
     GRPC_ONE,
     GRPC_RAW,
+    HTTP,
+    HTTP_IN,
     V2_GRPC,
     BareOrt,
     StreamTarget,
@@ -51,15 +61,28 @@ from loadtests.timing import BARE, Phase, Result, measure, summarize
 
 
 def load_images(image_dir: Path, limit: int = 64) -> list[bytes]:
-    """Up to `limit` real PNG images (no ground-truth masks) under `image_dir`.
+    """Up to `limit` real images (PNG, JPEG …; no ground-truth masks) under `image_dir`.
 
     Raises:
         ValueError: there are none.
     """
-    files = sorted(p for p in Path(image_dir).rglob("*.png") if "ground_truth" not in p.parts)[:limit]
+    from anomaly.wire import IMAGE_SUFFIXES
+
+    files = sorted(p for p in Path(image_dir).rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in p.parts)[:limit]
     if not files:
-        raise ValueError(f"no PNG images under {image_dir}")
+        raise ValueError(f"no images under {image_dir}")
     return [p.read_bytes() for p in files]
+
+
+def image_set_tag(images: list[bytes]) -> str:
+    """`<W>×<H> <FORMAT>` of the first image, e.g. `1920×1200 JPEG`."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(images[0])) as im:
+        return f"{im.width}×{im.height} {im.format}"
 
 
 def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Path, *,
@@ -67,7 +90,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                   max_requests: int = 5000, peers: tuple[str, ...] = (), out: Path | None = None,
                   command: str = "", progress: Callable[[str], None] = lambda _: None,
                   providers: tuple[str, ...] = (), max_batch_size: int = 8,
-                  ) -> list[Result]:
+                  camera_dir: Path | None = None) -> list[Result]:
     """The whole benchmark; returns the results and (optionally) writes Markdown to `out`.
 
     Args:
@@ -86,12 +109,13 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         providers: ONNX Runtime execution providers for bare ORT and every server (empty = CPU).
         max_batch_size: largest batch of the batching-on server; bare ORT is probed at this
             batch too, from as many threads as that server runs batches.
+        camera_dir: a second image set (e.g. camera-sized JPEGs) for the paths that decode.
     """
     import httpx
 
     from anomaly.channel import grpc_channel
     from loadtests import peers as peer_servers
-    from loadtests.launch import start_gateway, start_server
+    from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready
     from service.engine import OnnxModel
     from service.imaging import decode_image
     from service.repository import ModelRepository, ModelSpec, provider_options
@@ -105,6 +129,8 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     loaded = repository.get(ModelSpec(model_name, alias))  # the same download/load path as serving
     model, metadata, version = loaded.model, loaded.metadata, loaded.version
     images = load_images(image_dir)
+    camera = load_images(camera_dir, 16) if camera_dir is not None else []
+    tag = image_set_tag(camera) if camera else ""
     inputs = [model.prepare(decode_image(b, draft=metadata.map_size)) for b in images]
     cores = usable_cores()
     per_batch = (max_batch_size, batching.batch_workers, batching.intra_op_threads)
@@ -118,20 +144,34 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         quiet["ANOMALY_PROVIDERS"] = json.dumps(list(providers))
     children = []
 
+    def served(target: Target, *keys: str) -> Target:
+        target.server_pids = tuple(pids[k] for k in keys)
+        return target
+
     async def run_all() -> dict[tuple[str, str], list[Phase]]:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with (grpc_channel(addresses["off"], aio=True) as off,
                     grpc_channel(addresses["on"], aio=True) as on,
                     grpc_channel(addresses["one"], aio=True) as one,
-                    httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http):
-            paths: list[Target] = [bare, grpc_target(GRPC_OFF, off, images),
-                                   grpc_target(GRPC_RAW, off, images, raw=True),
-                                   StreamTarget(off, images), grpc_target(GRPC_ON, on, images),
-                                   grpc_target(GRPC_ONE, one, images), http_target(http, images),
-                                   v2_target(V2_GRPC, off, images, model_name)]
+                    httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http,
+                    httpx.AsyncClient(base_url=http_in, timeout=30, limits=limits) as inproc):
+            paths: list[Target] = [bare, served(grpc_target(GRPC_OFF, off, images), "off"),
+                                   served(grpc_target(GRPC_RAW, off, images, raw=True), "off"),
+                                   served(StreamTarget(off, images), "off"),
+                                   served(grpc_target(GRPC_ON, on, images), "on"),
+                                   served(grpc_target(GRPC_ONE, one, images), "one"),
+                                   served(http_target(inproc, images, HTTP_IN), "in"),
+                                   served(http_target(http, images), "off", "gateway"),
+                                   served(v2_target(V2_GRPC, off, images, model_name), "off")]
+            if camera:
+                paths += [served(grpc_target(f"{GRPC_OFF} [{tag}]", off, camera), "off"),
+                          served(http_target(inproc, camera, f"{HTTP_IN} [{tag}]"), "in"),
+                          served(http_target(http, camera, f"{HTTP} [{tag}]"), "off", "gateway"),
+                          served(v2_target(f"{V2_GRPC} [{tag}]", off, camera, model_name), "off")]
             model_dir = next(d for d in model.path.parents if (d / "MLmodel").is_file())
             async with peer_servers.started(peers, tracking_uri, model_name, version, inputs, images,
-                                            work, concurrency, model_dir) as peer_targets:
+                                            work, concurrency, model_dir,
+                                            {tag: camera} if camera else None) as peer_targets:
                 # Probed with every server and peer up, idle, as they are during the rounds.
                 progress("probing bare ORT configurations")
                 speeds = await asyncio.to_thread(bare.probe, seconds, concurrency)
@@ -143,17 +183,25 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
 
     try:
         addresses: dict[str, str] = {}
+        pids: dict[str, int] = {}
+        http_port = free_port()
+        http_in = f"http://127.0.0.1:{http_port}"
         servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"},
                    "on": {"ANOMALY_MAX_BATCH_SIZE": str(max_batch_size)},
-                   "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"}}
+                   "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"},
+                   "in": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_HTTP_IN_PROCESS": "true",
+                          "ANOMALY_HTTP_PORT": str(http_port)}}
         for key, env in servers.items():
             progress(f"starting gRPC server ({key}: {env})")
             child, addresses[key] = start_server(
                 tracking_uri, work / f"server-{key}.log", model=model_name, alias=alias,
                 cache_dir=work / "cache", env={**quiet, **env})
             children.append(child)
+            pids[key] = child.pid
+        wait_http_ready(f"{http_in}/readyz", 60)
         child, base = start_gateway(addresses["off"], work / "gateway.log", env=quiet)
         children.append(child)
+        pids["gateway"] = child.pid
         phases = asyncio.run(run_all())
     finally:
         for child in reversed(children):
@@ -162,6 +210,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     if out is not None:
         text = render(results, model=f"{model_name}/{version} ({metadata.architecture}-{metadata.variant})",
                       images=len(images), concurrency=concurrency, seconds=seconds, rounds=rounds,
+                      camera=f"{len(camera)} {tag} frames" if camera else "",
                       command=command, skipped=peer_servers.status_lines(), provider=model.provider)
         write_report(out, text)
         try:

@@ -112,6 +112,12 @@ class ChildProcess:
                                      env=self.env, stdin=subprocess.DEVNULL, start_new_session=self.group)
         return self.proc
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (once started)."""
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
     def signal(self, sig: int) -> None:
         """Send `sig` to the child (its whole group, with `group`)."""
         assert self.proc is not None

@@ -9,7 +9,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from loadtests.targets import GRPC_OFF, HTTP
+from loadtests.targets import GRPC_OFF, HTTP, HTTP_IN
 from loadtests.timing import BARE, LATENCY, SATURATION, Result
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -80,12 +80,12 @@ def _fmt(x: float, spec: str = ".2f") -> str:
 
 def render(results: list[Result], *, model: str, images: int, concurrency: int, seconds: float,
            rounds: int, command: str = "", skipped: list[str] | None = None,
-           provider: str = "CPUExecutionProvider") -> str:
+           provider: str = "CPUExecutionProvider", camera: str = "") -> str:
     """Markdown: the machine, the command, and one table with ratios to bare ORT."""
     by = {(r.name, r.mode): r for r in results}
-    grpc_sat = by.get((GRPC_OFF, SATURATION))
     lines = [
-        f"Model: `{model}`; {images} real PNG images from the sample data; {concurrency} concurrent "
+        f"Model: `{model}`; {images} real PNG images from the sample data"
+        f"{f' (and {camera}, rows marked with their size)' if camera else ''}; {concurrency} concurrent "
         f"clients at saturation; {rounds} interleaved rounds of {seconds:g} s per path and mode. "
         f"{machine_line(provider)} Clients and servers share the machine's cores (loopback).",
         "",
@@ -94,18 +94,21 @@ def render(results: list[Result], *, model: str, images: int, concurrency: int, 
         lines += [f"Command: `{command}`", ""]
     lines += [
         "| path | mode | images/s | p50 ms | p99 ms | ÷ bare ORT (median of rounds) | range over rounds "
-        "| HTTP ÷ gRPC | load-generator CPU (cores) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| HTTP ÷ gRPC | server CPU ms/image | load-generator CPU (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         vs_grpc = ""
-        if r.name == HTTP and r.mode == SATURATION and grpc_sat:
+        http = next((p for p in (HTTP, HTTP_IN) if r.name.startswith(p)), None)
+        grpc_sat = by.get((GRPC_OFF + r.name[len(http):], SATURATION)) if http else None
+        if r.mode == SATURATION and grpc_sat:  # an HTTP path ÷ gRPC on the same images, per round
             vs = [a / b for a, b in zip(r.per_round, grpc_sat.per_round, strict=False) if b > 0]
             vs_grpc = _fmt(statistics.median(vs)) if vs else ""
         span = "" if r.name == BARE else f"{_fmt(r.ratio_range[0])}–{_fmt(r.ratio_range[1])}"
         name = f"{r.name} ({r.detail})" if r.detail and r.mode == SATURATION else r.name
         lines.append(f"| {name} | {r.mode} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-                     f"{_fmt(r.ratio)} | {span} | {vs_grpc} | {_fmt(r.client_cores)} |")
+                     f"{_fmt(r.ratio)} | {span} | {vs_grpc} | {_fmt(r.server_ms_per_image, '.1f')} | "
+                     f"{_fmt(r.client_cores)} |")
     if skipped:
         lines += ["", "Peers not measured:", *skipped]
     return "\n".join(lines) + "\n"

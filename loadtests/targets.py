@@ -15,16 +15,18 @@ import numpy as np
 
 from loadtests.timing import BARE, Phase, time_batch1, time_batches
 
-GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, V2_GRPC = (
+GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, HTTP_IN, V2_GRPC = (
     "gRPC (batching off)", "gRPC raw pixels (batching off)", "gRPC ScoreStream (batching off)",
-    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "HTTP gateway",
+    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "HTTP gateway", "HTTP in-process",
     "V2 gRPC ModelInfer (batching off)")
 
 
 class Target:
-    """A path under test: `latency` and `saturate` each return one `Phase`."""
+    """A path under test: `latency` and `saturate` each return one `Phase`. `server_pids`:
+    the processes serving it (their CPU, descendants included, is measured at saturation)."""
 
     name: str
+    server_pids: tuple[int, ...] = ()
 
     async def latency(self, seconds: float, max_requests: int) -> Phase:  # noqa: D102
         raise NotImplementedError
@@ -222,8 +224,9 @@ class StreamTarget(Target):
         return await self._drive(2, max(1, concurrency // 2), seconds, max_requests)
 
 
-def http_target(http, images: list[bytes]) -> ClientTarget:  # noqa: ANN001
-    """`POST /v1/score` with the raw image body through an `httpx.AsyncClient`."""
+def http_target(http, images: list[bytes], name: str = HTTP) -> ClientTarget:  # noqa: ANN001
+    """`POST /v1/score` with the raw image body through an `httpx.AsyncClient` (the gateway,
+    or the server's in-process HTTP API)."""
 
     async def call(i: int) -> object:
         r = await http.post("/v1/score", content=images[i % len(images)],
@@ -231,4 +234,4 @@ def http_target(http, images: list[bytes]) -> ClientTarget:  # noqa: ANN001
         r.raise_for_status()
         return r
 
-    return ClientTarget(HTTP, call)
+    return ClientTarget(name, call)

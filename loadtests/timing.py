@@ -29,6 +29,7 @@ class Phase:
     wall_s: float
     images: int
     client_cpu_s: float = float("nan")
+    server_cpu_s: float = float("nan")  # CPU the serving processes used (saturation)
 
     @property
     def images_per_s(self) -> float:  # noqa: D102
@@ -50,6 +51,7 @@ class Result:
     ratio_range: tuple[float, float] = (float("nan"), float("nan"))
     per_round: list[float] = field(default_factory=list)
     detail: str = ""
+    server_ms_per_image: float = float("nan")  # server processes' CPU per image (saturation)
 
 
 def time_batches(model: Any, inputs: list[np.ndarray], batch: int, threads: int,
@@ -106,14 +108,36 @@ def summarize(phases: dict[tuple[str, str], list[Phase]], details: dict[str, str
         ratios = [p.images_per_s / b.images_per_s for p, b in zip(runs, bare, strict=False)
                   if b.images_per_s > 0]
         cpu = [p.client_cpu_s / p.wall_s for p in runs if p.client_cpu_s == p.client_cpu_s]
+        server = [1e3 * p.server_cpu_s / p.images for p in runs
+                  if p.server_cpu_s == p.server_cpu_s and p.images]
         out.append(Result(
             name, mode, statistics.median(p.images_per_s for p in runs), 1e3 * statistics.median(lat),
             1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(lat),
             statistics.median(cpu) if cpu else float("nan"),
             statistics.median(ratios) if ratios else float("nan"),
             (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan")),
-            [p.images_per_s for p in runs], (details or {}).get(name, "")))
+            [p.images_per_s for p in runs], (details or {}).get(name, ""),
+            server_ms_per_image=statistics.median(server) if server else float("nan")))
     return out
+
+
+def process_cpu_s(pids: tuple[int, ...]) -> float:
+    """User + system CPU seconds of processes `pids` and all their descendants so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for p in (root, *root.children(recursive=True)):
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 async def measure(targets: list[Target], *, rounds: int, seconds: float, concurrency: int,
@@ -125,6 +149,9 @@ async def measure(targets: list[Target], *, rounds: int, seconds: float, concurr
         for t in targets:
             progress(f"round {r + 1}/{rounds}: {t.name}")
             phases.setdefault((t.name, LATENCY), []).append(await t.latency(seconds, max_requests))
-            phases.setdefault((t.name, SATURATION), []).append(
-                await t.saturate(seconds, concurrency, max_requests))
+            before = process_cpu_s(t.server_pids) if t.server_pids else 0.0
+            phase = await t.saturate(seconds, concurrency, max_requests)
+            if t.server_pids:  # the server processes' CPU over the phase (descendants included)
+                phase.server_cpu_s = process_cpu_s(t.server_pids) - before
+            phases.setdefault((t.name, SATURATION), []).append(phase)
     return phases

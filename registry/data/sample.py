@@ -381,3 +381,31 @@ def make_highres_category(root: Path | str, spec: HighResSpec | None = None,
     if progress:
         progress(HIGHRES_CATEGORY)
     return root
+
+
+# -- camera-sized frames (the serving benchmark's second image set) ----------------------
+CAMERA_SIZE = (1200, 1920)  # (height, width): a 2.3-megapixel industrial camera frame
+
+
+def make_camera_frames(root: Path | str, n: int = 16, size: tuple[int, int] = CAMERA_SIZE,
+                       seed: int = 0) -> list[Path]:
+    """Write `n` defect-free JPEG frames of `size` (quality 90) under `root/<category>/`,
+    each a 5 × 3 mosaic of jittered views of one sample category's bundled photo (cycling
+    through `DEFAULT_CATEGORIES`): the real-texture, camera-sized images the serving
+    benchmark decodes. Returns the paths written."""
+    h, w = size
+    block = int(np.ceil(max(w / 5, h / 3)))
+    rng = np.random.default_rng([seed, h, w])
+    sources = {c: _source_photo(c) for c in DEFAULT_CATEGORIES}
+    paths = []
+    for i in range(n):
+        category = DEFAULT_CATEGORIES[i % len(DEFAULT_CATEGORIES)]
+        src = sources[category]
+        rows = [np.concatenate([_good_image(src, category, block, rng) for _ in range(5)], axis=1)
+                for _ in range(3)]
+        frame = np.concatenate(rows, axis=0)[:h, :w]
+        path = Path(root) / category / f"frame_{i:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(path, format="JPEG", quality=90)
+        paths.append(path)
+    return paths
