@@ -16,8 +16,10 @@ For each patch size p (default 17, 33 and 65 px, as in the paper):
 
 The scales' scores are averaged (the paper's multi-scale combination). The metric-learning
 (triplet) term of the teacher's loss is left out: it needs image pairs the CPU budget has
-no room for. `config.extra`: `patch_sizes`, `students` (per scale, 3), `dim` (64),
-`width` (32), `teacher_epochs` (20), `compactness` (weight of the decorrelation term, 1.0).
+no room for. The averaged map is smoothed with a Gaussian (as Reverse Distillation's and
+anomalib's maps are) before the image score takes its maximum. `config.extra`:
+`patch_sizes`, `students` (per scale, 3), `dim` (64), `width` (32), `teacher_epochs` (20),
+`compactness` (weight of the decorrelation term, 1.0), `blur_sigma` (4; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from registry.architectures.base import AnomalyModel, ModelConfig
-from registry.architectures.common import upsample_to
+from registry.architectures.common import GaussianBlur, upsample_to
 from registry.architectures.uninformed_students.anomaly_map import us_anomaly_map
 from registry.architectures.uninformed_students.loss import (
     compactness_loss,
@@ -109,6 +111,8 @@ class UninformedStudents(AnomalyModel):
         dim, width = int(extra.get("dim", 64)), int(extra.get("width", 32))
         self.teacher_epochs = int(extra.get("teacher_epochs", 20))
         self.compactness = float(extra.get("compactness", 1.0))
+        sigma = float(extra.get("blur_sigma", 4.0))  # type: ignore[arg-type]
+        self.blur: nn.Module = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
         self.backbone = self.freeze(build_backbone(config.backbone, pretrained=config.pretrained,
                                                    weights=config.backbone_weights))
         self.backbone_stages = tuple(self.backbone.default_stages[:2])
@@ -184,4 +188,4 @@ class UninformedStudents(AnomalyModel):
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.normalize(images)
         size = tuple(images.shape[-2:])
-        return sum(upsample_to(scale.score(x), size) for scale in self.scales) / len(self.scales)
+        return self.blur(sum(upsample_to(scale.score(x), size) for scale in self.scales) / len(self.scales))
