@@ -105,6 +105,33 @@ def batch_throughput(model: OnnxModel, images: np.ndarray, batch_size: int = 8,
     return best
 
 
+def interleaved_p50_ms(models: dict[str, OnnxModel], inputs: dict[str, np.ndarray], rounds: int = 6,
+                       calls: int = 15) -> dict[str, float]:
+    """Batch-1 latency of several models timed side by side: in each round every model
+    makes `calls` calls in turn (the order rotating from round to round), and each model's
+    p50 is taken over all its calls. Whatever else the machine does meanwhile (another
+    job, clock changes) falls on every model alike, unlike timing one build after another.
+
+    Args:
+        models: label → model.
+        inputs: label → that model's prepared inputs `(N, 3, H, W)` (tiled: `(N, T, 3, H, W)`).
+        rounds: interleaved rounds.
+        calls: calls per model and round.
+    """
+    labels = list(models)
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    for label, model in models.items():
+        model.infer(inputs[label][:1])
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            model, xs = models[label], inputs[label]
+            for i in range(calls):
+                t0 = time.perf_counter()
+                model.infer(xs[i % len(xs)][None])
+                times[label].append(time.perf_counter() - t0)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
 def evaluate(onnx_path: Path | str, metadata: ModelMetadata, samples: list[Sample],
              providers: list[str] | None = None) -> EvalReport:
     """Score the test split through the serving engine and compute metrics + calibration.

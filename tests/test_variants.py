@@ -278,3 +278,25 @@ def test_qat_learned_ranges_reach_the_int8_graph(sample_root: Path, tmp_path: Pa
             assert float(qinits[node.input[1]]) == pytest.approx((hi - lo) / 255, rel=1e-3)
             checked += 1
     assert checked >= 5
+
+
+def test_champion_rule_times_accurate_builds_side_by_side(store, other_architectures, sample_root) -> None:
+    """Among builds within a point of the best image AUROC, the champion is the fastest when
+    they are timed together, not the one whose own evaluation happened to time fastest; an
+    inaccurate build never wins, however fast."""
+    from dataclasses import replace
+
+    from studies.demo import choose_champion
+
+    def as_if(build, auroc: float, p50: float):  # noqa: ANN001, ANN202
+        report = replace(build.report, metrics={**build.report.metrics, "image_auroc": auroc},
+                         latency_ms_p50=p50)
+        return replace(build, report=report)
+
+    stfpm = as_if(store.build, 0.95, 50.0)  # its sequential timing looked slow
+    us = as_if(other_architectures["us"], 0.948, 0.1)  # a lucky sequential timing; far slower really
+    rd = as_if(other_architectures["rd"], 0.80, 0.01)  # fastest of all, but not accurate
+    assert choose_champion([stfpm, us, rd]) is us  # the old rule: sequential numbers
+    timings: dict[str, float] = {}
+    assert choose_champion([stfpm, us, rd], sample_root, timings) is stfpm
+    assert set(timings) == {stfpm.label, us.label} and timings[stfpm.label] < timings[us.label]
