@@ -28,6 +28,9 @@ def serve_cmd(
         "--http/--no-http", help="also answer the HTTP API from this process (ANOMALY_HTTP_IN_PROCESS)",
         show_default=False)] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port with --http")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="server processes sharing the port (SO_REUSEPORT), each with its share of the cores "
+                    "(ANOMALY_PROCESSES)")] = None,
 ) -> None:
     """Run the gRPC inference server (serves `models:/<model>@<alias>`); with `--http`, the
     HTTP API too, in the same process."""
@@ -37,8 +40,16 @@ def serve_cmd(
 
     config = settings(tracking_uri=tracking_uri, model_name=model, model_alias=alias,
                       grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level,
-                      http_in_process=http, http_port=http_port)
+                      http_in_process=http, http_port=http_port, processes=processes)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
+    if config.processes > 1:
+        from service.processes import Supervisor
+
+        try:
+            code = Supervisor(config).run()
+        except ValueError as exc:
+            raise fail(str(exc), 2) from exc
+        raise typer.Exit(code)
     try:
         asyncio.run(serve(config))
     except ServiceError as exc:

@@ -187,8 +187,11 @@ class _BaseClient:
                  timeout: float = 30.0, retries: int = 3, backoff_s: float = 0.2,
                  max_backoff_s: float = 5.0, api_key: str = "", tls_ca_file: str | Path | None = None,
                  client_cert_file: str | Path | None = None,
-                 client_key_file: str | Path | None = None) -> None:
+                 client_key_file: str | Path | None = None, connections: int = 1) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
         self.target = target
+        self.connections = connections
         self._api_key = api_key  # sent as `x-api-key`; never part of repr or errors
         self._tls = (tls_ca_file, client_cert_file, client_key_file)
         self.http = target.startswith(("http://", "https://"))
@@ -260,8 +263,18 @@ class _BaseClient:
                   "operator": operator, "comment": comment, "station": station}
         return _Call("Feedback", pb.FeedbackRequest(**fields), "POST", "/v1/feedback", json_body=fields)
 
-    def _grpc_channel(self, aio: bool) -> grpc.Channel:
-        return grpc_channel(self.target, aio=aio, options=MESSAGE_OPTIONS, tls=self._tls)
+    def _grpc_channels(self, aio: bool) -> list[grpc.Channel]:
+        """`connections` channels; more than one each get their own subchannel pool, hence
+        their own TCP connection: calls then spread over the server processes that share
+        the port (`anomaly serve --processes N`: the kernel hands each connection to one)."""
+        own = [("grpc.use_local_subchannel_pool", 1)] if self.connections > 1 else []
+        return [grpc_channel(self.target, aio=aio, options=[*MESSAGE_OPTIONS, *own], tls=self._tls)
+                for _ in range(self.connections)]
+
+    def _next_stub(self) -> pb_grpc.AnomalyDetectionStub:
+        """The stub of the next connection, round robin."""
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
 
     @property
     def _metadata(self) -> list[tuple[str, str]] | None:
@@ -371,12 +384,14 @@ class AnomalyClient(_BaseClient):
         if self.http:
             self._http = httpx.Client(**self._http_options())
         else:
-            self._channel = self._grpc_channel(aio=False)
-            self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
+            self._channels = self._grpc_channels(aio=False)
+            self._stubs = [pb_grpc.AnomalyDetectionStub(c) for c in self._channels]
+            self._turn = 0
 
     def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
-            return getattr(self._stub, call.rpc)(call.message, timeout=timeout, metadata=self._metadata)
+            stub = self._next_stub()
+            return getattr(stub, call.rpc)(call.message, timeout=timeout, metadata=self._metadata)
         r = self._http.request(**call.http_request, timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
@@ -421,7 +436,7 @@ class AnomalyClient(_BaseClient):
         self._require_grpc()
         requests = (self._stream_message(item, **fields) for item in images)
         try:
-            for response in self._stub.ScoreStream(requests, timeout=timeout, metadata=self._metadata):
+            for response in self._next_stub().ScoreStream(requests, timeout=timeout, metadata=self._metadata):
                 yield self._score_result(response)
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
@@ -442,11 +457,12 @@ class AnomalyClient(_BaseClient):
         return self._invoke(call, timeout)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection(s)."""
         if self.http:
             self._http.close()
         else:
-            self._channel.close()
+            for channel in self._channels:
+                channel.close()
 
     def __enter__(self) -> AnomalyClient:
         return self
@@ -463,13 +479,14 @@ class AsyncAnomalyClient(_BaseClient):
         if self.http:
             self._http = httpx.AsyncClient(**self._http_options())
         else:
-            self._channel = self._grpc_channel(aio=True)
-            self._stub = pb_grpc.AnomalyDetectionStub(self._channel)
+            self._channels = self._grpc_channels(aio=True)
+            self._stubs = [pb_grpc.AnomalyDetectionStub(c) for c in self._channels]
+            self._turn = 0
 
     async def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
-            return await getattr(self._stub, call.rpc)(call.message, timeout=timeout,
-                                                       metadata=self._metadata)
+            return await getattr(self._next_stub(), call.rpc)(call.message, timeout=timeout,
+                                                              metadata=self._metadata)
         r = await self._http.request(**call.http_request, timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
@@ -518,7 +535,7 @@ class AsyncAnomalyClient(_BaseClient):
                 for item in images:
                     yield self._stream_message(item, **fields)
 
-        call = self._stub.ScoreStream(requests(), timeout=timeout, metadata=self._metadata)
+        call = self._next_stub().ScoreStream(requests(), timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield self._score_result(response)
@@ -543,11 +560,12 @@ class AsyncAnomalyClient(_BaseClient):
         return await self._invoke(call, timeout)
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connection(s)."""
         if self.http:
             await self._http.aclose()
         else:
-            await self._channel.close()
+            for channel in self._channels:
+                await channel.close()
 
     async def __aenter__(self) -> AsyncAnomalyClient:
         return self

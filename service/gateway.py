@@ -262,6 +262,18 @@ async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+class RoundRobin:
+    """Several stubs of one service used in turn: `stubs.Score(...)` calls the next one's."""
+
+    def __init__(self, stubs: list[object]) -> None:
+        self._stubs = stubs
+        self._turn = 0
+
+    def __getattr__(self, method: str) -> object:
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return getattr(self._stubs[self._turn], method)
+
+
 def create_app(settings: Settings | None = None, local: GrpcServer | None = None) -> FastAPI:
     """Build the gateway app. It connects to `settings.grpc_target` on start-up, or, given
     the `local` server, calls that server's servicers in its own process
@@ -278,16 +290,22 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
             return
         # round_robin: with a `dns:///` target naming several server replicas (compose,
         # a headless Kubernetes Service), requests spread over all of them.
-        channel = grpc_channel(
+        # One connection per `grpc_connections` (each its own subchannel pool), calls in
+        # turn over them: with `anomaly serve --processes N` on the other side, the kernel
+        # gives each connection to one server process.
+        own = [("grpc.use_local_subchannel_pool", 1)] if settings.grpc_connections > 1 else []
+        channels = [grpc_channel(
             settings.grpc_target, aio=True,
-            options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin")],
+            options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin"), *own],
             tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file))
-        app.state.channel = channel
-        app.state.stub = pb_grpc.AnomalyDetectionStub(channel)
-        app.state.v2 = v2_grpc.GRPCInferenceServiceStub(channel)
-        app.state.health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(settings.grpc_connections)]
+        app.state.channel = channels[0]
+        app.state.stub = RoundRobin([pb_grpc.AnomalyDetectionStub(c) for c in channels])
+        app.state.v2 = RoundRobin([v2_grpc.GRPCInferenceServiceStub(c) for c in channels])
+        app.state.health = health_pb2_grpc.HealthStub(channels[0])
         yield
-        await channel.close()
+        for channel in channels:
+            await channel.close()
 
     app = FastAPI(title="Anomaly detection gateway", version="1.0",
                   description="HTTP front of the anomaly.v1 gRPC service", lifespan=lifespan)

@@ -302,7 +302,10 @@ class GrpcServer:
         self.limit = ConcurrencyLimit(settings.max_concurrent_rpcs)
         interceptors = [ApiKeyInterceptor(keys), self.limit] if keys else [self.limit]
         # gRPC's own cap, with room above ours for health probes and reflection.
-        self.server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors,
+        # SO_REUSEPORT only for the children of `processes`: a lone server must fail loudly
+        # on a port already in use rather than share it with whatever holds it.
+        reuse = [("grpc.so_reuseport", 1 if settings.process_index >= 0 else 0)]
+        self.server = grpc.aio.server(options=[*grpc_options(settings), *reuse], interceptors=interceptors,
                                       maximum_concurrent_rpcs=settings.max_concurrent_rpcs + 32)
         if keys:
             log.info("API keys required (%d configured); health and reflection stay open", len(keys))
@@ -405,7 +408,8 @@ async def serve(settings: Settings) -> None:
             tls = {"ssl_certfile": str(s.https_cert_file), "ssl_keyfile": str(s.https_key_file)} \
                 if s.https_cert_file else None
             http = await serve_http(create_app(s, local=server), s.http_host, s.http_port,
-                                    log_level=s.log_level, grace_s=s.grace_s, tls=tls)
+                                    log_level=s.log_level, grace_s=s.grace_s, tls=tls,
+                                    reuse_port=s.process_index >= 0)
     except BaseException:
         await server.stop(0)
         raise

@@ -131,8 +131,8 @@ class _EmbeddedServer:
         self.server = Server(config)
         self.task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+    async def start(self, sockets: list | None = None) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets))
         while not self.server.started:
             if self.task.done():
                 self.task.result()  # re-raises why it could not start (e.g. the port is taken)
@@ -148,13 +148,23 @@ class _EmbeddedServer:
 
 
 async def serve_http(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: float = 5.0,
-                     tls: dict[str, str] | None = None) -> _EmbeddedServer:
-    """Start `app` on `host:port` in this event loop; returns the handle to `stop()`."""
+                     tls: dict[str, str] | None = None, reuse_port: bool = False) -> _EmbeddedServer:
+    """Start `app` on `host:port` in this event loop; returns the handle to `stop()`.
+    `reuse_port`: bind with SO_REUSEPORT (the children of `service.processes` share it)."""
+    import socket
+
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on",
                             timeout_graceful_shutdown=int(grace_s), **(tls or {}))
+    sockets = None
+    if reuse_port:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sockets = [sock]
     server = _EmbeddedServer(config)
-    await server.start()
+    await server.start(sockets)
     log.info("HTTP API in-process on %s:%d", host, port)
     return server

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, description="gRPC port (0 = pick a free one)")
     http_host: str = Field("127.0.0.1", description="gateway bind address")
     http_port: int = Field(8000, description="gateway port")
+    grpc_connections: int = Field(1, ge=1, description="gateway: gRPC connections to the server, used in "
+                                                       "turn (more than one spreads calls over the server "
+                                                       "processes of `processes`)")
     http_in_process: bool = Field(False, description="the gRPC server also answers the HTTP API (the "
                                                      "gateway's routes) on http_host:http_port from its "
                                                      "own process, without a gateway or a gRPC hop")
@@ -68,6 +71,11 @@ class Settings(BaseSettings):
                                                   "steals CPU from decoding and gRPC when shared)")
     workers: int = Field(0, ge=0, description="threads decoding and running inference (0 = one per "
                                               "CPU core this process may use, container limit included)")
+    processes: int = Field(1, ge=1, description="server processes sharing the gRPC (and in-process HTTP) "
+                                               "port with SO_REUSEPORT, each with its own models and "
+                                               "an equal share of the cores (`service.processes`)")
+    process_index: int = Field(-1, ge=-1, description="set by `processes` for each child (0 … N-1); "
+                                                      "metrics on metrics_port + index, its own spool")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
     max_concurrent_rpcs: int = Field(16, ge=1, description="anomaly.v1 and Open Inference Protocol calls "
@@ -183,7 +191,12 @@ class Settings(BaseSettings):
         return self
 
     def spool_dir(self) -> Path:
-        """Where the inspection log spools decisions (see `inspection_spool_dir`)."""
+        """Where the inspection log spools decisions (see `inspection_spool_dir`); each child
+        of `processes` has its own (`-p<index>` appended)."""
+        base = self._spool_dir()
+        return base.with_name(f"{base.name}-p{self.process_index}") if self.process_index > 0 else base
+
+    def _spool_dir(self) -> Path:
         if self.inspection_spool_dir is not None:
             return Path(self.inspection_spool_dir)
         from sqlalchemy.engine import make_url
