@@ -36,6 +36,7 @@ request count and a time limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from loadtests.targets import (
     GRPC_OFF,
     GRPC_ON,
     GRPC_ONE,
+    GRPC_PROCS,
     GRPC_RAW,
     HTTP,
     HTTP_IN,
@@ -113,9 +115,9 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     """
     import httpx
 
-    from anomaly.channel import grpc_channel
+    from anomaly.channel import MESSAGE_OPTIONS, grpc_channel
     from loadtests import peers as peer_servers
-    from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready
+    from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready, wait_metric
     from service.engine import OnnxModel
     from service.imaging import decode_image
     from service.repository import ModelRepository, ModelSpec, provider_options
@@ -154,7 +156,8 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                     grpc_channel(addresses["on"], aio=True) as on,
                     grpc_channel(addresses["one"], aio=True) as one,
                     httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http,
-                    httpx.AsyncClient(base_url=http_in, timeout=30, limits=limits) as inproc):
+                    httpx.AsyncClient(base_url=http_in, timeout=30, limits=limits) as inproc,
+                    contextlib.AsyncExitStack() as stack):
             paths: list[Target] = [bare, served(grpc_target(GRPC_OFF, off, images), "off"),
                                    served(grpc_target(GRPC_RAW, off, images, raw=True), "off"),
                                    served(StreamTarget(off, images), "off"),
@@ -163,6 +166,10 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                                    served(http_target(inproc, images, HTTP_IN), "in"),
                                    served(http_target(http, images), "off", "gateway"),
                                    served(v2_target(V2_GRPC, off, images, model_name), "off")]
+            own = [*MESSAGE_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]  # 8 connections, 2 processes
+            procs = [await stack.enter_async_context(grpc_channel(addresses["procs"], aio=True, options=own))
+                     for _ in range(8)]
+            paths.append(served(grpc_target(GRPC_PROCS, procs, images), "procs"))
             if camera:
                 paths += [served(grpc_target(f"{GRPC_OFF} [{tag}]", off, camera), "off"),
                           served(http_target(inproc, camera, f"{HTTP_IN} [{tag}]"), "in"),
@@ -184,21 +191,25 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     try:
         addresses: dict[str, str] = {}
         pids: dict[str, int] = {}
-        http_port = free_port()
+        http_port, procs_metrics = free_port(), free_port()
         http_in = f"http://127.0.0.1:{http_port}"
         servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"},
                    "on": {"ANOMALY_MAX_BATCH_SIZE": str(max_batch_size)},
                    "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"},
                    "in": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_HTTP_IN_PROCESS": "true",
-                          "ANOMALY_HTTP_PORT": str(http_port)}}
+                          "ANOMALY_HTTP_PORT": str(http_port)},
+                   "procs": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_PROCESSES": "2",
+                             "ANOMALY_METRICS_PORT": str(procs_metrics)}}
         for key, env in servers.items():
             progress(f"starting gRPC server ({key}: {env})")
             child, addresses[key] = start_server(
-                tracking_uri, work / f"server-{key}.log", model=model_name, alias=alias,
+                tracking_uri, work / f"server-{key}.log", model=model_name, alias=alias, port=free_port(),
                 cache_dir=work / "cache", env={**quiet, **env})
             children.append(child)
             pids[key] = child.pid
         wait_http_ready(f"{http_in}/readyz", 60)
+        for i in range(2):  # every child of the 2-process server has its model loaded
+            wait_metric(f"http://127.0.0.1:{procs_metrics + i}/metrics", "anomaly_model_loaded{", 120)
         child, base = start_gateway(addresses["off"], work / "gateway.log", env=quiet)
         children.append(child)
         pids["gateway"] = child.pid

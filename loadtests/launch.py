@@ -88,6 +88,24 @@ def wait_http_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | No
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
 
 
+def wait_metric(url: str, needle: str, timeout: float = 60.0) -> None:
+    """Poll a Prometheus endpoint until its text contains `needle` (e.g. a child of
+    `serve --processes` reporting its model loaded).
+
+    Raises:
+        TimeoutError: not within `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if needle in httpx.get(url, timeout=1.0).text:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not report {needle!r} within {timeout:.0f}s")
+
+
 class ChildProcess:
     """An `anomaly …` child (`python -m cli.main …`) (or any `command`), logging to a file, stopped with
     SIGTERM.

@@ -15,10 +15,10 @@ import numpy as np
 
 from loadtests.timing import BARE, Phase, time_batch1, time_batches
 
-GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP, HTTP_IN, V2_GRPC = (
+GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, GRPC_PROCS, HTTP, HTTP_IN, V2_GRPC = (
     "gRPC (batching off)", "gRPC raw pixels (batching off)", "gRPC ScoreStream (batching off)",
-    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "HTTP gateway", "HTTP in-process",
-    "V2 gRPC ModelInfer (batching off)")
+    "gRPC (batching on)", "gRPC (1 worker: latency setting)", "gRPC (2 processes, 8 connections)",
+    "HTTP gateway", "HTTP in-process", "V2 gRPC ModelInfer (batching off)")
 
 
 class Target:
@@ -127,11 +127,12 @@ class BareOrt(Target):
 
 
 def grpc_target(name: str, channel, images: list[bytes], *, raw: bool = False) -> ClientTarget:  # noqa: ANN001
-    """A `Score` client over an open `grpc.aio` channel; PNG bytes, or decoded `RawImage`s."""
+    """A `Score` client over an open `grpc.aio` channel (or a list of them, used in turn:
+    one connection each); PNG bytes, or decoded `RawImage`s."""
     from anomaly.v1 import anomaly_pb2 as pb
     from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.AnomalyDetectionStub(channel)
+    stubs = [pb_grpc.AnomalyDetectionStub(c) for c in (channel if isinstance(channel, list) else [channel])]
     if raw:
         from service.imaging import decode_image
 
@@ -142,7 +143,7 @@ def grpc_target(name: str, channel, images: list[bytes], *, raw: bool = False) -
         reqs = [pb.ScoreRequest(encoded=b) for b in images]
 
     async def call(i: int) -> object:
-        return await stub.Score(reqs[i % len(reqs)], timeout=30)
+        return await stubs[i % len(stubs)].Score(reqs[i % len(reqs)], timeout=30)
 
     return ClientTarget(name, call)
 

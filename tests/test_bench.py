@@ -13,7 +13,17 @@ import pytest
 
 from loadtests import peers
 from loadtests.bench import run_benchmark
-from loadtests.targets import GRPC_OFF, GRPC_ON, GRPC_ONE, GRPC_RAW, GRPC_STREAM, HTTP, HTTP_IN, V2_GRPC
+from loadtests.targets import (
+    GRPC_OFF,
+    GRPC_ON,
+    GRPC_ONE,
+    GRPC_PROCS,
+    GRPC_RAW,
+    GRPC_STREAM,
+    HTTP,
+    HTTP_IN,
+    V2_GRPC,
+)
 from loadtests.timing import BARE, LATENCY, SATURATION
 
 
@@ -34,7 +44,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
     got = {(r.name, r.mode): r for r in results}
     decoding = (GRPC_OFF, HTTP_IN, HTTP, V2_GRPC, peers.KSERVE, peers.KSERVE_V2)
     camera = [f"{p} [960×600 JPEG]" for p in decoding]
-    every = (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, HTTP_IN, HTTP, V2_GRPC, peers.MLFLOW,
+    every = (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, GRPC_PROCS, HTTP_IN, HTTP, V2_GRPC,
+             peers.MLFLOW,
              peers.KSERVE, peers.KSERVE_V2, peers.MLSERVER_REST, peers.MLSERVER_GRPC, *camera)
     for path in every:
         for mode in (LATENCY, SATURATION):
