@@ -156,17 +156,22 @@ def _served_by(target: Target, proc: ChildProcess) -> Target:
     return target
 
 
-def _kserve_v1(http: httpx.AsyncClient, base: str, images: list[bytes], name: str) -> ClientTarget:
-    """KServe's V1 REST `:predict` with each image as base64 in JSON."""
-    bodies = [json.dumps({"instances": [{"b64": base64.b64encode(b).decode()}]}).encode() for b in images]
+def _json_post(http: httpx.AsyncClient, name: str, url: str, bodies: list[bytes]) -> ClientTarget:
+    """A REST peer: `POST url` with JSON body number `i` (cycling), a non-2xx answer a failure."""
 
     async def call(i: int) -> object:
-        r = await http.post(f"{base}/v1/models/anomaly:predict", content=bodies[i % len(bodies)],
+        r = await http.post(url, content=bodies[i % len(bodies)],
                             headers={"content-type": "application/json"})
         r.raise_for_status()
         return r
 
     return ClientTarget(name, call)
+
+
+def _kserve_v1(http: httpx.AsyncClient, base: str, images: list[bytes], name: str) -> ClientTarget:
+    """KServe's V1 REST `:predict` with each image as base64 in JSON."""
+    bodies = [json.dumps({"instances": [{"b64": base64.b64encode(b).decode()}]}).encode() for b in images]
+    return _json_post(http, name, f"{base}/v1/models/anomaly:predict", bodies)
 
 
 @contextlib.asynccontextmanager
@@ -195,14 +200,7 @@ async def started(peers: tuple[str, ...], tracking_uri: str, name: str, version:
                     procs.append(proc)
                     bodies = [json.dumps({"inputs": {"image": x[None].tolist()}}).encode()
                               for x in inputs[:8]]
-
-                    async def mlflow_call(i: int, base: str = base) -> object:
-                        r = await http.post(f"{base}/invocations", content=bodies[i % len(bodies)],
-                                            headers={"content-type": "application/json"})
-                        r.raise_for_status()
-                        return r
-
-                    targets.append(_served_by(ClientTarget(MLFLOW, mlflow_call), proc))
+                    targets.append(_served_by(_json_post(http, MLFLOW, f"{base}/invocations", bodies), proc))
                 except Exception as exc:  # reported in the benchmark, not hidden
                     SKIPPED[MLFLOW] = f"did not start: {exc}"
             if "kserve" in peers:
@@ -237,15 +235,8 @@ async def started(peers: tuple[str, ...], tracking_uri: str, name: str, version:
                         json_bodies = [json.dumps({"inputs": [{
                             "name": "image", "shape": [1, *x.shape], "datatype": "FP32",
                             "data": x.ravel().tolist()}]}).encode() for x in inputs[:8]]
-
-                        async def mlserver_call(i: int, base: str = base) -> object:
-                            r = await http.post(f"{base}/v2/models/anomaly/infer",
-                                                content=json_bodies[i % len(json_bodies)],
-                                                headers={"content-type": "application/json"})
-                            r.raise_for_status()
-                            return r
-
-                        targets.append(_served_by(ClientTarget(MLSERVER_REST, mlserver_call), proc))
+                        rest = _json_post(http, MLSERVER_REST, f"{base}/v2/models/anomaly/infer", json_bodies)
+                        targets.append(_served_by(rest, proc))
                         channel = await stack.enter_async_context(grpc_channel(target, aio=True))
                         stub = v2_grpc.GRPCInferenceServiceStub(channel)
                         requests = [_v2_tensor_request(x) for x in inputs[:8]]
