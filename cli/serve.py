@@ -35,8 +35,8 @@ def serve_cmd(
     """Run the gRPC inference server (serves `models:/<model>@<alias>`); with `--http`, the
     HTTP API too, in the same process."""
     from service.errors import ServiceError
-    from service.grpc_server import serve
     from service.logs import configure_logging
+    from service.main import serve
 
     config = settings(tracking_uri=tracking_uri, model_name=model, model_alias=alias,
                       grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level,

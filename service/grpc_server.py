@@ -2,8 +2,9 @@
 beside the Open Inference Protocol (V2) service on the same port (`service.oip`).
 
 Also serves the standard `grpc.health.v1` health service (NOT_SERVING until the default
-model is warm) and server reflection (`ANOMALY_REFLECTION=false` turns it off). Stops
-gracefully on SIGTERM/SIGINT, draining in-flight requests for `grace_s` seconds.
+model is warm) and server reflection (`ANOMALY_REFLECTION=false` turns it off). `stop`
+drains in-flight requests for `grace_s` seconds (`service.main` runs the process and calls
+it on SIGTERM/SIGINT).
 
 Bounds: at most `max_concurrent_rpcs` anomaly.v1 and V2 calls are open at once (beyond,
 RESOURCE_EXHAUSTED at once, before the message is read; health checks, reflection and V2
@@ -13,14 +14,13 @@ images it has in flight total less than `max_image_bytes`. An unexpected error a
 INTERNAL with the request id, never the error's text (which goes to the log).
 
 With `ANOMALY_HTTP_IN_PROCESS=true` the same process also answers the HTTP API (the
-gateway's routes, calling these servicers directly: `service.inprocess`).
+gateway's routes, calling these servicers directly: `service.inprocess`, `service.main`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -388,33 +388,3 @@ class GrpcServer:
     async def wait(self) -> None:
         """Block until the server terminates."""
         await self.server.wait_for_termination()
-
-
-async def serve(settings: Settings) -> None:
-    """Run the gRPC server until SIGTERM/SIGINT, then shut down gracefully."""
-    server = GrpcServer(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    http = None
-    try:
-        await server.start()
-        if settings.http_in_process:
-            from service.gateway import create_app
-            from service.inprocess import serve_http
-
-            s = settings
-            tls = {"ssl_certfile": str(s.https_cert_file), "ssl_keyfile": str(s.https_key_file)} \
-                if s.https_cert_file else None
-            http = await serve_http(create_app(s, local=server), s.http_host, s.http_port,
-                                    log_level=s.log_level, grace_s=s.grace_s, tls=tls,
-                                    reuse_port=s.process_index >= 0)
-    except BaseException:
-        await server.stop(0)
-        raise
-    await stop.wait()
-    log.info("shutting down: draining in-flight requests for %.1fs", settings.grace_s)
-    if http is not None:
-        await http.stop()
-    await server.stop()

@@ -95,7 +95,7 @@ def test_score_stream_keeps_order(grpc_target: str, good_and_defect) -> None:
 
     async def run() -> list[str]:
         async with AsyncAnomalyClient(grpc_target) as client:
-            stub = client._stub
+            stub = client._next_stub()
             reqs = [pb.ScoreRequest(encoded=p.read_bytes(), request_id=f"id-{i}")
                     for i, p in enumerate(paths)]
             return [r.request_id async for r in stub.ScoreStream(iter(reqs), timeout=60)]
@@ -113,7 +113,7 @@ def test_score_stream_answers_a_client_that_waits_for_each_answer(grpc_target: s
 
     async def run() -> list[str]:
         async with AsyncAnomalyClient(grpc_target) as client:
-            call = client._stub.ScoreStream(timeout=30)
+            call = client._next_stub().ScoreStream(timeout=30)
             ids = []
             for i in range(3):
                 await call.write(pb.ScoreRequest(encoded=image, request_id=f"step-{i}"))
