@@ -84,8 +84,8 @@ class OnnxModel:
         providers: ONNX Runtime execution providers, in order of preference.
         intra_op_threads: threads per operator (0 = ONNX Runtime's default).
         solo_threads: threads of a second session for calls that run alone (adaptive
-            execution, see the module docstring); used only when more than
-            `intra_op_threads` > 0; 0 = no second session.
+            execution, see the module docstring); made only on the CPU provider and when
+            `0 < intra_op_threads < solo_threads`, so 0 means no second session.
         provider_options: per-provider options (e.g. TensorRT engine cache settings).
         spinning: let idle intra-op threads spin-wait (best when ORT has the CPU alone).
         log_severity: ONNX Runtime log severity for this session (3 = errors only).
