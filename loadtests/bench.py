@@ -119,7 +119,6 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     from loadtests import peers as peer_servers
     from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready, wait_metric
     from service.engine import OnnxModel
-    from service.imaging import decode_image
     from service.repository import ModelRepository, ModelSpec, provider_options
     from service.settings import Settings, usable_cores
 
@@ -133,7 +132,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     images = load_images(image_dir)
     camera = load_images(camera_dir, 16) if camera_dir is not None else []
     tag = image_set_tag(camera) if camera else ""
-    inputs = [model.prepare(decode_image(b, draft=metadata.map_size)) for b in images]
+    inputs = [model.prepare_encoded(b) for b in images]
     cores = usable_cores()
     per_batch = (max_batch_size, batching.batch_workers, batching.intra_op_threads)
     bare = BareOrt({n: OnnxModel(model.path, metadata, intra_op_threads=n, providers=settings.providers,

@@ -27,7 +27,6 @@ from pathlib import Path
 import kserve
 
 from service.engine import OnnxModel
-from service.imaging import decode_image
 from service.repository import read_model_dir
 from service.settings import Settings
 
@@ -64,8 +63,7 @@ class AnomalyModel(kserve.Model):
             encoded = [bytes(b) for b in payload.inputs[0].as_numpy().reshape(-1)]
         else:
             encoded = [base64.b64decode(inst["b64"]) for inst in payload["instances"]]
-        draft = self.engine.metadata.map_size
-        batch = np.stack([self.engine.prepare(decode_image(b, draft=draft)) for b in encoded])
+        batch = np.stack([self.engine.prepare_encoded(b) for b in encoded])
         scores, _ = self.engine.infer(batch)
         if v2:
             out = kserve.InferOutput("score", [len(scores)], "FP32", scores.astype(np.float32))

@@ -21,7 +21,6 @@ from sklearn.metrics import precision_recall_curve
 from registry.data.mvtec import Sample
 from registry.metrics import aupro, auroc
 from service.engine import OnnxModel
-from service.imaging import decode_image
 from service.metadata import GLOBAL, ModelMetadata, ScoreStats
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def score_samples(model: OnnxModel, samples: list[Sample]) -> tuple[np.ndarray, 
     """
     scores, maps, times = [], [], []
     for s in samples:
-        x = model.prepare(decode_image(s.path.read_bytes(), draft=model.metadata.map_size))[None]
+        x = model.prepare_encoded(s.path.read_bytes())[None]
         t0 = time.perf_counter()
         score, amap = model.infer(x)
         times.append((time.perf_counter() - t0) * 1e3)
@@ -171,7 +170,7 @@ def evaluate(onnx_path: Path | str, metadata: ModelMetadata, samples: list[Sampl
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         report.metrics[key] = float(np.nanmean([v[key] for v in report.per_category.values()]))
     report.metrics["latency_ms_p50"] = report.latency_ms_p50
-    first = [model.prepare(decode_image(s.path.read_bytes(), draft=model.metadata.map_size))
+    first = [model.prepare_encoded(s.path.read_bytes())
              for s in samples[:8]]
     report.images_per_s_b8 = report.metrics["images_per_s_b8"] = batch_throughput(model, np.stack(first))
     good_maps = maps[labels == 0]

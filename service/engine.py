@@ -27,7 +27,7 @@ from PIL import Image
 
 from service import metrics
 from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
-from service.imaging import anomaly_map_png
+from service.imaging import anomaly_map_png, decode_image
 from service.metadata import GLOBAL, ModelMetadata, ScoreStats
 from service.promotion import threshold_source
 from service.tiling import image_score, prepare_input, scored_region, stitch
@@ -200,6 +200,12 @@ class OnnxModel:
         `(3, H, W)` input; for a tiled model, to its working size cut into `(N, 3, H, W)`
         tiles (`service.tiling`)."""
         return prepare_input(image, self.metadata.input_size, self.metadata.tiling)
+
+    def prepare_encoded(self, data: bytes) -> np.ndarray:
+        """`prepare` of encoded image bytes, decoded at the smallest JPEG scale that still holds
+        the model's working size (`decode_image(draft=)`): what evaluation, the gate and the
+        benchmarks feed the model. Raises `ImageDecodeError` for bytes that are no image."""
+        return self.prepare(decode_image(data, draft=self.metadata.map_size))
 
     def infer(self, batch: np.ndarray, alone: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Run a stack of `prepare` outputs: scores `(B,)` and anomaly maps `(B, *map_size)`.

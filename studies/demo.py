@@ -71,11 +71,10 @@ def choose_champion(results: list[BuildResult], data: Path | None = None,
 
         from registry.evaluate import interleaved_p50_ms
         from service.engine import OnnxModel
-        from service.imaging import decode_image
 
         models = {r.label: OnnxModel(r.onnx_path, r.metadata) for r in eligible}
         encoded = [s.path.read_bytes() for s in load_test_split(data)[:8]]
-        inputs = {label: np.stack([m.prepare(decode_image(b, draft=m.metadata.map_size)) for b in encoded])
+        inputs = {label: np.stack([m.prepare_encoded(b) for b in encoded])
                   for label, m in models.items()}
         p50 = interleaved_p50_ms(models, inputs)
     if timings is not None:
