@@ -66,8 +66,37 @@ def test_us_standardises_with_training_statistics() -> None:
             assert (target.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
             assert preds.shape[0] == 3
         amap = model.anomaly_map(x)
-    # error and variance standardised on the same data: the averaged map averages ≈ 0
+    # the error standardised on the same data: the averaged map averages ≈ 0
     assert abs(float(amap.mean())) < 0.2
+
+
+def test_us_variance_weight_adds_the_standardised_ensemble_variance() -> None:
+    """The paper's score (error + variance) is `variance_weight=1`; the default is the error
+    alone. Both are exactly the documented sums, scale by scale."""
+    from registry.architectures.common import upsample_to
+    from registry.architectures.uninformed_students.anomaly_map import us_anomaly_map
+
+    torch.manual_seed(0)
+    model = build_model("us", ModelConfig(input_size=SIZE, extra={"teacher_epochs": 1, "blur_sigma": 0}))
+    x = torch.rand(4, 3, *SIZE)
+    model.fit_setup(x, 4, 1e-3)
+    model.eval()
+    model.fit_finalize(x, 4, 1e-3)
+    assert all(scale.variance_weight == 0 for scale in model.scales)
+    with torch.no_grad():
+        error_only = model.anomaly_map(x)
+        errs, variances = [], []
+        for scale in model.scales:
+            e, v = us_anomaly_map(*scale.descriptors(model.normalize(x)))
+            errs.append(upsample_to((e - scale.err_stats[0]) / scale.err_stats[1], SIZE))
+            variances.append(upsample_to((v - scale.var_stats[0]) / scale.var_stats[1], SIZE))
+            scale.variance_weight = 1.0
+        with_variance = model.anomaly_map(x)
+    torch.testing.assert_close(error_only, sum(errs) / 3, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(with_variance, (sum(errs) + sum(variances)) / 3, rtol=1e-4, atol=1e-4)
+    assert float((with_variance - error_only).abs().max()) > 0.1  # the variance term is not nothing
+    paper = build_model("us", ModelConfig(input_size=SIZE, extra={"variance_weight": 1}))
+    assert all(scale.variance_weight == 1 for scale in paper.scales)
 
 
 @pytest.mark.parametrize("patch", [17, 33, 65])
