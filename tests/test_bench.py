@@ -37,7 +37,7 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     out.write_text("# Mine\n\nbefore\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\nafter\n")
     results = run_benchmark(store.tracking_uri, store.model_name, "champion", sample_root,
-                            seconds=1.0, rounds=2, concurrency=2, max_requests=40,
+                            seconds=0.5, rounds=2, concurrency=2, max_requests=40,
                             peers=("mlflow", "kserve", "mlserver"), out=out,
                             providers=("CUDAExecutionProvider",), max_batch_size=4,
                             camera_dir=tmp_path / "camera")

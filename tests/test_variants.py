@@ -144,10 +144,17 @@ def test_every_variant_is_served_and_separates_defects(arch: str, grpc_target: s
 
 def test_quant_study_writes_tables_and_plot(store, variant_builds, sample_root: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
     import mlflow
 
+    from registry.variants import ptq
     from studies import quant_study
 
+    # The entropy calibrator's KL search is a Python loop over its histogram (ORT's own code):
+    # with the real 2048 bins it takes over a minute per run on this test's model. The study's
+    # plumbing is what is tested here; 256 bins run the same calibrator in seconds.
+    monkeypatch.setattr(ptq, "entropy_ranges", functools.partial(ptq.entropy_ranges, bins=256))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)
     mlflow.set_tracking_uri(store.tracking_uri)
     rows = quant_study.registered_variants(store.model_name, list(ARCHS))
