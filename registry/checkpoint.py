@@ -13,9 +13,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from registry.architectures import AnomalyModel, ModelConfig, build_model
+from service.engine import OnnxModel
 
 TORCH_ARTIFACTS = "torch"
 CONFIG_FILE = "model.json"
@@ -59,3 +61,25 @@ def load_checkpoint(folder: Path | str) -> AnomalyModel:
     except RuntimeError as exc:
         raise CheckpointError(f"the weights in {folder} do not fit {spec['architecture']}: {exc}") from exc
     return model.eval()
+
+
+def check_reproduces(model: AnomalyModel, onnx: OnnxModel, images: list[bytes],
+                     rtol: float = 1e-3) -> None:
+    """Raise `CheckpointError` unless the restored `model` gives the registered ONNX file's
+    maps and scores on `images` (within `rtol` of the map's range): a checkpoint restored by
+    other code than trained it (an option whose default changed since) would otherwise
+    fine-tune into variants of a different model than the registered one.
+    """
+    prepared = [onnx.prepare_encoded(b) for b in images]
+    # tiled models: the tiles of the first image, through the bare graph on both sides
+    batch = prepared[0] if onnx.metadata.tiling is not None else np.stack(prepared)
+    scores, maps = onnx.run(batch)
+    with torch.no_grad():
+        maps_t, scores_t = model.eval()(torch.from_numpy(batch))
+    maps_t, scores_t = maps_t.numpy()[:, 0], scores_t.numpy()
+    tol = rtol * max(float(np.ptp(maps)), 1e-6)
+    worst = max(float(np.abs(maps_t - maps).max()), float(np.abs(scores_t - scores).max()))
+    if not worst <= tol:
+        raise CheckpointError(f"the restored torch model does not reproduce the registered ONNX model "
+                              f"(largest difference {worst:.3g}, allowed {tol:.3g}): it was saved by "
+                              "code whose defaults have changed since; train it again with `anomaly build`")

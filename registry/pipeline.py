@@ -16,7 +16,7 @@ from typing import Any
 
 from anomaly.wire import DEFAULT_MODEL_NAME
 from registry.architectures import AnomalyModel, ModelConfig, build_model
-from registry.checkpoint import TORCH_ARTIFACTS, load_checkpoint, save_checkpoint
+from registry.checkpoint import TORCH_ARTIFACTS, check_reproduces, load_checkpoint, save_checkpoint
 from registry.data.mvtec import Sample, fingerprint, load_test_split, load_train_split
 from registry.evaluate import EvalReport, evaluate
 from registry.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
@@ -34,6 +34,7 @@ from registry.variants.fp16 import convert_fp16
 from registry.variants.graph import census
 from registry.variants.ptq import quantize_int8
 from registry.variants.qat import QATConfig, learned_overrides, qat_finetune, range_summary
+from service.engine import OnnxModel
 from service.metadata import ModelMetadata
 from service.tiling import Tiling
 
@@ -391,6 +392,7 @@ def fp32_from_registry(
                          "it): train it again with `anomaly build`") from exc
     model = load_checkpoint(torch_dir)
     test_set = load_test_split(data_root, categories or metadata.categories)
+    check_reproduces(model, OnnxModel(onnx_path, metadata), [s.path.read_bytes() for s in test_set[:4]])
     seen = fingerprint(load_train_split(data_root, categories or metadata.categories) + test_set)
     if metadata.dataset and seen != metadata.dataset:
         log.warning("%s was trained on dataset %s; %s is %s (variants are calibrated and evaluated "

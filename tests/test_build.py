@@ -84,7 +84,7 @@ def test_build_keeps_artifacts_beside_the_embedded_store(built) -> None:
 def test_fp32_version_carries_a_torch_model_that_reproduces_its_onnx(built, tmp_path: Path) -> None:
     import mlflow.artifacts
 
-    from registry.checkpoint import load_checkpoint
+    from registry.checkpoint import CheckpointError, check_reproduces, load_checkpoint
     from registry.data.mvtec import load_test_split
     from service.artifact import read_model_dir
     from service.engine import OnnxModel
@@ -107,6 +107,15 @@ def test_fp32_version_carries_a_torch_model_that_reproduces_its_onnx(built, tmp_
         maps_torch, scores_torch = load_checkpoint(torch_dir)(torch.from_numpy(batch))
     np.testing.assert_allclose(maps_torch.numpy()[:, 0], maps_onnx, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(scores_torch.numpy(), scores_onnx, rtol=1e-3, atol=1e-3)
+    # what `variants --from` checks before it builds anything: this checkpoint passes, and one
+    # whose weights moved (as restoring with another default would move its maps) is refused
+    images = [s.path.read_bytes() for s in load_test_split(built["data"])[:4]]
+    model = load_checkpoint(torch_dir)
+    check_reproduces(model, engine, images)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.ndim == 4).mul_(1.05)
+    with pytest.raises(CheckpointError, match="does not reproduce the registered ONNX"):
+        check_reproduces(model, engine, images)
 
 
 def test_variants_from_a_registered_fp32_version_in_a_fresh_process(built) -> None:

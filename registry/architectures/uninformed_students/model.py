@@ -6,7 +6,8 @@ For each patch size p (default 17, 33 and 65 px, as in the paper):
 1. A *patch-descriptor teacher* (a small fully convolutional network whose receptive
    field is p px; descriptors every 4 px, every 8 px for 65) is distilled from the
    pretrained backbone on the normal training images: a 1×1 linear decoder maps its
-   descriptors onto the backbone's stride-4 and stride-8 features, with the compactness
+   descriptors onto the backbone's stride-4 and stride-8 features (`teacher_stages` 2; 3 adds
+   stride 16, which did not help on sample family 2), with the compactness
    loss decorrelating the descriptor dimensions (`fit_setup`).
 2. An ensemble of students (same architecture, random init) regresses the teacher's
    descriptors, standardised with the teacher's per-channel mean/std on the training data.
