@@ -81,5 +81,7 @@ def check_reproduces(model: AnomalyModel, onnx: OnnxModel, images: list[bytes],
     worst = max(float(np.abs(maps_t - maps).max()), float(np.abs(scores_t - scores).max()))
     if not worst <= tol:
         raise CheckpointError(f"the restored torch model does not reproduce the registered ONNX model "
-                              f"(largest difference {worst:.3g}, allowed {tol:.3g}): it was saved by "
-                              "code whose defaults have changed since; train it again with `anomaly build`")
+                              f"(largest difference {worst:.3g}, allowed {tol:.3g}; non-finite outputs "
+                              "count as different): it was saved by code whose defaults have changed "
+                              "since, or is not what the version was exported from; train it again with "
+                              "`anomaly build`")

@@ -203,8 +203,8 @@ class OnnxModel:
 
     def prepare_encoded(self, data: bytes) -> np.ndarray:
         """`prepare` of encoded image bytes, decoded at the smallest JPEG scale that still holds
-        the model's working size (`decode_image(draft=)`): what evaluation, the gate and the
-        benchmarks feed the model. Raises `ImageDecodeError` for bytes that are no image."""
+        the model's working size (`decode_image(draft=)`): what evaluation, the champion rule and
+        the benchmarks feed the model. Raises `InvalidInput` for bytes that are no image."""
         return self.prepare(decode_image(data, draft=self.metadata.map_size))
 
     def infer(self, batch: np.ndarray, alone: bool = True) -> tuple[np.ndarray, np.ndarray]:
