@@ -70,9 +70,10 @@ def check_reproduces(model: AnomalyModel, onnx: OnnxModel, images: list[bytes],
     other code than trained it (an option whose default changed since) would otherwise
     fine-tune into variants of a different model than the registered one.
     """
-    prepared = [onnx.prepare_encoded(b) for b in images]
-    # tiled models: the tiles of the first image, through the bare graph on both sides
-    batch = prepared[0] if onnx.metadata.tiling is not None else np.stack(prepared)
+    if onnx.metadata.tiling is not None:  # the first image's tiles, through the bare graph on both sides
+        batch = onnx.prepare_encoded(images[0])
+    else:
+        batch = np.stack([onnx.prepare_encoded(b) for b in images])
     scores, maps = onnx.run(batch)
     with torch.no_grad():
         maps_t, scores_t = model.eval()(torch.from_numpy(batch))

@@ -86,17 +86,14 @@ def read_model_dir(local_dir: Path) -> tuple[Path, ModelMetadata]:
     raise ModelLoadError(f"artifact has no {METADATA_FILE}")
 
 
-def reference_inputs(local_dir: Path, prepare: Callable[[np.ndarray], np.ndarray],
-                     draft: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """The version's reference images (`reference/**`), decoded (`draft`: the model's working
-    size, as in `service.imaging`) and preprocessed by the serving path (`prepare`), at most
-    `MAX_REFERENCE_IMAGES`; none when there is no folder.
+def reference_inputs(local_dir: Path, prepare_encoded: Callable[[bytes], np.ndarray]) -> list[np.ndarray]:
+    """The version's reference images (`reference/**`), decoded and preprocessed by the
+    serving path (`OnnxModel.prepare_encoded`), at most `MAX_REFERENCE_IMAGES`; none when
+    there is no folder.
 
     Raises:
         ModelLoadError: a reference image cannot be decoded.
     """
-    from service.imaging import decode_image
-
     folder = local_dir / REFERENCE_DIR
     if not folder.is_dir():
         return []
@@ -104,7 +101,7 @@ def reference_inputs(local_dir: Path, prepare: Callable[[np.ndarray], np.ndarray
     inputs = []
     for path in paths[:MAX_REFERENCE_IMAGES]:
         try:
-            inputs.append(prepare(decode_image(path.read_bytes(), draft=draft)))
+            inputs.append(prepare_encoded(path.read_bytes()))
         except InvalidInput as exc:
             raise ModelLoadError(f"reference image {path.relative_to(local_dir)}: {exc.message}") from exc
     return inputs

@@ -66,7 +66,7 @@ def _check(folder: Path) -> None:
     onnx_path, metadata = read_model_dir(folder)
     model = OnnxModel(onnx_path, metadata, providers=["CPUExecutionProvider"], intra_op_threads=1,
                       spinning=False)
-    model.validate(reference_inputs(folder, model.prepare, model.metadata.map_size))
+    model.validate(reference_inputs(folder, model.prepare_encoded))
 
 
 def main(argv: list[str]) -> int:

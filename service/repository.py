@@ -133,7 +133,7 @@ def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
                       intra_op_threads=settings.intra_op_threads, log_severity=settings.ort_log_severity,
                       provider_options=provider_options(settings), spinning=settings.ort_spinning,
                       solo_threads=settings.solo_threads)
-    model.validate(reference_inputs(local_dir, model.prepare, model.metadata.map_size))
+    model.validate(reference_inputs(local_dir, model.prepare_encoded))
     return model
 
 
