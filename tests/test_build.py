@@ -142,3 +142,33 @@ def test_variants_bad_requests_are_clear_errors(built, args: tuple[str, ...], me
     proc = _anomaly(built["cwd"], "variants", *args, "--tracking-uri", built["uri"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
+
+
+def test_variants_from_refuses_a_checkpoint_that_does_not_reproduce_its_version(built) -> None:
+    """A torch model logged with the FP32 version that no longer gives the registered ONNX
+    file's maps (code whose defaults changed since it was saved) is refused before any
+    variant is built: exit 2, a message that says why, and no new version."""
+    import torch
+
+    from registry.checkpoint import WEIGHTS_FILE
+
+    client = _client(built["uri"])
+    fp32 = client.get_model_version_by_alias("anomaly-detector", "stfpm-fp32")
+    artifacts = built["root"] / "store" / "mlartifacts"
+    [weights] = [p for p in artifacts.rglob(WEIGHTS_FILE) if fp32.run_id in str(p)]
+    saved = weights.read_bytes()
+    try:
+        state = torch.load(weights, weights_only=True)
+        name = next(k for k, v in state.items() if v.ndim == 4 and "student" in k)
+        state[name] = state[name] * 1.05
+        torch.save(state, weights)
+        before = len(client.search_model_versions("name='anomaly-detector'"))
+        proc = _anomaly(built["cwd"], "variants", "--from", "models:/anomaly-detector@stfpm-fp32",
+                        "--variants", "ptq-int8", "--tracking-uri", built["uri"],
+                        "--work-dir", str(built["root"] / "work-bad"))
+    finally:
+        weights.write_bytes(saved)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not reproduce the registered ONNX model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(client.search_model_versions("name='anomaly-detector'")) == before

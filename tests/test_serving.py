@@ -135,6 +135,32 @@ def test_broken_version_never_replaces_the_serving_one(canary_server, store, cli
             client.set_registered_model_alias(store.model_name, ALIAS, store.version)
 
 
+def test_version_with_an_undecodable_reference_image_is_refused(canary_server, store, client, raw_request,
+                                                               tmp_path: Path) -> None:
+    """A version whose `reference/` folder holds a file that is not an image (a truncated
+    upload) cannot be validated: the load is refused with the file named, and the serving
+    version keeps answering."""
+    target, _ = canary_server
+
+    def corrupt_reference(folder: Path) -> None:
+        (folder / "reference" / "good").mkdir(parents=True, exist_ok=True)
+        (folder / "reference" / "good" / "part-001.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+
+    bad = register_mutated(store, client, corrupt_reference, tmp_path)
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.AnomalyDetectionStub(ch)
+        _wait_version(stub, raw_request, store.version, timeout=10)
+        client.set_registered_model_alias(store.model_name, ALIAS, str(bad))
+        try:
+            info = wait_alias_error(stub, ALIAS, str(bad), raw_request, store.version)
+            assert info.ref.version == store.version
+            assert info.last_error_version == str(bad)
+            assert "reference image reference/good/part-001.png" in info.last_error, info.last_error
+            assert stub.Score(raw_request, timeout=30).model.version == store.version
+        finally:
+            client.set_registered_model_alias(store.model_name, ALIAS, store.version)
+
+
 def test_full_queue_is_resource_exhausted_then_recovers(store, good_and_defect, tmp_path: Path) -> None:
     env = {"ANOMALY_MAX_QUEUE": "2", "ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"}
     server, target = start_server(store.tracking_uri, tmp_path / "server.log",
