@@ -99,6 +99,30 @@ def test_us_variance_weight_adds_the_standardised_ensemble_variance() -> None:
     assert all(scale.variance_weight == 1 for scale in paper.scales)
 
 
+def test_rd_levels_are_multiplied_by_default_and_added_as_published() -> None:
+    """`level_combine` product (the default) and sum (Deng & Li's) are exactly the product
+    and the sum of the three levels' upsampled `1 − cos` maps, then smoothed."""
+    from torch.nn import functional as F
+
+    from registry.architectures.common import upsample_to
+
+    torch.manual_seed(0)
+    model = build_model("rd", ModelConfig(input_size=SIZE)).eval()
+    x = torch.rand(2, 3, *SIZE)
+    with torch.no_grad():
+        enc, dec = model._features(x)
+        levels = [upsample_to((1 - F.cosine_similarity(e, d, dim=1)).unsqueeze(1), SIZE)
+                  for e, d in zip(enc, dec, strict=True)]
+        product = model.anomaly_map(x)
+        model.combine = "sum"
+        added = model.anomaly_map(x)
+        torch.testing.assert_close(product, model.blur(levels[0] * levels[1] * levels[2]))
+        torch.testing.assert_close(added, model.blur(levels[0] + levels[1] + levels[2]))
+    assert build_model("rd", ModelConfig(input_size=SIZE, extra={"level_combine": "sum"})).combine == "sum"
+    with pytest.raises(ValueError, match="level_combine must be one of"):
+        build_model("rd", ModelConfig(input_size=SIZE, extra={"level_combine": "max"}))
+
+
 @pytest.mark.parametrize("patch", [17, 33, 65])
 def test_us_patch_networks_see_exactly_their_patch(patch: int) -> None:
     """The receptive field, measured: the input pixels one output descriptor depends on."""

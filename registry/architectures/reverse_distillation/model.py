@@ -14,7 +14,7 @@ from torch import nn
 
 from registry.architectures.base import AnomalyModel, ModelConfig
 from registry.architectures.common import GaussianBlur
-from registry.architectures.reverse_distillation.anomaly_map import rd_anomaly_map
+from registry.architectures.reverse_distillation.anomaly_map import LEVEL_COMBINATIONS, rd_anomaly_map
 from registry.architectures.reverse_distillation.loss import rd_loss
 
 
@@ -69,7 +69,9 @@ class DecoderStage(nn.Module):
 
 class ReverseDistillation(AnomalyModel):
     """Unified Reverse Distillation; `config.extra`: `embedding` channels (default 4·c3),
-    `blur_sigma` of the anomaly map (default 4)."""
+    `blur_sigma` of the anomaly map (default 4), `level_combine` of its three levels
+    (`product`, the default, or `sum` as published; docs/results.md, "Reverse Distillation's
+    levels: added or multiplied")."""
 
     name = "rd"
 
@@ -85,6 +87,9 @@ class ReverseDistillation(AnomalyModel):
         self.decoder = nn.ModuleList([DecoderStage(emb, ch[2]), DecoderStage(ch[2], ch[1]),
                                       DecoderStage(ch[1], ch[0])])
         self.blur = GaussianBlur(float(config.extra.get("blur_sigma", 4.0)))
+        self.combine = str(config.extra.get("level_combine", "product"))
+        if self.combine not in LEVEL_COMBINATIONS:
+            raise ValueError(f"level_combine must be one of {LEVEL_COMBINATIONS}, not {self.combine!r}")
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():
@@ -101,4 +106,4 @@ class ReverseDistillation(AnomalyModel):
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
         enc, dec = self._features(images)
-        return self.blur(rd_anomaly_map(enc, dec, tuple(images.shape[-2:])))
+        return self.blur(rd_anomaly_map(enc, dec, tuple(images.shape[-2:]), self.combine))
