@@ -70,8 +70,8 @@ class DecoderStage(nn.Module):
 class ReverseDistillation(AnomalyModel):
     """Unified Reverse Distillation; `config.extra`: `embedding` channels (default 4·c3),
     `blur_sigma` of the anomaly map (default 4), `level_combine` of its three levels
-    (`product`, the default, or `sum` as published; docs/results.md, "Reverse Distillation's
-    levels: added or multiplied")."""
+    (`product`, the default, or `sum` as published; docs/results.md, "Closing the family-2
+    gap")."""
 
     name = "rd"
 
