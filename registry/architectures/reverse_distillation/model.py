@@ -14,7 +14,7 @@ from torch import nn
 
 from registry.architectures.base import AnomalyModel, ModelConfig
 from registry.architectures.common import GaussianBlur
-from registry.architectures.reverse_distillation.anomaly_map import LEVEL_COMBINATIONS, rd_anomaly_map
+from registry.architectures.reverse_distillation.anomaly_map import level_operation, rd_anomaly_map
 from registry.architectures.reverse_distillation.loss import rd_loss
 
 
@@ -88,8 +88,7 @@ class ReverseDistillation(AnomalyModel):
                                       DecoderStage(ch[1], ch[0])])
         self.blur = GaussianBlur(float(config.extra.get("blur_sigma", 4.0)))
         self.combine = str(config.extra.get("level_combine", "product"))
-        if self.combine not in LEVEL_COMBINATIONS:
-            raise ValueError(f"level_combine must be one of {LEVEL_COMBINATIONS}, not {self.combine!r}")
+        level_operation(self.combine)  # an unknown value fails here, not at the first batch
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():
