@@ -70,9 +70,10 @@ def test_us_standardises_with_training_statistics() -> None:
     assert abs(float(amap.mean())) < 0.2
 
 
-def test_us_variance_weight_adds_the_standardised_ensemble_variance() -> None:
-    """The paper's score (error + variance) is `variance_weight=1`; the default is the error
-    alone. Both are exactly the documented sums, scale by scale."""
+def test_us_score_is_the_documented_sum_of_standardised_terms() -> None:
+    """The default score is the standardised regression error + the standardised angular
+    error; `angle_weight=0` is the error alone, `variance_weight=1` adds the paper's
+    predictive variance. Each is exactly the documented sum, scale by scale."""
     from registry.architectures.common import upsample_to
     from registry.architectures.uninformed_students.anomaly_map import us_anomaly_map
 
@@ -82,21 +83,67 @@ def test_us_variance_weight_adds_the_standardised_ensemble_variance() -> None:
     model.fit_setup(x, 4, 1e-3)
     model.eval()
     model.fit_finalize(x, 4, 1e-3)
-    assert all(scale.variance_weight == 0 for scale in model.scales)
+    assert all(scale.variance_weight == 0 and scale.angle_weight == 1 for scale in model.scales)
     with torch.no_grad():
-        error_only = model.anomaly_map(x)
-        errs, variances = [], []
+        default = model.anomaly_map(x)
+        terms: dict[str, list[torch.Tensor]] = {"error": [], "variance": [], "angle": []}
         for scale in model.scales:
-            e, v = us_anomaly_map(*scale.descriptors(model.normalize(x)))
-            errs.append(upsample_to((e - scale.err_stats[0]) / scale.err_stats[1], SIZE))
-            variances.append(upsample_to((v - scale.var_stats[0]) / scale.var_stats[1], SIZE))
+            e, v, a = us_anomaly_map(*scale.descriptors(model.normalize(x)))
+            for name, t, stats in (("error", e, scale.err_stats), ("variance", v, scale.var_stats),
+                                   ("angle", a, scale.angle_stats)):
+                terms[name].append(upsample_to((t - stats[0]) / stats[1], SIZE))
+        for scale in model.scales:
+            scale.angle_weight = 0.0
+        error_only = model.anomaly_map(x)
+        for scale in model.scales:
             scale.variance_weight = 1.0
         with_variance = model.anomaly_map(x)
-    torch.testing.assert_close(error_only, sum(errs) / 3, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(with_variance, (sum(errs) + sum(variances)) / 3, rtol=1e-4, atol=1e-4)
-    assert float((with_variance - error_only).abs().max()) > 0.1  # the variance term is not nothing
-    paper = build_model("us", ModelConfig(input_size=SIZE, extra={"variance_weight": 1}))
-    assert all(scale.variance_weight == 1 for scale in paper.scales)
+    error, variance, angle = (sum(terms[k]) for k in ("error", "variance", "angle"))
+    torch.testing.assert_close(default, (error + angle) / 3, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(error_only, error / 3, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(with_variance, (error + variance) / 3, rtol=1e-4, atol=1e-4)
+    assert float((default - error_only).abs().max()) > 0.1  # the angular term is not nothing
+    assert float((with_variance - error_only).abs().max()) > 0.1
+    options = {"variance_weight": 1, "angle_weight": 0}
+    paper = build_model("us", ModelConfig(input_size=SIZE, extra=options))
+    assert all(scale.variance_weight == 1 and scale.angle_weight == 0 for scale in paper.scales)
+
+
+def test_us_angular_error_is_blind_to_magnitude() -> None:
+    """1 − cos(mean S, t̂): 0 where the students point where the teacher does, whatever
+    their length, 2 where they point the opposite way; the squared error sees the length."""
+    from registry.architectures.uninformed_students.anomaly_map import us_anomaly_map
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 8, 4, 4, generator=g)
+    err, _, angle = us_anomaly_map(target, torch.stack([2 * target, 4 * target]))
+    torch.testing.assert_close(angle, torch.zeros_like(angle), atol=1e-5, rtol=0)
+    assert float(err.min()) > 0
+    _, _, opposite = us_anomaly_map(target, -target.unsqueeze(0))
+    torch.testing.assert_close(opposite, torch.full_like(opposite, 2.0), atol=1e-5, rtol=0)
+
+
+def test_us_teachers_see_fresh_general_views_every_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`teacher_general` r: each teacher epoch adds round(r · N) views of the bundled general
+    photos, a new draw each epoch; 0 distils on the training images alone."""
+    from registry.architectures.uninformed_students import model as us_model
+
+    calls: list[tuple[int, tuple[int, int], int]] = []
+    real = us_model.general_views
+
+    def recording(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+        calls.append((n, size, seed))
+        return real(n, size, seed)
+
+    monkeypatch.setattr(us_model, "general_views", recording)
+    x = torch.rand(4, 3, *SIZE)
+    extra = {"teacher_epochs": 2, "patch_sizes": [17, 33], "teacher_general": 1.5}
+    build_model("us", ModelConfig(input_size=SIZE, extra=extra)).fit_setup(x, 4, 1e-3)
+    assert calls == [(6, SIZE, 0), (6, SIZE, 1)] * 2
+    calls.clear()
+    alone = {**extra, "teacher_general": 0}
+    build_model("us", ModelConfig(input_size=SIZE, extra=alone)).fit_setup(x, 4, 1e-3)
+    assert calls == []
 
 
 def test_rd_levels_are_multiplied_by_default_and_added_as_published() -> None:

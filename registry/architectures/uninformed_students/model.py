@@ -5,27 +5,36 @@ For each patch size p (default 17, 33 and 65 px, as in the paper):
 
 1. A *patch-descriptor teacher* (a small fully convolutional network whose receptive
    field is p px; descriptors every 4 px, every 8 px for 65) is distilled from the
-   pretrained backbone on the normal training images: a 1×1 linear decoder maps its
-   descriptors onto the backbone's stride-4 and stride-8 features (`teacher_stages` 2; 3 adds
-   stride 16, which did not help on sample family 2), with the compactness
-   loss decorrelating the descriptor dimensions (`fit_setup`).
+   pretrained backbone: a 1×1 linear decoder maps its descriptors onto the backbone's
+   stride-4 and stride-8 features (`teacher_stages` 2; 3 adds stride 16, which did not help
+   on sample family 2), with the compactness loss decorrelating the descriptor dimensions
+   (`fit_setup`). The paper distils on ImageNet patches, so that the descriptors tell any
+   content apart; no machine here may download ImageNet, so each epoch distils on the
+   normal training images plus `teacher_general` × N fresh views of the general photos
+   bundled with scikit-image (`registry.data.general`; 1.0 by default, 0 distils on the
+   training images alone).
 2. An ensemble of students (same architecture, random init) regresses the teacher's
    descriptors, standardised with the teacher's per-channel mean/std on the training data.
-3. Anomaly score per position = regression error ‖mean(S) − t̂‖², standardised with its
-   mean/std over the training images (`fit_finalize`), upsampled to the input size. The
-   paper adds the ensemble's predictive variance (mean ‖S_m‖² − ‖mean S‖², standardised
-   the same way); `variance_weight` (default 0) weighs it in. Measured here (docs/results.md,
-   "Uninformed Students as published"), the error alone scores the sample data's images
-   better: 0.947 image AUROC against 0.914 with the variance on family 1, equal (0.744) on
-   family 2, from the same trained model.
+3. Anomaly score per position = regression error ‖mean(S) − t̂‖² + `angle_weight` (1.0) ×
+   angular error 1 − cos(mean S, t̂), each standardised with its mean/std over the training
+   images (`fit_finalize`), upsampled to the input size. The angular term is this project's
+   addition: the squared error is dominated by descriptors of large norm, the angle sees a
+   student pointing the wrong way in any descriptor. The paper adds the ensemble's
+   predictive variance (mean ‖S_m‖² − ‖mean S‖², standardised the same way);
+   `variance_weight` (default 0) weighs it in. What each measured on the sample data is in
+   docs/results.md ("Uninformed Students as published" and "Uninformed Students: the
+   teacher is the bottleneck").
 
 The scales' scores are averaged (the paper's multi-scale combination). The metric-learning
 (triplet) term of the teacher's loss is left out: it needs image pairs the CPU budget has
 no room for. The averaged map is smoothed with a Gaussian (as Reverse Distillation's and
 anomalib's maps are) before the image score takes its maximum. `config.extra`:
 `patch_sizes`, `students` (per scale, 3), `dim` (64), `width` (32), `teacher_epochs` (20),
-`compactness` (weight of the decorrelation term, 1.0), `variance_weight` (0; the paper's
-score is 1), `blur_sigma` (4; 0 turns it off).
+`compactness` (weight of the decorrelation term, 1.0), `teacher_general` (general views
+per training image and epoch, 1.0), `angle_weight` (1.0; 0 is the error alone),
+`variance_weight` (0; the paper's score is `angle_weight` 0, `variance_weight` 1),
+`blur_sigma` (4; 0 turns it off). A torch model saved before `angle_weight` existed has no
+angular statistics and is refused by `registry.checkpoint.load_checkpoint` (retrain it).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from registry.architectures.uninformed_students.loss import (
     teacher_distillation_loss,
 )
 from registry.backbones import build_backbone
+from registry.data.general import general_views
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +94,11 @@ class Scale(nn.Module):
     """One patch size: teacher, its decoder onto the backbone, students, statistics."""
 
     def __init__(self, patch: int, dim: int, width: int, students: int, target_ch: int,
-                 variance_weight: float = 0.0) -> None:
+                 variance_weight: float = 0.0, angle_weight: float = 1.0) -> None:
         super().__init__()
         self.patch = patch
         self.variance_weight = variance_weight
+        self.angle_weight = angle_weight
         self.teacher = PatchNet(patch, dim, width)
         self.decoder = nn.Conv2d(dim, target_ch, 1)  # teacher → backbone feature space
         self.students = nn.ModuleList(PatchNet(patch, dim, width) for _ in range(students))
@@ -95,6 +106,7 @@ class Scale(nn.Module):
         self.register_buffer("t_std", torch.ones(1, dim, 1, 1))
         self.register_buffer("err_stats", torch.tensor([0.0, 1.0]))
         self.register_buffer("var_stats", torch.tensor([0.0, 1.0]))
+        self.register_buffer("angle_stats", torch.tensor([0.0, 1.0]))
 
     def descriptors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised teacher descriptors and the students' `(M, B, dim, h, w)`."""
@@ -103,10 +115,12 @@ class Scale(nn.Module):
         return target, torch.stack([s(x) for s in self.students])
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardised error (+ `variance_weight` × standardised variance) `(B, 1, h, w)` on
-        this scale's grid."""
-        e, v = us_anomaly_map(*self.descriptors(x))
+        """Standardised error + `angle_weight` × standardised angular error +
+        `variance_weight` × standardised variance, `(B, 1, h, w)` on this scale's grid."""
+        e, v, a = us_anomaly_map(*self.descriptors(x))
         score = (e - self.err_stats[0]) / self.err_stats[1]
+        if self.angle_weight:
+            score = score + self.angle_weight * (a - self.angle_stats[0]) / self.angle_stats[1]
         if self.variance_weight:
             score = score + self.variance_weight * (v - self.var_stats[0]) / self.var_stats[1]
         return score
@@ -123,6 +137,7 @@ class UninformedStudents(AnomalyModel):
         dim, width = int(extra.get("dim", 64)), int(extra.get("width", 32))
         self.teacher_epochs = int(extra.get("teacher_epochs", 20))
         self.compactness = float(extra.get("compactness", 1.0))
+        self.teacher_general = float(extra.get("teacher_general", 1.0))  # type: ignore[arg-type]
         sigma = float(extra.get("blur_sigma", 4.0))  # type: ignore[arg-type]
         self.blur: nn.Module = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
         self.backbone = self.freeze(build_backbone(config.backbone, pretrained=config.pretrained,
@@ -131,7 +146,9 @@ class UninformedStudents(AnomalyModel):
         target_ch = sum(self.backbone.channels(s) for s in self.backbone_stages)
         patches = tuple(int(p) for p in extra.get("patch_sizes", DEFAULT_PATCH_SIZES))  # type: ignore[union-attr]
         variance = float(extra.get("variance_weight", 0.0))  # type: ignore[arg-type]
-        self.scales = nn.ModuleList(Scale(p, dim, width, int(extra.get("students", 3)), target_ch, variance)
+        angle = float(extra.get("angle_weight", 1.0))  # type: ignore[arg-type]
+        students = int(extra.get("students", 3))
+        self.scales = nn.ModuleList(Scale(p, dim, width, students, target_ch, variance, angle)
                                     for p in patches)
 
     def trainable_parameters(self):  # noqa: D102
@@ -148,11 +165,16 @@ class UninformedStudents(AnomalyModel):
         params = list(scale.teacher.parameters()) + list(scale.decoder.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator().manual_seed(0)
+        n_general = round(self.teacher_general * len(images))
         for epoch in range(self.teacher_epochs):
-            perm = torch.randperm(len(images), generator=gen)
+            seen = images
+            if n_general:  # a fresh draw of general views every epoch
+                views = torch.from_numpy(general_views(n_general, tuple(images.shape[-2:]), seed=epoch))
+                seen = torch.cat([images, views.to(memory_format=torch.channels_last)])
+            perm = torch.randperm(len(seen), generator=gen)
             losses = []
-            for i in range(0, len(images), batch_size):
-                batch = images[perm[i:i + batch_size]]
+            for i in range(0, len(seen), batch_size):
+                batch = seen[perm[i:i + batch_size]]
                 desc = scale.teacher(self.normalize(batch))
                 decoded = scale.decoder(desc)
                 target = self._backbone_targets(batch)
@@ -176,7 +198,8 @@ class UninformedStudents(AnomalyModel):
             scale.t_std.copy_(desc.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
 
     def fit_setup(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
-        """Distil each scale's teacher on the training images, then fix its statistics."""
+        """Distil each scale's teacher on the training images (and `teacher_general` × N general
+        views per epoch), then fix its descriptor statistics on the training images alone."""
         for scale in self.scales:
             self._distil(scale, images, batch_size, lr)
 
@@ -186,17 +209,15 @@ class UninformedStudents(AnomalyModel):
         return sum(student_loss(*scale.descriptors(x)) for scale in self.scales) / len(self.scales)
 
     def fit_finalize(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
-        """Standardisation statistics of error and variance over the training images."""
+        """Standardisation statistics of error, variance and angular error over the training
+        images."""
         for scale in self.scales:
-            errs, variances = [], []
             with torch.no_grad():
-                for i in range(0, len(images), batch_size):
-                    e, v = us_anomaly_map(*scale.descriptors(self.normalize(images[i:i + batch_size])))
-                    errs.append(e.flatten())
-                    variances.append(v.flatten())
-            e, v = torch.cat(errs), torch.cat(variances)
-            scale.err_stats.copy_(torch.stack([e.mean(), e.std().clamp_min(1e-6)]))
-            scale.var_stats.copy_(torch.stack([v.mean(), v.std().clamp_min(1e-6)]))
+                terms = [us_anomaly_map(*scale.descriptors(self.normalize(images[i:i + batch_size])))
+                         for i in range(0, len(images), batch_size)]
+            for k, stats in enumerate((scale.err_stats, scale.var_stats, scale.angle_stats)):
+                t = torch.cat([batch[k].flatten() for batch in terms])
+                stats.copy_(torch.stack([t.mean(), t.std().clamp_min(1e-6)]))
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.normalize(images)
