@@ -15,10 +15,13 @@ from registry.export import export_onnx
 SIZE = (64, 64)
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_interface_training_and_export(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "extra"), [
+    *((name, {}) for name in sorted(ARCHITECTURES)),
+    ("us", {"teacher": "distilled", "teacher_epochs": 2}),
+], ids=[*sorted(ARCHITECTURES), "us-distilled"])
+def test_interface_training_and_export(name: str, extra: dict[str, object], tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_model(name, ModelConfig(input_size=SIZE, extra={"teacher_epochs": 2}))
+    model = build_model(name, ModelConfig(input_size=SIZE, extra=extra))
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(4, 3, *SIZE)
     model.fit_setup(x, 4, 3e-3)
@@ -50,21 +53,28 @@ def test_interface_training_and_export(name: str, tmp_path: Path) -> None:
     assert amap.shape == (3, 1, *SIZE) and score.shape == (3,)
 
 
-def test_us_standardises_with_training_statistics() -> None:
+@pytest.mark.parametrize("teacher", ["backbone", "distilled"])
+def test_us_standardises_with_training_statistics(teacher: str) -> None:
+    """Teacher descriptors are standardised on the training images; the backbone teacher's
+    are also decorrelated (PCA whitening), what the distilled teacher's compactness loss
+    only pushes towards."""
     torch.manual_seed(0)
-    model = build_model("us", ModelConfig(input_size=SIZE, extra={"teacher_epochs": 1}))
+    model = build_model("us", ModelConfig(input_size=SIZE, extra={"teacher": teacher, "teacher_epochs": 1}))
     x = torch.rand(6, 3, *SIZE)
     model.fit_setup(x, 6, 1e-3)
     model.eval()
     model.fit_finalize(x, 6, 1e-3)
     assert [scale.patch for scale in model.scales] == [17, 33, 65]
     with torch.no_grad():
-        for scale in model.scales:
-            target, preds = scale.descriptors(model.normalize(x))
+        for target, preds in model.descriptors(x):
             # teacher descriptors standardised on the same data: mean ≈ 0, std ≈ 1 per channel
             assert target.mean(dim=(0, 2, 3)).abs().max() < 1e-3
             assert (target.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
             assert preds.shape[0] == 3
+            if teacher == "backbone":
+                corr = torch.corrcoef(target.permute(1, 0, 2, 3).flatten(1))
+                off_diagonal = corr - torch.diag(torch.diagonal(corr))
+                assert float(off_diagonal.abs().max()) < 1e-3
         amap = model.anomaly_map(x)
     # the error standardised on the same data: the averaged map averages ≈ 0
     assert abs(float(amap.mean())) < 0.2
@@ -87,8 +97,8 @@ def test_us_score_is_the_documented_sum_of_standardised_terms() -> None:
     with torch.no_grad():
         default = model.anomaly_map(x)
         terms: dict[str, list[torch.Tensor]] = {"error": [], "variance": [], "angle": []}
-        for scale in model.scales:
-            e, v, a = us_anomaly_map(*scale.descriptors(model.normalize(x)))
+        for scale, pair in zip(model.scales, model.descriptors(x), strict=True):
+            e, v, a = us_anomaly_map(*pair)
             for name, t, stats in (("error", e, scale.err_stats), ("variance", v, scale.var_stats),
                                    ("angle", a, scale.angle_stats)):
                 terms[name].append(upsample_to((t - stats[0]) / stats[1], SIZE))
@@ -137,7 +147,7 @@ def test_us_teachers_see_fresh_general_views_every_epoch(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(us_model, "general_views", recording)
     x = torch.rand(4, 3, *SIZE)
-    extra = {"teacher_epochs": 2, "patch_sizes": [17, 33], "teacher_general": 1.5}
+    extra = {"teacher": "distilled", "teacher_epochs": 2, "patch_sizes": [17, 33], "teacher_general": 1.5}
     build_model("us", ModelConfig(input_size=SIZE, extra=extra)).fit_setup(x, 4, 1e-3)
     assert calls == [(6, SIZE, 0), (6, SIZE, 1)] * 2
     calls.clear()

@@ -14,7 +14,7 @@ ARCHITECTURES: dict[str, type[AnomalyModel]] = {
 # CPU-budget schedules used by the demo and `anomaly compare` (sample data, 2 cores):
 # epochs per architecture and extra options. Pass explicit values for full training.
 DEFAULT_EPOCHS: dict[str, int] = {"stfpm": 40, "rd": 30, "us": 20}
-DEFAULT_EXTRA: dict[str, dict[str, object]] = {"us": {"teacher_epochs": 10}}
+DEFAULT_EXTRA: dict[str, dict[str, object]] = {}
 # QAT fine-tuning epochs per architecture in the same budget.
 DEFAULT_QAT_EPOCHS: dict[str, int] = {"stfpm": 3, "rd": 3, "us": 2}
 

@@ -161,10 +161,13 @@ class EfficientNetLite0(nn.Module):
         return self._fc(x)
 
     def truncate(self, deepest_stage: int) -> EfficientNetLite0:
-        """Drop the blocks after `deepest_stage` and the classifier head (saves compute)."""
+        """Drop the blocks after `deepest_stage` and the classifier head (saves compute); a
+        second call may truncate further."""
         keep = STAGE_ENDS[deepest_stage].block_index + 1
         self._blocks = self._blocks[:keep]
-        del self._conv_head, self._bn1, self._fc
+        for name in ("_conv_head", "_bn1", "_fc"):
+            if hasattr(self, name):
+                delattr(self, name)
         return self
 
 

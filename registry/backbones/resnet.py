@@ -104,10 +104,11 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def truncate(self, deepest_stage: int) -> ResNet:
-        """Drop the layers after `deepest_stage` and the classifier."""
-        for i in range(deepest_stage + 1, 4):
-            delattr(self, f"layer{i + 1}")
-        del self.fc
+        """Drop the layers after `deepest_stage` and the classifier; a second call may
+        truncate further."""
+        for name in (*(f"layer{i + 1}" for i in range(deepest_stage + 1, 4)), "fc"):
+            if hasattr(self, name):
+                delattr(self, name)
         return self
 
 

@@ -3,20 +3,25 @@ published.
 
 For each patch size p (default 17, 33 and 65 px, as in the paper):
 
-1. A *patch-descriptor teacher* (a small fully convolutional network whose receptive
-   field is p px; descriptors every 4 px, every 8 px for 65) is distilled from the
-   pretrained backbone: a 1×1 linear decoder maps its descriptors onto the backbone's
-   stride-4 and stride-8 features (`teacher_stages` 2; 3 adds stride 16, which did not help
-   on sample family 2), with the compactness loss decorrelating the descriptor dimensions
-   (`fit_setup`). The paper distils on ImageNet patches, so that the descriptors tell any
-   content apart; no machine here may download ImageNet. Here the teachers are distilled
-   on the normal training images; `teacher_general` r adds, each epoch, r × N fresh views
-   of the general photos bundled with scikit-image (`registry.data.general`, an offline
-   stand-in for ImageNet). Off by default: it raised the image AUROC on one family and
-   lowered it on the other, lowered the localisation on the demo's data, and doubles the
-   teachers' training time.
-2. An ensemble of students (same architecture, random init) regresses the teacher's
-   descriptors, standardised with the teacher's per-channel mean/std on the training data.
+1. A *teacher* gives a descriptor of every patch, pretrained on ImageNet, in one of two
+   ways (`teacher`):
+   - `backbone` (default): the frozen ImageNet backbone itself, its stride-4 and stride-8
+     stages (`teacher_stages` 2: receptive fields of 19 and 67 px for EfficientNet-Lite0),
+     concatenated on the scale's grid and PCA-whitened on the training images (`dim`
+     leading components, each of unit variance; `fit_setup`): decorrelated dimensions, the
+     aim of the paper's compactness loss, in closed form.
+   - `distilled` (the paper's): a small fully convolutional patch network whose receptive
+     field is exactly p px, distilled from the backbone (a 1×1 linear decoder onto the same
+     features) with the compactness loss decorrelating its dimensions. The paper distils on
+     ImageNet patches, so that the descriptors tell any content apart; no machine here may
+     download ImageNet, so the teachers are distilled on the normal training images
+     (`teacher_general` r adds r × N fresh views per epoch of the general photos bundled
+     with scikit-image, `registry.data.general`). A teacher that has seen only normal
+     parts does not tell a defect from them: on sample family 2 it was no better than an
+     untrained one (docs/results.md, "Uninformed Students: an ImageNet teacher").
+2. An ensemble of students (`PatchNet`s whose receptive field is exactly p px; descriptors
+   every 4 px, every 8 px for 65; random init) regresses the teacher's standardised
+   descriptors on the training images.
 3. Anomaly score per position = regression error ‖mean(S) − t̂‖² + `angle_weight` (1.0) ×
    angular error 1 − cos(mean S, t̂), each standardised with its mean/std over the training
    images (`fit_finalize`), upsampled to the input size. The angular term is this project's
@@ -24,19 +29,21 @@ For each patch size p (default 17, 33 and 65 px, as in the paper):
    student pointing the wrong way in any descriptor. The paper adds the ensemble's
    predictive variance (mean ‖S_m‖² − ‖mean S‖², standardised the same way);
    `variance_weight` (default 0) weighs it in. What each measured on the sample data is in
-   docs/results.md ("Uninformed Students as published" and "Uninformed Students: the
-   teacher is the bottleneck").
+   docs/results.md ("Uninformed Students as published" and the sections after it).
 
 The scales' scores are averaged (the paper's multi-scale combination). The metric-learning
-(triplet) term of the teacher's loss is left out: it needs image pairs the CPU budget has
-no room for. The averaged map is smoothed with a Gaussian (as Reverse Distillation's and
-anomalib's maps are) before the image score takes its maximum. `config.extra`:
-`patch_sizes`, `students` (per scale, 3), `dim` (64), `width` (32), `teacher_epochs` (20),
-`compactness` (weight of the decorrelation term, 1.0), `teacher_general` (general views
-per training image and epoch, 0), `angle_weight` (1.0; 0 is the error alone),
+(triplet) term of the distilled teacher's loss is left out: it needs image pairs the CPU
+budget has no room for. The averaged map is smoothed with a Gaussian (as Reverse
+Distillation's and anomalib's maps are) before the image score takes its maximum.
+`config.extra`: `teacher` (`backbone` | `distilled`), `teacher_stages` (2), `patch_sizes`,
+`students` (per scale, 3), `dim` (64; at most the backbone stages' channels for the
+backbone teacher), `width` (32), `angle_weight` (1.0; 0 is the error alone),
 `variance_weight` (0; the paper's score is `angle_weight` 0, `variance_weight` 1),
-`blur_sigma` (4; 0 turns it off). A torch model saved before `angle_weight` existed has no
-angular statistics and is refused by `registry.checkpoint.load_checkpoint` (retrain it).
+`blur_sigma` (4; 0 turns it off); for the distilled teacher `teacher_epochs` (20),
+`compactness` (weight of the decorrelation term, 1.0) and `teacher_general` (general views
+per training image and epoch, 0). The weights of a torch model saved before the backbone
+teacher became the default do not fit this model: `registry.checkpoint` refuses them
+(retrain it).
 """
 
 from __future__ import annotations
@@ -93,16 +100,28 @@ class PatchNet(nn.Module):
 
 
 class Scale(nn.Module):
-    """One patch size: teacher, its decoder onto the backbone, students, statistics."""
+    """One patch size: its teacher, its students and their statistics.
+
+    With `distilled` the teacher is a `PatchNet` with a linear decoder onto the backbone
+    (the paper's); otherwise it is the backbone's features on this scale's grid, whitened
+    onto their `dim` leading principal axes by `project` (a frozen 1×1 conv fitted by
+    `fit_whitening`).
+    """
 
     def __init__(self, patch: int, dim: int, width: int, students: int, target_ch: int,
-                 variance_weight: float = 0.0, angle_weight: float = 1.0) -> None:
+                 variance_weight: float = 0.0, angle_weight: float = 1.0, distilled: bool = False) -> None:
         super().__init__()
         self.patch = patch
         self.variance_weight = variance_weight
         self.angle_weight = angle_weight
-        self.teacher = PatchNet(patch, dim, width)
-        self.decoder = nn.Conv2d(dim, target_ch, 1)  # teacher → backbone feature space
+        self.distilled = distilled
+        if distilled:
+            self.teacher = PatchNet(patch, dim, width)
+            self.decoder = nn.Conv2d(dim, target_ch, 1)  # teacher → backbone feature space
+        else:
+            dim = min(dim, target_ch)
+            self.project = nn.Conv2d(target_ch, dim, 1)  # backbone features → principal axes
+            AnomalyModel.freeze(self.project)
         self.students = nn.ModuleList(PatchNet(patch, dim, width) for _ in range(students))
         self.register_buffer("t_mean", torch.zeros(1, dim, 1, 1))
         self.register_buffer("t_std", torch.ones(1, dim, 1, 1))
@@ -110,22 +129,69 @@ class Scale(nn.Module):
         self.register_buffer("var_stats", torch.tensor([0.0, 1.0]))
         self.register_buffer("angle_stats", torch.tensor([0.0, 1.0]))
 
-    def descriptors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised teacher descriptors and the students' `(M, B, dim, h, w)`."""
-        with torch.no_grad():
-            target = (self.teacher(x) - self.t_mean) / self.t_std
-        return target, torch.stack([s(x) for s in self.students])
+    def raw_teacher(self, x: torch.Tensor, features: torch.Tensor | None,
+                    size: tuple[int, int]) -> torch.Tensor:
+        """Unstandardised teacher descriptors on the `size` grid, from the normalised image
+        `x` (distilled teacher) or the backbone's `features` (backbone teacher)."""
+        if self.distilled:
+            return self.teacher(x)
+        if features is None:
+            raise ValueError("the backbone teacher needs the backbone's features")
+        if tuple(features.shape[-2:]) != size:
+            features = upsample_to(features, size)
+        return self.project(features)
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
+    def descriptors(self, x: torch.Tensor,
+                    features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised teacher descriptors and the students' `(M, B, dim, h, w)`."""
+        preds = torch.stack([s(x) for s in self.students])
+        with torch.no_grad():
+            raw = self.raw_teacher(x, features, tuple(preds.shape[-2:]))
+            target = (raw - self.t_mean) / self.t_std
+        return target, preds
+
+    def fit_whitening(self, features: list[torch.Tensor], size: tuple[int, int]) -> None:
+        """Set `project` to PCA whitening of the backbone `features` (every position of the
+        training images, resampled to this scale's grid): their `dim` leading principal
+        components, each centred and scaled to unit variance. The decorrelated descriptor
+        the paper's compactness loss trains its teacher towards, in closed form."""
+        n, total, outer = 0, None, None
+        for f in features:
+            if tuple(f.shape[-2:]) != size:
+                f = upsample_to(f, size)
+            v = f.permute(1, 0, 2, 3).flatten(1).double()  # (C, positions)
+            n += v.shape[1]
+            total = v.sum(1) if total is None else total + v.sum(1)
+            outer = v @ v.T if outer is None else outer + v @ v.T
+        assert total is not None and outer is not None
+        mean = total / n
+        cov = outer / n - torch.outer(mean, mean)
+        variances, axes = torch.linalg.eigh(cov)  # ascending
+        dim = self.project.out_channels
+        std = variances.flip(0)[:dim].clamp_min(0).sqrt()
+        std = std.clamp_min(1e-3 * float(std.max()))  # a near-empty component is not blown up
+        # rows: the leading axes, largest variance first, each scaled to unit variance; the
+        # conv itself outputs the whitened descriptor (balanced ranges when quantized)
+        whiten = axes.flip(1)[:, :dim].T / std[:, None]
+        with torch.no_grad():
+            self.project.weight.copy_(whiten.float()[:, :, None, None])
+            self.project.bias.copy_((-whiten @ mean).float())
+            self.t_mean.zero_()
+            self.t_std.fill_(1.0)
+
+    def score(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised error + `angle_weight` × standardised angular error +
         `variance_weight` × standardised variance, `(B, 1, h, w)` on this scale's grid."""
-        e, v, a = us_anomaly_map(*self.descriptors(x))
+        e, v, a = us_anomaly_map(*self.descriptors(x, features))
         score = (e - self.err_stats[0]) / self.err_stats[1]
         if self.angle_weight:
             score = score + self.angle_weight * (a - self.angle_stats[0]) / self.angle_stats[1]
         if self.variance_weight:
             score = score + self.variance_weight * (v - self.var_stats[0]) / self.var_stats[1]
         return score
+
+
+TEACHERS = ("backbone", "distilled")
 
 
 class UninformedStudents(AnomalyModel):
@@ -137,32 +203,49 @@ class UninformedStudents(AnomalyModel):
         super().__init__(config)
         extra = config.extra
         dim, width = int(extra.get("dim", 64)), int(extra.get("width", 32))
+        teacher = str(extra.get("teacher", "backbone"))
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, not {teacher!r}")
+        self.distilled = teacher == "distilled"
         self.teacher_epochs = int(extra.get("teacher_epochs", 20))
         self.compactness = float(extra.get("compactness", 1.0))
         self.teacher_general = float(extra.get("teacher_general", 0.0))  # type: ignore[arg-type]
         sigma = float(extra.get("blur_sigma", 4.0))  # type: ignore[arg-type]
         self.blur: nn.Module = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
-        self.backbone = self.freeze(build_backbone(config.backbone, pretrained=config.pretrained,
-                                                   weights=config.backbone_weights))
-        self.backbone_stages = tuple(self.backbone.default_stages[:int(extra.get("teacher_stages", 2))])
+        backbone = build_backbone(config.backbone, pretrained=config.pretrained,
+                                  weights=config.backbone_weights)
+        self.backbone_stages = tuple(backbone.default_stages[:int(extra.get("teacher_stages", 2))])
+        self.backbone = self.freeze(backbone.truncate(max(self.backbone_stages)))
         target_ch = sum(self.backbone.channels(s) for s in self.backbone_stages)
         patches = tuple(int(p) for p in extra.get("patch_sizes", DEFAULT_PATCH_SIZES))  # type: ignore[union-attr]
         variance = float(extra.get("variance_weight", 0.0))  # type: ignore[arg-type]
         angle = float(extra.get("angle_weight", 1.0))  # type: ignore[arg-type]
         students = int(extra.get("students", 3))
-        self.scales = nn.ModuleList(Scale(p, dim, width, students, target_ch, variance, angle)
+        self.scales = nn.ModuleList(Scale(p, dim, width, students, target_ch, variance, angle, self.distilled)
                                     for p in patches)
 
     def trainable_parameters(self):  # noqa: D102
         return (p for s in self.scales for p in s.students.parameters())
 
-    # -- phase 1: distil the patch-descriptor teachers from the backbone -----------------
-    def _backbone_targets(self, images: torch.Tensor) -> torch.Tensor:
+    def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher stages of the frozen backbone on the normalised `x`, concatenated at
+        the shallowest stage's resolution (stride 4 for the default stages)."""
         with torch.no_grad():
-            feats = self.backbone.features(self.normalize(images), self.backbone_stages)
+            feats = self.backbone.features(x, self.backbone_stages)
             size = tuple(feats[0].shape[-2:])
             return torch.cat([feats[0], *(upsample_to(f, size) for f in feats[1:])], dim=1)
 
+    def _teacher_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the backbone teacher reads (computed once for every scale); None when the
+        teachers are distilled patch networks, which read the image."""
+        return None if self.distilled else self._backbone_features(x)
+
+    def _batches(self, images: torch.Tensor, batch_size: int):
+        for i in range(0, len(images), batch_size):
+            x = self.normalize(images[i:i + batch_size])
+            yield x, self._teacher_features(x)
+
+    # -- phase 1: the teachers ------------------------------------------------------------
     def _distil(self, scale: Scale, images: torch.Tensor, batch_size: int, lr: float) -> None:
         params = list(scale.teacher.parameters()) + list(scale.decoder.parameters())
         opt = torch.optim.Adam(params, lr=lr)
@@ -176,10 +259,10 @@ class UninformedStudents(AnomalyModel):
             perm = torch.randperm(len(seen), generator=gen)
             losses = []
             for i in range(0, len(seen), batch_size):
-                batch = seen[perm[i:i + batch_size]]
-                desc = scale.teacher(self.normalize(batch))
+                x = self.normalize(seen[perm[i:i + batch_size]])
+                desc = scale.teacher(x)
                 decoded = scale.decoder(desc)
-                target = self._backbone_targets(batch)
+                target = self._backbone_features(x)
                 if target.shape[-2:] != decoded.shape[-2:]:
                     target = upsample_to(target, tuple(decoded.shape[-2:]))
                 loss = teacher_distillation_loss(decoded, target)
@@ -194,34 +277,50 @@ class UninformedStudents(AnomalyModel):
         self.freeze(scale.teacher)
         self.freeze(scale.decoder)
         with torch.no_grad():
-            desc = torch.cat([scale.teacher(self.normalize(images[i:i + batch_size]))
-                              for i in range(0, len(images), batch_size)])
+            desc = torch.cat([scale.teacher(x) for x, _ in self._batches(images, batch_size)])
             scale.t_mean.copy_(desc.mean(dim=(0, 2, 3), keepdim=True))
             scale.t_std.copy_(desc.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
 
     def fit_setup(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
-        """Distil each scale's teacher on the training images (and `teacher_general` × N general
+        """Backbone teacher: fit each scale's whitening on the training images. Distilled
+        teachers: distil each on the training images (and `teacher_general` × N general
         views per epoch), then fix its descriptor statistics on the training images alone."""
+        if self.distilled:
+            for scale in self.scales:
+                self._distil(scale, images, batch_size, lr)
+            return
+        features = [f for _, f in self._batches(images, batch_size)]
+        assert all(f is not None for f in features)
         for scale in self.scales:
-            self._distil(scale, images, batch_size, lr)
+            with torch.no_grad():
+                size = tuple(scale.students[0](self.normalize(images[:1])).shape[-2:])
+            scale.fit_whitening(features, size)  # type: ignore[arg-type]
 
     # -- phase 2: students ------------------------------------------------------------
-    def loss(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def descriptors(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per scale, the standardised teacher descriptors and the students' predictions for
+        `images` in [0, 1]."""
         x = self.normalize(images)
-        return sum(student_loss(*scale.descriptors(x)) for scale in self.scales) / len(self.scales)
+        features = self._teacher_features(x)
+        return [scale.descriptors(x, features) for scale in self.scales]
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return sum(student_loss(*pair) for pair in self.descriptors(images)) / len(self.scales)
 
     def fit_finalize(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
         """Standardisation statistics of error, variance and angular error over the training
         images."""
         for scale in self.scales:
             with torch.no_grad():
-                terms = [us_anomaly_map(*scale.descriptors(self.normalize(images[i:i + batch_size])))
-                         for i in range(0, len(images), batch_size)]
+                terms = [us_anomaly_map(*scale.descriptors(x, f))
+                         for x, f in self._batches(images, batch_size)]
             for k, stats in enumerate((scale.err_stats, scale.var_stats, scale.angle_stats)):
                 t = torch.cat([batch[k].flatten() for batch in terms])
                 stats.copy_(torch.stack([t.mean(), t.std().clamp_min(1e-6)]))
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.normalize(images)
+        features = self._teacher_features(x)
         size = tuple(images.shape[-2:])
-        return self.blur(sum(upsample_to(scale.score(x), size) for scale in self.scales) / len(self.scales))
+        return self.blur(sum(upsample_to(scale.score(x, features), size) for scale in self.scales)
+                         / len(self.scales))
