@@ -80,6 +80,35 @@ def test_us_standardises_with_training_statistics(teacher: str) -> None:
     assert abs(float(amap.mean())) < 0.2
 
 
+def test_us_whitening_statistics_accumulate_over_batches() -> None:
+    """The backbone teacher's whitening is fitted in one pass over the training batches,
+    none kept: the accumulated moments are those of every position at once."""
+    from registry.architectures.uninformed_students.model import Moments
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 5, 3, 4, generator=g) * torch.arange(1, 6).view(1, 5, 1, 1) + 2
+               for n in (2, 3, 1)]
+    moments = Moments()
+    for b in batches:
+        moments.add(b)
+    mean, cov = moments.mean_cov()
+    every = torch.cat(batches).permute(1, 0, 2, 3).flatten(1).double()
+    torch.testing.assert_close(mean, every.mean(1))
+    torch.testing.assert_close(cov, torch.cov(every, correction=0))
+    with pytest.raises(ValueError, match="no features"):
+        Moments().mean_cov()
+
+
+def test_us_backbone_teacher_refuses_features_that_do_not_vary() -> None:
+    """No variance, no whitening: a clear error, not a teacher of infinite weights."""
+    scale = build_model("us", ModelConfig(input_size=SIZE)).scales[0]
+    channels = scale.project.in_channels
+    with pytest.raises(ValueError, match="do not vary"):
+        scale.fit_whitening(torch.zeros(channels, dtype=torch.float64),
+                            torch.zeros(channels, channels, dtype=torch.float64))
+    assert torch.isfinite(scale.project.weight).all()
+
+
 def test_us_score_is_the_documented_sum_of_standardised_terms() -> None:
     """The default score is the standardised regression error + the standardised angular
     error; `angle_weight=0` is the error alone, `variance_weight=1` adds the paper's

@@ -99,6 +99,34 @@ class PatchNet(nn.Module):
         return self.net(x)
 
 
+class Moments:
+    """Mean and covariance of the channel vectors at every position of `(B, C, h, w)`
+    batches, accumulated in float64 without keeping the batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    def add(self, batch: torch.Tensor) -> None:
+        """Count every position of `batch`."""
+        v = batch.permute(1, 0, 2, 3).flatten(1).double()  # (C, positions)
+        self.n += v.shape[1]
+        self.total = v.sum(1) if self.total is None else self.total + v.sum(1)
+        self.outer = v @ v.T if self.outer is None else self.outer + v @ v.T
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(C,)` mean and `(C, C)` covariance of what was added.
+
+        Raises:
+            ValueError: if nothing was.
+        """
+        if self.total is None or self.outer is None:
+            raise ValueError("no features to fit the whitening on")
+        mean = self.total / self.n
+        return mean, self.outer / self.n - torch.outer(mean, mean)
+
+
 class Scale(nn.Module):
     """One patch size: its teacher, its students and their statistics.
 
@@ -150,25 +178,22 @@ class Scale(nn.Module):
             target = (raw - self.t_mean) / self.t_std
         return target, preds
 
-    def fit_whitening(self, features: list[torch.Tensor], size: tuple[int, int]) -> None:
-        """Set `project` to PCA whitening of the backbone `features` (every position of the
-        training images, resampled to this scale's grid): their `dim` leading principal
-        components, each centred and scaled to unit variance. The decorrelated descriptor
-        the paper's compactness loss trains its teacher towards, in closed form."""
-        n, total, outer = 0, None, None
-        for f in features:
-            if tuple(f.shape[-2:]) != size:
-                f = upsample_to(f, size)
-            v = f.permute(1, 0, 2, 3).flatten(1).double()  # (C, positions)
-            n += v.shape[1]
-            total = v.sum(1) if total is None else total + v.sum(1)
-            outer = v @ v.T if outer is None else outer + v @ v.T
-        assert total is not None and outer is not None
-        mean = total / n
-        cov = outer / n - torch.outer(mean, mean)
+    def fit_whitening(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Set `project` to PCA whitening of the backbone features, given their per-channel
+        `mean` and covariance `cov` over every position of the training images on this
+        scale's grid: their `dim` leading principal components, each centred and scaled to
+        unit variance. The decorrelated descriptor the paper's compactness loss trains its
+        teacher towards, in closed form.
+
+        Raises:
+            ValueError: if the features do not vary at all.
+        """
         variances, axes = torch.linalg.eigh(cov)  # ascending
         dim = self.project.out_channels
         std = variances.flip(0)[:dim].clamp_min(0).sqrt()
+        if not float(std.max()) > 0:
+            raise ValueError("the backbone features do not vary over the training images "
+                             "(all alike?): the teacher's whitening cannot be fitted")
         std = std.clamp_min(1e-3 * float(std.max()))  # a near-empty component is not blown up
         # rows: the leading axes, largest variance first, each scaled to unit variance; the
         # conv itself outputs the whitened descriptor (balanced ranges when quantized)
@@ -289,12 +314,16 @@ class UninformedStudents(AnomalyModel):
             for scale in self.scales:
                 self._distil(scale, images, batch_size, lr)
             return
-        features = [f for _, f in self._batches(images, batch_size)]
-        assert all(f is not None for f in features)
-        for scale in self.scales:
-            with torch.no_grad():
-                size = tuple(scale.students[0](self.normalize(images[:1])).shape[-2:])
-            scale.fit_whitening(features, size)  # type: ignore[arg-type]
+        with torch.no_grad():
+            first = self.normalize(images[:1])
+            grids = [tuple(scale.students[0](first).shape[-2:]) for scale in self.scales]
+        moments = [Moments() for _ in self.scales]
+        for _, features in self._batches(images, batch_size):  # one pass, nothing kept
+            assert features is not None
+            for m, grid in zip(moments, grids, strict=True):
+                m.add(features if tuple(features.shape[-2:]) == grid else upsample_to(features, grid))
+        for scale, m in zip(self.scales, moments, strict=True):
+            scale.fit_whitening(*m.mean_cov())
 
     # -- phase 2: students ------------------------------------------------------------
     def descriptors(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
