@@ -49,6 +49,7 @@ teacher became the default do not fit this model: `registry.checkpoint` refuses 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -265,7 +266,9 @@ class UninformedStudents(AnomalyModel):
         teachers are distilled patch networks, which read the image."""
         return None if self.distilled else self._backbone_features(x)
 
-    def _batches(self, images: torch.Tensor, batch_size: int):
+    def _batches(self, images: torch.Tensor,
+                 batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """`(normalised batch, its teacher features)` over `images` in order."""
         for i in range(0, len(images), batch_size):
             x = self.normalize(images[i:i + batch_size])
             yield x, self._teacher_features(x)
@@ -339,12 +342,14 @@ class UninformedStudents(AnomalyModel):
     def fit_finalize(self, images: torch.Tensor, batch_size: int, lr: float) -> None:
         """Standardisation statistics of error, variance and angular error over the training
         images."""
-        for scale in self.scales:
-            with torch.no_grad():
-                terms = [us_anomaly_map(*scale.descriptors(x, f))
-                         for x, f in self._batches(images, batch_size)]
+        terms: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in self.scales]
+        with torch.no_grad():
+            for x, features in self._batches(images, batch_size):
+                for scale, kept in zip(self.scales, terms, strict=True):
+                    kept.append(us_anomaly_map(*scale.descriptors(x, features)))
+        for scale, kept in zip(self.scales, terms, strict=True):
             for k, stats in enumerate((scale.err_stats, scale.var_stats, scale.angle_stats)):
-                t = torch.cat([batch[k].flatten() for batch in terms])
+                t = torch.cat([batch[k].flatten() for batch in kept])
                 stats.copy_(torch.stack([t.mean(), t.std().clamp_min(1e-6)]))
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
