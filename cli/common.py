@@ -1,10 +1,11 @@
-"""Helpers every command group shares: list options, the command line as run, settings
-errors, and the SDK's security options."""
+"""Helpers every command group shares: list and JSON options, the command line as run,
+settings errors, and the SDK's security options."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -20,6 +21,24 @@ if TYPE_CHECKING:
 def split_csv(value: str) -> list[str]:
     """The items of a comma-separated option value (`"a,b,"` → `["a", "b"]`)."""
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def json_object(value: str, param_hint: str) -> dict[str, object]:
+    """An option given as a JSON object (`""` → `{}`).
+
+    Raises:
+        typer.BadParameter: not JSON, or not an object.
+    """
+    if not value.strip():
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint=param_hint) from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("must be a JSON object, e.g. '{\"teacher\": \"distilled\"}'",
+                                 param_hint=param_hint)
+    return parsed
 
 
 def command_line() -> str:

@@ -4,13 +4,12 @@ repository's results (the `train` extra). Their defaults are this repository's f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import command_line, fail, split_csv
+from cli.common import command_line, fail, json_object, split_csv
 
 
 def compare_cmd(
@@ -115,10 +114,7 @@ def families_study_cmd(
     configure_logging("INFO")
     try:
         fams = [int(f) for f in split_csv(families)]
-        options = json.loads(extra) if extra else None
-        if options is not None and not isinstance(options, dict):
-            raise ValueError("--extra must be a JSON object")
-        rows = run(home, out, split_csv(architectures), fams, command_line(), options)
+        rows = run(home, out, split_csv(architectures), fams, command_line(), json_object(extra, "--extra"))
     except ValueError as exc:
         raise fail(str(exc), 2) from exc
     for r in rows:

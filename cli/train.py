@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from anomaly.wire import DEFAULT_MODEL_NAME
-from cli.common import fail, settings, split_csv
+from cli.common import fail, json_object, settings, split_csv
 
 if TYPE_CHECKING:
     from registry.pipeline import BuildResult
@@ -33,6 +33,21 @@ Variants = Annotated[str, typer.Option(help="comma-separated: fp32, fp16, ptq-in
 Calibration = Annotated[str, typer.Option(
     help="PTQ calibration <data>-<method>: data real|random, method minmax|entropy|percentile")]
 QatEpochs = Annotated[int, typer.Option(help="QAT fine-tuning epochs (0 = 3, 2 for us)")]
+Options = Annotated[str, typer.Option(
+    help='architecture options over the defaults, a JSON object; each architecture takes the keys '
+         'it reads, a key none reads is an error (e.g. \'{"teacher": "distilled"}\' for us, '
+         '\'{"level_combine": "sum"}\' for rd)')]
+
+
+def _extras(architectures: list[str], options: str) -> dict[str, dict[str, object]]:
+    """Each architecture's `ModelConfig.extra`: its CPU-budget defaults, then `--options`."""
+    from registry.architectures import DEFAULT_EXTRA, split_options
+
+    try:
+        own = split_options(architectures, json_object(options, "--options"))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--options") from None
+    return {a: {**DEFAULT_EXTRA.get(a, {}), **own[a]} for a in architectures}
 
 
 def sample_data_cmd(
@@ -134,6 +149,7 @@ def build_cmd(
     tile_stride: Annotated[int, typer.Option(
         help="pixels between tiles (0 = input size − 2 × score margin: every pixel lies inside some "
              "tile's interior)")] = 0,
+    options: Options = "",
     seed: Seed = 0,
     work_dir: WorkDir = Path("runs"),
     tracking_uri: TrackingUri = None,
@@ -143,13 +159,7 @@ def build_cmd(
     register each variant as a version (alias `<arch>-<variant>`); the FP32 version is always
     registered, with the trained torch model, so that `anomaly variants --from` can add
     variants later. Ends with the comparison table."""
-    from registry.architectures import (
-        ARCHITECTURES,
-        DEFAULT_EPOCHS,
-        DEFAULT_EXTRA,
-        DEFAULT_QAT_EPOCHS,
-        ModelConfig,
-    )
+    from registry.architectures import ARCHITECTURES, DEFAULT_EPOCHS, DEFAULT_QAT_EPOCHS, ModelConfig
     from registry.data.mvtec import DatasetLayoutError
     from registry.pipeline import build_architecture
     from registry.train import TrainConfig
@@ -161,6 +171,7 @@ def build_cmd(
     if input_size % 32:
         raise typer.BadParameter("must be a multiple of 32", param_hint="--input-size")
     chosen, calib = _variants(variants), _calibration(calibration)
+    extras = _extras(archs, options)
     tiling = None
     if tile_image_size:
         from service.tiling import Tiling
@@ -188,7 +199,7 @@ def build_cmd(
                 model_config=ModelConfig(
                     input_size=(input_size, input_size), backbone=backbone,
                     backbone_weights=str(backbone_weights) if backbone_weights else None,
-                    extra=dict(DEFAULT_EXTRA.get(arch, {}))),
+                    extra=extras[arch]),
                 train_config=TrainConfig(epochs=epochs or DEFAULT_EPOCHS[arch], batch_size=batch_size, lr=lr,
                                          seed=seed),
                 qat_config=QATConfig(epochs=qat_epochs or DEFAULT_QAT_EPOCHS.get(arch, 3), seed=seed),
@@ -247,6 +258,7 @@ def train_cmd(
     input_size: InputSize = 256,
     backbone: Backbone = "efficientnet_lite0",
     backbone_weights: BackboneWeights = None,
+    options: Options = "",
     seed: Seed = 0,
     work_dir: WorkDir = Path("runs"),
     tracking_uri: TrackingUri = None,
@@ -255,19 +267,23 @@ def train_cmd(
 ) -> None:
     """Train one unified model, export, evaluate through the engine, register its FP32
     version in MLflow (with the torch model; `anomaly build` adds the other variants)."""
-    from registry.architectures import ModelConfig
+    from registry.architectures import ARCHITECTURES, ModelConfig
     from registry.data.mvtec import DatasetLayoutError
     from registry.pipeline import build_variant_fp32
     from registry.train import TrainConfig
 
+    if architecture not in ARCHITECTURES:
+        raise typer.BadParameter(f"choose from {', '.join(ARCHITECTURES)}", param_hint="--arch")
     if input_size % 32:
         raise typer.BadParameter("must be a multiple of 32", param_hint="--input-size")
+    extra = _extras([architecture], options)[architecture]
     artifact_root = _open_store(tracking_uri)
     try:
         result = build_variant_fp32(
             data, work_dir, architecture=architecture,
             model_config=ModelConfig(input_size=(input_size, input_size), backbone=backbone,
-                                     backbone_weights=str(backbone_weights) if backbone_weights else None),
+                                     backbone_weights=str(backbone_weights) if backbone_weights else None,
+                                     extra=extra),
             train_config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
             categories=split_csv(categories) or None, model_name=model_name, aliases=tuple(alias or ()),
             artifact_root=artifact_root)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loadtests.report import replace_section
-from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
+from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig, split_options
 from registry.data.sample import (
     FAMILIES,
     FAMILY_DEFECTS,
@@ -111,7 +111,13 @@ def _table(rows: list[Row], categories: list[str], by: str = "options") -> str:
 def families(home: Path, out: Path, architectures: list[str], family_ids: list[int],
              command: str, options: dict[str, object] | None = None) -> list[Row]:
     """Train each architecture on each family (with `options` over its default extras, e.g.
-    an ablation); update the cached rows and the report."""
+    an ablation; each architecture takes the keys it reads); update the cached rows and the
+    report.
+
+    Raises:
+        ValueError: an option no named architecture reads.
+    """
+    own = split_options(architectures, options or {})
     cache = home / "robustness.json"
     rows = _load(cache)
     for fam in family_ids:
@@ -120,7 +126,7 @@ def families(home: Path, out: Path, architectures: list[str], family_ids: list[i
             make_sample_dataset(data, spec=SampleSpec(family=fam))
         for arch in architectures:
             row = _train(data, home / "robustness", arch, f"family {fam}", DEFAULT_EPOCHS.get(arch, 30),
-                         options=options)
+                         options=own[arch])
             rows = _store(cache, rows, [row])  # kept at once: a stopped run loses no finished row
             log.info("%s family %d: image AUROC %.3f", arch, fam, row.image_auroc)
     fam_rows = sorted((r for r in rows if r.setup.startswith("family")),

@@ -53,6 +53,44 @@ def test_interface_training_and_export(name: str, extra: dict[str, object], tmp_
     assert amap.shape == (3, 1, *SIZE) and score.shape == (3,)
 
 
+class _Recording(dict):
+    """A `config.extra` that records the keys read from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):  # noqa: ANN001, ANN201, D102
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):  # noqa: ANN001, ANN204, D105
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_each_architecture_declares_exactly_the_options_it_reads(name: str) -> None:
+    """`options` is what `anomaly build --options` checks a key against: an option read but
+    not declared could not be given, one declared but not read would be silently ignored."""
+    extra = _Recording()
+    build_model(name, ModelConfig(input_size=SIZE, extra=extra))
+    assert extra.read == set(ARCHITECTURES[name].options)
+
+
+def test_options_given_once_go_to_the_architectures_that_read_them() -> None:
+    from registry.architectures import split_options
+
+    given = {"teacher": "distilled", "level_combine": "sum", "blur_sigma": 2}
+    assert split_options(["us", "rd", "stfpm"], given) == {
+        "us": {"teacher": "distilled", "blur_sigma": 2}, "rd": {"level_combine": "sum", "blur_sigma": 2},
+        "stfpm": {}}
+    with pytest.raises(ValueError, match=r"option\(s\) level_combine .*known: stfpm: stages; us: "):
+        split_options(["stfpm", "us"], {"level_combine": "sum"})
+    with pytest.raises(ValueError, match="unknown architecture 'padim'"):
+        split_options(["padim"], {})
+
+
 @pytest.mark.parametrize("teacher", ["backbone", "distilled"])
 def test_us_standardises_with_training_statistics(teacher: str) -> None:
     """Teacher descriptors are standardised on the training images; the backbone teacher's

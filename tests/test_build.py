@@ -4,6 +4,7 @@ the FP32 version and restored in a fresh process to build QAT, artifacts beside 
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ from registry.data.sample import SampleSpec, make_sample_dataset
 pytestmark = pytest.mark.slow
 
 VARIANTS = ("fp32", "fp16", "ptq-int8", "qat-int8")
+OPTIONS = '{"stages": [1, 2]}'  # STFPM on two pyramid levels instead of three
 
 
 def _anomaly(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -30,7 +32,7 @@ def _anomaly(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     """One `anomaly build` of every STFPM variant on a tiny two-category dataset, run from
-    a working folder that is not the store's."""
+    a working folder that is not the store's, with an architecture option given."""
     root = tmp_path_factory.mktemp("build")
     data = make_sample_dataset(root / "data", categories=("brick", "coffee"),
                                spec=SampleSpec(image_size=64, n_train=6, n_test_good=3, n_test_per_defect=1))
@@ -38,7 +40,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     cwd.mkdir()
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
     proc = _anomaly(cwd, "build", "--data", str(data), "--epochs", "1", "--qat-epochs", "1",
-                    "--input-size", "64", "--tracking-uri", uri, "--work-dir", str(root / "work"))
+                    "--input-size", "64", "--tracking-uri", uri, "--work-dir", str(root / "work"),
+                    "--options", OPTIONS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, "data": data, "cwd": cwd, "uri": uri, "stdout": proc.stdout}
 
@@ -99,6 +102,7 @@ def test_fp32_version_carries_a_torch_model_that_reproduces_its_onnx(built, tmp_
         dst_path=str(tmp_path / "model"), tracking_uri=built["uri"])
     import torch
 
+    assert load_checkpoint(torch_dir).config.extra == json.loads(OPTIONS)  # --options reached the model
     engine = OnnxModel(*read_model_dir(Path(model_dir)))
     batch = np.stack([engine.prepare(decode_image(s.path.read_bytes()))
                       for s in load_test_split(built["data"])[:4]])
@@ -142,6 +146,23 @@ def test_variants_bad_requests_are_clear_errors(built, args: tuple[str, ...], me
     proc = _anomaly(built["cwd"], "variants", *args, "--tracking-uri", built["uri"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ('{"techer": "distilled"}', "reads option(s) techer"),  # a typo never trains the default
+    ('["teacher"]', "must be a JSON object"),
+    ("{teacher: distilled}", "not JSON"),
+    ('{"teacher": "random"}', "teacher must be one of"),
+])
+def test_build_refuses_bad_architecture_options(built, options: str, message: str) -> None:
+    proc = _anomaly(built["cwd"], "build", "--data", str(built["data"]), "--arch", "us", "--epochs", "1",
+                    "--input-size", "64", "--options", options, "--tracking-uri", built["uri"],
+                    "--work-dir", str(built["root"] / "work-refused"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    versions = _client(built["uri"]).search_model_versions("name='anomaly-detector'")
+    assert all(v.tags["architecture"] == "stfpm" for v in versions)  # nothing registered
 
 
 def test_variants_from_refuses_a_checkpoint_that_does_not_reproduce_its_version(built) -> None:

@@ -19,6 +19,24 @@ DEFAULT_EXTRA: dict[str, dict[str, object]] = {}
 DEFAULT_QAT_EPOCHS: dict[str, int] = {"stfpm": 3, "rd": 3, "us": 2}
 
 
+def split_options(names: list[str], options: dict[str, object]) -> dict[str, dict[str, object]]:
+    """`options` (architecture options given once for several architectures) as each
+    architecture's own: `{name: {key: value}}` with the keys it reads.
+
+    Raises:
+        ValueError: an unknown architecture, or a key no named architecture reads (a typo
+            must not silently train the default).
+    """
+    for n in names:
+        if n not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {n!r}; choose from {sorted(ARCHITECTURES)}")
+    unknown = sorted(set(options) - {k for n in names for k in ARCHITECTURES[n].options})
+    if unknown:
+        known = "; ".join(f"{n}: {', '.join(ARCHITECTURES[n].options)}" for n in names)
+        raise ValueError(f"no chosen architecture reads option(s) {', '.join(unknown)} (known: {known})")
+    return {n: {k: v for k, v in options.items() if k in ARCHITECTURES[n].options} for n in names}
+
+
 def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
     """Instantiate an architecture by name.
 
@@ -33,4 +51,4 @@ def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
 
 
 __all__ = ["ARCHITECTURES", "DEFAULT_EPOCHS", "DEFAULT_EXTRA", "DEFAULT_QAT_EPOCHS", "AnomalyModel",
-           "ModelConfig", "build_model"]
+           "ModelConfig", "build_model", "split_options"]

@@ -57,6 +57,8 @@ class AnomalyModel(nn.Module, ABC):
     """Base class of all architectures. Subclasses implement `loss` and `anomaly_map`."""
 
     name: str = ""
+    # The `config.extra` keys this architecture reads (`anomaly build --options` checks them).
+    options: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -74,6 +74,7 @@ class ReverseDistillation(AnomalyModel):
     gap")."""
 
     name = "rd"
+    options = ("stages", "embedding", "blur_sigma", "level_combine")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)

@@ -24,6 +24,7 @@ class STFPM(AnomalyModel):
     """
 
     name = "stfpm"
+    options = ("stages",)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)

@@ -224,6 +224,8 @@ class UninformedStudents(AnomalyModel):
     """Multi-scale Uninformed Students (see the module docstring for `config.extra`)."""
 
     name = "us"
+    options = ("teacher", "teacher_stages", "patch_sizes", "students", "dim", "width", "angle_weight",
+               "variance_weight", "blur_sigma", "teacher_epochs", "compactness", "teacher_general")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
