@@ -6,6 +6,7 @@ variants of that model, each evaluated and registered the same way.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -172,6 +173,7 @@ def build_variant_fp32(
               "categories": ",".join(cats),
               **{f"train.{k}": v for k, v in asdict(train_config).items()},
               "input_size": f"{h}x{w}", "backbone": model_config.backbone,
+              **{f"option.{k}": json.dumps(v) for k, v in model_config.extra.items()},
               "score_margin_fraction": model_config.score_margin_fraction,
               "n_train": result.n_train, "n_val": result.n_val, "best_epoch": result.best_epoch,
               "torch_threads": os.cpu_count()}

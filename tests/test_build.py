@@ -56,6 +56,9 @@ def test_build_registers_every_variant_with_its_tags(built) -> None:
     client = _client(built["uri"])
     versions = sorted(client.search_model_versions("name='anomaly-detector'"), key=lambda v: int(v.version))
     assert [v.tags["variant"] for v in versions] == list(VARIANTS)
+    params = client.get_run(versions[0].run_id).data.params
+    assert {k: json.loads(v) for k, v in params.items() if k.startswith("option.")} == {
+        f"option.{k}": v for k, v in json.loads(OPTIONS).items()}  # --options, visible in MLflow
     precision = {"fp32": "fp32", "fp16": "fp16", "ptq-int8": "int8", "qat-int8": "int8"}
     for v in versions:
         tags = v.tags
@@ -153,6 +156,7 @@ def test_variants_bad_requests_are_clear_errors(built, args: tuple[str, ...], me
     ('["teacher"]', "must be a JSON object"),
     ("{teacher: distilled}", "not JSON"),
     ('{"teacher": "random"}', "teacher must be one of"),
+    ('{"teacher_stages": 0}', "teacher_stages must be at least 1"),
 ])
 def test_build_refuses_bad_architecture_options(built, options: str, message: str) -> None:
     proc = _anomaly(built["cwd"], "build", "--data", str(built["data"]), "--arch", "us", "--epochs", "1",

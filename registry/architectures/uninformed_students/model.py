@@ -243,6 +243,8 @@ class UninformedStudents(AnomalyModel):
         backbone = build_backbone(config.backbone, pretrained=config.pretrained,
                                   weights=config.backbone_weights)
         self.backbone_stages = tuple(backbone.default_stages[:int(extra.get("teacher_stages", 2))])
+        if not self.backbone_stages:
+            raise ValueError("teacher_stages must be at least 1")
         self.backbone = self.freeze(backbone.truncate(max(self.backbone_stages)))
         target_ch = sum(self.backbone.channels(s) for s in self.backbone_stages)
         patches = tuple(int(p) for p in extra.get("patch_sizes", DEFAULT_PATCH_SIZES))  # type: ignore[union-attr]
