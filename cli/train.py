@@ -41,13 +41,13 @@ Options = Annotated[str, typer.Option(
 
 def _extras(architectures: list[str], options: str) -> dict[str, dict[str, object]]:
     """Each architecture's `ModelConfig.extra`: its CPU-budget defaults, then `--options`."""
-    from registry.architectures import DEFAULT_EXTRA, split_options
+    from registry.architectures import extra_for, split_options
 
     try:
         own = split_options(architectures, json_object(options, "--options"))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--options") from None
-    return {a: {**DEFAULT_EXTRA.get(a, {}), **own[a]} for a in architectures}
+    return {a: extra_for(a, own[a]) for a in architectures}
 
 
 def sample_data_cmd(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loadtests.report import replace_section
-from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig
+from registry.architectures import DEFAULT_EPOCHS, ModelConfig, extra_for
 from registry.data.mvtec import discover_categories
 from registry.pipeline import BuildResult, build_variant_fp32
 from registry.train import TrainConfig
@@ -84,7 +84,7 @@ def unified_vs_one_class(
     rows: list[SetupResult] = []
     base_config, base_train = model_config, train_config
     for arch in architectures:
-        model_config = replace(base_config, extra={**DEFAULT_EXTRA.get(arch, {}), **base_config.extra})
+        model_config = replace(base_config, extra=extra_for(arch, base_config.extra))
         train_config = replace(base_train, epochs=base_train.epochs or DEFAULT_EPOCHS.get(arch, 30))
         unified = SetupResult(arch, "unified")
         _absorb(unified, build_variant_fp32(

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anomaly.wire import DEFAULT_MODEL_NAME
-from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, DEFAULT_QAT_EPOCHS, ModelConfig
+from registry.architectures import DEFAULT_EPOCHS, DEFAULT_QAT_EPOCHS, ModelConfig, extra_for
 from registry.data.mvtec import load_test_split
 from registry.data.sample import SampleSpec, make_sample_dataset
 from registry.mlflow_registry import embedded_tracking_uri, use_store
@@ -211,7 +211,7 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> l
         results += build_architecture(
             data, home / "build", architecture=arch, variants=("fp32", *cfg.variants),
             model_config=ModelConfig(input_size=(cfg.input_size, cfg.input_size),
-                                     extra=dict(DEFAULT_EXTRA.get(arch, {}))),
+                                     extra=extra_for(arch)),
             train_config=TrainConfig(epochs=epochs, seed=cfg.seed),
             qat_config=QATConfig(epochs=cfg.qat_epochs or DEFAULT_QAT_EPOCHS.get(arch, 3), seed=cfg.seed),
             artifact_root=artifact_root, on_build=lambda b: _print_build(console, b))

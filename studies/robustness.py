@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loadtests.report import replace_section
-from registry.architectures import DEFAULT_EPOCHS, DEFAULT_EXTRA, ModelConfig, split_options
+from registry.architectures import DEFAULT_EPOCHS, ModelConfig, extra_for, split_options
 from registry.data.sample import (
     FAMILIES,
     FAMILY_DEFECTS,
@@ -70,7 +70,7 @@ def _commit() -> str:
 def _train(data: Path, work: Path, arch: str, setup: str, epochs: int, input_size: int = 256,
            tiling: Tiling | None = None, options: dict[str, object] | None = None) -> Row:
     """Train one unified FP32 model (not registered) and score it through the engine."""
-    extra = {**DEFAULT_EXTRA.get(arch, {}), **(options or {})}
+    extra = extra_for(arch, options)
     folder = "".join(ch if ch.isalnum() else "-" for ch in f"{setup}-{options or ''}")
     build = build_variant_fp32(data, work / f"{arch}-{folder}", architecture=arch,
                                model_config=ModelConfig(input_size=(input_size, input_size), extra=extra),

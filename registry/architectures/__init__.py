@@ -19,6 +19,12 @@ DEFAULT_EXTRA: dict[str, dict[str, object]] = {}
 DEFAULT_QAT_EPOCHS: dict[str, int] = {"stfpm": 3, "rd": 3, "us": 2}
 
 
+def extra_for(name: str, options: dict[str, object] | None = None) -> dict[str, object]:
+    """Architecture `name`'s `ModelConfig.extra`: its CPU-budget defaults (`DEFAULT_EXTRA`),
+    then `options` over them (a new dict)."""
+    return {**DEFAULT_EXTRA.get(name, {}), **(options or {})}
+
+
 def split_options(names: list[str], options: dict[str, object]) -> dict[str, dict[str, object]]:
     """`options` (architecture options given once for several architectures) as each
     architecture's own: `{name: {key: value}}` with the keys it reads.
@@ -51,4 +57,4 @@ def build_model(name: str, config: ModelConfig | None = None) -> AnomalyModel:
 
 
 __all__ = ["ARCHITECTURES", "DEFAULT_EPOCHS", "DEFAULT_EXTRA", "DEFAULT_QAT_EPOCHS", "AnomalyModel",
-           "ModelConfig", "build_model", "split_options"]
+           "ModelConfig", "build_model", "extra_for", "split_options"]
