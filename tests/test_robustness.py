@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from studies.robustness import Row, _load, _store, _table, families
 
@@ -36,3 +41,26 @@ def test_report_renders_from_the_cache_without_training(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## Other\n\nkept" in text and "## Two defect families" in text
     assert "| rd | - | 0.880 |" in text
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('{"teacher": "distilled"}', "no chosen architecture reads option(s) teacher"),
+    ("{teacher: distilled}", "not JSON"),
+    ('["teacher"]', "must be a JSON object"),
+])
+def test_families_study_refuses_bad_options_before_any_work(tmp_path: Path, extra: str, message: str) -> None:
+    """`anomaly families-study --extra` with an option the chosen architectures do not read
+    (or not a JSON object) is exit 2 with the reason, before any data is written or any
+    model trained, and the report is left as it was."""
+    home, out = tmp_path / "home", tmp_path / "results.md"
+    out.write_text("# Results\n\nkept\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "families-study", "--home", str(home), "--out", str(out),
+         "--arch", "rd", "--families", "2", "--extra", extra],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not home.exists()
+    assert out.read_text() == "# Results\n\nkept\n"
