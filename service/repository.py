@@ -339,6 +339,11 @@ class ModelRepository:
         with self._lru_lock:
             self._pinned.add((loaded.name, loaded.version))
 
+    def pinned(self) -> set[tuple[str, str]]:
+        """The (name, version) pairs pinned by explicit loads (model control)."""
+        with self._lru_lock:
+            return set(self._pinned)
+
     def unload(self, name: str, version: str) -> bool:
         """Unpin and drop a loaded version; False when it was not loaded.
 
