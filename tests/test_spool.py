@@ -99,6 +99,25 @@ def test_full_spool_refuses_instead_of_answering_unrecorded(tmp_path: Path) -> N
     reopened.close()
 
 
+def test_sqlite_inspection_database_commits_synchronous_full(tmp_path: Path) -> None:
+    """Issue 35, fault 5: the spool is checkpointed (and segments deleted) right after the
+    database commit, so a SQLite commit must be on disk when it returns (synchronous=FULL;
+    NORMAL in WAL mode can lose the last commits to a power cut)."""
+
+    async def main() -> tuple[int, str]:
+        log = InspectionLog(f"sqlite:///{tmp_path / 'i.db'}", tmp_path / "spool")
+        await log.start()
+        try:
+            assert log.engine is not None
+            with log.engine.connect() as conn:
+                return (conn.exec_driver_sql("PRAGMA synchronous").scalar(),
+                        conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+        finally:
+            await log.close()
+
+    assert asyncio.run(main()) == (2, "wal")  # 2: FULL
+
+
 def test_database_outage_is_ridden_out(store, good_and_defect, tmp_path: Path) -> None:
     """The inspection database (a real PostgreSQL cluster) stops mid-run and comes back:
     every acknowledged decision reaches it, and scoring never failed meanwhile."""
