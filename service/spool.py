@@ -8,6 +8,12 @@ deleted. On open, the spool is recovered: a torn record at the end of a segment 
 mid-write) is cut off, and reading resumes from the checkpoint, so everything appended and
 not yet shipped is replayed.
 
+A write the disk refuses (full, EIO, a file-size limit) never costs an acknowledged record:
+segments are written through an unbuffered descriptor (`os.pwrite` at the spool's recorded
+end), so nothing of a failed append lingers in a buffer; the segment is cut back to its
+last good end (ftruncate, fsync) and `append` raises. When that cut fails too, every later
+`append` raises until it succeeds: nothing is acknowledged on top of the failed write's bytes.
+
 One process owns a spool folder at a time (an exclusive `flock` on `LOCK`). Appends come
 from one writer thread, reads and commits from one shipper; a lock guards the positions.
 The spool is bounded: an append that would hold more than `max_bytes` unshipped raises
@@ -16,6 +22,7 @@ The spool is bounded: an append that would hold more than `max_bytes` unshipped 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -77,9 +84,10 @@ class Spool:
         self.pending_bytes = 0  # appended and not yet shipped
         self._lock = threading.Lock()
         self._lockfile = None
-        self._file = None
+        self._fd: int | None = None  # the last segment, unbuffered
         self._write = Position(0, 0)  # end of what has been appended (and fsync'd)
         self._shipped = Position(0, 0)
+        self._unclean = False  # a failed write's bytes may follow `_write`: appends are refused
 
     def _segment(self, n: int) -> Path:
         return self.folder / f"{n:012d}{SEGMENT_SUFFIX}"
@@ -120,7 +128,8 @@ class Spool:
         last = segments[-1]
         good = self._recover(self._segment(last))
         self._write = Position(last, good)
-        self._file = self._segment(last).open("ab")
+        self._fd = os.open(self._segment(last), os.O_WRONLY)
+        self._unclean = False
         self.pending_bytes = sum(self._segment(n).stat().st_size for n in segments) - self._shipped.offset
         if self.pending_bytes:
             log.info("inspection spool %s: %d bytes not yet shipped; replaying", self.folder,
@@ -150,29 +159,79 @@ class Spool:
 
         Raises:
             SpoolFull: they do not fit in `max_bytes` (nothing is written).
-            OSError: the disk refused (nothing acknowledged).
+            OSError: the disk refused (nothing acknowledged; the segment is cut back to its
+                last good end, or, if even that fails, appends are refused until it can be).
         """
-        assert self._file is not None, "open() the spool first"
+        assert self._fd is not None, "open() the spool first"
         data = b"".join(_frame(r) for r in records)
         with self._lock:
             if self.pending_bytes + len(data) > self.max_bytes:
                 raise SpoolFull(f"{self.pending_bytes} bytes of decisions not yet shipped "
                                 f"(limit {self.max_bytes})")
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+            end = self._write
+        if self._unclean:
+            self._cut_back(end)
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(data):
+                written = os.pwrite(self._fd, view[done:], end.offset + done)
+                if written <= 0:
+                    raise OSError(errno.EIO, "the disk accepted no bytes")
+                done += written
+            os.fsync(self._fd)
+        except BaseException:
+            self._cut_back(end)
+            raise
         with self._lock:
-            self._write = Position(self._write.segment, self._write.offset + len(data))
+            self._write = Position(end.segment, end.offset + len(data))
             self.pending_bytes += len(data)
         if self._write.offset >= self.segment_bytes:
             self._roll()
 
+
+    def _cut_back(self, end: Position) -> None:
+        """Cut the segment back to `end` (after a failed write) and make that durable.
+
+        Raises:
+            OSError: it could not be; appends stay refused until a later call succeeds.
+        """
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, end.offset)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._unclean = True
+            log.error("inspection spool: cannot cut %s back to its last good end (byte %d) after a failed "
+                      "write: %s; refusing appends until it can", self._segment(end.segment).name,
+                      end.offset, exc)
+            raise OSError(exc.errno, f"inspection spool {self._segment(end.segment).name} cannot be cut "
+                          f"back to its last good end after a failed write ({exc}); appends are refused "
+                          "until it can") from exc
+        if self._unclean:
+            log.info("inspection spool: %s is back at its last good end; appending again",
+                     self._segment(end.segment).name)
+        self._unclean = False
+
     def _roll(self) -> None:
-        assert self._file is not None
-        self._file.close()
+        """Start the next segment; if the disk refuses, keep appending to this one."""
+        assert self._fd is not None
         nxt = self._write.segment + 1
-        self._file = self._segment(nxt).open("ab")
-        fsync_dir(self.folder)
+        try:
+            fd = os.open(self._segment(nxt), os.O_WRONLY | os.O_CREAT, 0o666)
+        except OSError as exc:
+            log.error("inspection spool: cannot start segment %s (%s); appending to the current one",
+                      self._segment(nxt).name, exc)
+            return
+        try:
+            fsync_dir(self.folder)
+        except OSError as exc:
+            os.close(fd)
+            log.error("inspection spool: cannot make segment %s durable (%s); appending to the current one",
+                      self._segment(nxt).name, exc)
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
         with self._lock:
             self._write = Position(nxt, 0)
 
@@ -240,9 +299,9 @@ class Spool:
 
     def close(self) -> None:
         """Close the segment and release the folder lock."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._lockfile is not None:
             self._lockfile.close()
             self._lockfile = None

@@ -8,6 +8,8 @@ import asyncio
 import csv
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -73,6 +75,125 @@ def test_spool_appends_replays_recovers_and_bounds(tmp_path: Path) -> None:
     with pytest.raises(SpoolFull):
         again.append([b"x" * 11_000])
     again.close()
+
+
+FAILED_WRITE = r"""
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from service.errors import NotReady
+from service.inspection import Decided, InspectionLog
+
+folder, url = Path(sys.argv[1]), sys.argv[2]
+
+
+def decided(i):
+    return Decided(f"r{i}", "line-" + "x" * (i % 7), "brick", "m", "1", float(i), 0.5, 10.0, i % 2 == 0, 1.0)
+
+
+async def main():
+    log = InspectionLog(url, folder)
+    await log.start()
+    acked, refused = [], []
+    for i in range(10):
+        await log.record(decided(i))
+        acked.append(f"r{i}")
+    while log.spool.pending_bytes:  # shipped: the shipper is idle while the limit is on
+        await asyncio.sleep(0.05)
+    size = sorted(folder.glob("*.seg"))[-1].stat().st_size
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, resource.RLIM_INFINITY))
+    try:
+        await log.record(decided(10))  # 100 of its bytes fit, the rest does not
+        acked.append("r10")
+    except NotReady as exc:
+        refused.append(exc.message)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    for i in range(11, 67):
+        await log.record(decided(i))
+        acked.append(f"r{i}")
+    for _ in range(400):
+        if not log.spool.pending_bytes:
+            break
+        await asyncio.sleep(0.05)
+    await log.close(timeout=10)
+    print(json.dumps({"acked": acked, "refused": refused}))
+
+
+asyncio.run(main())
+"""
+
+TRUNCATE_FAILS = r"""
+import errno, json, os, resource, signal, sys
+from pathlib import Path
+from service.spool import Spool
+
+spool = Spool(Path(sys.argv[1]), 1 << 20)
+spool.open()
+for i in range(5):
+    spool.append([b'{"n": %d}' % i])
+size = sorted(Path(sys.argv[1]).glob("*.seg"))[-1].stat().st_size
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 5, resource.RLIM_INFINITY))
+broken = True
+real_ftruncate = os.ftruncate
+
+
+def ftruncate(fd, length):  # the disk refuses the truncate that would undo the failed write
+    if broken:
+        raise OSError(errno.EIO, "injected: truncate refused")
+    return real_ftruncate(fd, length)
+
+
+os.ftruncate = ftruncate
+outcomes = {}
+for n in (5, 6, 7):
+    if n == 6:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    if n == 7:
+        broken = False
+    try:
+        spool.append([b'{"n": %d}' % n])
+        outcomes[n] = "acknowledged"
+    except OSError as exc:
+        outcomes[n] = f"refused: {exc}"
+spool.close()
+print(json.dumps(outcomes))
+"""
+
+
+def _child(script: str, *args: str) -> dict:
+    """Run `script` in a fresh Python (its own resource limits); its last line of output, as JSON."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=180,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_failed_spool_write_loses_no_later_acknowledged_decision(tmp_path: Path) -> None:
+    """Issue 35, fault 3: a write refused by the disk (EFBIG from a file-size limit, in a
+    child process) refuses that decision and leaves the segment at its last good end, so
+    every decision acknowledged after it reaches the database."""
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    result = _child(FAILED_WRITE, str(tmp_path / "spool"), url)
+    assert len(result["refused"]) == 1 and "spool write failed" in result["refused"][0], result
+    rows = _request_ids(url)
+    missing = [r for r in result["acked"] if r not in rows]
+    assert not missing, f"{len(missing)} of {len(result['acked'])} acknowledged decisions lost: {missing}"
+    assert "r10" not in rows and len(rows) == len(set(rows)) == 66  # the refused one is not recorded
+    assert not (tmp_path / "spool" / "damaged-records.jsonl").exists()  # the spool was never damaged
+
+
+def test_a_spool_that_cannot_undo_a_failed_write_refuses_until_it_can(tmp_path: Path) -> None:
+    """Issue 35, fault 3: when the truncate back to the last good end fails too, appends are
+    refused (never acknowledged on top of the failed write's bytes) until it succeeds."""
+    outcomes = _child(TRUNCATE_FAILS, str(tmp_path / "spool"))
+    assert outcomes["5"].startswith("refused") and outcomes["6"].startswith("refused"), outcomes
+    assert outcomes["7"] == "acknowledged", outcomes
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    spool.open()
+    records, _ = spool.read(None, 100)
+    spool.close()
+    assert [json.loads(r)["n"] for r in records] == [0, 1, 2, 3, 4, 7]
 
 
 def test_full_spool_refuses_instead_of_answering_unrecorded(tmp_path: Path) -> None:
