@@ -21,6 +21,10 @@ and checkpoint) is inserted once.
   each rejected row is set aside in `dead-letter.jsonl` in the spool folder with the
   database's reason (counted, logged at ERROR) and never blocks the rows behind it.
 - **Crash or SIGKILL**: on start the spool is replayed from its checkpoint.
+- **A spool write the disk refuses** (full, EIO): that decision is refused (UNAVAILABLE)
+  and the spool is cut back to its last good end, so later decisions are unharmed; **a
+  damaged spool record** is set aside alone in `damaged-records.jsonl` (counted, logged at
+  ERROR), never the records after it.
 - **Graceful shutdown**: the shipper gets `close`'s timeout to catch up; whatever is left
   stays in the spool for the next start.
 

@@ -35,7 +35,7 @@ DECODE_MEMORY = Gauge("anomaly_decode_memory_bytes", "Estimated bytes reserved b
 SPOOL_BYTES = Gauge("anomaly_inspection_spool_bytes", "Decisions in the local spool not yet in the database")
 SPOOL_FILL = Gauge("anomaly_inspection_spool_fill_ratio", "Spool bytes ÷ its bound")
 INSPECTION_ROWS = Counter("anomaly_inspection_rows_total", "Inspection-log rows by outcome",
-                          ["outcome"])  # spooled | shipped | dead_letter | refused
+                          ["outcome"])  # spooled | shipped | dead_letter | refused | damaged
 GATE_VERDICTS = Counter("anomaly_promotion_gate_total", "Promotion-gate verdicts on alias moves",
                         ["name", "alias", "status"])  # passed | refused | overridden | skipped
 SHADOW = Counter("anomaly_shadow_decisions_total", "Challenger decisions on answered images, by whether "

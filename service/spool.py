@@ -4,15 +4,29 @@ Records (bytes, one JSON object each) are appended to segment files `<n>.seg`, o
 record framed as `<crc32 hex> <record>` and a newline, and fsync'd before `append` returns (the file,
 and the folder when a segment is created). A checkpoint (`checkpoint.json`, replaced
 atomically) says up to where records have been shipped; fully shipped segments are
-deleted. On open, the spool is recovered: a torn record at the end of a segment (a crash
-mid-write) is cut off, and reading resumes from the checkpoint, so everything appended and
-not yet shipped is replayed.
+deleted. On open, the spool is recovered and reading resumes from the checkpoint, so
+everything appended and not yet shipped is replayed.
 
-A write the disk refuses (full, EIO, a file-size limit) never costs an acknowledged record:
-segments are written through an unbuffered descriptor (`os.pwrite` at the spool's recorded
-end), so nothing of a failed append lingers in a buffer; the segment is cut back to its
-last good end (ftruncate, fsync) and `append` raises. When that cut fails too, every later
-`append` raises until it succeeds: nothing is acknowledged on top of the failed write's bytes.
+Failures never cost an acknowledged record:
+
+- **A write the disk refuses** (full, EIO, a file-size limit): segments are written through
+  an unbuffered descriptor (`os.pwrite` at the spool's recorded end), so nothing of a failed
+  append lingers in a buffer; the segment is cut back to its last good end (ftruncate,
+  fsync) and `append` raises. When that cut fails too, every later `append` raises until
+  it succeeds: nothing is acknowledged on top of the failed write's bytes.
+- **A damaged record** (a byte changed on disk): reading skips that record alone and
+  resynchronises at the next valid frame (the next line that unframes, or a frame that
+  ends the damaged line when its newline was the damaged byte). The damaged bytes are set
+  aside in `damaged-records.jsonl` in the spool folder (segment, offset, base64 bytes,
+  reason; once each), counted (`anomaly_inspection_rows_total{outcome="damaged"}`) and
+  logged at ERROR.
+- **A crash mid-write**: recovery cuts off only the torn tail of the last segment (an
+  incomplete last line, which cannot hold a valid frame); a record that passes its
+  checksum is never deleted.
+- **A checkpoint that cannot be right** (its segment is not there, or its offset is past
+  the end of the file or not on a frame boundary): the spool replays from its oldest
+  segment and deletes nothing. Duplicates are harmless (rows carry a unique `record_id`
+  and are inserted once); a skipped record would be lost.
 
 One process owns a spool folder at a time (an exclusive `flock` on `LOCK`). Appends come
 from one writer thread, reads and commits from one shipper; a lock guards the positions.
@@ -22,22 +36,28 @@ The spool is bounded: an append that would hold more than `max_bytes` unshipped 
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from anomaly.durable import fsync_dir, write_atomic
+from service import metrics
 
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".seg"
 CHECKPOINT = "checkpoint.json"
+DAMAGED = "damaged-records.jsonl"
+_FRAME_START = re.compile(rb"[0-9a-f]{8} ")  # what `_frame` puts before a record
 
 
 class SpoolFull(Exception):
@@ -68,6 +88,23 @@ def _unframe(line: bytes) -> bytes | None:
     return record if zlib.crc32(record) == crc else None
 
 
+def _parse(line: bytes) -> tuple[int, bytes | None]:
+    """A line read from a segment: how many damaged bytes it starts with, and its record.
+
+    A good line is `(0, record)`, a damaged one `(len(line), None)`, unless a valid frame
+    ends it (the damaged byte was the newline before that frame, joining two lines): then
+    `(where that frame starts, its record)`.
+    """
+    record = _unframe(line)
+    if record is not None:
+        return 0, record
+    for start in _FRAME_START.finditer(line, 1):
+        record = _unframe(line[start.start():])
+        if record is not None:
+            return start.start(), record
+    return len(line), None
+
+
 class Spool:
     """See the module docstring.
 
@@ -88,6 +125,7 @@ class Spool:
         self._write = Position(0, 0)  # end of what has been appended (and fsync'd)
         self._shipped = Position(0, 0)
         self._unclean = False  # a failed write's bytes may follow `_write`: appends are refused
+        self._set_aside: set[tuple[int, int, int]] = set()  # (segment, offset, crc32) in DAMAGED
 
     def _segment(self, n: int) -> Path:
         return self.folder / f"{n:012d}{SEGMENT_SUFFIX}"
@@ -97,7 +135,7 @@ class Spool:
                       if p.stem.isascii() and p.stem.isdigit())
 
     def open(self) -> None:
-        """Lock the folder, recover torn tails, find the checkpoint and the unshipped bytes.
+        """Lock the folder, recover the torn tail, check the checkpoint, count the unshipped bytes.
 
         Raises:
             RuntimeError: another process holds this spool.
@@ -112,42 +150,80 @@ class Spool:
                                "server its own ANOMALY_INSPECTION_SPOOL_DIR") from exc
         try:
             data = json.loads((self.folder / CHECKPOINT).read_text())
-            self._shipped = Position(int(data["segment"]), int(data["offset"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            self._shipped = Position(0, 0)
-        segments = [n for n in self._segments() if n >= self._shipped.segment]
-        for n in self._segments():
-            if n < self._shipped.segment:  # shipped, left by a crash between commit and delete
-                self._segment(n).unlink(missing_ok=True)
+            checkpoint: Position | None = Position(int(data["segment"]), int(data["offset"]))
+        except FileNotFoundError:
+            checkpoint = None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("inspection spool %s: unreadable checkpoint (%s); replaying every segment",
+                        self.folder, exc)
+            checkpoint = None
+        self._set_aside = self._load_set_aside()
+        segments = self._segments()
         if not segments:
-            segments = [max(self._shipped.segment, 0)]
+            segments = [max(checkpoint.segment, 0) if checkpoint else 0]
             self._segment(segments[0]).touch()
             fsync_dir(self.folder)
-        if self._shipped.segment < segments[0]:
-            self._shipped = Position(segments[0], 0)
         last = segments[-1]
         good = self._recover(self._segment(last))
+        self._shipped = self._valid_checkpoint(checkpoint, segments)
+        for n in segments:
+            if n < self._shipped.segment:  # shipped, left by a crash between commit and delete
+                self._segment(n).unlink(missing_ok=True)
         self._write = Position(last, good)
         self._fd = os.open(self._segment(last), os.O_WRONLY)
         self._unclean = False
-        self.pending_bytes = sum(self._segment(n).stat().st_size for n in segments) - self._shipped.offset
+        self.pending_bytes = max(0, self._bytes_between(self._shipped, self._write))
         if self.pending_bytes:
             log.info("inspection spool %s: %d bytes not yet shipped; replaying", self.folder,
                      self.pending_bytes)
 
+    def _valid_checkpoint(self, checkpoint: Position | None, segments: list[int]) -> Position:
+        """The checkpoint when it names a frame boundary of a segment there; else the oldest
+        segment's start (replay, never skip)."""
+        oldest = Position(segments[0], 0)
+        if checkpoint is None:
+            return oldest
+        why = ""
+        if checkpoint.segment not in segments:
+            why = f"its segment {checkpoint.segment} is not in the spool"
+        else:
+            path = self._segment(checkpoint.segment)
+            size = path.stat().st_size
+            if not 0 <= checkpoint.offset <= size:
+                why = f"its offset {checkpoint.offset} is outside {path.name} ({size} bytes)"
+            elif checkpoint.offset:
+                with path.open("rb") as f:
+                    f.seek(checkpoint.offset - 1)
+                    if f.read(1) != b"\n":
+                        why = f"its offset {checkpoint.offset} is inside a record of {path.name}"
+        if not why:
+            return checkpoint
+        log.warning("inspection spool %s: the checkpoint cannot be right (%s); replaying from the oldest "
+                    "segment (records shipped already are inserted once)", self.folder, why)
+        return oldest
+
     @staticmethod
     def _recover(path: Path) -> int:
-        """Cut a torn or damaged tail off `path`; returns the length of its good part."""
-        good = 0
-        with path.open("rb") as f:
-            for line in f:
-                if _unframe(line) is None:
-                    break
-                good += len(line)
+        """Cut the torn tail (an incomplete last line) off `path`; returns the new length.
+
+        Only bytes after the last newline go: they cannot hold a valid frame. Damaged lines
+        before it stay; reading sets them aside.
+        """
         size = path.stat().st_size
+        good, end = 0, size
+        with path.open("rb") as f:
+            while end > 0:
+                start = max(0, end - (64 << 10))
+                f.seek(start)
+                newline = f.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    good = start + newline + 1
+                    break
+                end = start
         if good < size:
-            log.warning("inspection spool: cutting %d damaged bytes off the end of %s (a write torn by a "
-                        "crash; it was never acknowledged)", size - good, path.name)
+            log.warning("inspection spool: cutting a torn write (%d bytes after the last complete line) "
+                        "off the end of %s (a crash mid-append; it was never acknowledged)", size - good,
+                        path.name)
             with path.open("r+b") as f:
                 f.truncate(good)
                 f.flush()
@@ -188,7 +264,6 @@ class Spool:
             self.pending_bytes += len(data)
         if self._write.offset >= self.segment_bytes:
             self._roll()
-
 
     def _cut_back(self, end: Position) -> None:
         """Cut the segment back to `end` (after a failed write) and make that durable.
@@ -237,10 +312,14 @@ class Spool:
 
     def read(self, start: Position | None, max_records: int) -> tuple[list[bytes], Position]:
         """Up to `max_records` durable records after `start` (default: the checkpoint).
+        A damaged record is set aside (see the module docstring) and skipped alone.
 
         Returns:
             The records and the position after the last one (pass it to `commit` once they
             are shipped, or back to `read` to continue).
+
+        Raises:
+            OSError: a damaged record could not be set aside (nothing is skipped).
         """
         with self._lock:
             pos = start or self._shipped
@@ -250,24 +329,70 @@ class Spool:
             limit = end.offset if pos.segment == end.segment else self._size(pos.segment)
             offset = pos.offset
             if offset < limit:
-                path = self._segment(pos.segment)
-                with path.open("rb") as f:
+                with self._segment(pos.segment).open("rb") as f:
                     f.seek(offset)
                     while len(records) < max_records and offset < limit:
-                        line = f.readline()
-                        record = _unframe(line)
-                        if record is None or offset + len(line) > limit:
-                            log.error("inspection spool: damaged record in %s at byte %d; skipping the "
-                                      "rest of that segment", path.name, offset)
+                        line = f.readline(limit - offset)
+                        if not line:  # shorter than it was: nothing more to read there
                             offset = limit
                             break
-                        records.append(record)
+                        damaged, record = _parse(line)
+                        if damaged:
+                            self._set_aside_damaged(pos.segment, offset, line, damaged, record is not None)
+                        if record is not None:
+                            records.append(record)
                         offset += len(line)
             if offset >= limit and pos.segment < end.segment:
                 pos = Position(pos.segment + 1, 0)
             else:
                 pos = Position(pos.segment, offset)
         return records, pos
+
+    def _load_set_aside(self) -> set[tuple[int, int, int]]:
+        keys: set[tuple[int, int, int]] = set()
+        try:
+            lines = (self.folder / DAMAGED).read_bytes().splitlines()
+        except FileNotFoundError:
+            return keys
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                keys.add((int(entry["segment"]), int(entry["offset"]),
+                          zlib.crc32(base64.b64decode(entry["bytes"], validate=True))))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn entry: its record is set aside again
+        return keys
+
+    def _set_aside_damaged(self, segment: int, offset: int, line: bytes, damaged: int,
+                           resynced: bool) -> None:
+        """Keep the damaged bytes at `offset` of `segment` in DAMAGED (once), count and log them."""
+        data = line[:damaged]
+        key = (segment, offset, zlib.crc32(data))
+        if key in self._set_aside:
+            return
+        if resynced:
+            reason = "damaged record whose newline was damaged too; the record after it is kept"
+        elif not line.endswith(b"\n"):
+            reason = "incomplete record at the end of a finished segment"
+        else:
+            reason = "the record fails its CRC-32 check"
+        entry = {"segment": segment, "offset": offset, "length": len(data),
+                 "bytes": base64.b64encode(data).decode("ascii"), "reason": reason,
+                 "at": datetime.now(UTC).isoformat()}
+        with (self.folder / DAMAGED).open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn entry from a crash: start a new line
+                    f.write(b"\n")
+            f.write(json.dumps(entry).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._set_aside.add(key)
+        metrics.INSPECTION_ROWS.labels("damaged").inc()
+        log.error("inspection spool: damaged record in %s at byte %d (%d bytes: %s); set aside in %s, the "
+                  "records after it are shipped", self._segment(segment).name, offset, len(data), reason,
+                  self.folder / DAMAGED)
 
     def commit(self, position: Position) -> None:
         """Everything before `position` is shipped: checkpoint it, delete finished segments."""
@@ -277,7 +402,7 @@ class Spool:
             shipped = self._bytes_between(self._shipped, position)
             old = self._shipped
             self._shipped = position
-            self.pending_bytes -= shipped
+            self.pending_bytes = max(0, self.pending_bytes - shipped)
         write_atomic(self.folder / CHECKPOINT, json.dumps({"segment": position.segment,
                                                            "offset": position.offset}))
         for n in range(old.segment, position.segment):
