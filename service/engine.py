@@ -237,9 +237,11 @@ class OnnxModel:
 
     def decide(
         self, score: float, amap: np.ndarray | None, category: str,
-        original_size: tuple[int, int] | None = None,
+        original_size: tuple[int, int] | None = None, overrides: dict[str, float] | None = None,
     ) -> Decision:
-        """Turn one raw score (and optionally its map) into a `Decision`.
+        """Turn one raw score (and optionally its map) into a `Decision` (with the live
+        threshold overrides in use, or with `overrides` when given: the promotion gate's
+        judgement of proposed thresholds).
 
         Raises:
             NonFiniteOutput: the score is NaN or infinite (`NaN >= threshold` is false, so it
@@ -248,7 +250,7 @@ class OnnxModel:
         if not np.isfinite(score):
             raise NonFiniteOutput(f"model produced a non-finite score ({score}); no decision was made")
         cat = self.resolve_category(category)
-        stats, source = self.stats_for(cat)
+        stats, source = self.stats_for(cat, overrides)
         png = b""
         if amap is not None:
             lo, hi = self.metadata.map_range
@@ -264,7 +266,8 @@ class OnnxModel:
         )
 
     def score_image(self, image: np.ndarray | Image.Image, category: str,
-                    original_size: tuple[int, int] | None = None) -> Decision:
+                    original_size: tuple[int, int] | None = None,
+                    overrides: dict[str, float] | None = None) -> Decision:
         """Prepare, run and decide one decoded image at batch 1, outside the batcher (the
         promotion gate's known parts, the shadow challenger).
 
@@ -276,13 +279,15 @@ class OnnxModel:
         if not finite(scores, maps).all():
             raise NonFiniteOutput(f"{self.metadata.architecture}-{self.metadata.variant} produced a "
                                   "non-finite score or map; no decision was made")
-        return self.decide(float(scores[0]), None, category, original_size)
+        return self.decide(float(scores[0]), None, category, original_size, overrides)
 
-    def stats_for(self, category: str) -> tuple[ScoreStats, str]:
+    def stats_for(self, category: str,
+                  overrides: dict[str, float] | None = None) -> tuple[ScoreStats, str]:
         """The score statistics a decision in `category` uses, with a live threshold override
-        applied, and where the threshold came from ("model" or the overriding tag)."""
+        (or one of `overrides`) applied, and where the threshold came from ("model" or the
+        overriding tag)."""
         stats = self.metadata.stats_for(category)
-        override = self.overrides.get(category)
+        override = (self.overrides if overrides is None else overrides).get(category)
         if override is None:
             return stats, "model"
         return stats.model_copy(update={"threshold": override}), threshold_source(category)

@@ -37,7 +37,9 @@ SPOOL_FILL = Gauge("anomaly_inspection_spool_fill_ratio", "Spool bytes ÷ its bo
 INSPECTION_ROWS = Counter("anomaly_inspection_rows_total", "Inspection-log rows by outcome",
                           ["outcome"])  # spooled | shipped | dead_letter | refused | damaged
 GATE_VERDICTS = Counter("anomaly_promotion_gate_total", "Promotion-gate verdicts on alias moves",
-                        ["name", "alias", "status"])  # passed | refused | overridden | skipped
+                        ["name", "alias", "status"])  # passed | refused | overridden
+GATE_OVERRIDES = Counter("anomaly_promotion_gate_overrides_total", "Gate judgements forced by an engineer's "
+                         "override (gate.override with .by and .reason)", ["name", "alias"])
 SHADOW = Counter("anomaly_shadow_decisions_total", "Challenger decisions on answered images, by whether "
                  "they agree with the answer", ["category", "outcome"])  # agree | disagree | error
 SHADOW_DROPPED = Counter("anomaly_shadow_dropped_total", "Answered images not shadowed, by reason",

@@ -18,23 +18,45 @@ reference set of the version serving now plus the plant's known parts, through t
 path (decoding, pre-processing, thresholds, live overrides included). The swap is refused
 when a known defect would pass (an escape), when more than `gate_max_false_reject` of the
 known-good parts would be rejected, or when the candidate cannot score a known part at all
-(an unknown category, a non-finite score). The verdict is logged, counted, shown in
-`GetModel`, and written back to the candidate's tags (`gate.status`, `gate.reason`) and
-description. The tag `gate.override=true` on the candidate lets an engineer force it.
+(an unknown category, a non-finite score), and when there are no known parts to check at
+all. The verdict is logged, counted, shown in `GetModel`, and written back to the
+candidate's tags (`gate.status`, `gate.reason`, `gate.against`) and description.
+
+**Threshold changes are judged the same way.** A changed `threshold.*` tag on the version a
+watched alias serves is checked against that version's own reference set and the plant's
+parts before it applies; a non-positive or absurd threshold (far outside the score range
+the version was calibrated on) is refused outright.
+
+**Overrides name who and why.** An engineer forces a refused judgement with three tags on the
+candidate: `gate.override=true`, `gate.override.by` (who) and `gate.override.reason` (why).
+An override is honoured for one judgement only (the candidate, its threshold tags and the
+version it is judged against): the server binds it by writing `gate.override.for` with that
+judgement's fingerprint, so the same tags do not wave through a later promotion or a later
+threshold change. An override the server cannot record (a read-only registry) is not
+honoured.
+
+**The gate is a property of what serves** (`service.served`): a server remembers durably
+which version (and which threshold tags) each watched alias last served, and at start-up it
+judges what the alias names now against that, exactly as a live move.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.metadata import GLOBAL, ModelMetadata
+from service.metadata import GLOBAL, ModelMetadata, ScoreStats
 
 THRESHOLD_PREFIX = "threshold."
 GLOBAL_THRESHOLD_TAG = "threshold.global"
-GATE_STATUS, GATE_REASON, GATE_OVERRIDE = "gate.status", "gate.reason", "gate.override"
+GATE_STATUS, GATE_REASON, GATE_AGAINST = "gate.status", "gate.reason", "gate.against"
+GATE_OVERRIDE = "gate.override"
+GATE_OVERRIDE_BY, GATE_OVERRIDE_REASON = "gate.override.by", "gate.override.reason"
+GATE_OVERRIDE_FOR = "gate.override.for"  # written by the server: the judgement an override was used for
+ABSURD_SPANS = 20.0  # a threshold further than this many calibrated score spans outside the range is absurd
 PLANT_REFERENCE_TAG = "reference.run_id"  # registered-model tag: the run holding the plant's parts
 REFERENCE_ARTIFACTS = "reference"  # run artifact folder of a reference set
 REFERENCE_MANIFEST = "manifest.json"
@@ -79,13 +101,69 @@ def threshold_overrides(tags: dict[str, str], metadata: ModelMetadata) -> dict[s
             raise ValueError(f"tag {key}={value!r} is not a number") from None
         if not math.isfinite(threshold):
             raise ValueError(f"tag {key}={value!r} is not a finite number")
+        problem = implausible(threshold, metadata.stats_for(category))
+        if problem:
+            raise ValueError(f"tag {key}={value!r} {problem}")
         overrides[category] = threshold
     return overrides
 
 
-def overridden(tags: dict[str, str]) -> bool:
-    """Whether a version's tags force it past the gate (`gate.override=true`)."""
-    return tags.get(GATE_OVERRIDE, "").strip().lower() == "true"
+def implausible(threshold: float, stats: ScoreStats) -> str:
+    """Why a threshold cannot be meant for scores calibrated as `stats` ("" when plausible):
+    not positive where the version's scores are never negative (every part would be NG), or
+    further than `ABSURD_SPANS` calibrated spans outside the calibrated score range (every
+    part OK, or every part NG)."""
+    if threshold <= 0 and min(stats.min, stats.threshold) >= 0:
+        return (f"is not positive: this version's scores are never negative, so every part would be NG "
+                f"(calibrated threshold {stats.threshold:.6g})")
+    span = max(stats.max - stats.min, abs(stats.threshold), 1e-12)
+    low, high = stats.min - ABSURD_SPANS * span, stats.max + ABSURD_SPANS * span
+    if not low <= threshold <= high:
+        return (f"is absurd: far outside the scores this version was calibrated on ({stats.min:.6g} … "
+                f"{stats.max:.6g}, threshold {stats.threshold:.6g}; plausible {low:.6g} … {high:.6g})")
+    return ""
+
+
+def threshold_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The `threshold.*` tags of a version (what a threshold judgement is about)."""
+    return {k: v for k, v in tags.items() if k.startswith(THRESHOLD_PREFIX)}
+
+
+def judgement_id(candidate: str, tags: dict[str, str], against: str) -> str:
+    """The fingerprint of one gate judgement: a candidate version with its threshold tags,
+    checked against a version (`against`; itself for a threshold change, "" for none)."""
+    body = json.dumps([candidate, sorted(threshold_tags(tags).items()), against])
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Override:
+    """An engineer's override of the gate, as the candidate's tags state it."""
+
+    by: str
+    reason: str
+    bound_to: str  # the judgement it was used for ("" = not yet used)
+
+
+def override_of(tags: dict[str, str]) -> tuple[Override | None, str]:
+    """The override the tags ask for, or None with why not ("" when none is asked for).
+
+    An override needs `gate.override=true` with a non-empty `gate.override.by` and
+    `gate.override.reason`."""
+    if tags.get(GATE_OVERRIDE, "").strip().lower() != "true":
+        return None, ""
+    by, reason = tags.get(GATE_OVERRIDE_BY, "").strip(), tags.get(GATE_OVERRIDE_REASON, "").strip()
+    if not by or not reason:
+        return None, (f"{GATE_OVERRIDE}=true is not honoured without {GATE_OVERRIDE_BY} (who) and "
+                      f"{GATE_OVERRIDE_REASON} (why) beside it")
+    return Override(by, reason, tags.get(GATE_OVERRIDE_FOR, "").strip()), ""
+
+
+def gate_inputs(tags: dict[str, str]) -> tuple:
+    """The tags of a candidate that can change the gate's verdict (thresholds, the override)."""
+    return tuple(sorted((k, v) for k, v in tags.items()
+                        if k.startswith(THRESHOLD_PREFIX) or k in (GATE_OVERRIDE, GATE_OVERRIDE_BY,
+                                                                     GATE_OVERRIDE_REASON)))
 
 
 # -- reference sets ---------------------------------------------------------------------------------
@@ -163,7 +241,7 @@ def reference_items(folder: Path, source: str) -> list[ReferenceItem]:
 class GateResult:
     """The gate's verdict on one candidate."""
 
-    status: str  # passed | refused | overridden | skipped
+    status: str  # passed | refused | overridden
     reason: str
 
     @property
@@ -177,7 +255,9 @@ def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reje
     """The verdict from each known part's outcome (anomalous?, or None with why it could not
     be scored) on `candidate` (e.g. "model version 3"), checked `against` (what serves now)."""
     if not outcomes:
-        return GateResult("skipped", f"{candidate} was not checked: {against} hold no known parts")
+        return GateResult("refused", f"{candidate} refused by the promotion gate: {against} hold no known "
+                                     "parts, so nothing shows it decides them right (add known parts with "
+                                     "`anomaly reference add`, or override with the gate.override tags)")
     unscored = [(item, why) for item, anomalous, why in outcomes if anomalous is None]
     escapes = [item.label for item, anomalous, _ in outcomes if item.expect == "NG" and anomalous is False]
     goods = [item for item, _, _ in outcomes if item.expect == "OK"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -33,28 +32,24 @@ from typing import Any
 from service import metrics
 from service.artifact import ArtifactCache, read_model_dir, reference_inputs
 from service.engine import OnnxModel
-from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused, ServiceError
+from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused
+from service.gatekeeper import Against, Candidate, Gatekeeper
 from service.metadata import ModelMetadata
 from service.promotion import (
-    GATE_OVERRIDE,
+    GATE_AGAINST,
     GATE_REASON,
     GATE_STATUS,
-    PLANT_REFERENCE_TAG,
-    REFERENCE_ARTIFACTS,
-    THRESHOLD_PREFIX,
     GateResult,
-    ReferenceItem,
-    ReferenceSetError,
-    judge,
-    overridden,
-    reference_items,
+    gate_inputs,
+    override_of,
     threshold_overrides,
     threshold_source,
+    threshold_tags,
 )
+from service.served import Served, ServedMemory
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-GATE_SECTION = "\n\n---\n**Promotion gate**: "  # the part of a version's description the gate writes
 AD_HOC = "(ad hoc)"  # metric label of loads not made for a watched alias
 
 __all__ = ["LoadedModel", "ModelRepository", "ModelSpec", "load_model_dir", "read_model_dir"]
@@ -83,6 +78,7 @@ class LoadedModel:
     digest: str = ""
     run_id: str = ""  # the MLflow run that logged it (its reference set lives there)
     aliases: set[str] = field(default_factory=set)
+    thresholds: dict[str, str] = field(default_factory=dict)  # the `threshold.*` tags it decides with
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -98,32 +94,6 @@ class Failure:
     message: str
     digest: str
     at: float = field(default_factory=time.monotonic)
-
-
-def _gate_inputs(tags: dict[str, str]) -> tuple:
-    """The tags of a candidate that can change the gate's verdict (thresholds, the override)."""
-    return tuple(sorted((k, v) for k, v in tags.items()
-                        if k.startswith(THRESHOLD_PREFIX) or k == GATE_OVERRIDE))
-
-
-def _reference_call(what: str, fn, *args):  # type: ignore[no-untyped-def]
-    """A registry call made for the promotion gate: something missing (a deleted run named by
-    `reference.run_id`) is a broken reference set, anything else an outage.
-
-    Raises:
-        ReferenceSetError: the registry says it does not exist.
-        NotReady: the registry or artifact store failed or cannot be reached (retry later).
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return fn(*args)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
-            raise ReferenceSetError(f"{what}: {exc.message}") from exc
-        raise NotReady(f"registry error reading {what}: {exc.message}") from exc
-    except Exception as exc:  # connection errors of any HTTP/DB client, a failed download
-        raise NotReady(f"could not read {what}: {exc}") from exc
 
 
 def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
@@ -170,9 +140,12 @@ class ModelRepository:
         self._current: dict[tuple[str, str], LoadedModel] = {}
         self._pinned: set[tuple[str, str]] = set()  # (name, version) loaded on request: never evicted
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}
-        # Gate refusals: (name, candidate) → ((serving version, the candidate's gate-relevant
-        # tags) when judged, verdict, when): judged again only when one of those changes.
-        self._refusals: dict[tuple[str, str], tuple[tuple[str, tuple], GateResult, float]] = {}
+        # Gate refusals: (name, candidate, judged against) → (the candidate's gate-relevant tags
+        # when judged, verdict, when): judged again only when one of those changes, or after
+        # `failed_retry_s`.
+        self._verdicts: dict[tuple[str, str, str], tuple[tuple, GateResult, float]] = {}
+        self.memory = ServedMemory(Path(settings.cache_dir), settings.tracking_uri)
+        self.gatekeeper = Gatekeeper(self.client, settings, self.cache.staging)
         self._lru_lock = threading.Lock()  # brief: bookkeeping
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._build_lock = threading.Lock()  # one in-process ONNX Runtime build at a time
@@ -305,9 +278,7 @@ class ModelRepository:
             self._failed.pop(key, None)
             loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest,
                                  str(mv.run_id or ""))
-            problem = self.follow_thresholds(loaded, dict(mv.tags or {}))
-            if problem:  # a watched alias will not move to it (see `refresh`)
-                log.error("%s; requests naming it use its calibrated thresholds", problem)
+            self._ad_hoc_thresholds(loaded, dict(mv.tags or {}))
             with self._lru_lock:
                 self._loaded[key] = loaded
                 self._evict()
@@ -317,6 +288,17 @@ class ModelRepository:
             log.info("loaded %s/%s (%s, %s, sha256 %s) in %.2fs on %s", name, version, md.architecture,
                      md.variant, digest[:12], time.perf_counter() - t0, loaded.model.provider)
             return loaded
+
+    @staticmethod
+    def _ad_hoc_thresholds(loaded: LoadedModel, tags: dict[str, str]) -> None:
+        """Requests naming a version by number decide with its threshold tags when they are
+        valid (a watched alias sets the thresholds it judged: `_swap`)."""
+        try:
+            loaded.model.overrides = threshold_overrides(tags, loaded.metadata)
+            loaded.thresholds = threshold_tags(tags)
+        except ValueError as exc:
+            log.error("%s/%s: invalid threshold tag: %s; requests naming it use its calibrated thresholds",
+                      loaded.name, loaded.version, exc)
 
     def _evict(self) -> None:
         """Drop least recently used versions beyond the cap; never one a watched alias serves
@@ -375,13 +357,14 @@ class ModelRepository:
         return self._current.get((name, alias))
 
     def refresh(self, name: str, alias: str) -> LoadedModel | None:
-        """Re-resolve a watched alias and follow it.
+        """Re-resolve a watched alias and follow it, through the promotion gate.
 
-        Unmoved: apply its version's live threshold tags (`service.promotion`). Moved: load,
-        check and validate the new version, apply its threshold tags, pass it through the
-        promotion gate against what serves now, and only then swap it in. A failure at any
-        step leaves the serving version in place and is recorded in `errors` (and counted,
-        and logged at ERROR).
+        Nothing served yet (start-up): `_first_serve`, judged against what the alias last
+        served (`service.served`). Unmoved: a change of its version's threshold tags is judged
+        before it applies (`_follow_thresholds`). Moved: the new version is loaded, checked,
+        validated and judged against what serves now, and only then swapped in (`_move`). A
+        failure at any step leaves the serving version (and its thresholds) in place and is
+        recorded in `errors` (and counted, and logged at ERROR).
 
         Returns:
             The newly swapped-in version, or None when nothing changed or the move failed.
@@ -395,164 +378,252 @@ class ModelRepository:
         still = f"still serving {serving.version if serving else 'nothing'}"
         try:
             mv = self._model_version(ModelSpec(name, alias))
-        except ModelNotFound as exc:
+        except (ModelNotFound, NotReady) as exc:
             self.record_failure(key, "", exc.message, f"watched alias {name}@{alias}; {still}")
+            if isinstance(exc, NotReady):
+                raise
             return None
-        except NotReady as exc:
-            self.record_failure(key, "", exc.message, f"watched alias {name}@{alias}; {still}")
-            raise
         version, tags = str(mv.version), dict(mv.tags or {})
-        if serving is not None and serving.version == version:
-            problem = self.follow_thresholds(serving, tags)
-            if problem:
-                self.note_failure(key, version, problem, f"watched alias {name}@{alias}")
-            else:
-                self.errors.pop(key, None)
+        if serving is None:
+            return self._first_serve(key, version, tags)
+        if serving.version == version:
+            self._follow_thresholds(key, serving, tags)
             return None
-        failed = self.failure(name, version)
+        return self._move(key, serving, version, tags)
+
+    def _load_for(self, key: tuple[str, str], version: str, context: str) -> LoadedModel | None:
+        """Load a version a watched alias needs; a failure is recorded (None), an outage raised."""
+        failed = self.failure(key[0], version)
         if failed is not None:  # already refused: keep saying why, do not load it again
             self.errors[key] = (version, failed.message)
             return None
-        refused = self._refusals.get((name, version))
-        judged = (serving.version if serving else "", _gate_inputs(tags))
-        if (refused is not None and refused[0] == judged
-                and time.monotonic() - refused[2] < self.settings.failed_retry_s):
-            self.errors[key] = (version, refused[1].reason)  # judged already: not scored again
-            return None
-        context = f"alias {name}@{alias} moved to version {version}, which failed to load; {still}"
         try:
-            loaded = self.load(name, version)
+            return self.load(key[0], version)
         except NotReady as exc:
             self.record_failure(key, version, exc.message, context)
             raise
         except Exception as exc:  # ModelLoadError, ModelNotFound, or anything unforeseen
             self.record_failure(key, version, getattr(exc, "message", None) or repr(exc), context)
             return None
-        moved = f"alias {name}@{alias} moved to version {version}; {still}"
-        problem = self.follow_thresholds(loaded, tags)
-        if problem:
-            self.note_failure(key, version, problem, moved)
+
+    def _move(self, key: tuple[str, str], serving: LoadedModel, version: str,
+              tags: dict[str, str]) -> LoadedModel | None:
+        """The alias names another version than the one serving: judge it, then swap."""
+        name, alias = key
+        still = f"still serving {serving.version}"
+        against = Against(serving.version, serving.run_id)
+        refused = self._refused(name, version, against, tags)
+        if refused is not None:  # judged already: not scored again
+            self.errors[key] = (version, refused.reason)
             return None
-        if serving is not None and self.settings.gate:
+        loaded = self._load_for(key, version, f"alias {name}@{alias} moved to version {version}, which "
+                                              f"failed to load; {still}")
+        if loaded is None:
+            return None
+        moved = f"alias {name}@{alias} moved to version {version}; {still}"
+        verdict, overrides = self._judge(alias, loaded, tags, against, f"version {version}")
+        if not verdict.allows:
+            self.record_failure(key, version, verdict.reason, moved)
+            return None
+        self._swap(key, loaded, overrides, tags)
+        return loaded
+
+    def _first_serve(self, key: tuple[str, str], version: str, tags: dict[str, str]) -> LoadedModel | None:
+        """Start serving a watched alias (at start-up, or once its first load succeeds).
+
+        With the gate on, what the alias last served (`ServedMemory`) decides: the same
+        version serves with the threshold tags it was accepted with (a change since is then
+        judged as a live one); another version is judged against it as a live move, and if
+        refused the remembered version serves instead. With no record (a first start), the
+        version serves unless it is tagged `gate.status=refused`; its threshold tags are
+        judged against its own reference set. A version tagged refused never serves at
+        start-up unless it carries an override.
+        """
+        name, alias = key
+        context = f"watched alias {name}@{alias} names version {version}, which failed to load"
+        if not self.settings.gate:
+            loaded = self._load_for(key, version, context)
+            if loaded is not None:
+                try:
+                    self._swap(key, loaded, threshold_overrides(tags, loaded.metadata), tags)
+                except ValueError as exc:
+                    self._swap(key, loaded, {}, {})
+                    self.note_failure(key, version, f"version {version}: invalid threshold tag: {exc}; the "
+                                                    "calibrated thresholds apply", context)
+            return loaded
+        remembered = self.memory.get(name, alias)
+        flagged = tags.get(GATE_STATUS) == "refused" and tags.get(GATE_AGAINST, "") != version and \
+            override_of(tags)[0] is None
+        if remembered is not None and remembered.version != version:
+            return self._fall_back(key, version, tags, remembered, flagged)
+        if remembered is None and flagged:
+            self.record_failure(key, version, (
+                f"version {version} is tagged {GATE_STATUS}=refused ({tags.get(GATE_REASON, 'no reason')}); "
+                f"this server has no record of a version that served {name}@{alias} before (its "
+                "ANOMALY_CACHE_DIR holds none), so nothing serves: move the alias to a version that passes, "
+                "or override the gate (gate.override, gate.override.by, gate.override.reason)"),
+                f"watched alias {name}@{alias} at start-up")
+            return None
+        loaded = self._load_for(key, version, context)
+        if loaded is None:
+            return None
+        accepted = remembered.thresholds if remembered is not None else {}
+        try:
+            overrides = threshold_overrides(accepted, loaded.metadata)
+        except ValueError:  # accepted once, refused now (the rules tightened): the calibrated ones
+            overrides, accepted = {}, {}
+        self._swap(key, loaded, overrides, accepted)
+        try:
+            self._follow_thresholds(key, loaded, tags)  # a change since: judged as a live one
+        except NotReady:  # recorded; the change is judged at a later poll, the accepted ones serve
+            pass
+        return loaded
+
+    def _fall_back(self, key: tuple[str, str], version: str, tags: dict[str, str], remembered: Served,
+                   flagged: bool) -> LoadedModel | None:
+        """At start-up the alias names another version than the one it last served: judge it
+        against that one; if refused (or tagged refused), serve the remembered one."""
+        name, alias = key
+        against = Against(remembered.version, remembered.run_id)
+        moved = f"alias {name}@{alias} names version {version}, which did not serve it before"
+        if flagged:
+            why = tags.get(GATE_REASON, "no reason")
+            reason = (f"version {version} is tagged {GATE_STATUS}=refused ({why}); a refused version is not "
+                      "served at start-up (it is judged again after "
+                      "ANOMALY_FAILED_RETRY_S, when its tags change, or with an override)")
+            self._verdicts[(name, version, against.version)] = (
+                gate_inputs(tags), GateResult("refused", reason), time.monotonic())
+        else:
             try:
-                verdict = self.gate(name, alias, loaded, serving, tags)
-            except NotReady as exc:  # the reference sets could not be fetched: judged at a later poll
-                self.record_failure(key, version, exc.message, moved)
-                raise
-            if not verdict.allows:
-                self._refusals[(name, version)] = (judged, verdict, time.monotonic())
-                self.record_failure(key, version, verdict.reason, moved)
-                return None
-        self._refusals.pop((name, version), None)
+                candidate = self._load_for(key, version, f"{moved}, and failed to load")
+                if candidate is not None:
+                    verdict, overrides = self._judge(alias, candidate, tags, against, f"version {version}")
+                    if verdict.allows:
+                        self._swap(key, candidate, overrides, tags)
+                        return candidate
+                    reason = verdict.reason
+                else:
+                    reason = self.errors.get(key, (version, "it failed to load"))[1]
+            except NotReady as exc:  # judged at a later poll; meanwhile what served last serves
+                reason = f"not judged yet: {exc.message}"
+        last = self._load_for(key, remembered.version, f"{moved}; version {remembered.version}, which served "
+                                                       "it last, failed to load too")
+        if last is None:
+            self.record_failure(key, version, f"{reason}; and version {remembered.version}, which served it "
+                                              f"last, cannot be loaded: {self.errors[key][1]}", moved)
+            return None
+        try:
+            overrides = threshold_overrides(remembered.thresholds, last.metadata)
+            accepted = remembered.thresholds
+        except ValueError:
+            overrides, accepted = {}, {}
+        self._swap(key, last, overrides, accepted)
+        self.record_failure(key, version, reason,
+                            f"{moved}; serving version {remembered.version}, the last that served it")
+        return last
+
+    def _swap(self, key: tuple[str, str], loaded: LoadedModel, overrides: dict[str, float],
+              tags: dict[str, str]) -> None:
+        """Make `loaded` (with these thresholds) what the alias serves, and remember it."""
+        name, alias = key
+        serving = self._current.get(key)
+        loaded.model.overrides = overrides  # replaced whole: a decision sees old or new, never a mix
+        loaded.thresholds = threshold_tags(tags)
         loaded.aliases.add(alias)
         self._current[key] = loaded  # the swap: one reference assignment
         self.errors.pop(key, None)
-        if serving is not None:
+        if serving is not None and serving is not loaded:
             serving.aliases.discard(alias)
             metrics.SWAPS.labels(name, alias).inc()
-        metrics.SERVED_VERSION.labels(name, alias).set(float(version))
-        log.info("alias %s@%s now serves version %s (was %s)", name, alias, version,
-                 serving.version if serving else "none")
-        return loaded
+        metrics.SERVED_VERSION.labels(name, alias).set(float(loaded.version))
+        if serving is not loaded:
+            log.info("alias %s@%s now serves version %s (was %s)", name, alias, loaded.version,
+                     serving.version if serving else "none")
+        self.memory.put(Served(name, alias, loaded.version, loaded.run_id, loaded.thresholds))
 
     # -- live thresholds and the promotion gate ----------------------------------------------
-    def follow_thresholds(self, loaded: LoadedModel, tags: dict[str, str]) -> str:
-        """Apply a version's `threshold.<category>` tags to its loaded model.
+    def _follow_thresholds(self, key: tuple[str, str], serving: LoadedModel, tags: dict[str, str]) -> None:
+        """A change of the serving version's `threshold.*` tags applies only once the gate
+        passes it (against the version's own reference set and the plant's parts)."""
+        name, alias = key
+        wanted = threshold_tags(tags)
+        if wanted == serving.thresholds:
+            if self.errors.get(key, ("", ""))[0] in ("", serving.version):
+                self.errors.pop(key, None)  # the alias is back on what serves: nothing pending
+            return
+        version = serving.version
+        context = f"threshold tags of {name}/{version} (served by {name}@{alias}) changed; thresholds kept"
+        if not self.settings.gate:
+            try:
+                overrides = threshold_overrides(tags, serving.metadata)
+            except ValueError as exc:
+                self.note_failure(key, version, f"version {version}: invalid threshold tag: {exc}; "
+                                                "thresholds unchanged", context)
+                return
+            self._apply_thresholds(key, serving, overrides, wanted)
+            return
+        against = Against(version, serving.run_id)
+        refused = self._refused(name, version, against, tags)
+        if refused is not None:
+            self.errors[key] = (version, refused.reason)
+            return
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(wanted.items())) or "none"
+        verdict, overrides = self._judge(alias, serving, tags, against,
+                                         f"threshold tags of version {version} ({shown})")
+        if not verdict.allows:
+            self.record_failure(key, version, verdict.reason, context)
+            return
+        self._apply_thresholds(key, serving, overrides, wanted)
 
-        Returns:
-            "" when applied (or unchanged), else why the tags were refused (the thresholds
-            in use stay as they were).
+    def _apply_thresholds(self, key: tuple[str, str], serving: LoadedModel, overrides: dict[str, float],
+                          wanted: dict[str, str]) -> None:
+        serving.model.overrides = overrides  # replaced whole: a decision sees old or new, never a mix
+        serving.thresholds = wanted
+        self.errors.pop(key, None)
+        shown = ", ".join(f"{threshold_source(c)}={t:.6g}" for c, t in sorted(overrides.items()))
+        log.info("%s/%s thresholds now follow its tags: %s", serving.name, serving.version,
+                 shown or "none (the calibrated thresholds)")
+        self.memory.put(Served(key[0], key[1], serving.version, serving.run_id, wanted))
+
+    def _refused(self, name: str, version: str, against: Against, tags: dict[str, str]) -> GateResult | None:
+        """The remembered refusal of this judgement, while trusted (`failed_retry_s`)."""
+        memo = self._verdicts.get((name, version, against.version))
+        if memo is not None and memo[0] == gate_inputs(tags) and \
+                time.monotonic() - memo[2] < self.settings.failed_retry_s:
+            return memo[1]
+        return None
+
+    def _judge(self, alias: str, loaded: LoadedModel, tags: dict[str, str], against: Against,
+               subject: str) -> tuple[GateResult, dict[str, float]]:
+        """Judge `loaded` with the thresholds its tags ask for; returns the verdict and those
+        thresholds. A refusal is remembered; tags that are not valid thresholds are refused
+        without scoring anything.
+
+        Raises:
+            NotReady: the reference sets could not be fetched (judged at a later poll).
         """
+        name, version = loaded.name, loaded.version
+        key = (name, version, against.version)
         try:
             overrides = threshold_overrides(tags, loaded.metadata)
         except ValueError as exc:
-            return f"version {loaded.version}: invalid threshold tag: {exc}; thresholds unchanged"
-        if overrides != loaded.model.overrides:
-            loaded.model.overrides = overrides  # replaced whole: a decision sees old or new, never a mix
-            shown = ", ".join(f"{threshold_source(c)}={t:.6g}" for c, t in sorted(overrides.items()))
-            log.info("%s/%s thresholds now follow its tags: %s", loaded.name, loaded.version,
-                     shown or "none (the calibrated thresholds)")
-        return ""
-
-    def gate(self, name: str, alias: str, candidate: LoadedModel, serving: LoadedModel,
-             tags: dict[str, str]) -> GateResult:
-        """Score the known parts (the serving version's reference set and the plant's) with the
-        candidate; the verdict is logged, counted and written back to the candidate's tags.
-
-        Raises:
-            NotReady: the reference sets cannot be downloaded now (retried at the next poll).
-        """
-        what = f"{name} version {candidate.version}"
-        if overridden(tags):
-            verdict = GateResult("overridden", f"{what}: promotion gate overridden by the tag "
-                                               f"{GATE_OVERRIDE}=true (serving version {serving.version} "
-                                               "was not compared)")
+            verdict = self.gatekeeper.refuse(alias, name, version, against.version,
+                                             f"{name} {subject} refused: invalid threshold tag: {exc}")
         else:
-            with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
-                try:
-                    items = self._known_parts(name, serving, Path(scratch))
-                    outcomes = [self._outcome(candidate.model, item) for item in items]
-                    against = f"the reference set of version {serving.version} and the plant's known parts"
-                    verdict = judge(outcomes, self.settings.gate_max_false_reject, what, against)
-                except ReferenceSetError as exc:
-                    verdict = GateResult("refused", f"{what} refused by the promotion gate: a reference "
-                                                    f"set cannot be read: {exc}")
-        metrics.GATE_VERDICTS.labels(name, alias, verdict.status).inc()
-        (log.error if verdict.status == "refused" else log.info)("promotion gate: %s", verdict.reason)
-        if self.settings.gate_write_tags:
-            self._write_verdict(name, candidate.version, verdict)
-        return verdict
-
-    def _scratch(self) -> Path:
-        folder = self.cache.staging
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def _known_parts(self, name: str, serving: LoadedModel, scratch: Path) -> list[ReferenceItem]:
-        """Download the serving version's reference set and the plant's into `scratch`."""
-        runs = [(serving.run_id, f"version {serving.version}")]
-        registered = _reference_call(f"registered model {name}", self.client.get_registered_model, name)
-        plant = (registered.tags or {}).get(PLANT_REFERENCE_TAG, "")
-        if plant:
-            runs.append((plant, "plant"))
-        items: list[ReferenceItem] = []
-        for run_id, source in runs:
-            if not run_id:
-                continue
-            what = f"the reference set of {source} (run {run_id})"
-            if not _reference_call(what, self.client.list_artifacts, run_id, REFERENCE_ARTIFACTS):
-                continue
-            local = _reference_call(what, self.client.download_artifacts, run_id, REFERENCE_ARTIFACTS,
-                                    str(scratch / source.replace(" ", "-")))
-            items += reference_items(Path(local), source)
-        return items
-
-    def _outcome(self, model: OnnxModel, item: ReferenceItem) -> tuple[ReferenceItem, bool | None, str]:
-        """Whether the candidate flags one known part (None: it could not be scored, and why)."""
-        from service.imaging import decode_image
-
-        s = self.settings
-        try:
-            image = decode_image(item.path.read_bytes(), max_bytes=s.max_image_bytes,
-                                 max_pixels=s.max_image_pixels, draft=model.metadata.map_size)
-            return item, model.score_image(image, item.category).is_anomalous, ""
-        except ServiceError as exc:
-            return item, None, exc.message
-        except Exception as exc:  # the candidate's fault (a crash in its graph): refuse it
-            return item, None, f"{type(exc).__name__}: {exc}"
-
-    def _write_verdict(self, name: str, version: str, verdict: GateResult) -> None:
-        """Best effort: the verdict on the version's tags and in its description."""
-        try:
-            self.client.set_model_version_tag(name, version, GATE_STATUS, verdict.status)
-            self.client.set_model_version_tag(name, version, GATE_REASON, verdict.reason[:4000])
-            mv = self.client.get_model_version(name, version)
-            own = (mv.description or "").split(GATE_SECTION)[0].rstrip()
-            stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-            self.client.update_model_version(name, version, description=(
-                f"{own}{GATE_SECTION}{verdict.status.upper()} ({stamp}): {verdict.reason}"))
-        except Exception as exc:  # a read-only registry, an outage: the verdict stands regardless
-            log.warning("could not write the gate verdict to %s version %s: %s", name, version, exc)
+            if not self.settings.gate:
+                return GateResult("passed", "the promotion gate is off (ANOMALY_GATE=false)"), overrides
+            try:
+                candidate = Candidate(name, version, loaded.model, overrides, tags)
+                verdict = self.gatekeeper.judge(alias, candidate, against, subject)
+            except NotReady as exc:
+                self.record_failure((name, alias), version, exc.message,
+                                    f"{name} {subject}: the promotion gate cannot fetch the known parts")
+                raise
+        if verdict.allows:
+            self._verdicts.pop(key, None)
+        else:
+            self._verdicts[key] = (gate_inputs(tags), verdict, time.monotonic())
+        return verdict, overrides
 
     def record_failure(self, key: tuple[str, str], version: str, message: str, context: str) -> None:
         """Remember (for GetModel), count and log at ERROR a failed move of a watched alias."""

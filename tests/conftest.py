@@ -273,3 +273,17 @@ def wait_for(check, timeout: float = 30.0, what: str = "condition"):  # type: ig
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def reference_set(store: Store, client, tmp_path: Path) -> list:
+    """The session model's reference set (its known parts), to log with another version:
+    `register_copy(..., reference=reference_set(store, client, tmp_path))`."""
+    import uuid
+
+    from registry.mlflow_registry import KnownPart
+    from service.promotion import read_manifest
+
+    run_id = client.get_model_version(store.model_name, store.version).run_id
+    dest = tmp_path / f"reference-{uuid.uuid4().hex[:6]}"
+    local = Path(client.download_artifacts(run_id, "reference", str(dest)))
+    return [KnownPart(local / i["file"], i["category"], i["expect"]) for i in read_manifest(local)]

@@ -52,7 +52,8 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
     client = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
     first = register_copy(store, tmp_path, "ui-first", model_name=MODEL, metrics={"image_auroc": 0.9},
                           reference=_reference_set(store, client, tmp_path))
-    second = register_copy(store, tmp_path, "ui-second", model_name=MODEL, metrics={"image_auroc": 0.9})
+    second = register_copy(store, tmp_path, "ui-second", model_name=MODEL, metrics={"image_auroc": 0.9},
+                           reference=_reference_set(store, client, tmp_path / "second"))
     client.set_registered_model_alias(MODEL, "champion", first)
     image = good_and_defect[1][0].read_bytes()
     category = good_and_defect[1][0].parent.parent.parent.name
@@ -79,20 +80,24 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
             assert client.get_model_version(MODEL, second).tags["gate.status"] == "passed"
             assert str(client.get_model_version_by_alias(MODEL, "champion").version) == second
 
-            # A live threshold: add the tag, then edit its value in the table.
+            # A live threshold: add the tag (a small change the gate passes), then edit its value
+            # in the table to one that would pass every part: refused, the first one stays.
+            safe = f"{score().threshold * 0.999:.9g}"
             page.get_by_test_id("tags-form-input-name").fill(f"threshold.{category}")
-            page.get_by_test_id("tags-form-input-value").fill("1000000")
+            page.get_by_test_id("tags-form-input-value").fill(safe)
             page.get_by_test_id("add-tag-button").click()
             tag = f"threshold.{category}"
             wait_for(lambda: score().threshold_source == tag, what="the server to follow the tag")
-            assert score().threshold == pytest.approx(1e6) and not score().is_anomalous
+            assert score().threshold == pytest.approx(float(safe))
             row = page.get_by_role("row").filter(has_text=f"threshold.{category}")
             row.get_by_test_id("editable-table-button-edit").click()
             editor = row.get_by_role("textbox")
-            editor.fill("0")
+            editor.fill("1000000")
             row.get_by_role("button", name="Save").click()
-            wait_for(lambda: score().threshold == pytest.approx(0.0), what="the edited tag followed")
-            assert score().is_anomalous and score().model.version == second
+            get = lambda: stub.GetModel(pb.GetModelRequest(model=MODEL, alias="champion"), timeout=10)  # noqa: E731
+            wait_for(lambda: "absurd" in get().last_error, what="the edited tag refused")
+            assert score().threshold == pytest.approx(float(safe))
+            assert score().model.version == second
             page.reload()
             page.get_by_title("champion", exact=True).wait_for()  # the alias chip: the page has loaded
             page.get_by_role("row").filter(has_text=f"threshold.{category}").scroll_into_view_if_needed()
@@ -103,4 +108,5 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
             browser.close()
     finally:
         server.stop()
-    assert client.get_model_version(MODEL, second).tags[f"threshold.{category}"] == "0"
+    tags = client.get_model_version(MODEL, second).tags
+    assert tags[f"threshold.{category}"] == "1000000" and tags["gate.status"] == "refused"

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import Store, register_copy, register_tiny, tracking_uri, wait_for
+from conftest import Store, reference_set, register_copy, register_tiny, tracking_uri, wait_for
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
@@ -24,7 +24,15 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from cli.main import app
 from clients.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_gateway, start_server
-from service.promotion import GATE_OVERRIDE, GATE_REASON, GATE_STATUS, PLANT_REFERENCE_TAG
+from service.promotion import (
+    GATE_OVERRIDE,
+    GATE_OVERRIDE_BY,
+    GATE_OVERRIDE_FOR,
+    GATE_OVERRIDE_REASON,
+    GATE_REASON,
+    GATE_STATUS,
+    PLANT_REFERENCE_TAG,
+)
 
 POLL = {"ANOMALY_POLL_INTERVAL_S": "0.3"}
 
@@ -35,14 +43,14 @@ def client(store: Store) -> MlflowClient:
 
 
 def serve_alias_with_log(store: Store, client: MlflowClient, alias: str, version: str,
-                         tmp_path: Path) -> tuple[object, str, str]:
+                         tmp_path: Path, env: dict[str, str] | None = None) -> tuple[object, str, str]:
     """A server following `alias` (moved to `version`) with an inspection log in `tmp_path`;
     returns (its process, its target, the log's database URL)."""
     client.set_registered_model_alias(store.model_name, alias, version)
     db = f"sqlite:///{tmp_path / 'inspections.db'}"
     child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
                                  alias=alias, env={**POLL, "ANOMALY_INSPECTION_LOG": "true",
-                                                   "ANOMALY_INSPECTION_DB_URL": db})
+                                                   "ANOMALY_INSPECTION_DB_URL": db, **(env or {})})
     return child, target, db
 
 
@@ -76,7 +84,8 @@ def test_each_version_carries_a_reference_set_its_own_decisions_agree_with(store
 def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_and_defect,
                                                            tmp_path: Path) -> None:
     """The old version keeps serving; the reason is in GetModel, the log, a metric and the
-    candidate's tags; `gate.override=true` forces it; a plant's known parts are checked too."""
+    candidate's tags; `gate.override=true` with who and why forces it; a plant's known parts
+    are checked too."""
     alias, port = "gate-canary", free_port()
     client.set_registered_model_alias(store.model_name, alias, store.version)
     blind = register_copy(store, tmp_path, "gate-blind", threshold_scale=1e6)
@@ -101,13 +110,16 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
             time.sleep(1.5)  # five polls: judged once, not scored again at every poll
             assert served_version(stub, image) == store.version
             # A threshold tag on the candidate changes what it decides: it is judged again.
-            client.set_model_version_tag(store.model_name, blind, "threshold.brick", "0")
+            low = store.build.metadata.image_stats["brick"].min * 0.5  # below every known good
+            client.set_model_version_tag(store.model_name, blind, "threshold.brick", f"{low:.6g}")
             info = wait_for(lambda: "known-good parts would be rejected" in (i := get()).last_error and i,
                             what="a new verdict")
             assert info.ref.version == store.version
             client.delete_model_version_tag(store.model_name, blind, "threshold.brick")
             wait_for(lambda: "known-good parts" not in get().last_error, what="the verdict without the tag")
 
+            client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE_BY, "qa-lead")
+            client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE_REASON, "checked by hand")
             client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE, "true")  # forced
             wait_for(lambda: served_version(stub, image) == blind, what="the overridden swap")
             assert client.get_model_version(store.model_name, blind).tags[GATE_STATUS] == "overridden"
@@ -129,7 +141,8 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
             wait_for(lambda: served_version(stub, image) == same, what="the gated swap")
             assert client.get_model_version(store.model_name, same).tags[GATE_STATUS] == "passed"
 
-            client.delete_model_version_tag(store.model_name, blind, GATE_OVERRIDE)
+            for tag in (GATE_OVERRIDE, GATE_OVERRIDE_BY, GATE_OVERRIDE_REASON, GATE_OVERRIDE_FOR):
+                client.delete_model_version_tag(store.model_name, blind, tag)
             client.set_registered_model_alias(store.model_name, alias, blind)  # the plant's parts only
             info = wait_for(lambda: (i := get()).last_error_version == blind and i, what="a second refusal")
             assert "plant: brick/" in info.last_error and served_version(stub, image) == same
@@ -141,7 +154,7 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
         labels = f'alias="{alias}",name="{store.model_name}",status="{status}"'
         assert f"anomaly_promotion_gate_total{{{labels}}} {count}.0" in metrics, metrics
     log = (tmp_path / "server.log").read_text()
-    start = f"ERROR service.repository promotion gate: {store.model_name} version {blind} refused"
+    start = f"ERROR service.gatekeeper promotion gate: {store.model_name} version {blind} refused"
     refusals = [line for line in log.splitlines() if start in line]
     assert len(refusals) == 4, log[-3000:]  # judged once per move or tag change, not at every poll
 
@@ -150,11 +163,18 @@ def test_threshold_tags_are_checked_as_a_whole(store) -> None:
     from service.promotion import threshold_overrides
 
     md = store.build.metadata
-    assert threshold_overrides({"threshold": "0.3", "threshold.brick": "0.25", "threshold.global": "1e-3",
-                                "architecture": "stfpm"}, md) == {"brick": 0.25, "": 1e-3}
+    brick, overall = md.image_stats["brick"], md.image_stats[""]
+    high, low = f"{brick.threshold * 1.1:.9g}", f"{overall.threshold * 0.9:.9g}"
+    assert threshold_overrides({"threshold": "0.3", "threshold.brick": high, "threshold.global": low,
+                                "architecture": "stfpm"}, md) == {"brick": float(high), "": float(low)}
+    absurd = f"{brick.max + 21 * max(brick.max - brick.min, abs(brick.threshold)):.9g}"
     for tags, message in (({"threshold.brick": "x"}, "is not a number"),
                           ({"threshold.brick": "inf"}, "not a finite number"),
-                          ({"threshold.coffee": "1", "threshold.bolt": "1"}, "does not know")):
+                          ({"threshold.coffee": low, "threshold.bolt": "1"}, "does not know"),
+                          ({"threshold.brick": "0"}, "is not positive"),
+                          ({"threshold.brick": "-1e-9"}, "is not positive"),
+                          ({"threshold.brick": absurd}, "is absurd"),
+                          ({"threshold.global": "1e9"}, "is absurd")):
         with pytest.raises(ValueError, match=message):
             threshold_overrides(tags, md)
     global_md = md.model_copy(update={"categories": [*md.categories, "global"]})
@@ -169,7 +189,8 @@ def test_gate_refuses_when_the_plant_reference_run_is_gone(store, client, good_a
     unknown model), the old version keeps serving, and once the tag is fixed the move is judged
     again (after ANOMALY_FAILED_RETRY_S) and goes through."""
     name = "gate-broken-plant"
-    first = register_copy(store, tmp_path, "first", model_name=name)
+    first = register_copy(store, tmp_path, "first", model_name=name,
+                          reference=reference_set(store, client, tmp_path))
     second = register_copy(store, tmp_path, "second", model_name=name)
     client.set_registered_model_alias(name, "champion", first)
     client.set_registered_model_tag(name, PLANT_REFERENCE_TAG, uuid.uuid4().hex)  # a deleted run
@@ -197,7 +218,7 @@ def test_gate_refuses_when_the_plant_reference_run_is_gone(store, client, good_a
             assert served().model.version == first
             client.delete_registered_model_tag(name, PLANT_REFERENCE_TAG)
             wait_for(lambda: served().model.version == second, what="the move once the tag is fixed")
-            assert client.get_model_version(name, second).tags[GATE_STATUS] == "skipped"
+            assert client.get_model_version(name, second).tags[GATE_STATUS] == "passed"
     finally:
         child.stop()
 
@@ -215,8 +236,11 @@ def test_reference_add_refuses_what_the_server_could_not_read(store, tmp_path: P
 
 def test_threshold_tags_are_followed_live_and_bad_ones_refused(store, client, good_and_defect,
                                                                tmp_path: Path) -> None:
+    """A threshold tag the gate passes is followed with no new version and no restart; a tag
+    that is not a threshold of this model is refused as a whole and the old ones stay."""
     alias = "threshold-canary"
-    version = register_copy(store, tmp_path, "live-thresholds")
+    parts = reference_set(store, client, tmp_path)
+    version = register_copy(store, tmp_path, "live-thresholds", reference=parts)
     child, target, db = serve_alias_with_log(store, client, alias, version, tmp_path)
     defect = good_and_defect[1][0].read_bytes()
     category = category_of(good_and_defect[1][0])
@@ -229,24 +253,25 @@ def test_threshold_tags_are_followed_live_and_bad_ones_refused(store, client, go
                                                            request_id=rid), timeout=30)
             before = score("before")
             assert before.threshold_source == "model" and get().threshold_sources[category] == "model"
-            client.set_model_version_tag(store.model_name, version, tag, "1e9")
+            value = f"{before.threshold * 0.999:.9g}"  # a small, safe change: the gate passes it
+            client.set_model_version_tag(store.model_name, version, tag, value)
             info = wait_for(lambda: (i := get()).threshold_sources[category] == tag and i, what="the tag")
-            assert info.thresholds[category] == pytest.approx(1e9) and info.threshold_sources[""] == "model"
+            assert info.thresholds[category] == pytest.approx(float(value))
+            assert info.threshold_sources[""] == "model"
             after = score("after")
-            assert after.threshold == pytest.approx(1e9)
-            assert (after.threshold_source, after.is_anomalous) == (tag, False)
+            assert after.threshold == pytest.approx(float(value)) and after.threshold_source == tag
             assert after.model.version == version  # no new version, no restart
 
-            for key, value, why in ((tag, "abc", "is not a number"), (tag, "nan", "not a finite number"),
+            for key, wrong, why in ((tag, "abc", "is not a number"), (tag, "nan", "not a finite number"),
                                     ("threshold.nope", "1", "does not know")):
-                client.set_model_version_tag(store.model_name, version, key, value)
-                info = wait_for(lambda: (i := get()).last_error and i, what=f"refusal of {key}={value}")
+                client.set_model_version_tag(store.model_name, version, key, wrong)
+                info = wait_for(lambda: (i := get()).last_error and i, what=f"refusal of {key}={wrong}")
                 assert "invalid threshold tag" in info.last_error and why in info.last_error
-                assert info.thresholds[category] == pytest.approx(1e9)  # the old thresholds stay
+                assert info.thresholds[category] == pytest.approx(float(value))  # the old thresholds stay
                 assert score("during").threshold_source == tag
                 client.delete_model_version_tag(store.model_name, version, key)
                 if key == tag:
-                    client.set_model_version_tag(store.model_name, version, tag, "1e9")
+                    client.set_model_version_tag(store.model_name, version, tag, value)
                 wait_for(lambda: not get().last_error, what="the error to clear")
             client.delete_model_version_tag(store.model_name, version, tag)
             wait_for(lambda: get().threshold_sources[category] == "model", what="calibrated thresholds back")
@@ -265,8 +290,11 @@ def test_feedback_quality_report_and_threshold_proposal(store, client, good_and_
     """Verdicts over gRPC and HTTP, bad ones refused; the report counts false calls and
     escapes and proposes thresholds that `thresholds apply` writes and the server follows."""
     alias = "feedback-canary"
-    version = register_copy(store, tmp_path, "feedback")
-    child, target, db = serve_alias_with_log(store, client, alias, version, tmp_path)
+    version = register_copy(store, tmp_path, "feedback", reference=reference_set(store, client, tmp_path))
+    # The proposal trades false calls for zero escapes: the gate must see no escape, and may see
+    # more rejected known goods than its default allows.
+    child, target, db = serve_alias_with_log(store, client, alias, version, tmp_path,
+                                             env={"ANOMALY_GATE_MAX_FALSE_REJECT": "1"})
     gateway, base = start_gateway(target, tmp_path / "gateway.log")
     goods, defects = good_and_defect
     try:
