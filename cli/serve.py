@@ -43,12 +43,14 @@ def serve_cmd(
                       http_in_process=http, http_port=http_port, processes=processes)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
     if config.processes > 1:
-        from service.processes import Supervisor
+        from service.processes import PortHeld, Supervisor
 
         try:
             code = Supervisor(config).run()
         except ValueError as exc:
             raise fail(str(exc), 2) from exc
+        except (PortHeld, OSError) as exc:  # another supervisor, server or spool holder; no runtime folder
+            raise fail(f"cannot start the servers: {exc}") from exc
         raise typer.Exit(code)
     try:
         asyncio.run(serve(config))

@@ -2,14 +2,21 @@
 the same data plane (`service.inprocess`), until SIGTERM/SIGINT; then a graceful drain.
 
 `anomaly serve` runs `serve`; with `--processes N` it runs N of these under
-`service.processes.Supervisor` instead.
+`service.processes.Supervisor` instead. Such a child (`process_index` ≥ 0) watches its stdin, a
+pipe from the supervisor: EOF means the supervisor is gone (even SIGKILLed), so it drains and
+stops like on SIGTERM, and exits hard if that has not finished `HARD_EXIT_AFTER_S` past the grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import stat
+import threading
+import time
 
 from service.gateway import create_app
 from service.grpc_server import GrpcServer
@@ -17,15 +24,47 @@ from service.inprocess import serve_http
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+HARD_EXIT_AFTER_S = 10.0  # past grace_s: a child whose supervisor is gone exits even if draining hangs
+
+
+def watch_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, grace_s: float) -> bool:
+    """If stdin is a pipe (from `service.processes`), watch it in a daemon thread: at EOF set
+    `stop`, then `os._exit(1)` if the process is still alive `grace_s + HARD_EXIT_AFTER_S`
+    later. Returns whether it watches (not for a terminal, /dev/null or a closed stdin)."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(0).st_mode):
+            return False
+    except OSError:
+        return False
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError as exc:
+            log.warning("cannot watch the supervisor's pipe (%s); relying on its signals", exc)
+            return
+        log.warning("the supervisor is gone (its pipe closed): stopping")
+        with contextlib.suppress(RuntimeError):  # the loop already closed: the process is exiting
+            loop.call_soon_threadsafe(stop.set)
+        time.sleep(grace_s + HARD_EXIT_AFTER_S)
+        log.error("still running %.0f s after the supervisor went: exiting now", grace_s + HARD_EXIT_AFTER_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+    return True
 
 
 async def serve(settings: Settings) -> None:
-    """Run the gRPC server until SIGTERM/SIGINT, then shut down gracefully."""
-    server = GrpcServer(settings)
+    """Run the gRPC server until SIGTERM/SIGINT (or, for a child of `--processes`, until its
+    supervisor is gone), then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.process_index >= 0:
+        watch_supervisor(loop, stop, settings.grace_s)
+    server = GrpcServer(settings)
     http = None
     try:
         await server.start()

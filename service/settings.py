@@ -76,6 +76,9 @@ class Settings(BaseSettings):
                                                "an equal share of the cores (`service.processes`)")
     process_index: int = Field(-1, ge=-1, description="set by `processes` for each child (0 … N-1); "
                                                       "metrics on metrics_port + index, its own spool")
+    runtime_dir: Path | None = Field(None, description="where `processes` keeps its per-port lock "
+                                                       "(None = $XDG_RUNTIME_DIR/edge-anomaly, else "
+                                                       "<tmp>/edge-anomaly-<uid>); must be this user's own")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
     max_concurrent_rpcs: int = Field(16, ge=1, description="anomaly.v1 and Open Inference Protocol calls "
