@@ -10,7 +10,7 @@ bytes; every other datatype is the array's bytes in row-major order, little-endi
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -45,24 +45,63 @@ CONTENTS_FIELD = {
 }
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the protocol's shapes and sizes are int64
+
+
 class TensorError(ValueError):
     """A tensor whose data does not match its datatype and shape (the message says how)."""
 
 
 def element_count(shape: Sequence[int]) -> int:
-    """How many elements `shape` holds.
+    """How many elements `shape` holds, worked out in Python integers (no int64 wrap-around:
+    `[2**32, 2**32]` is not 0).
 
     Raises:
-        TensorError: a negative dimension.
+        TensorError: a negative dimension, or more elements than int64 counts.
     """
     if any(d < 0 for d in shape):
         raise TensorError(f"shape {list(shape)} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count *= int(d)
+        if count > INT64_MAX:
+            raise TensorError(f"shape {list(shape)} holds more than {INT64_MAX} elements (int64)")
+    return count
 
 
 def serialize_bytes(items: Sequence[bytes]) -> bytes:
     """BYTES elements → their raw form (each one length-prefixed)."""
     return b"".join(struct.pack("<I", len(item)) + bytes(item) for item in items)
+
+
+def _byte_spans(raw: bytes) -> Iterator[tuple[int, int]]:
+    """Where each element of a BYTES tensor's raw form lies: (start, end) offsets.
+
+    Raises:
+        TensorError: the data is cut short.
+    """
+    at, index = 0, 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise TensorError(f"BYTES data cut short: {len(raw) - at} byte(s) where a 4-byte length goes")
+        (length,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + length > len(raw):
+            raise TensorError(
+                f"BYTES element {index} says {length} bytes but only {len(raw) - at - 4} follow"
+            )
+        yield at + 4, at + 4 + length
+        at, index = at + 4 + length, index + 1
+
+
+def bytes_count(raw: bytes) -> int:
+    """How many elements the raw form of a BYTES tensor holds (nothing is copied).
+
+    Raises:
+        TensorError: the data is cut short.
+    """
+    return sum(1 for _ in _byte_spans(raw))
 
 
 def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
@@ -71,17 +110,8 @@ def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
     Raises:
         TensorError: the data is cut short, or holds more or fewer elements than `count`.
     """
-    items, at, view = [], 0, memoryview(raw)
-    while at < len(raw):
-        if at + 4 > len(raw):
-            raise TensorError(f"BYTES data cut short: {len(raw) - at} byte(s) where a 4-byte length goes")
-        (length,) = struct.unpack_from("<I", raw, at)
-        if at + 4 + length > len(raw):
-            raise TensorError(
-                f"BYTES element {len(items)} says {length} bytes but only {len(raw) - at - 4} follow"
-            )
-        items.append(bytes(view[at + 4 : at + 4 + length]))
-        at += 4 + length
+    view = memoryview(raw)
+    items = [bytes(view[start:end]) for start, end in _byte_spans(raw)]
     if len(items) != count:
         raise TensorError(f"BYTES data holds {len(items)} element(s); the shape says {count}")
     return items
