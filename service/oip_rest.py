@@ -433,6 +433,65 @@ def infer_answer(response: v2.ModelInferResponse, wanted_binary: set[str], all_b
     )
 
 
+# Request bodies in the OpenAPI document (the routes read their bodies themselves: these
+# describe them, for clients and for the schemathesis fuzzing of tests/test_fuzz.py).
+_SCALAR = {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+                     {"type": "number"}, {"type": "string"}]}
+
+
+def _parameters_schema(known: dict[str, dict]) -> dict:
+    return {"type": "object", "properties": known, "additionalProperties": _SCALAR}
+
+
+_INPUT = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": list(DATATYPES)},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT64_MAX}},
+        "parameters": _parameters_schema(
+            {"binary_data_size": {"type": "integer", "minimum": 0, "maximum": INT64_MAX}}),
+        "data": {"type": "array", "description": "the values, flat or nested as the shape; BYTES "
+                 'elements as base64 text or {"b64": …}'},
+    },
+}
+_INFER_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": _parameters_schema({
+            "binary_data_output": {"type": "boolean"},
+            "category": {"type": "string"},
+            "station": {"type": "string"},
+            "return_anomaly_map": {"anyOf": [{"type": "boolean"}, {"type": "string"}]},
+        }),
+        "inputs": {"type": "array", "items": _INPUT},
+        "outputs": {"type": "array", "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string"},
+                           "parameters": _parameters_schema({"binary_data": {"type": "boolean"}})}}},
+    },
+}
+INFER_BODY = {"parameters": [{
+    "name": "Inference-Header-Content-Length", "in": "header", "required": False,
+    "description": "with binary tensors after the JSON: the JSON's length in bytes",
+    "schema": {"type": "integer", "minimum": 0}}], "requestBody": {"required": True, "content": {
+    "application/json": {"schema": _INFER_REQUEST},
+    "application/octet-stream": {"schema": {
+        "type": "string", "format": "binary",
+        "description": "the binary-data extension: the JSON request (its length in the "
+                       "Inference-Header-Content-Length header), then the inputs' bytes"}},
+}}}
+INDEX_BODY = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}}
+REPOSITORY_BODY = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"parameters": {"type": "object", "properties": {"version": {
+        "anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0, "maximum": INT64_MAX}],
+        "description": "a version number or an alias"}}}}}}}}}
+
+
 @router.get("/health/live")
 async def live(request: Request) -> dict:
     """Liveness (the server answers ServerLive)."""
@@ -492,8 +551,8 @@ async def model_ready(request: Request, model: str, version: str = "") -> JSONRe
     return JSONResponse(body, status_code=200 if is_ready else 400)
 
 
-@router.post("/models/{model}/infer")
-@router.post("/models/{model}/versions/{version}/infer")
+@router.post("/models/{model}/infer", openapi_extra=INFER_BODY)
+@router.post("/models/{model}/versions/{version}/infer", openapi_extra=INFER_BODY)
 async def infer(request: Request, model: str, version: str = "") -> Response:
     """Score the request's images (see the module docstring for the body)."""
     settings = request.app.state.settings
@@ -520,7 +579,7 @@ async def infer(request: Request, model: str, version: str = "") -> Response:
         raise Problem(502, "Bad Gateway", f"the server's answer is malformed: {exc}", "INTERNAL") from exc
 
 
-@router.post("/repository/index")
+@router.post("/repository/index", openapi_extra=INDEX_BODY)
 async def repository_index(request: Request) -> list[dict]:
     """Loaded versions (READY) and watched aliases serving nothing (UNAVAILABLE)."""
     ready = (await _json_body(request)).get("ready", False)
@@ -566,13 +625,13 @@ async def _repository(request: Request, method: str, message: Any) -> dict:
     return {}
 
 
-@router.post("/repository/models/{model}/load")
+@router.post("/repository/models/{model}/load", openapi_extra=REPOSITORY_BODY)
 async def load(request: Request, model: str) -> dict:
     """Load a model (parameter `version`: a number or an alias) and keep it loaded."""
     return await _repository(request, "RepositoryModelLoad", v2.RepositoryModelLoadRequest(model_name=model))
 
 
-@router.post("/repository/models/{model}/unload")
+@router.post("/repository/models/{model}/unload", openapi_extra=REPOSITORY_BODY)
 async def unload(request: Request, model: str) -> dict:
     """Unload a model version (refused for one a watched alias serves)."""
     message = v2.RepositoryModelUnloadRequest(model_name=model)
