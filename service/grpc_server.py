@@ -6,11 +6,13 @@ model is warm) and server reflection (`ANOMALY_REFLECTION=false` turns it off). 
 drains in-flight requests for `grace_s` seconds (`service.main` runs the process and calls
 it on SIGTERM/SIGINT).
 
-Bounds: at most `max_concurrent_rpcs` anomaly.v1 and V2 calls are open at once (beyond,
-RESOURCE_EXHAUSTED at once, before the message is read; health checks, reflection and V2
-liveness/readiness are not counted, so probes keep answering under load), messages are at
-most `max_image_bytes` (+64 KiB), and a ScoreStream reads its next image only while the
-images it has in flight total less than `max_image_bytes`. An unexpected error answers
+Bounds (`service.admission`): at most `max_concurrent_rpcs` unary anomaly.v1 and V2 calls
+run at once, `max_streams` ScoreStreams and `max_watch_streams` health Watch and reflection
+streams are open at once (beyond, RESOURCE_EXHAUSTED at once; health Check and V2
+liveness/readiness are never capped, so probes keep answering under load; calls without a
+valid key are refused before they take a slot), messages are at most `max_image_bytes`
+(+64 KiB), and a ScoreStream reads its next image only while the images it has in flight
+total less than `max_image_bytes`. An unexpected error answers
 INTERNAL with the request id, never the error's text (which goes to the log).
 
 With `ANOMALY_HTTP_IN_PROCESS=true` the same process also answers the HTTP API (the
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +36,7 @@ from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
 from service import metrics, oip
+from service.admission import Admission, grpc_backstop
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError, answering, internal_error
 from service.inprocess import LocalStub
@@ -41,7 +44,6 @@ from service.inspection import Verdict
 from service.oip import InferenceServicer
 from service.repository import LoadedModel
 from service.security import (
-    OPEN_SERVICES,
     ApiKeyInterceptor,
     exposure_warning,
     load_api_keys,
@@ -107,67 +109,6 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
         timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )
-
-
-class ConcurrencyLimit(grpc.aio.ServerInterceptor):
-    """At most `limit` calls open at once; more get RESOURCE_EXHAUSTED before their message
-    is read. Health checks, reflection and V2 liveness/readiness pass uncounted."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-
-        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server at its limit of {self.limit} concurrent calls "
-                                "(ANOMALY_MAX_CONCURRENT_RPCS); retry later")
-
-        async def refuse_stream(request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-            await refuse(None, context)
-
-        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
-        self._refuse_stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
-
-    def _done(self) -> None:
-        self.open -= 1
-
-    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        done = self._done
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
-
-            async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
-                try:
-                    return await inner_unary(request, context)
-                finally:
-                    done()
-
-            return handler._replace(unary_unary=unary)
-        inner_stream = handler.stream_stream
-
-        async def stream(request_iterator: object, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            try:
-                async for response in inner_stream(request_iterator, context):
-                    yield response
-            finally:
-                done()
-
-        return handler._replace(stream_stream=stream)
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Count the call, or refuse it when `limit` are open."""
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_SERVICES) or not (
-                handler.unary_unary or handler.stream_stream):
-            return handler
-        if self.open >= self.limit:
-            metrics.ADMISSION_REFUSALS.labels("concurrent_rpcs").inc()
-            return self._refuse_stream if handler.stream_stream else self._refuse
-        self.open += 1
-        return self._counted(handler)
 
 
 class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
@@ -299,14 +240,16 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         keys = load_api_keys(settings)
         self.keys = bool(keys)
-        self.limit = ConcurrencyLimit(settings.max_concurrent_rpcs)
-        interceptors = [ApiKeyInterceptor(keys), self.limit] if keys else [self.limit]
-        # gRPC's own cap, with room above ours for health probes and reflection.
+        self.admission = Admission(settings)
+        # The key check first: a call without a valid key never takes an admission slot.
+        interceptors = [ApiKeyInterceptor(keys), self.admission] if keys else [self.admission]
+        # gRPC's own cap (it counts every call before any interceptor): a backstop well above
+        # the sum of ours, so ours refuse first and health checks still answer.
         # SO_REUSEPORT only for the children of `processes`: a lone server must fail loudly
         # on a port already in use rather than share it with whatever holds it.
         reuse = [("grpc.so_reuseport", 1 if settings.process_index >= 0 else 0)]
         self.server = grpc.aio.server(options=[*grpc_options(settings), *reuse], interceptors=interceptors,
-                                      maximum_concurrent_rpcs=settings.max_concurrent_rpcs + 32)
+                                      maximum_concurrent_rpcs=grpc_backstop(settings))
         if keys:
             log.info("API keys required (%d configured); health and reflection stay open", len(keys))
         self.interceptors = interceptors

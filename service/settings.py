@@ -81,10 +81,15 @@ class Settings(BaseSettings):
                                                        "<tmp>/edge-anomaly-<uid>); must be this user's own")
     max_inflight: int = Field(256, ge=1,
                               description="requests admitted at once; more get RESOURCE_EXHAUSTED")
-    max_concurrent_rpcs: int = Field(16, ge=1, description="anomaly.v1 and Open Inference Protocol calls "
-                                                           "open at once; health, reflection and V2 liveness "
-                                                           "and readiness are not counted; more get "
+    max_concurrent_rpcs: int = Field(16, ge=1, description="unary anomaly.v1 and Open Inference Protocol "
+                                                           "calls running at once (streams, health and "
+                                                           "reflection have their own caps); more get "
                                                            "RESOURCE_EXHAUSTED")
+    max_streams: int = Field(8, ge=1, description="ScoreStream calls open at once (a line camera's stream "
+                                                  "is one); more get RESOURCE_EXHAUSTED")
+    max_watch_streams: int = Field(16, ge=1, description="health Watch and server reflection streams open at "
+                                                         "once (callers need no key for them); more get "
+                                                         "RESOURCE_EXHAUSTED; health Check is never capped")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image (or raw pixel "
                                                                     "buffer) accepted")
     max_image_pixels: int = Field(24_000_000, ge=1, description="largest decoded image (width × height)")

@@ -47,10 +47,12 @@ def test_declared_content_length_over_the_limit_is_refused_unread(http_base: str
     assert httpx.get(f"{http_base}/readyz", timeout=10).status_code == 200
 
 
-def test_concurrent_rpc_cap_refuses_extra_calls_and_health_still_answers(store, good_and_defect,
-                                                                           tmp_path: Path) -> None:
+def test_stream_cap_refuses_extra_streams_and_scoring_and_health_still_answer(store, good_and_defect,
+                                                                               tmp_path: Path) -> None:
+    """Streams have their own cap (`service.admission`): line cameras' streams held open up
+    to it leave unary scoring and health checks answering; one more stream is refused."""
     child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
-                                 env={"ANOMALY_MAX_CONCURRENT_RPCS": "2"})
+                                 env={"ANOMALY_MAX_CONCURRENT_RPCS": "2", "ANOMALY_MAX_STREAMS": "2"})
     image = good_and_defect[0][0].read_bytes()
 
     async def main() -> tuple[grpc.StatusCode, int, str]:
@@ -60,20 +62,22 @@ def test_concurrent_rpc_cap_refuses_extra_calls_and_health_still_answers(store, 
             for s in streams:
                 await s.write(pb.ScoreRequest(encoded=image, request_id="held"))
                 assert (await s.read()).request_id == "held"
+            extra = stub.ScoreStream()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.Score(pb.ScoreRequest(encoded=image), timeout=10)
+                await extra.write(pb.ScoreRequest(encoded=image))
+                await extra.read()
+            scored = await stub.Score(pb.ScoreRequest(encoded=image), timeout=10)
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             for s in streams:
                 await s.done_writing()
                 assert await s.read() == grpc.aio.EOF
-            ok = await stub.Score(pb.ScoreRequest(encoded=image), timeout=10)
-            return refused.value.code(), health.status, ok.model.version + refused.value.details()
+            return refused.value.code(), health.status, scored.model.version + refused.value.details()
 
     try:
         code, status, detail = asyncio.run(main())
     finally:
         child.stop()
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "ANOMALY_MAX_CONCURRENT_RPCS" in detail
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "ANOMALY_MAX_STREAMS" in detail
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
