@@ -548,8 +548,7 @@ class ModelRepository:
         name, alias = key
         wanted = threshold_tags(tags)
         if wanted == serving.thresholds:
-            if self.errors.get(key, ("", ""))[0] in ("", serving.version):
-                self.errors.pop(key, None)  # the alias is back on what serves: nothing pending
+            self.errors.pop(key, None)  # the alias names what serves, as it serves: nothing pending
             return
         version = serving.version
         context = f"threshold tags of {name}/{version} (served by {name}@{alias}) changed; thresholds kept"
@@ -607,6 +606,7 @@ class ModelRepository:
         try:
             overrides = threshold_overrides(tags, loaded.metadata)
         except ValueError as exc:
+            overrides = {}
             verdict = self.gatekeeper.refuse(alias, name, version, against.version,
                                              f"{name} {subject} refused: invalid threshold tag: {exc}")
         else:

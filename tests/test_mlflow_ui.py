@@ -89,7 +89,7 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
             tag = f"threshold.{category}"
             wait_for(lambda: score().threshold_source == tag, what="the server to follow the tag")
             assert score().threshold == pytest.approx(float(safe))
-            row = page.get_by_role("row").filter(has_text=f"threshold.{category}")
+            row = page.locator(f'tr[data-row-key="threshold.{category}"]')  # gate.reason's row names it too
             row.get_by_test_id("editable-table-button-edit").click()
             editor = row.get_by_role("textbox")
             editor.fill("1000000")
@@ -100,7 +100,7 @@ def test_promotion_and_a_threshold_set_in_the_mlflow_ui_reach_a_running_server(
             assert score().model.version == second
             page.reload()
             page.get_by_title("champion", exact=True).wait_for()  # the alias chip: the page has loaded
-            page.get_by_role("row").filter(has_text=f"threshold.{category}").scroll_into_view_if_needed()
+            page.locator(f'tr[data-row-key="threshold.{category}"]').scroll_into_view_if_needed()
             docs = os.environ.get("ANOMALY_DOCS_SCREENSHOT") == "1"
             shot = SCREENSHOT if docs else tmp_path / SCREENSHOT.name
             page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1040, "height": 1220})
