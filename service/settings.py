@@ -110,14 +110,16 @@ class Settings(BaseSettings):
     failed_retry_s: float = Field(600.0, ge=0, description="how long a version that failed to load is "
                                                            "not tried again; then it is loaded again only "
                                                            "if its artifact changed")
-    gate: bool = Field(True, description="promotion gate: a moved alias swaps only if the new version "
-                                         "gets the known parts right (the serving version's reference "
-                                         "set and the plant's); see docs/promotion.md")
+    gate: bool = Field(True, description="promotion gate: a moved alias swaps, and a changed threshold "
+                                         "tag applies, only if the known parts (the serving version's "
+                                         "reference set and the plant's) are decided right; at start-up "
+                                         "too, against what the alias last served; see docs/promotion.md")
     gate_max_false_reject: float = Field(0.1, ge=0, le=1, description="promotion gate: largest fraction "
                                                                       "of known-good parts the new version "
                                                                       "may reject")
     gate_write_tags: bool = Field(True, description="promotion gate: write the verdict to the version's "
-                                                    "tags (gate.status, gate.reason) and description")
+                                                    "tags (gate.status, gate.reason, gate.against) and "
+                                                    "description; overrides need it (gate.override.for)")
     shadow_alias: str = Field("", description="shadow challenger: also score a sample of answered images "
                                               "with this alias of the served model, off the hot path "
                                               "(e.g. challenger; empty = off)")
