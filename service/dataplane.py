@@ -4,8 +4,10 @@ The gRPC servicer and (through it) the HTTP gateway only translate to and from t
 calls. Blocking work runs off the asyncio loop that serves the transport: image decoding
 and ONNX Runtime in the inference pool (`workers` threads), registry look-ups, downloads
 and model loads in a separate loader pool, so a slow registry never takes an inference
-thread. Images are decoded in parallel, then queue into the model's dynamic batcher
-(`service.batcher`).
+thread. Model control (the V2 repository extension's load, `pin`) loads on a thread of its
+own, at most `max_pinned_models` versions pinned at once, so the watcher's promotions and
+rollbacks never wait behind an ad-hoc load. Images are decoded in parallel, then queue into
+the model's dynamic batcher (`service.batcher`).
 
 Admission, in order, each refusal answered at once with a clear status:
 identifiers checked (`anomaly.wire`: INVALID_ARGUMENT); at most `max_inflight` requests
@@ -113,6 +115,8 @@ class DataPlane:
         self.repository = repository or ModelRepository(settings)
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="infer")
         self.loader = ThreadPoolExecutor(2, thread_name_prefix="loader")
+        self.control = ThreadPoolExecutor(1, thread_name_prefix="model-control")  # `pin`'s loads
+        self._control_lock = asyncio.Lock()
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._inflight = 0
@@ -179,13 +183,45 @@ class DataPlane:
             return loaded
         if spec.alias and self.repository.watched(spec.name, spec.alias):
             raise NotReady(f"{spec} is not serving: {self.repository.not_serving_reason(*_key(spec))}")
-        future = asyncio.ensure_future(self._load(self.repository.get, spec))
+        return await self._loading(self.loader, spec, deadline)
+
+    async def _loading(self, executor: ThreadPoolExecutor, spec: ModelSpec,
+                       deadline: float | None) -> LoadedModel:
+        """Load what `spec` names on `executor`, waiting at most until `deadline`."""
+        loop = asyncio.get_running_loop()
+        future = asyncio.ensure_future(loop.run_in_executor(executor, self.repository.get, spec))
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
             raise DeadlineExceeded(f"model {spec} is still loading; try again shortly") from None
+
+    async def pin(self, spec: ModelSpec, deadline: float | None = None) -> LoadedModel:
+        """Model control's load: load what `spec` names (on the model-control thread, never the
+        watcher's loader threads) and keep it in memory until unloaded.
+
+        Raises:
+            Overloaded: `max_pinned_models` other versions are pinned already.
+            NotReady, ModelNotFound, ModelLoadError, DeadlineExceeded: as `get`.
+        """
+        async with self._control_lock:  # one model-control load at a time: the cap holds
+            repo, cap = self.repository, self.settings.max_pinned_models
+            loaded = repo.cached_model(spec)
+            if loaded is None and spec.alias and repo.watched(spec.name, spec.alias):
+                loaded = await self.get(spec, deadline)  # from memory, or NotReady with the reason
+            version = loaded.version if loaded is not None else await asyncio.get_running_loop(
+                ).run_in_executor(self.control, repo.resolve, spec)
+            pinned = repo.pinned()
+            if (spec.name, version) not in pinned and len(pinned) >= cap:
+                names = ", ".join(f"{n}/{v}" for n, v in sorted(pinned)) or "none"
+                metrics.ADMISSION_REFUSALS.labels("pinned_models").inc()
+                raise Overloaded(f"model control: {len(pinned)} version(s) pinned already ({names}), the "
+                                 f"limit of ANOMALY_MAX_PINNED_MODELS={cap}; unload one first")
+            if loaded is None:
+                loaded = await self._loading(self.control, spec, deadline)
+            repo.pin(loaded)
+            return loaded
 
     def list_models(self) -> list[LoadedModel]:
         """The versions loaded now."""
@@ -403,6 +439,7 @@ class DataPlane:
             await self.shadow.close()
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.loader.shutdown(wait=False, cancel_futures=True)
+        self.control.shutdown(wait=False, cancel_futures=True)
         if self.inspections is not None:  # after the drain: every answered request is recorded
             await self.inspections.close(max(timeout, 10.0))
 

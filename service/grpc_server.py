@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,6 +46,8 @@ from service.oip import InferenceServicer
 from service.repository import LoadedModel
 from service.security import (
     ApiKeyInterceptor,
+    caller,
+    describe_keys,
     exposure_warning,
     load_api_keys,
     server_credentials,
@@ -112,10 +115,17 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
 
 
 class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
-    """Implements `anomaly.v1.AnomalyDetection` on top of a `DataPlane`."""
+    """Implements `anomaly.v1.AnomalyDetection` on top of a `DataPlane`.
 
-    def __init__(self, plane: DataPlane) -> None:
+    Args:
+        plane: the data plane.
+        who: names the sender of a call (its API key's name; `security.caller`).
+    """
+
+    def __init__(self, plane: DataPlane,
+                 who: Callable[[grpc.aio.ServicerContext], str] = lambda context: "anonymous") -> None:
         self.plane = plane
+        self.who = who
 
     async def _score(self, request: pb.ScoreRequest,
                      context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
@@ -214,9 +224,10 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
     @answering
     async def Feedback(self, request: pb.FeedbackRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
-        """Record an operator's verdict on a past request id (durable before the answer)."""
+        """Record an operator's verdict on a past request id (durable before the answer), with
+        who sent it."""
         verdict = Verdict(request.request_id, request.verdict.strip().upper(), request.defect_type,
-                          request.operator, request.comment, request.station)
+                          request.operator, request.comment, request.station, sender=self.who(context))
         at = await self.plane.feedback(verdict)
         return pb.FeedbackResponse(request_id=request.request_id, recorded_at=at.isoformat())
 
@@ -240,9 +251,10 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         keys = load_api_keys(settings)
         self.keys = bool(keys)
+        self.keyring = ApiKeyInterceptor(keys) if keys else None
         self.admission = Admission(settings)
-        # The key check first: a call without a valid key never takes an admission slot.
-        interceptors = [ApiKeyInterceptor(keys), self.admission] if keys else [self.admission]
+        # The key and role check first: a call it refuses never takes an admission slot.
+        interceptors = [self.keyring, self.admission] if self.keyring else [self.admission]
         # gRPC's own cap (it counts every call before any interceptor): a backstop well above
         # the sum of ours, so ours refuse first and health checks still answer.
         # SO_REUSEPORT only for the children of `processes`: a lone server must fail loudly
@@ -251,9 +263,10 @@ class GrpcServer:
         self.server = grpc.aio.server(options=[*grpc_options(settings), *reuse], interceptors=interceptors,
                                       maximum_concurrent_rpcs=grpc_backstop(settings))
         if keys:
-            log.info("API keys required (%d configured); health and reflection stay open", len(keys))
+            log.info(describe_keys(keys))
         self.interceptors = interceptors
-        self.servicer, self.v2_servicer = AnomalyServicer(self.plane), InferenceServicer(self.plane)
+        self.servicer = AnomalyServicer(self.plane, partial(caller, self.keyring))
+        self.v2_servicer = InferenceServicer(self.plane)
         pb_grpc.add_AnomalyDetectionServicer_to_server(self.servicer, self.server)
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(self.v2_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

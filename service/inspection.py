@@ -113,6 +113,8 @@ class Feedback(Base):
     comment: Mapped[str] = mapped_column(String(MAX_COMMENT), default="", server_default="")
     station: Mapped[str] = mapped_column(String(128), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # Who sent it: the name of the caller's API key, or anonymous@<address> without keys.
+    sender: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
 
 TABLES: dict[str, type[Base]] = {"inspections": Inspection, "feedback": Feedback}
@@ -174,6 +176,7 @@ class Verdict:
     operator: str = ""
     comment: str = ""
     station: str = ""
+    sender: str = ""  # the caller's API key name (or anonymous@<address>): set by the server
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     table = "feedback"
 
@@ -181,7 +184,7 @@ class Verdict:
         """The table row, stamped now (UTC)."""
         return {"record_id": self.record_id, "request_id": self.request_id, "verdict": self.verdict,
                 "defect_type": self.defect_type, "operator": self.operator, "comment": self.comment,
-                "station": self.station, "created_at": _now()}
+                "station": self.station, "sender": self.sender, "created_at": _now()}
 
 
 OUTAGES = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError,

@@ -362,10 +362,11 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest,
                                   context: Context) -> v2.RepositoryModelLoadResponse:
         """Load `model_name` (parameter `version`: a number or an alias; default alias
-        otherwise) and keep it in memory until unloaded."""
+        otherwise) and keep it in memory until unloaded: on the model-control thread, at most
+        `max_pinned_models` versions pinned (beyond: RESOURCE_EXHAUSTED; `DataPlane.pin`)."""
         version = str(_parameter(request.parameters, "version") or "")
-        loaded = await self._loaded(model_spec(self.plane, request.model_name, version), context)
-        self.plane.repository.pin(loaded)
+        spec = model_spec(self.plane, request.model_name, version)
+        await self.plane.pin(spec, time.monotonic() + (context.time_remaining() or 30.0))
         return v2.RepositoryModelLoadResponse()
 
     @answering

@@ -8,6 +8,7 @@ for the registry. The README lists them all.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from anomaly.wire import DEFAULT_MODEL_NAME
+from service.keys import parse_entry
 
 DEFAULT_HOME = Path(".demo")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -38,7 +40,8 @@ def usable_cores() -> int:
 class Settings(BaseSettings):
     """Server and gateway configuration."""
 
-    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore")
+    # hide_input_in_errors: an error never shows a value (it may be an API key).
+    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore", hide_input_in_errors=True)
 
     tracking_uri: str = Field(
         default=f"sqlite:///{DEFAULT_HOME / 'mlflow.db'}",
@@ -149,8 +152,13 @@ class Settings(BaseSettings):
     reflection: bool = Field(True, description="serve gRPC server reflection")
     log_level: str = Field("INFO", description="logging level")
     api_keys: list[SecretStr] = Field(
-        default_factory=list, description="API keys the gRPC server accepts (JSON list; empty = no auth)")
-    api_keys_file: Path | None = Field(None, description="file with more API keys, one per line")
+        default_factory=list, description="API keys the gRPC server accepts, each with a role (JSON list of "
+                                          "'role:name:key' or {\"key\", \"role\", \"name\"}; a bare key "
+                                          "has the role score; see service.keys); empty = no auth")
+    api_keys_file: Path | None = Field(None, description="file with more API keys, one entry per line (as "
+                                                         "in api_keys, or a bare key)")
+    max_pinned_models: int = Field(2, ge=0, description="versions model control (V2 repository load) may "
+                                                        "keep pinned at once; more get RESOURCE_EXHAUSTED")
     tls_cert_file: Path | None = Field(None, description="gRPC server certificate (PEM): serve TLS")
     tls_key_file: Path | None = Field(None, description="gRPC server private key (PEM)")
     tls_client_ca_file: Path | None = Field(None, description="CA of client certificates: require mutual TLS")
@@ -171,6 +179,22 @@ class Settings(BaseSettings):
     inspection_durability: str = Field("sync", pattern="^(sync|async)$",
                                        description="sync: a decision is fsync'd to the spool before its "
                                                    "response leaves; async: fsync'd just after")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object) -> object:
+        """Each entry checked (`service.keys.parse_entry`) and kept as its text (a JSON object
+        as its JSON), a secret like any key; `security.load_api_keys` reads them."""
+        if not isinstance(value, list):
+            return value
+        entries = []
+        for i, entry in enumerate(value):
+            try:
+                parse_entry(entry)
+            except ValueError as exc:  # its message never holds the secret
+                raise ValueError(f"API key entry {i + 1}: {exc}") from None
+            entries.append(json.dumps(entry) if isinstance(entry, dict) else entry)
+        return entries
 
     @field_validator("models")
     @classmethod

@@ -65,7 +65,7 @@ def test_sqlite_log_alembic_and_export(store, good_and_defect, tmp_path: Path) -
     assert {r["decision"] for r in rows} == {"OK", "NG"}
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
 
