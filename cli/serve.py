@@ -109,25 +109,42 @@ def quality_report_cmd(
                                                        "`anomaly thresholds apply`")] = None,
 ) -> None:
     """False calls and escapes per version, category and station, from operator feedback, and the
-    per-category thresholds that keep escapes at zero with the fewest false calls."""
+    per-category thresholds that keep escapes at zero with the fewest false calls. Parts with
+    conflicting verdicts are listed and left out; verdicts on request ids never decided are
+    counted and ignored."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from service.quality import proposals_json, quality_report
+    from service.quality import proposals_json, review
 
-    rows, proposals = quality_report(db or settings().inspection_db_url, since, until)
+    found = review(db or settings().inspection_db_url, since, until)
+    rows, proposals = found.rows, found.proposals
     console = Console()
     table = Table(title="Quality: operator verdicts against the served decisions")
     for col in ("model", "category", "station", "decided", "reviewed", "false calls", "escapes",
-                "escaped request ids"):
+                "escaped request ids", "conflicting"):
         table.add_column(col)
     for q in rows:
         table.add_row(f"{q.model_name}/{q.model_version}", q.category or "(global)", q.station or "-",
                       str(q.decided), str(q.reviewed), str(q.false_calls),
-                      f"[red]{q.escapes}[/]" if q.escapes else "0", ", ".join(q.escape_ids[:3]))
+                      f"[red]{q.escapes}[/]" if q.escapes else "0", ", ".join(q.escape_ids[:3]),
+                      f"[yellow]{q.conflicts}[/]" if q.conflicts else "0")
     console.print(table)
+    if found.conflicts:
+        table = Table(title="Parts with conflicting verdicts (left out of the counts and the proposal: "
+                            "settle them, e.g. with one more verdict after a second look)")
+        for col in ("request id", "model", "category", "station", "verdicts (sender), oldest first"):
+            table.add_column(col)
+        for c in found.conflicts:
+            table.add_row(c.request_id, f"{c.model_name}/{c.model_version}", c.category or "(global)",
+                          c.station or "-", ", ".join(f"{v} ({who or 'unknown'})" for v, who in c.verdicts))
+        console.print(table)
+    if found.unknown:
+        more = " …" if found.unknown > len(found.unknown_ids) else ""
+        typer.echo(f"ignored {found.unknown} verdict(s) on request ids never decided (no answered decision "
+                   f"in this log): {', '.join(found.unknown_ids)}{more}")
     table = Table(title="Proposed thresholds (zero escapes, fewest false calls, on the reviewed parts)")
     for col in ("model", "tag", "now", "proposed", "defects / good reviewed", "false calls now → proposed",
                 "escapes now", "note"):

@@ -1,10 +1,19 @@
 """What the inspection log says about the models: operator feedback and shadow agreement.
 
-`quality_report` joins each answered decision with the latest operator verdict on its
-request id (`Feedback`), and counts, per model version, category and station:
+`review` (and `quality_report`, its counts and proposals) joins each answered decision with
+the operator verdicts on its request id (`Feedback`), and counts, per model version,
+category and station:
 
 - **false calls**: good parts (verdict OK) the model flagged NG;
-- **escapes**: confirmed defects (verdict NG) the model passed as OK.
+- **escapes**: confirmed defects (verdict NG) the model passed as OK;
+- **conflicts**: parts with both an OK and an NG verdict (two operators, a mistake, or a
+  client that should not have sent one). Their truth is unknown, so they are left out of
+  the counts above and of the threshold proposal, and listed with each verdict's sender
+  (the API key's name) for someone to settle. A part never takes "the latest verdict"
+  silently: one wrong OK on a real defect would otherwise raise the proposed threshold.
+
+Verdicts on request ids the server never decided (no answered decision in the log) are
+ignored, and counted.
 
 It also proposes, per model version and category, the threshold that keeps escapes at zero
 with the fewest false calls on the reviewed parts: the lowest raw score of a confirmed
@@ -19,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -42,6 +51,7 @@ class QualityRow:
     false_calls: int = 0
     escapes: int = 0
     escape_ids: list[str] = field(default_factory=list)
+    conflicts: int = 0  # parts with both verdicts: in neither count above
 
 
 @dataclass
@@ -82,32 +92,105 @@ def _read(url: str, since: datetime | None, until: datetime | None, role: str,
         engine.dispose()
 
 
-def quality_report(url: str, since: datetime | None = None,
-                   until: datetime | None = None) -> tuple[list[QualityRow], list[Proposal]]:
-    """False calls and escapes, and the threshold proposals (see the module docstring)."""
-    rows, verdicts = _read(url, since, until, "serve", Feedback, "request_id", lambda r: r.request_id)
+@dataclass
+class Conflict:
+    """A part with both an OK and an NG verdict: left out of the counts and the proposal."""
+
+    request_id: str
+    model_name: str
+    model_version: str
+    category: str
+    station: str
+    verdicts: list[tuple[str, str]]  # (verdict, sender), oldest first
+
+
+@dataclass
+class Review:
+    """Everything `review` finds: the counts, the proposals, the conflicting verdicts and the
+    verdicts on request ids never decided."""
+
+    rows: list[QualityRow]
+    proposals: list[Proposal]
+    conflicts: list[Conflict]
+    unknown: int  # verdicts (in the time range) on request ids the log holds no decision for
+    unknown_ids: list[str]  # the first few of those request ids
+
+
+MAX_LISTED = 20
+
+
+def _verdicts(conn: Any, request_ids: list[str]) -> dict[str, list[Any]]:
+    """Every feedback row on each of `request_ids`, oldest first."""
+    found: dict[str, list[Any]] = {}
+    for start in range(0, len(request_ids), 500):  # bounded IN lists
+        query = select(Feedback).where(Feedback.request_id.in_(request_ids[start:start + 500]))
+        for f in conn.execute(query.order_by(Feedback.created_at, Feedback.id)):
+            found.setdefault(f.request_id, []).append(f)
+    return found
+
+
+def _never_decided(conn: Any, since: datetime | None, until: datetime | None) -> tuple[int, list[str]]:
+    """Feedback rows in the time range whose request id no answered decision carries."""
+    decided = select(Inspection.id).where(Inspection.request_id == Feedback.request_id,
+                                          Inspection.role == "serve")
+    query = select(Feedback.request_id).where(~decided.exists())
+    since, until = (t.astimezone(UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+                    for t in (since, until))  # stored naive UTC, as `in_range` compares
+    if since is not None:
+        query = query.where(Feedback.created_at >= since)
+    if until is not None:
+        query = query.where(Feedback.created_at < until)
+    ids = list(conn.execute(query.order_by(Feedback.created_at, Feedback.id)).scalars())
+    return len(ids), list(dict.fromkeys(ids))[:MAX_LISTED]
+
+
+def review(url: str, since: datetime | None = None, until: datetime | None = None) -> Review:
+    """False calls, escapes and conflicts, the threshold proposals, and the verdicts on
+    request ids never decided (see the module docstring)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = list(conn.execute(in_range(select(Inspection).where(Inspection.role == "serve"),
+                                              since, until)))
+            verdicts = _verdicts(conn, sorted({r.request_id for r in rows} - {""}))
+            unknown, unknown_ids = _never_decided(conn, since, until)
+    finally:
+        engine.dispose()
     latest = {}  # a part scored twice (a retry) counts once: its latest decision
     for r in rows:
         latest[(r.request_id, r.model_name, r.model_version)] = r
     table: dict[tuple[str, str, str, str], QualityRow] = {}
     reviewed: dict[tuple[str, str, str], list[tuple[object, str]]] = {}
+    conflicts: list[Conflict] = []
     for r in latest.values():
         key = (r.model_name, r.model_version, r.category, r.station)
         row = table.setdefault(key, QualityRow(*key))
         row.decided += 1
-        verdict = verdicts.get(r.request_id)
-        if verdict is None:
+        given = verdicts.get(r.request_id, [])
+        if not given:
             continue
+        if len({f.verdict for f in given}) > 1:
+            row.conflicts += 1
+            conflicts.append(Conflict(r.request_id, *key, [(f.verdict, f.sender) for f in given]))
+            continue
+        verdict = given[0].verdict
         row.reviewed += 1
-        if r.decision == "NG" and verdict.verdict == "OK":
+        if r.decision == "NG" and verdict == "OK":
             row.false_calls += 1
-        elif r.decision == "OK" and verdict.verdict == "NG":
+        elif r.decision == "OK" and verdict == "NG":
             row.escapes += 1
             row.escape_ids.append(r.request_id)
-        reviewed.setdefault((r.model_name, r.model_version, r.category), []).append((r, verdict.verdict))
+        reviewed.setdefault((r.model_name, r.model_version, r.category), []).append((r, verdict))
     proposals = [_propose(key, parts) for key, parts in sorted(reviewed.items())]
-    return sorted(table.values(), key=lambda q: (q.model_name, q.model_version, q.category, q.station)), \
-        proposals
+    ordered = sorted(table.values(), key=lambda q: (q.model_name, q.model_version, q.category, q.station))
+    return Review(ordered, proposals, conflicts, unknown, unknown_ids)
+
+
+def quality_report(url: str, since: datetime | None = None,
+                   until: datetime | None = None) -> tuple[list[QualityRow], list[Proposal]]:
+    """The counts and the threshold proposals of `review`."""
+    found = review(url, since, until)
+    return found.rows, found.proposals
 
 
 def _propose(key: tuple[str, str, str], parts: list[tuple[object, str]]) -> Proposal:
