@@ -208,7 +208,11 @@ def reference_add_cmd(
     model: ModelName = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Add known parts to the plant's reference set of a registered model."""
+    """Add known parts to the plant's reference set of a registered model. The whole add is
+    refused, nothing written, for a category the model does not know, an image already in the
+    set with another category or expectation, or a set that would exceed its limit."""
+    from mlflow.exceptions import MlflowException
+
     from registry.plant import add_known_parts
 
     name = model or settings().model_name
@@ -216,6 +220,70 @@ def reference_add_cmd(
         run_id, total = add_known_parts(_client(tracking_uri), name, category, expect.upper(), images)
     except (ValueError, OSError) as exc:
         raise fail(str(exc)) from exc
+    except MlflowException as exc:  # e.g. no such registered model
+        raise fail(f"{name}: {exc.message}") from exc
+    typer.echo(f"{name}: the plant's reference set holds {total} known parts (MLflow run {run_id})")
+
+
+@reference_app.command("list")
+def reference_list_cmd(
+    model: ModelName = None,
+    tracking_uri: TrackingUri = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (items with file, category, expect, "
+                                                         "origin, sha256)")] = False,
+) -> None:
+    """List the known parts of the plant's reference set of a registered model."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    from registry.plant import known_parts
+
+    name = model or settings().model_name
+    try:
+        run_id, items = known_parts(_client(tracking_uri), name)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    except MlflowException as exc:
+        raise fail(f"{name}: {exc.message}") from exc
+    if as_json:
+        typer.echo(json.dumps({"model": name, "run_id": run_id, "items": items}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{name}: the plant's reference set ({len(items)} known parts"
+                        f"{f', MLflow run {run_id}' if run_id else ''})")
+    for col in ("file", "category", "expect", "origin", "sha256"):
+        table.add_column(col, overflow="fold")
+    for i in items:
+        table.add_row(i["file"], i["category"] or "(global)", i["expect"], i.get("origin", ""),
+                      i["sha256"][:16])
+    Console(width=200).print(table)
+
+
+@reference_app.command("remove")
+def reference_remove_cmd(
+    parts: Annotated[list[str], typer.Argument(help="stored file names or SHA-256 prefixes (≥ 8 hex digits), "
+                                                   "as `anomaly reference list` shows them")],
+    model: ModelName = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Take known parts out of the plant's reference set (each name must match exactly one
+    part, or nothing is removed)."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.plant import remove_known_parts
+
+    name = model or settings().model_name
+    try:
+        run_id, removed, total = remove_known_parts(_client(tracking_uri), name, parts)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    except MlflowException as exc:
+        raise fail(f"{name}: {exc.message}") from exc
+    for item in removed:
+        typer.echo(f"removed {item['file']} ({item['category'] or '(global)'} {item['expect']})")
     typer.echo(f"{name}: the plant's reference set holds {total} known parts (MLflow run {run_id})")
 
 
