@@ -19,7 +19,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from conftest import register_copy, tracking_uri, wait_for
+from conftest import register_copy, register_tiny, tracking_uri, wait_for
 from mlflow import MlflowClient
 from PIL import Image
 from sqlalchemy import create_engine, text
@@ -257,6 +257,46 @@ def test_without_keys_the_pin_cap_holds_and_feedback_is_anonymous(open_server, s
         v1.Feedback(pb.FeedbackRequest(request_id="open-1", verdict="NG"), timeout=30)
     [(_, _, sender)] = _feedback_rows(db, 1)
     assert sender == "anonymous@127.0.0.1"
+
+
+def test_a_promotion_never_waits_behind_model_control_loads(store, versions, tmp_path: Path) -> None:
+    """Two ad-hoc loads of versions whose check hangs (the probe child's time limit) are in
+    flight; an alias moved meanwhile is followed within seconds, before either ends."""
+    import threading
+
+    hanging = [register_tiny(store, "hang", tmp_path) for _ in range(2)]
+    alias = "roles-promotion"
+    client = MlflowClient(store.tracking_uri, store.tracking_uri)
+    client.set_registered_model_alias(store.model_name, alias, store.version)
+    probe_s = 25
+    env = {"ANOMALY_POLL_INTERVAL_S": "0.3", "ANOMALY_GATE": "false",
+           "ANOMALY_LOAD_PROBE_TIMEOUT_S": str(probe_s)}
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 alias=alias, env=env)
+    ended: list[float] = []
+    try:
+        with grpc.insecure_channel(target) as ch:
+            v1, v2_stub = pb_grpc.AnomalyDetectionStub(ch), v2_grpc.GRPCInferenceServiceStub(ch)
+
+            def load(version: str) -> None:
+                _code(v2_stub.RepositoryModelLoad, _load(version), timeout=3 * probe_s)
+                ended.append(time.monotonic())
+
+            loads = [threading.Thread(target=load, args=(v,)) for v in hanging]
+            start = time.monotonic()
+            for t in loads:
+                t.start()
+            time.sleep(1.0)  # both loads under way
+            client.set_registered_model_alias(store.model_name, alias, versions[0])
+            served = lambda: v1.GetModel(pb.GetModelRequest(alias=alias), timeout=10).ref.version  # noqa: E731
+            wait_for(lambda: served() == versions[0], timeout=3 * probe_s, what="the promotion")
+            promoted = time.monotonic()
+            for t in loads:
+                t.join()
+    finally:
+        client.set_registered_model_alias(store.model_name, alias, store.version)
+        child.stop()
+    assert promoted - start < probe_s and not [t for t in ended if t < promoted], (promoted - start, ended)
 
 
 # -- reference sets ---------------------------------------------------------------------------
