@@ -5,22 +5,31 @@ Everything runs in a sandbox under a work folder, on loopback, and is stopped at
 
 - a registry of its own: `mlflow server` (SQLite) holding the model under test (a copy of
   `models:/<name>@<alias>` from the given store, registered twice so that alias moves
-  between good versions can be followed) and broken versions (`loadtests.faults`: garbage
-  ONNX, malformed `MLmodel`, a model whose every output is NaN);
+  between good versions can be followed, each with its reference set), broken versions
+  (`loadtests.faults`: garbage ONNX, malformed `MLmodel`, a model whose every output is NaN)
+  and a version that lets every defect pass (the promotion gate must refuse it);
 - an inspection database of its own: a PostgreSQL cluster (`initdb`/`pg_ctl`);
-- our gRPC server (inspection log on, following `champion`) and the HTTP gateway.
+- our gRPC server as a plant runs it (`--processes 2`: a supervisor and two children;
+  inspection log on, the spools on a small disk of their own, following `champion`) and the
+  HTTP gateway.
 
 Load, until the time is up: gRPC clients score good images and known-defective reference
 images (the test-split defects the model under test calls NG); an HTTP client sends good
 images, hostile images (the bad-input catalogue), oversize bodies and odd identifiers.
 Faults, in turn: `champion` moved to each broken version (must be refused) and then to the
 other good version (must be followed); the registry killed and restarted; the inspection
-database stopped and started; the server SIGKILLed and restarted.
+database stopped and started; a server child or the supervisor SIGKILLed and restarted (no
+child may outlive its supervisor); and the fail-safe faults of `loadtests.soak_faults`:
+`champion` moved to the version the gate refuses and a threshold tag that would pass every
+known defect, each followed by a SIGKILL; the spool's disk full; a damaged spool segment;
+many idle health `Watch` streams. Health `Check` is probed throughout.
 
 At the end it waits for the inspection database to catch up and reports: requests by
 outcome; decisions acknowledged vs rows in the database; non-finite or known-defective
-images answered OK; broken versions swapped in; good moves followed; crashed processes;
-peak RSS of server and gateway, and the gateway's growth under a 1 GiB chunked body.
+images answered OK; broken versions swapped in; answers from the refused version or with the
+refused threshold; good moves followed; health checks unanswered; children left running by a
+killed supervisor; crashed processes; peak RSS of server and gateway, and the gateway's
+growth under a 1 GiB chunked body.
 """
 
 from __future__ import annotations
@@ -57,11 +66,21 @@ from loadtests.launch import (
     start_server,
     wait_http_ready,
 )
+from loadtests.soak_faults import (
+    HealthProbe,
+    IdleWatches,
+    SpoolDisk,
+    children,
+    damage_spool,
+    kill_tree,
+    set_aside,
+)
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 HOT_BEGIN, HOT_END = "<!-- hotfolder-soak:begin -->", "<!-- hotfolder-soak:end -->"
 MODEL = "soak-model"
 STATION = "soak"
+PROCESSES = 2  # the server runs as a supervisor and its children, as a plant runs it
 
 
 def send_chunked(host: str, port: int, total: int, chunk: int = 1 << 20) -> tuple[bytes, int]:
@@ -144,6 +163,8 @@ class Tally:
     nonfinite_ok: int = 0
     defects_answered_ok: int = 0
     defect_answers: int = 0
+    refused_served: int = 0  # answers from the version the gate refused
+    refused_threshold_served: int = 0  # answers decided with a threshold tag the gate refused
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, key: str, n: int = 1) -> None:
@@ -177,6 +198,22 @@ class SoakResult:
     gateway_peak_mb: float
     gateway_chunked_growth_mb: float
     chunked_answer: str
+    refused_moves: int = 0  # champion moved to a version the gate must refuse, a SIGKILL right after
+    refused_served: int = 0
+    threshold_escapes: int = 0  # threshold tags that would pass every known defect, a SIGKILL after
+    refused_threshold_served: int = 0
+    disk_full: int = 0
+    disk_how: str = ""
+    damaged_segments: int = 0
+    damaged_set_aside: int = 0
+    watch_windows: int = 0
+    watch_streams: int = 0
+    watch_refused: int = 0
+    health_checks: int = 0
+    health_failures: int = 0
+    health_first_failure: str = ""
+    supervisor_kills: int = 0
+    orphans: int = 0
 
     def failures(self) -> list[str]:
         """The checks that did not hold (empty: the soak passed)."""
@@ -186,6 +223,12 @@ class SoakResult:
             (self.nonfinite_ok == 0, f"{self.nonfinite_ok} non-finite scores answered"),
             (self.defects_answered_ok == 0, f"{self.defects_answered_ok} known-defective images answered OK"),
             (self.broken_swapped_in == 0, f"{self.broken_swapped_in} broken versions swapped in"),
+            (self.refused_served == 0, f"{self.refused_served} answers from the version the gate refused"),
+            (self.refused_threshold_served == 0,
+             f"{self.refused_threshold_served} answers decided with a threshold tag the gate refused"),
+            (self.health_failures == 0, f"{self.health_failures} health checks unanswered while the server "
+                                        f"was up (first: {self.health_first_failure})"),
+            (self.orphans == 0, f"{self.orphans} server processes left running by a killed supervisor"),
             (self.good_followed == self.good_moves,
              f"{self.good_moves - self.good_followed} good alias moves not followed"),
             (not self.crashed, f"crashed: {', '.join(self.crashed)}"),
@@ -259,9 +302,12 @@ class Soak:
         self.peaks = {"server": 0.0, "gateway": 0.0}
         self.counts = Counter()
         self.follow_s: list[float] = []
+        self.up = threading.Event()  # the server is meant to answer (not being restarted)
 
     # -- set-up -----------------------------------------------------------------------
     def _source_folder(self) -> Path:
+        """The model under test, downloaded, and its reference set (`self.reference`, or None
+        when it has none: then the gate refuses every move, as it should)."""
         import mlflow.artifacts
         from mlflow import MlflowClient
 
@@ -269,12 +315,17 @@ class Soak:
         mv = client.get_model_version_by_alias(self.model, self.alias)
         source = client.get_model_version_download_uri(self.model, mv.version)
         dest = self.work / "source"
+        self.reference = None
+        if mv.run_id and client.list_artifacts(mv.run_id, "reference"):
+            self.reference = Path(client.download_artifacts(mv.run_id, "reference", str(self.work / "ref")))
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
                                                         tracking_uri=self.tracking_uri))
 
     def _register(self, client, folder: Path, kind: str) -> str:  # type: ignore[no-untyped-def]
         run = client.create_run(self.experiment, run_name=f"soak-{kind}")
         client.log_artifacts(run.info.run_id, str(folder), "model")
+        if self.reference is not None:  # the promotion gate checks every move against it
+            client.log_artifacts(run.info.run_id, str(self.reference), "reference")
         client.set_terminated(run.info.run_id)
         version = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model",
                                               run_id=run.info.run_id)
@@ -299,6 +350,15 @@ class Soak:
             MUTATIONS[kind](folder)
             versions[kind] = self._register(client, folder, kind)
         _, metadata = read_model_dir(source)
+        # A version that loads and validates but lets every defect pass: the gate must refuse it,
+        # after a restart too.
+        folder = self.work / "refused" / "blind"
+        shutil.copytree(source, folder)
+        stats = {k: v.model_copy(update={"threshold": v.threshold * 1e6})
+                 for k, v in metadata.image_stats.items()}
+        metadata.model_copy(update={"image_stats": stats, "variant": "blind"}).save(folder)
+        versions["blind"] = self._register(client, folder, "blind")
+        self.stats = metadata.image_stats
         folder = self.work / "broken" / "nan"
         tiny_onnx(folder / "model.onnx", metadata.input_size, "nan")
         (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
@@ -310,8 +370,9 @@ class Soak:
 
     def _server_env(self) -> dict[str, str]:
         return {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": self.pg.url,
-                "ANOMALY_INSPECTION_SPOOL_DIR": str(self.work / "spool"), "ANOMALY_POLL_INTERVAL_S": "1",
-                "ANOMALY_MODEL_NAME": MODEL, "ANOMALY_LOG_LEVEL": "INFO"}
+                "ANOMALY_INSPECTION_SPOOL_DIR": str(self.spools[0]), "ANOMALY_POLL_INTERVAL_S": "1",
+                "ANOMALY_MODEL_NAME": MODEL, "ANOMALY_LOG_LEVEL": "INFO",
+                "ANOMALY_PROCESSES": str(PROCESSES), "ANOMALY_RUNTIME_DIR": str(self.work / "run")}
 
     def _start_server(self) -> None:
         log = self.work / f"server-{self.counts['server']}.log"
@@ -319,11 +380,23 @@ class Soak:
                                                 cache_dir=self.work / "cache", env=self._server_env(),
                                                 timeout=180)
         self.counts["server"] += 1
+        self._wait_children()
+        self.up.set()
+
+    def _wait_children(self, timeout: float = 120) -> None:
+        """Until every child of the supervisor answers (each serves the model)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(children(self.server.pid)) < PROCESSES:
+            time.sleep(0.2)
+        with AnomalyClient(self.target, connections=4 * PROCESSES, retries=8, timeout=30) as client:
+            for _ in range(8 * PROCESSES):  # new connections reach every child
+                client.get_model(model=MODEL, alias="champion")
 
     # -- load -------------------------------------------------------------------------
     def _grpc_worker(self, n: int) -> None:
         rng = random.Random(n)
-        with AnomalyClient(self.target, retries=8, timeout=30, backoff_s=0.2, max_backoff_s=2.0) as client:
+        with AnomalyClient(self.target, retries=8, timeout=30, backoff_s=0.2, max_backoff_s=2.0,
+                           connections=PROCESSES) as client:
             i = 0
             while not self.stop.is_set():
                 i += 1
@@ -338,6 +411,8 @@ class Soak:
                 with self.tally.lock:
                     self.tally.acknowledged.add(rid)
                     self.tally.outcomes["gRPC score: OK"] += 1
+                    self.tally.refused_served += r.model.version == self.versions["blind"]
+                    self.tally.refused_threshold_served += r.threshold_source != "model"
                     if not (math.isfinite(r.score) and math.isfinite(r.normalized_score)):
                         self.tally.nonfinite_ok += 1
                     if defect:
@@ -438,14 +513,116 @@ class Soak:
         up()
 
     def _server_kill(self, seconds: float) -> None:
+        """SIGKILL one server child (its supervisor restarts it), or every other time the
+        supervisor itself (its children must stop with it; then it is started again)."""
+        if self.counts["server kills"] % 2 == 0:
+            self._kill_child()
+        else:
+            self._kill_supervisor()
+
+    def _kill_child(self) -> None:
+        kids = children(self.server.pid)
+        if not kids:
+            return
+        self.up.clear()
+        for pid in kids:
+            self.peaks["server"] = max(self.peaks["server"], peak_rss_mb(pid, 0.0))
+        os.kill(kids[-1], signal.SIGKILL)
+        self.counts["server kills"] += 1
+        self.progress(f"  server child {kids[-1]} SIGKILLed; its supervisor restarts it")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (kids[-1] in (now := children(self.server.pid))
+                                               or len(now) < PROCESSES):
+            time.sleep(0.2)
+        self._wait_children()
+        self.up.set()
+
+    def _kill_supervisor(self) -> None:
+        self.up.clear()
         self.expected_down.add("server")
-        self.peaks["server"] = max(self.peaks["server"], peak_rss_mb(self.server.proc.pid, 0.0))
-        self.server.signal(signal.SIGKILL)
+        for pid in children(self.server.pid):
+            self.peaks["server"] = max(self.peaks["server"], peak_rss_mb(pid, 0.0))
+        orphans = kill_tree(self.server.pid, wait_s=25.0)
         self.server.proc.wait(30)
         self.counts["server kills"] += 1
-        self.progress("  server SIGKILLed; restarting")
+        self.counts["supervisor kills"] += 1
+        self.counts["orphans"] += orphans
+        self.progress(f"  supervisor SIGKILLed: {orphans} of its children left running; restarting")
         self._start_server()
         self.expected_down.discard("server")
+
+    def _refused_promotion(self, seconds: float) -> None:
+        """Champion moved to a version the gate must refuse; the server SIGKILLed right after
+        (every other time before the refusal is even written); it must come back on the
+        version that passed."""
+        before = self._serving()[0]
+        blind = self.versions["blind"]
+        self.client.set_registered_model_alias(MODEL, "champion", blind)
+        self.counts["refused moves"] += 1
+        if self.counts["refused moves"] % 2:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self._serving()[1] != blind:
+                time.sleep(0.5)
+        self._kill_supervisor()
+        version, error_version, error = self._serving()
+        self.progress(f"  champion → v{blind} (refused), SIGKILL, restart: serving v{version}"
+                      + (f"; {error.splitlines()[0][:90]}" if error_version == blind else ""))
+        self.client.set_registered_model_alias(MODEL, "champion", before)
+
+    def _threshold_escape(self, seconds: float) -> None:
+        """A threshold tag on the serving version that would pass every known defect; a SIGKILL
+        once it is refused; then the tag is removed."""
+        version = self._serving()[0]
+        category = self.known_defects[0][1] if self.known_defects else self.good[0][1]
+        tag, value = f"threshold.{category}", f"{self.stats[category].max * 1.5:.6g}"
+        self.client.set_model_version_tag(MODEL, version, tag, value)
+        self.counts["threshold escapes"] += 1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "would pass as OK" not in self._serving()[2]:
+            time.sleep(0.5)
+        refused = "would pass as OK" in self._serving()[2]
+        self._server_kill(seconds)
+        self.stop.wait(2.0)  # a child that has just started may still be judging the tag
+        error = self._serving()[2]
+        self.progress(f"  {tag}={value} on v{version}: {'refused' if refused else 'NOT refused'}; after the "
+                      f"SIGKILL: {error.splitlines()[0][:90] if error else 'no error'}")
+        self.client.delete_model_version_tag(MODEL, version, tag)
+
+    def _disk_full(self, seconds: float) -> None:
+        """The spool's disk full (or a file-size limit) for a while, under load."""
+        self.disk.fill(children(self.server.pid))
+        self.counts["disk full"] += 1
+        self.progress(f"  spool disk full for {min(seconds, 10.0):.0f} s")
+        self.stop.wait(min(seconds, 10.0))
+        self.disk.free()
+
+    def _damaged_spool(self, seconds: float) -> None:
+        """The database down so records stay spooled, the supervisor SIGKILLed, a damaged
+        record and a torn tail written into a segment, then everything started again."""
+        self.pg.stop()
+        self.counts["db outages"] += 1
+        self.stop.wait(5.0)
+        self._kill_supervisor_then(lambda: self.progress(f"  spool damaged: {damage_spool(self.spools)}"))
+        self.counts["damaged segments"] += 1
+        self.pg.start()
+
+    def _kill_supervisor_then(self, between: Callable[[], None]) -> None:
+        start = self._start_server
+        self._start_server = lambda: (between(), start())  # type: ignore[method-assign]
+        try:
+            self._kill_supervisor()
+        finally:
+            self._start_server = start  # type: ignore[method-assign]
+
+    def _idle_watches(self, seconds: float) -> None:
+        """Many idle health Watch streams held open: scoring and health Check must go on."""
+        n = 64
+        watches = IdleWatches(self.target, n)
+        self.counts["watch windows"] += 1
+        self.progress(f"  {n} idle health Watch streams open for {min(seconds, 15.0):.0f} s")
+        self.stop.wait(min(seconds, 15.0))
+        watches.close()
+        self.counts["watch refused"] += watches.refused
 
     def _db_outage(self, seconds: float) -> None:
         self._outage("db", self.pg.stop, self.pg.start, seconds)
@@ -463,6 +640,11 @@ class Soak:
 
     def _faults(self, end: float) -> None:
         schedule: list[tuple[str, Callable[[float], None]]] = [
+            ("alias moved to a version the gate refuses, SIGKILL", self._refused_promotion),
+            ("threshold tag that passes known defects, SIGKILL", self._threshold_escape),
+            ("spool disk full", self._disk_full),
+            ("idle health Watch streams", self._idle_watches),
+            ("damaged spool segment (database down, supervisor SIGKILL)", self._damaged_spool),
             ("alias moved to garbage ONNX", lambda s: self._move_to_broken("garbage-onnx")),
             ("inspection database down", self._db_outage),
             ("server SIGKILL", self._server_kill),
@@ -471,7 +653,7 @@ class Soak:
             ("alias moved to NaN model", lambda s: self._move_to_broken("nan")),
         ]
         total = max(1.0, end - time.monotonic())
-        pause = min(45.0, max(2.0, total / (len(schedule) * 3)))
+        pause = min(45.0, max(2.0, total / (len(schedule) * 4)))
         self._fault_loop(end, schedule, pause, min(20.0, pause))
         self.stop.wait(max(0.0, end - time.monotonic()))
 
@@ -482,6 +664,10 @@ class Soak:
 
         self.work.mkdir(parents=True, exist_ok=True)
         source = self._source_folder()
+        self.disk = SpoolDisk(self.work / "spooldisk")
+        self.disk_how = self.disk.mount()
+        self.spools = [self.disk.folder / "spool",
+                       *(self.disk.folder / f"spool-p{i}" for i in range(1, PROCESSES))]
         self.registry = MlflowServer(f"sqlite:///{self.work / 'registry.db'}", self.work)
         self.pg = PostgresCluster()
         self.server_port = free_port()
@@ -498,6 +684,8 @@ class Soak:
         threads: list[threading.Thread] = []
         try:
             self._start_sandbox()
+            self.health = HealthProbe(self.target, self.up)
+            self.health.start()
             self.gateway, self.base = start_gateway(self.target, self.work / "gateway.log")
             self.known_defects = self._reference(defects)
             before = peak_rss_mb(self.gateway.proc.pid, 0.0)
@@ -519,18 +707,28 @@ class Soak:
             self.stop.set()
             for t in threads:
                 t.join(60)
+            if getattr(self, "health", None) is not None:
+                self.health.close()
         try:
             missing = self._missing()
+            damaged = set_aside(self.spools)
         finally:
             self._teardown()
-        t = self.tally
+        t, c, h = self.tally, self.counts, self.health
         return SoakResult(
             self.minutes, t.outcomes, len(t.acknowledged), missing, t.nonfinite_ok, t.defects_answered_ok,
             t.defect_answers, len(self.known_defects), self.counts["broken moves"],
             self.counts["broken swapped in"], self.counts["good moves"], self.counts["good followed"],
             max(self.follow_s, default=0.0), self.counts["registry outages"], self.counts["db outages"],
             self.counts["server kills"], self.crashed, self.peaks["server"], self.peaks["gateway"],
-            chunked_growth, answer[:12].decode(errors="replace"))
+            chunked_growth, answer[:12].decode(errors="replace"),
+            refused_moves=c["refused moves"], refused_served=t.refused_served,
+            threshold_escapes=c["threshold escapes"], refused_threshold_served=t.refused_threshold_served,
+            disk_full=c["disk full"], disk_how=self.disk_how, damaged_segments=c["damaged segments"],
+            damaged_set_aside=damaged, watch_windows=c["watch windows"], watch_streams=64,
+            watch_refused=c["watch refused"], health_checks=h.checks, health_failures=h.failures,
+            health_first_failure=h.first_failure, supervisor_kills=c["supervisor kills"],
+            orphans=c["orphans"])
 
     def _reference(self, defects: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
         """The test defects the model under test calls NG: the known-defective parts."""
@@ -582,6 +780,8 @@ class Soak:
                     self.crashed.append(f"{name} (exit code {code} at shutdown)")
         self.registry.stop()
         self.pg.remove()
+        if getattr(self, "disk", None) is not None:
+            self.disk.unmount()
 
 
 HOT_STATION = "hotfolder-soak"
@@ -808,6 +1008,20 @@ def render(r: SoakResult, command: str, machine: str) -> str:
              f"(slowest {r.follow_s_max:.1f} s) |",
              f"| registry outages / inspection-database outages / server SIGKILLs ridden out | "
              f"{r.registry_outages} / {r.db_outages} / {r.server_kills} |",
+             f"| alias moves to a version the gate refuses, each followed by a supervisor SIGKILL: answers "
+             f"from that version | **{r.refused_served}** ({r.refused_moves} moves) |",
+             f"| threshold tags that would pass every known defect, each followed by a SIGKILL: answers "
+             f"decided with them | **{r.refused_threshold_served}** ({r.threshold_escapes} tags) |",
+             f"| spool disk full ({r.disk_how}) | {r.disk_full} windows; acknowledged decisions lost: see "
+             "the missing row |",
+             f"| damaged spool segments (a damaged record and a torn tail, written while the server was "
+             f"down) | {r.damaged_segments}; records set aside: {r.damaged_set_aside} |",
+             f"| idle health Watch streams ({r.watch_streams} at once) | {r.watch_windows} windows; streams "
+             f"refused at their cap: {r.watch_refused} |",
+             f"| health Check unanswered while the server was up | **{r.health_failures}** of "
+             f"{r.health_checks} |",
+             f"| supervisor SIGKILLs: children left running 25 s later | **{r.orphans}** of "
+             f"{r.supervisor_kills} kills |",
              f"| crashed processes | **{len(r.crashed)}** {', '.join(r.crashed)} |",
              f"| peak RSS: server / gateway | {r.server_peak_mb:.0f} MB / {r.gateway_peak_mb:.0f} MB |",
              f"| gateway peak RSS growth under a 1 GiB chunked body | "
