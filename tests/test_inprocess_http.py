@@ -71,5 +71,10 @@ def test_bad_input_and_missing_keys_answer_problems_and_the_server_keeps_serving
         assert unknown.status_code == 404 and unknown.json()["grpc_status"] == "NOT_FOUND"
         v2_bad = http.post("/v2/models/anomaly-detector/infer", json={"inputs": []}, headers=keyed)
         assert v2_bad.status_code == 400 and "error" in v2_bad.json()
+        # A bare key has the role score: no model control, no feedback (service.keys).
+        load = http.post("/v2/repository/models/anomaly-detector/load", json={}, headers=keyed)
+        assert load.status_code == 403 and "needs the role admin" in load.json()["error"]
+        feedback = http.post("/v1/feedback", json={"request_id": "x", "verdict": "OK"}, headers=keyed)
+        assert feedback.status_code == 403 and feedback.json()["grpc_status"] == "PERMISSION_DENIED"
         ok = http.post("/v1/score", content=image, headers={**keyed, "content-type": "image/png"})
         assert ok.status_code == 200, ok.text
