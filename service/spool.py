@@ -20,9 +20,11 @@ Failures never cost an acknowledged record:
   aside in `damaged-records.jsonl` in the spool folder (segment, offset, base64 bytes,
   reason; once each), counted (`anomaly_inspection_rows_total{outcome="damaged"}`) and
   logged at ERROR.
-- **A crash mid-write**: recovery cuts off only the torn tail of the last segment (an
-  incomplete last line, which cannot hold a valid frame); a record that passes its
-  checksum is never deleted.
+- **A crash mid-write**: recovery cuts off only the torn tail of the last segment (the
+  bytes after its last newline that hold no valid frame); a record that passes its
+  checksum is never deleted: a last line whose frame checks out but whose newline is
+  missing or damaged gets its newline back (fsync'd), and only what follows it is cut.
+  The last record of an older segment whose newline is damaged is read as a record too.
 - **A checkpoint that cannot be right** (its segment is not there, or its offset is past
   the end of the file or not on a frame boundary): the spool replays from its oldest
   segment and deletes nothing. Duplicates are harmless (rows carry a unique `record_id`
@@ -102,7 +104,27 @@ def _parse(line: bytes) -> tuple[int, bytes | None]:
         record = _unframe(line[start.start():])
         if record is not None:
             return start.start(), record
+    if not line.endswith(b"\n"):  # the end of a segment: its newline missing, or damaged
+        for fixed in (line + b"\n", line[:-1] + b"\n"):
+            damaged, record = _parse(fixed)
+            if record is not None:
+                return damaged, record
     return len(line), None
+
+
+def _terminated(tail: bytes) -> int | None:
+    """Where the newline of a valid frame in `tail` (bytes after a segment's last newline)
+    belongs, or None when no frame there checks out.
+
+    The newline may be missing (`len(tail)`), or damaged and followed by nothing, by a few
+    bytes of a torn write, or by a torn frame's header. Latest first; the CRC decides.
+    """
+    ends = {len(tail)} | {len(tail) - k for k in range(1, 11)}
+    ends |= {m.start() - 1 for m in _FRAME_START.finditer(tail, 1)}
+    for end in sorted((e for e in ends if e >= 9), reverse=True):
+        if _parse(tail[:end] + b"\n")[1] is not None:
+            return end
+    return None
 
 
 class Spool:
@@ -206,8 +228,10 @@ class Spool:
     def _recover(path: Path) -> int:
         """Cut the torn tail (an incomplete last line) off `path`; returns the new length.
 
-        Only bytes after the last newline go: they cannot hold a valid frame. Damaged lines
-        before it stay; reading sets them aside.
+        Only bytes after the last newline can go, and only those that hold no valid frame:
+        a last line whose frame checks out but whose newline is missing or damaged is a
+        complete record; its newline is restored (durably) and only what follows it is cut.
+        Damaged lines before it stay; reading sets them aside.
         """
         size = path.stat().st_size
         good, end = 0, size
@@ -220,6 +244,20 @@ class Spool:
                     good = start + newline + 1
                     break
                 end = start
+            f.seek(good)
+            tail = f.read(size - good)
+        end_of_frame = _terminated(tail) if tail else None
+        if end_of_frame is not None:
+            log.warning("inspection spool: the last record of %s checks out but its newline is %s; "
+                        "restoring the newline (the record is kept)", path.name,
+                        "missing" if end_of_frame == len(tail) else "damaged")
+            with path.open("r+b") as f:
+                f.seek(good + end_of_frame)
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            good += end_of_frame + 1
+            size = max(size, good)
         if good < size:
             log.warning("inspection spool: cutting a torn write (%d bytes after the last complete line) "
                         "off the end of %s (a crash mid-append; it was never acknowledged)", size - good,

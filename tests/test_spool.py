@@ -471,3 +471,63 @@ def test_a_second_server_on_the_same_spool_refuses_to_start(store, good_and_defe
         assert rid in _wait_rows(f"sqlite:///{tmp_path / 'i.db'}", {rid}, timeout=30)
     finally:
         assert first.stop() == 0
+
+
+@pytest.mark.parametrize("tail", ["damaged newline", "missing newline", "damaged newline, then a torn write"])
+def test_a_valid_last_record_whose_newline_is_damaged_is_kept(tmp_path: Path, tail: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A final line whose frame checks out (its newline changed or missing, perhaps followed
+    by a torn write) is a complete, acknowledged record: start-up recovery restores its
+    newline durably and cuts only what follows it, instead of cutting the record."""
+    folder = tmp_path / "s"
+    spool = Spool(folder, max_bytes=100_000)
+    spool.open()
+    for i in range(10):
+        spool.append([b'{"n": %d}' % i])
+    spool.close()
+    (segment,) = folder.glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    if tail == "missing newline":
+        del data[-1]
+    else:
+        data[-1] = ord("#")
+        if tail.endswith("torn write"):
+            data += b"0badc0de {\"n\": 1"
+    segment.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, logger="service.spool")
+    again = Spool(folder, max_bytes=100_000)
+    again.open()
+    records, pos = again.read(None, 100)
+    assert _numbers(records) == list(range(10))
+    assert segment.read_bytes().endswith(b'{"n": 9}\n')  # the newline is back, the torn write gone
+    if "torn" not in tail:  # nothing was cut
+        assert not any("cutting" in r.getMessage() for r in caplog.records)
+    again.append([b'{"n": 10}'])
+    records, pos = again.read(pos, 100)
+    assert _numbers(records) == [10]
+    again.commit(pos)
+    assert again.pending_bytes == 0
+    again.close()
+    assert not (folder / "damaged-records.jsonl").exists()
+    assert _numbers([line[9:] for line in segment.read_bytes().splitlines()]) == list(range(11))
+
+
+def test_a_finished_segment_whose_last_newline_is_damaged_loses_nothing(tmp_path: Path) -> None:
+    """The last record of an older segment whose newline was changed checks out: it is
+    shipped, not set aside as an incomplete record."""
+    folder = tmp_path / "s"
+    spool = Spool(folder, max_bytes=100_000, segment_bytes=300)
+    spool.open()
+    for i in range(30):
+        spool.append([b'{"n": %d}' % i])
+    spool.close()
+    first = sorted(folder.glob("*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    data[-1] = ord("#")
+    first.write_bytes(bytes(data))
+    again = Spool(folder, max_bytes=100_000, segment_bytes=300)
+    again.open()
+    records, _ = again.read(None, 100)
+    again.close()
+    assert _numbers(records) == list(range(30))
+    assert not (folder / "damaged-records.jsonl").exists()
