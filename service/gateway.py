@@ -3,8 +3,10 @@ or the server's with `ANOMALY_HTTP_IN_PROCESS`: `service.inprocess`).
 
 It holds no model logic: every call is forwarded over gRPC, and gRPC status codes map to
 HTTP codes with RFC 9457 problem+json bodies. Request bodies are bounded while they stream
-in, and their memory is budgeted (`service.http_body`). An unforeseen error answers 500
-with a reference to the log line, never the error's text. Routes:
+in, and their memory is budgeted (`service.http_body`). Client text protobuf cannot carry
+(a lone surrogate) answers 400 naming the field; a client that hangs up mid-upload is
+logged at INFO, without a traceback. An unforeseen error answers 500 with a reference to
+the log line, never the error's text. Routes:
 
 - `POST /v1/score` — multipart (`image` file + form fields) or a raw image body
   (`image/*` / `application/octet-stream`, options as query parameters)
@@ -30,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from anomaly.channel import grpc_channel
 from anomaly.http_json import to_json
@@ -148,6 +151,23 @@ def _version(value: str | int | None) -> int:
     return version
 
 
+def _texts(fields: dict[str, object]) -> None:
+    """Check that the client's text `fields` can go into a protobuf string (UTF-8: no lone
+    surrogate, as a JSON escape of U+D800 or some multipart charsets produce).
+
+    Raises:
+        Problem: 400 naming the first field that cannot.
+    """
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Problem(400, "Invalid Argument", f"{name} is not valid UTF-8 text ({exc.reason} at "
+                          f"position {exc.start})", "INVALID_ARGUMENT") from None
+
+
 async def _read_image(request: Request, ctype: str, fields: dict[str, object]) -> bytes:
     """The image bytes of a score request (raw body or the multipart `image` part), bounded
     while they stream in; multipart text fields override `fields`."""
@@ -202,6 +222,7 @@ async def score(
         if len(data) > settings.max_image_bytes:
             raise Problem(413, "Payload Too Large", f"image is {len(data)} bytes; the limit is "
                           f"{settings.max_image_bytes}", "INVALID_ARGUMENT")
+        _texts(fields)
         message = pb.ScoreRequest(
             encoded=data, model=str(fields["model"]), alias=str(fields["alias"]),
             version=_version(fields["version"]), category=str(fields["category"]),
@@ -222,6 +243,7 @@ async def list_models(request: Request) -> list[dict]:
 @router.get("/v1/models/{name}", response_model=ModelOut)
 async def get_model(request: Request, name: str, alias: str = "", version: str = "") -> dict:
     """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
+    _texts({"name": name, "alias": alias})
     msg = pb.GetModelRequest(model=name, alias=alias, version=_version(version))
     return to_json(await forward(request, request.app.state.stub, "GetModel", msg))  # type: ignore[arg-type]
 
@@ -231,7 +253,9 @@ async def get_model(request: Request, name: str, alias: str = "", version: str =
 })
 async def feedback(request: Request, body: FeedbackIn) -> dict:
     """Record an operator's verdict on a part scored earlier (kept in the inspection log)."""
-    message = pb.FeedbackRequest(**body.model_dump())
+    fields = body.model_dump()
+    _texts(fields)
+    message = pb.FeedbackRequest(**fields)
     return to_json(await forward(request, request.app.state.stub, "Feedback", message))  # type: ignore[arg-type]
 
 
@@ -333,6 +357,15 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
     @app.exception_handler(http_body.BadBody)
     async def _bad_body(request: Request, exc: http_body.BadBody) -> JSONResponse:
         return error_response(request, 400, "Invalid Argument", str(exc), "INVALID_ARGUMENT")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # Not the gateway's fault and nothing to debug: no traceback. 499 (nginx's "client
+        # closed request") is never sent; it labels the request in the metrics.
+        client = request.client.host if request.client else "?"
+        log.info("client %s disconnected before its request body arrived (%s %s); dropped", client,
+                 request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 COPIES = 3  # bytes read + protobuf message + its serialised form
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small fields
@@ -95,6 +96,7 @@ async def read_form(request: Request, limit: int) -> FormData:
     Raises:
         BodyTooLarge: over the limit.
         BadBody: malformed multipart, or more parts than allowed.
+        ClientDisconnect: the client hung up before the end.
     """
     parser = MultiPartParser(request.headers, counted(request, limit), max_files=1,
                              max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES)
@@ -102,7 +104,7 @@ async def read_form(request: Request, limit: int) -> FormData:
         return await parser.parse()
     except MultiPartException as exc:
         raise BadBody(f"malformed multipart body: {exc.message}") from exc
-    except BodyTooLarge:
+    except (BodyTooLarge, ClientDisconnect):
         raise
     except Exception as exc:  # python-multipart's own parse errors
         raise BadBody(f"malformed multipart body: {exc}") from exc
