@@ -4,8 +4,10 @@ write the verdict back to the registry (`service.promotion` holds the rules it a
 A judgement is one candidate version with its threshold tags, checked against one version
 that served (or will keep serving) the alias: for an alias move, the version serving now;
 for a threshold change, the version itself. The known parts are that version's reference
-set (artifacts of its MLflow run) plus the plant's (`reference.run_id` on the registered
-model). Every verdict is logged (ERROR when refused, WARNING when overridden), counted
+set (artifacts of its MLflow run), the candidate's own and the plant's (`reference.run_id`
+on the registered model). Each part is decided in its category and, where the models have
+one, without a category (the global threshold), compared with what the version judged
+against decides there. Every verdict is logged (ERROR when refused, WARNING when overridden), counted
 (`anomaly_promotion_gate_total`), and, with `ANOMALY_GATE_WRITE_TAGS` (the default),
 written to the candidate's tags (`gate.status`, `gate.reason`, `gate.against`) and
 description. An override is honoured only once recorded: the server binds it to the
@@ -24,6 +26,7 @@ from typing import Any
 from service import metrics
 from service.engine import OnnxModel
 from service.errors import NotReady, ServiceError
+from service.metadata import GLOBAL
 from service.promotion import (
     GATE_AGAINST,
     GATE_OVERRIDE_FOR,
@@ -32,6 +35,7 @@ from service.promotion import (
     PLANT_REFERENCE_TAG,
     REFERENCE_ARTIFACTS,
     GateResult,
+    Outcome,
     ReferenceItem,
     ReferenceSetError,
     judge,
@@ -55,14 +59,19 @@ class Candidate:
     model: OnnxModel
     overrides: dict[str, float]  # {category: threshold} from its threshold tags
     tags: dict[str, str]  # its registry tags (thresholds and the override tags among them)
+    run_id: str = ""  # the run holding its own reference set
 
 
 @dataclass(frozen=True)
 class Against:
-    """The version a candidate is judged against, and the run holding its reference set."""
+    """The version a candidate is judged against, and the run holding its reference set; with
+    its loaded model and accepted thresholds when at hand (the baseline of decisions without
+    a category; otherwise the candidate's calibrated global threshold is)."""
 
     version: str
     run_id: str
+    model: OnnxModel | None = None
+    overrides: dict[str, float] | None = None
 
 
 def _reference_call(what: str, fn, *args):  # type: ignore[no-untyped-def]
@@ -99,7 +108,8 @@ class Gatekeeper:
         self.settings = settings
         self.scratch = Path(scratch)
 
-    def judge(self, alias: str, candidate: Candidate, against: Against, subject: str) -> GateResult:
+    def judge(self, alias: str, candidate: Candidate, against: Against, subject: str,
+              allow_empty: bool = False) -> GateResult:
         """Judge `candidate` against the known parts of `against` (and the plant's).
 
         Args:
@@ -108,6 +118,8 @@ class Gatekeeper:
             against: the version whose reference set it is judged on.
             subject: what is judged, for the reason (e.g. "version 7", "threshold tags of
                 version 7").
+            allow_empty: with no known parts at all, "skipped" (a first start: nothing to be
+                compared with) rather than refused.
 
         Raises:
             NotReady: the reference sets cannot be downloaded now (judged at a later poll).
@@ -117,7 +129,10 @@ class Gatekeeper:
         jid = judgement_id(version, candidate.tags, against.version)
         override, unheeded = override_of(candidate.tags)
         if override is not None:
-            if override.bound_to and override.bound_to != jid:
+            if not self.settings.gate_write_tags:
+                unheeded = ("an override must be recorded in the registry, and this server does not write "
+                            "to it (ANOMALY_GATE_WRITE_TAGS=false)")
+            elif override.bound_to and override.bound_to != jid:
                 unheeded = (f"its gate.override was used for another judgement ({GATE_OVERRIDE_FOR}="
                             f"{override.bound_to}; this one is {jid}): set gate.override.by and "
                             "gate.override.reason again, and delete gate.override.for, to force this one")
@@ -128,7 +143,7 @@ class Gatekeeper:
                         f"{what}: promotion gate overridden by {override.by!r}: {override.reason} "
                         f"(judgement {jid}; version {against.version} was not compared)"))
                     return self._settle(name, alias, version, against.version, verdict)
-        verdict = self._judge_parts(candidate, against, what)
+        verdict = self._judge_parts(candidate, against, what, allow_empty)
         if unheeded and not verdict.allows:
             verdict = GateResult(verdict.status, f"{verdict.reason}; the override was not honoured: "
                                                  f"{unheeded}")
@@ -139,16 +154,21 @@ class Gatekeeper:
         counted and written back like any verdict."""
         return self._settle(name, alias, version, against, GateResult("refused", reason))
 
-    def _judge_parts(self, candidate: Candidate, against: Against, what: str) -> GateResult:
+    def _judge_parts(self, candidate: Candidate, against: Against, what: str,
+                     allow_empty: bool) -> GateResult:
         self.scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.scratch) as scratch:
             try:
-                items = self._known_parts(candidate.name, against, Path(scratch))
-                outcomes = [self._outcome(candidate, item) for item in items]
+                items = self._known_parts(candidate, against, Path(scratch))
+                if not items and allow_empty:
+                    return GateResult("skipped", f"{what} was not judged: neither it nor the plant has known "
+                                                 "parts (a first start serves it, with nothing to compare)")
+                outcomes = [self._outcome(candidate, against, item) for item in items]
             except ReferenceSetError as exc:
                 return GateResult("refused", f"{what} refused by the promotion gate: a reference set cannot "
                                              f"be read: {exc}")
-        basis = f"the reference set of version {against.version} and the plant's known parts"
+        own = f" and {candidate.version}'s own" if candidate.version != against.version else ""
+        basis = f"the reference set of version {against.version}{own} and the plant's known parts"
         return judge(outcomes, self.settings.gate_max_false_reject, what, basis)
 
     def _settle(self, name: str, alias: str, version: str, against: str, verdict: GateResult) -> GateResult:
@@ -166,18 +186,19 @@ class Gatekeeper:
 
     def _bind(self, name: str, version: str, jid: str) -> str:
         """Record which judgement an override is used for; "" when recorded, else why not."""
-        if not self.settings.gate_write_tags:
-            return ("an override must be recorded in the registry, and this server does not write to it "
-                    "(ANOMALY_GATE_WRITE_TAGS=false)")
         try:
             self.client.set_model_version_tag(name, version, GATE_OVERRIDE_FOR, jid)
         except Exception as exc:  # a read-only registry, an outage: an unrecorded override is not honoured
             return f"it could not be recorded in the registry ({exc})"
         return ""
 
-    def _known_parts(self, name: str, against: Against, scratch: Path) -> list[ReferenceItem]:
-        """Download the reference set of `against` and the plant's into `scratch`."""
+    def _known_parts(self, candidate: Candidate, against: Against, scratch: Path) -> list[ReferenceItem]:
+        """Download the reference sets of `against`, of the candidate and of the plant into
+        `scratch`."""
+        name = candidate.name
         runs = [(against.run_id, f"version {against.version}")]
+        if candidate.run_id and candidate.run_id != against.run_id:
+            runs.append((candidate.run_id, f"version {candidate.version}"))
         registered = _reference_call(f"registered model {name}", self.client.get_registered_model, name)
         plant = (registered.tags or {}).get(PLANT_REFERENCE_TAG, "")
         if plant:
@@ -194,8 +215,8 @@ class Gatekeeper:
             items += reference_items(Path(local), source)
         return items
 
-    def _outcome(self, candidate: Candidate, item: ReferenceItem) -> tuple[ReferenceItem, bool | None, str]:
-        """Whether the candidate flags one known part (None: it could not be scored, and why)."""
+    def _outcome(self, candidate: Candidate, against: Against, item: ReferenceItem) -> Outcome:
+        """How the candidate decides one known part, in its category and without one."""
         from service.imaging import decode_image
 
         s, model = self.settings, candidate.model
@@ -203,11 +224,30 @@ class Gatekeeper:
             image = decode_image(item.path.read_bytes(), max_bytes=s.max_image_bytes,
                                  max_pixels=s.max_image_pixels, draft=model.metadata.map_size)
             decision = model.score_image(image, item.category, overrides=candidate.overrides)
-            return item, decision.is_anomalous, ""
         except ServiceError as exc:
-            return item, None, exc.message
+            return Outcome(item, None, exc.message)
         except Exception as exc:  # the candidate's fault (a crash in its graph): refuse it
-            return item, None, f"{type(exc).__name__}: {exc}"
+            return Outcome(item, None, f"{type(exc).__name__}: {exc}")
+        if GLOBAL not in model.metadata.image_stats:
+            return Outcome(item, decision.is_anomalous)
+        now = model.decide(decision.score, None, GLOBAL, overrides=candidate.overrides).is_anomalous
+        return Outcome(item, decision.is_anomalous, "", now, self._reference_global(candidate, against, image,
+                                                                                   decision.score))
+
+    @staticmethod
+    def _reference_global(candidate: Candidate, against: Against, image: object, score: float) -> bool | None:
+        """What the version judged against decides for this part without a category (its
+        accepted thresholds); without its model at hand, the candidate's calibrated global
+        threshold. None when it cannot tell."""
+        if against.model is None or GLOBAL not in against.model.metadata.image_stats:
+            calibrated = {k: v for k, v in candidate.overrides.items() if k != GLOBAL}
+            return candidate.model.decide(score, None, GLOBAL, overrides=calibrated).is_anomalous
+        try:
+            if against.model is not candidate.model:
+                score = against.model.score_image(image, GLOBAL, overrides=against.overrides).score  # type: ignore[arg-type]
+            return against.model.decide(score, None, GLOBAL, overrides=against.overrides).is_anomalous
+        except Exception:  # the baseline cannot score it: no relative judgement for this part
+            return None
 
     def _write_verdict(self, name: str, version: str, against: str, verdict: GateResult) -> None:
         """Best effort: the verdict on the version's tags and in its description."""

@@ -160,10 +160,10 @@ def override_of(tags: dict[str, str]) -> tuple[Override | None, str]:
 
 
 def gate_inputs(tags: dict[str, str]) -> tuple:
-    """The tags of a candidate that can change the gate's verdict (thresholds, the override)."""
-    return tuple(sorted((k, v) for k, v in tags.items()
-                        if k.startswith(THRESHOLD_PREFIX) or k in (GATE_OVERRIDE, GATE_OVERRIDE_BY,
-                                                                     GATE_OVERRIDE_REASON)))
+    """The tags of a candidate that can change the gate's verdict (thresholds, the override and
+    the judgement it was used for)."""
+    override = (GATE_OVERRIDE, GATE_OVERRIDE_BY, GATE_OVERRIDE_REASON, GATE_OVERRIDE_FOR)
+    return tuple(sorted((k, v) for k, v in tags.items() if k.startswith(THRESHOLD_PREFIX) or k in override))
 
 
 # -- reference sets ---------------------------------------------------------------------------------
@@ -237,11 +237,30 @@ def reference_items(folder: Path, source: str) -> list[ReferenceItem]:
 
 
 # -- the gate ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    """How a candidate decided one known part.
+
+    `anomalous` is its decision in the part's category (None: it could not be scored, `why`).
+    `without_category` is its decision for a request that names no category (the global
+    threshold, `threshold.global`), and `reference_without_category` what the version judged
+    against decided there (its accepted thresholds); None where a model has no global
+    threshold. Known parts carry a category, so the global threshold is judged relatively: it
+    may not let pass a known defect, or reject a known good, that the reference decided right.
+    """
+
+    item: ReferenceItem
+    anomalous: bool | None
+    why: str = ""
+    without_category: bool | None = None
+    reference_without_category: bool | None = None
+
+
 @dataclass
 class GateResult:
     """The gate's verdict on one candidate."""
 
-    status: str  # passed | refused | overridden
+    status: str  # passed | refused | overridden | skipped (a first start with no known parts at all)
     reason: str
 
     @property
@@ -250,29 +269,43 @@ class GateResult:
         return self.status != "refused"
 
 
-def judge(outcomes: list[tuple[ReferenceItem, bool | None, str]], max_false_reject: float,
-          candidate: str, against: str) -> GateResult:
-    """The verdict from each known part's outcome (anomalous?, or None with why it could not
-    be scored) on `candidate` (e.g. "model version 3"), checked `against` (what serves now)."""
+def _listed(labels: list[str]) -> str:
+    return ", ".join(labels[:5]) + (" …" if len(labels) > 5 else "")
+
+
+def judge(outcomes: list[Outcome], max_false_reject: float, candidate: str, against: str) -> GateResult:
+    """The verdict from each known part's outcome on `candidate` (e.g. "model version 3"),
+    checked `against` (what serves now)."""
     if not outcomes:
         return GateResult("refused", f"{candidate} refused by the promotion gate: {against} hold no known "
                                      "parts, so nothing shows it decides them right (add known parts with "
                                      "`anomaly reference add`, or override with the gate.override tags)")
-    unscored = [(item, why) for item, anomalous, why in outcomes if anomalous is None]
-    escapes = [item.label for item, anomalous, _ in outcomes if item.expect == "NG" and anomalous is False]
-    goods = [item for item, _, _ in outcomes if item.expect == "OK"]
-    rejects = [item.label for item, anomalous, _ in outcomes if item.expect == "OK" and anomalous]
+    unscored = [(o.item, o.why) for o in outcomes if o.anomalous is None]
+    escapes = [o.item.label for o in outcomes if o.item.expect == "NG" and o.anomalous is False]
+    goods = [o.item for o in outcomes if o.item.expect == "OK"]
+    rejects = [o.item.label for o in outcomes if o.item.expect == "OK" and o.anomalous]
+    global_escapes = [o.item.label for o in outcomes if o.item.expect == "NG"
+                      and o.reference_without_category is True and o.without_category is False]
+    global_rejects = [o.item.label for o in outcomes if o.item.expect == "OK"
+                      and o.reference_without_category is False and o.without_category is True]
     problems = []
     if unscored:
         item, why = unscored[0]
         problems.append(f"{len(unscored)} known part(s) could not be scored (first: {item.label}: {why})")
     if escapes:
-        problems.append(f"{len(escapes)} known defect(s) would pass as OK: {', '.join(escapes[:5])}"
-                        + (" …" if len(escapes) > 5 else ""))
+        problems.append(f"{len(escapes)} known defect(s) would pass as OK: {_listed(escapes)}")
     if goods and len(rejects) / len(goods) > max_false_reject:
         problems.append(f"{len(rejects)} of {len(goods)} known-good parts would be rejected "
                         f"({len(rejects) / len(goods):.0%} > the allowed {max_false_reject:.0%}): "
-                        f"{', '.join(rejects[:5])}" + (" …" if len(rejects) > 5 else ""))
+                        f"{_listed(rejects)}")
+    if global_escapes:
+        problems.append(f"{len(global_escapes)} known defect(s) caught without a category before would pass "
+                        f"as OK without one (the global threshold, {GLOBAL_THRESHOLD_TAG}): "
+                        f"{_listed(global_escapes)}")
+    if goods and len(global_rejects) / len(goods) > max_false_reject:
+        problems.append(f"{len(global_rejects)} of {len(goods)} known-good parts accepted without a category "
+                        f"before would be rejected without one ({GLOBAL_THRESHOLD_TAG}): "
+                        f"{_listed(global_rejects)}")
     if problems:
         return GateResult("refused", f"{candidate} refused by the promotion gate (checked against "
                                      f"{against}): " + "; ".join(problems))

@@ -46,7 +46,7 @@ from service.promotion import (
     threshold_source,
     threshold_tags,
 )
-from service.served import Served, ServedMemory
+from service.served import SERVED_TAG_PREFIX, Served, ServedMemory
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -411,7 +411,7 @@ class ModelRepository:
         """The alias names another version than the one serving: judge it, then swap."""
         name, alias = key
         still = f"still serving {serving.version}"
-        against = Against(serving.version, serving.run_id)
+        against = Against(serving.version, serving.run_id, serving.model, serving.model.overrides)
         refused = self._refused(name, version, against, tags)
         if refused is not None:  # judged already: not scored again
             self.errors[key] = (version, refused.reason)
@@ -421,6 +421,10 @@ class ModelRepository:
         if loaded is None:
             return None
         moved = f"alias {name}@{alias} moved to version {version}; {still}"
+        problem = self._shared(key, loaded, tags)
+        if problem:
+            self.note_failure(key, version, problem, moved)
+            return None
         verdict, overrides = self._judge(alias, loaded, tags, against, f"version {version}")
         if not verdict.allows:
             self.record_failure(key, version, verdict.reason, moved)
@@ -431,13 +435,14 @@ class ModelRepository:
     def _first_serve(self, key: tuple[str, str], version: str, tags: dict[str, str]) -> LoadedModel | None:
         """Start serving a watched alias (at start-up, or once its first load succeeds).
 
-        With the gate on, what the alias last served (`ServedMemory`) decides: the same
-        version serves with the threshold tags it was accepted with (a change since is then
-        judged as a live one); another version is judged against it as a live move, and if
-        refused the remembered version serves instead. With no record (a first start), the
-        version serves unless it is tagged `gate.status=refused`; its threshold tags are
-        judged against its own reference set. A version tagged refused never serves at
-        start-up unless it carries an override.
+        With the gate on, the record of what the alias last served decides (`ServedMemory`,
+        else the registry's `served.<alias>` tag): the same version serves with the threshold
+        tags it was accepted with (a change since is then judged as a live one); another
+        version is judged against it as a live move, and if refused the recorded version
+        serves instead. With no record (a first start), the version is judged against its own
+        reference set and the plant's parts (with no known parts at all it serves, as a first
+        ever does); a version tagged `gate.status=refused` never serves at start-up unless it
+        carries an override.
         """
         name, alias = key
         context = f"watched alias {name}@{alias} names version {version}, which failed to load"
@@ -451,7 +456,7 @@ class ModelRepository:
                     self.note_failure(key, version, f"version {version}: invalid threshold tag: {exc}; the "
                                                     "calibrated thresholds apply", context)
             return loaded
-        remembered = self.memory.get(name, alias)
+        remembered = self._record(name, alias)
         flagged = tags.get(GATE_STATUS) == "refused" and tags.get(GATE_AGAINST, "") != version and \
             override_of(tags)[0] is None
         if remembered is not None and remembered.version != version:
@@ -459,25 +464,101 @@ class ModelRepository:
         if remembered is None and flagged:
             self.record_failure(key, version, (
                 f"version {version} is tagged {GATE_STATUS}=refused ({tags.get(GATE_REASON, 'no reason')}); "
-                f"this server has no record of a version that served {name}@{alias} before (its "
-                "ANOMALY_CACHE_DIR holds none), so nothing serves: move the alias to a version that passes, "
-                "or override the gate (gate.override, gate.override.by, gate.override.reason)"),
-                f"watched alias {name}@{alias} at start-up")
+                f"this server has no record of a version that served {name}@{alias} before (neither its "
+                f"ANOMALY_CACHE_DIR nor the registry's {SERVED_TAG_PREFIX}{alias} tag), so nothing serves: "
+                "move the alias to a version that passes, or override the gate (gate.override, "
+                "gate.override.by, gate.override.reason)"), f"watched alias {name}@{alias} at start-up")
             return None
         loaded = self._load_for(key, version, context)
         if loaded is None:
             return None
-        accepted = remembered.thresholds if remembered is not None else {}
+        if remembered is None:
+            return self._first_ever(key, loaded, tags)
+        return self._serve_recorded(key, loaded, remembered.thresholds, tags)
+
+    def _first_ever(self, key: tuple[str, str], loaded: LoadedModel,
+                    tags: dict[str, str]) -> LoadedModel | None:
+        """No record of what served the alias: judge the version, with its threshold tags, against
+        its own reference set and the plant's parts; with no known parts at all it serves (a
+        first ever has nothing to be compared with), and a refusal caused by its threshold tags
+        leaves it serving with its calibrated thresholds."""
+        name, alias = key
+        version = loaded.version
+        own = Against(version, loaded.run_id, loaded.model, {})
+        try:
+            verdict, overrides = self._judge(alias, loaded, tags, own, f"version {version} (first start)",
+                                             allow_empty=True)
+            if not verdict.allows and threshold_tags(tags):
+                calibrated, _ = self._judge(alias, loaded, {}, own, f"version {version} with its calibrated "
+                                            "thresholds (first start)", allow_empty=True)
+                if calibrated.allows:
+                    self._swap(key, loaded, {}, {})
+                    context = f"watched alias {name}@{alias} at start-up; its calibrated thresholds serve"
+                    self.record_failure(key, version, verdict.reason, context)
+                    return loaded
+        except NotReady:  # the known parts cannot be fetched now: judged at a later poll
+            return None
+        if not verdict.allows:
+            self.record_failure(key, version, verdict.reason, f"watched alias {name}@{alias} at start-up; "
+                                                              "nothing serves")
+            return None
+        if verdict.status == "skipped":
+            log.warning("%s", verdict.reason)
+        self._swap(key, loaded, overrides, tags)
+        return loaded
+
+    def _serve_recorded(self, key: tuple[str, str], loaded: LoadedModel, accepted: dict[str, str],
+                        tags: dict[str, str]) -> LoadedModel | None:
+        """Serve the recorded version with the thresholds it was accepted with, then judge its
+        threshold tags if they changed since."""
         try:
             overrides = threshold_overrides(accepted, loaded.metadata)
         except ValueError:  # accepted once, refused now (the rules tightened): the calibrated ones
             overrides, accepted = {}, {}
+        problem = self._shared(key, loaded, accepted)
+        if problem:
+            self.note_failure(key, loaded.version, problem, f"watched alias {key[0]}@{key[1]} at start-up")
+            return None
         self._swap(key, loaded, overrides, accepted)
         try:
             self._follow_thresholds(key, loaded, tags)  # a change since: judged as a live one
         except NotReady:  # recorded; the change is judged at a later poll, the accepted ones serve
             pass
         return loaded
+
+    def _record(self, name: str, alias: str) -> Served | None:
+        """What the alias last served: this server's record, else the registry's
+        `served.<alias>` tag (written by every server that swaps, for hosts with an empty
+        cache). A record naming a version that does not exist is ignored (ERROR)."""
+        remembered = self.memory.get(name, alias)
+        source = f"the record in {self.memory.path(name, alias)}"
+        if remembered is None:
+            try:
+                registered = self.client.get_registered_model(name)
+            except Exception as exc:  # an outage: start as a first start would (still judged)
+                log.warning("could not read %s's %s%s tag: %s", name, SERVED_TAG_PREFIX, alias, exc)
+                return None
+            recorded = (registered.tags or {}).get(f"{SERVED_TAG_PREFIX}{alias}", "").strip()
+            if not recorded:
+                return None
+            remembered = Served(name, alias, recorded, "")
+            source = f"the registry's {SERVED_TAG_PREFIX}{alias} tag"
+        if not remembered.version.isdigit():
+            log.error("%s names version %r of %s, which is not a version number; ignored", source,
+                      remembered.version, name)
+            return None
+        try:
+            mv = self._model_version(ModelSpec(name, version=int(remembered.version)))
+        except ModelNotFound:
+            log.error("%s names %s version %s, which the registry does not hold; ignored", source, name,
+                      remembered.version)
+            return None
+        run_id = str(mv.run_id or "")
+        if remembered.run_id and remembered.run_id != run_id:
+            log.error("%s names %s version %s of run %s, but that version is of run %s now; ignored", source,
+                      name, remembered.version, remembered.run_id, run_id)
+            return None
+        return Served(name, alias, remembered.version, run_id, remembered.thresholds, remembered.at)
 
     def _fall_back(self, key: tuple[str, str], version: str, tags: dict[str, str], remembered: Served,
                    flagged: bool) -> LoadedModel | None:
@@ -497,11 +578,16 @@ class ModelRepository:
             try:
                 candidate = self._load_for(key, version, f"{moved}, and failed to load")
                 if candidate is not None:
-                    verdict, overrides = self._judge(alias, candidate, tags, against, f"version {version}")
-                    if verdict.allows:
-                        self._swap(key, candidate, overrides, tags)
-                        return candidate
-                    reason = verdict.reason
+                    problem = self._shared(key, candidate, tags)
+                    if problem:
+                        reason = problem
+                    else:
+                        subject = f"version {version}"
+                        verdict, overrides = self._judge(alias, candidate, tags, against, subject)
+                        if verdict.allows:
+                            self._swap(key, candidate, overrides, tags)
+                            return candidate
+                        reason = verdict.reason
                 else:
                     reason = self.errors.get(key, (version, "it failed to load"))[1]
             except NotReady as exc:  # judged at a later poll; meanwhile what served last serves
@@ -513,14 +599,27 @@ class ModelRepository:
                                               f"last, cannot be loaded: {self.errors[key][1]}", moved)
             return None
         try:
-            overrides = threshold_overrides(remembered.thresholds, last.metadata)
-            accepted = remembered.thresholds
-        except ValueError:
-            overrides, accepted = {}, {}
-        self._swap(key, last, overrides, accepted)
+            last_tags = dict(self._model_version(ModelSpec(name, version=int(last.version))).tags or {})
+        except (ModelNotFound, NotReady):
+            last_tags = remembered.thresholds
+        if self._serve_recorded(key, last, remembered.thresholds, last_tags) is None:
+            return None
         self.record_failure(key, version, reason,
                             f"{moved}; serving version {remembered.version}, the last that served it")
         return last
+
+    def _shared(self, key: tuple[str, str], loaded: LoadedModel, tags: dict[str, str]) -> str:
+        """Why the alias may not serve `loaded` with these threshold tags ("" when it may): the
+        version serves another watched alias with other thresholds (that alias judged them;
+        one loaded version decides with one set of thresholds)."""
+        others = sorted(a for (n, a), m in self._current.items() if m is loaded and (n, a) != key)
+        wanted = threshold_tags(tags)
+        if not others or wanted == loaded.thresholds:
+            return ""
+        shown = lambda t: ", ".join(f"{k}={v}" for k, v in sorted(t.items())) or "calibrated"  # noqa: E731
+        return (f"version {loaded.version} serves {key[0]}@{', '.join(others)} with thresholds "
+                f"{shown(loaded.thresholds)}, not the {shown(wanted)} its tags ask for (a change that "
+                f"alias has not accepted); {key[0]}@{key[1]} moves to it once they agree")
 
     def _swap(self, key: tuple[str, str], loaded: LoadedModel, overrides: dict[str, float],
               tags: dict[str, str]) -> None:
@@ -540,6 +639,12 @@ class ModelRepository:
             log.info("alias %s@%s now serves version %s (was %s)", name, alias, loaded.version,
                      serving.version if serving else "none")
         self.memory.put(Served(name, alias, loaded.version, loaded.run_id, loaded.thresholds))
+        if self.settings.gate_write_tags and serving is not loaded:  # the record of hosts with no cache
+            try:
+                self.client.set_registered_model_tag(name, f"{SERVED_TAG_PREFIX}{alias}", loaded.version)
+            except Exception as exc:  # a read-only registry, an outage: the local record stands
+                log.warning("could not write %s%s=%s on %s: %s", SERVED_TAG_PREFIX, alias, loaded.version,
+                            name, exc)
 
     # -- live thresholds and the promotion gate ----------------------------------------------
     def _follow_thresholds(self, key: tuple[str, str], serving: LoadedModel, tags: dict[str, str]) -> None:
@@ -561,7 +666,7 @@ class ModelRepository:
                 return
             self._apply_thresholds(key, serving, overrides, wanted)
             return
-        against = Against(version, serving.run_id)
+        against = Against(version, serving.run_id, serving.model, serving.model.overrides)
         refused = self._refused(name, version, against, tags)
         if refused is not None:
             self.errors[key] = (version, refused.reason)
@@ -593,7 +698,7 @@ class ModelRepository:
         return None
 
     def _judge(self, alias: str, loaded: LoadedModel, tags: dict[str, str], against: Against,
-               subject: str) -> tuple[GateResult, dict[str, float]]:
+               subject: str, allow_empty: bool = False) -> tuple[GateResult, dict[str, float]]:
         """Judge `loaded` with the thresholds its tags ask for; returns the verdict and those
         thresholds. A refusal is remembered; tags that are not valid thresholds are refused
         without scoring anything.
@@ -613,8 +718,8 @@ class ModelRepository:
             if not self.settings.gate:
                 return GateResult("passed", "the promotion gate is off (ANOMALY_GATE=false)"), overrides
             try:
-                candidate = Candidate(name, version, loaded.model, overrides, tags)
-                verdict = self.gatekeeper.judge(alias, candidate, against, subject)
+                candidate = Candidate(name, version, loaded.model, overrides, tags, loaded.run_id)
+                verdict = self.gatekeeper.judge(alias, candidate, against, subject, allow_empty)
             except NotReady as exc:
                 self.record_failure((name, alias), version, exc.message,
                                     f"{name} {subject}: the promotion gate cannot fetch the known parts")

@@ -14,8 +14,11 @@ of `--processes` share the cache folder, so they share the memory: given the sam
 the same registry, each child reaches the same verdict and serves the same version.
 
 A record that cannot be read (a damaged disk, a hand edit) is reported at ERROR and treated
-as absent: the server then starts as a first start would, which still never serves a version
-tagged `gate.status=refused`.
+as absent. Servers also write the version they swap in to the registered model's tag
+`served.<alias>`: a server whose cache is empty (a new pod, an `emptyDir` cache) takes that
+as its record. With neither, the server starts as a first start: the version the alias
+names is judged against its own reference set and the plant's parts, and a version tagged
+`gate.status=refused` never serves.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from anomaly.durable import write_atomic
 
 log = logging.getLogger(__name__)
 FOLDER = "served"
+SERVED_TAG_PREFIX = "served."  # registered-model tag `served.<alias>` = the version a server last swapped in
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,10 @@ def test_a_restart_never_serves_a_version_the_gate_refused(store, client, good_a
         server.stop()
         client.set_registered_model_alias(name, alias, good)
 
-    # A first start (no record of what served the alias) with the alias on a refused version.
+    # A first start (no record of what served the alias, in the cache or the registry's
+    # served.<alias> tag) with the alias on a refused version.
     client.set_registered_model_alias(name, alias, blind)
+    client.delete_registered_model_tag(name, f"served.{alias}")
     port = free_port()
     fresh = ChildProcess(["serve", "--tracking-uri", store.tracking_uri, "--host", "127.0.0.1", "--port",
                           str(port), "--cache-dir", str(tmp_path / "fresh-cache"), "--alias", alias],
@@ -281,3 +283,151 @@ def test_an_override_names_who_and_why_and_covers_one_judgement(store, client, g
         client.set_registered_model_alias(name, alias, good)
     assert re.search(r"WARNING \S+ promotion gate: .*overridden by 'qa-lead'",
                      (tmp_path / "server.log").read_text())
+
+
+def caught_in(stub, good_and_defect, version: str, category: str | None) -> tuple[bytes, str]:
+    """A defective test image of `category` (None: any) that `version` answers NG in its
+    category and, when `category` is "", without one."""
+    for path in good_and_defect[1]:
+        own = path.parent.parent.parent.name
+        if category not in (None, "", own):
+            continue
+        asked = "" if category == "" else own
+        request = pb.ScoreRequest(encoded=path.read_bytes(), category=asked, version=int(version))
+        if stub.Score(request, timeout=30).is_anomalous:
+            return path.read_bytes(), asked
+    raise AssertionError(f"the session model catches no defect for category {category!r}")
+
+
+@pytest.mark.timeout(400)
+def test_two_watched_aliases_never_share_a_refused_threshold(store, client, good_and_defect,
+                                                            tmp_path: Path) -> None:
+    """A threshold change one watched alias refused does not reach it through a second alias
+    moved to the same version and judged against another reference set."""
+    name, main, canary = store.model_name, "shared-main", "shared-canary"
+    parts = reference_set(store, client, tmp_path)
+    first = register_copy(store, tmp_path, "shared-first", reference=parts)
+    coffee = [p for p in parts if p.category == "coffee"]
+    other = register_copy(store, tmp_path, "shared-other", reference=coffee)
+    client.set_registered_model_alias(name, main, first)
+    client.set_registered_model_alias(name, canary, other)
+    server, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                  alias=main, env={**POLL, "ANOMALY_MODELS": f'["{name}@{canary}"]'})
+    tag = "threshold.brick"
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.AnomalyDetectionStub(ch)
+            defect, category = caught_in(stub, good_and_defect, first, "brick")
+            escape = f"{store.build.metadata.image_stats['brick'].max * 1.5:.6g}"
+            client.set_model_version_tag(name, first, tag, escape)
+            wait_for(lambda: "would pass as OK" in info(stub, main).last_error, what="main's refusal")
+            client.set_registered_model_alias(name, canary, first)
+            now = wait_for(lambda: (i := info(stub, canary)).last_error_version == first and i,
+                           what="the canary's move refused")
+            assert now.ref.version == other, now
+            time.sleep(1.0)
+            answer = stub.Score(pb.ScoreRequest(encoded=defect, category=category, alias=main), timeout=30)
+            assert answer.is_anomalous and answer.threshold_source == "model"
+            assert "would pass as OK" in info(stub, main).last_error
+    finally:
+        server.stop()
+        client.delete_model_version_tag(name, first, tag)
+
+
+@pytest.mark.timeout(400)
+def test_a_global_threshold_change_is_judged_without_a_category(store, client, good_and_defect,
+                                                                tmp_path: Path) -> None:
+    """Known parts carry a category, so `threshold.global` is judged on requests without one:
+    a change that lets pass a known defect the calibrated global threshold catches is refused."""
+    name, alias = store.model_name, "global-gate"
+    version = register_copy(store, tmp_path, "global-gated", reference=reference_set(store, client, tmp_path))
+    client.set_registered_model_alias(name, alias, version)
+    server, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                  alias=alias, env=POLL)
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.AnomalyDetectionStub(ch)
+            defect, _ = caught_in(stub, good_and_defect, version, "")
+            escape = f"{store.build.metadata.image_stats[''].max * 1.5:.6g}"
+            client.set_model_version_tag(name, version, "threshold.global", escape)
+            now = wait_for(lambda: (i := info(stub, alias)).last_error and i, what="the refusal")
+            assert "without a category" in now.last_error and now.threshold_sources[""] == "model", now
+            answer = stub.Score(pb.ScoreRequest(encoded=defect), timeout=30)
+            assert answer.is_anomalous and answer.threshold_source == "model"
+    finally:
+        server.stop()
+        client.delete_model_version_tag(name, version, "threshold.global")
+
+
+@pytest.mark.timeout(500)
+def test_an_empty_cache_takes_the_registry_record_and_a_bad_record_is_ignored(store, client, good_and_defect,
+                                                                              tmp_path: Path) -> None:
+    """A new pod (an empty cache) judges what the alias names against the version the
+    registry's `served.<alias>` tag records; a local record naming a version the registry does
+    not hold is ignored rather than stopping the line; without keeping overrides unrecorded."""
+    from service.served import Served, ServedMemory
+
+    name, alias, good = store.model_name, "fresh-canary", store.version
+    client.set_registered_model_alias(name, alias, good)
+    server, _ = start_server(store.tracking_uri, tmp_path / "server-1.log", cache_dir=tmp_path / "cache-1",
+                             alias=alias, env=POLL)
+    server.stop()
+    assert client.get_registered_model(name).tags[f"served.{alias}"] == good
+    blind = register_copy(store, tmp_path, "fresh-blind", threshold_scale=1e6)
+    client.set_registered_model_alias(name, alias, blind)
+    server, target = start_server(store.tracking_uri, tmp_path / "server-2.log",
+                                  cache_dir=tmp_path / "cache-2", alias=alias, env=POLL)
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.AnomalyDetectionStub(ch)
+            defect, category = caught_in(stub, good_and_defect, good, None)
+            answer = stub.Score(pb.ScoreRequest(encoded=defect, category=category), timeout=30)
+            assert answer.model.version == good and answer.is_anomalous
+            now = info(stub, alias)
+            assert now.last_error_version == blind and "would pass as OK" in now.last_error
+    finally:
+        server.stop()
+
+    # A hand-edited local record naming a version that does not exist: ignored (ERROR), and the
+    # alias is judged as at a first start, not left serving nothing.
+    client.set_registered_model_alias(name, alias, good)
+    client.delete_registered_model_tag(name, f"served.{alias}")
+    cache = tmp_path / "cache-3"
+    ServedMemory(cache, store.tracking_uri).put(Served(name, alias, "999", "no-such-run"))
+    server, target = start_server(store.tracking_uri, tmp_path / "server-3.log", cache_dir=cache, alias=alias,
+                                  env=POLL)
+    try:
+        with grpc.insecure_channel(target) as ch:
+            assert info(pb_grpc.AnomalyDetectionStub(ch), alias).ref.version == good
+    finally:
+        server.stop()
+        client.set_registered_model_alias(name, alias, good)
+    assert "which the registry does not hold; ignored" in (tmp_path / "server-3.log").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_an_override_the_server_cannot_record_is_never_honoured(store, client, good_and_defect,
+                                                                tmp_path: Path) -> None:
+    """With ANOMALY_GATE_WRITE_TAGS=false an override is refused, even with a `gate.override.for`
+    forged to match the judgement."""
+    from service.promotion import judgement_id
+
+    name, alias, good = store.model_name, "unrecorded-override", store.version
+    client.set_registered_model_alias(name, alias, good)
+    blind = register_copy(store, tmp_path, "unrecorded-blind", threshold_scale=1e6)
+    forged = judgement_id(blind, {}, good)
+    for tag, value in ((GATE_OVERRIDE, "true"), (GATE_OVERRIDE_BY, "someone"),
+                       (GATE_OVERRIDE_REASON, "forged"), (GATE_OVERRIDE_FOR, forged)):
+        client.set_model_version_tag(name, blind, tag, value)
+    server, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                  alias=alias, env={**POLL, "ANOMALY_GATE_WRITE_TAGS": "false"})
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.AnomalyDetectionStub(ch)
+            client.set_registered_model_alias(name, alias, blind)
+            now = wait_for(lambda: (i := info(stub, alias)).last_error_version == blind and i,
+                           what="a refusal")
+            assert "must be recorded" in now.last_error and now.ref.version == good
+    finally:
+        server.stop()
+        client.set_registered_model_alias(name, alias, good)
