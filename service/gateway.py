@@ -354,6 +354,12 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
     async def _too_large(request: Request, exc: http_body.BodyTooLarge) -> JSONResponse:
         return error_response(request, 413, "Payload Too Large", str(exc), "INVALID_ARGUMENT")
 
+    @app.exception_handler(http_body.BodyTimeout)
+    async def _body_timeout(request: Request, exc: http_body.BodyTimeout) -> JSONResponse:
+        response = error_response(request, 408, "Request Timeout", str(exc), "DEADLINE_EXCEEDED")
+        response.headers["connection"] = "close"  # the rest of the body is not read
+        return response
+
     @app.exception_handler(http_body.BadBody)
     async def _bad_body(request: Request, exc: http_body.BadBody) -> JSONResponse:
         return error_response(request, 400, "Invalid Argument", str(exc), "INVALID_ARGUMENT")

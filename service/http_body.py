@@ -12,10 +12,17 @@ read, the protobuf request, its serialised copy for gRPC). Each request reserves
 (`n` = its Content-Length, or the whole limit when chunked) from a budget of
 `http_body_memory_mb` before reading; what does not fit waits `decode_wait_s`, then gets
 429. So bodies never hold more than that budget, whatever clients send.
+
+Time: a body must arrive in whole within `http_body_timeout_s` of the first read. One that
+does not (a client that sends headers with a large Content-Length and then stalls, or
+trickles) raises `BodyTimeout`: the gateway answers 408 and closes the connection, and its
+reservation is given back, so stalled uploads cannot hold the budget.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -23,6 +30,9 @@ from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from service import metrics
+
+log = logging.getLogger(__name__)
 COPIES = 3  # bytes read + protobuf message + its serialised form
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small fields
 MAX_FORM_FIELDS = 16
@@ -39,6 +49,10 @@ class BodyTooLarge(Exception):
 
 class BadBody(Exception):
     """The body is malformed (HTTP 400)."""
+
+
+class BodyTimeout(Exception):
+    """The body did not arrive in time (HTTP 408)."""
 
 
 def body_limit(request: Request, image_limit: int) -> int:
@@ -68,13 +82,38 @@ def declared_length(request: Request, limit: int) -> int | None:
 
 
 async def counted(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive; raises `BodyTooLarge` at the first byte past `limit`."""
+    """The body's chunks as they arrive; raises `BodyTooLarge` at the first byte past `limit`,
+    `BodyTimeout` when the whole body is not in within the app's `http_body_timeout_s`
+    (counted and logged at WARNING)."""
+    timeout = request.app.state.settings.http_body_timeout_s
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge(limit)
-        yield chunk
+    stream = request.stream()
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(started + timeout):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                declared = request.headers.get("content-length")
+                metrics.HTTP_BODY_TIMEOUTS.inc()
+                log.warning("request body of %s %s from %s did not arrive within %g s "
+                            "(ANOMALY_HTTP_BODY_TIMEOUT_S): %d of %s bytes; dropped, its memory freed",
+                            request.method, request.url.path,
+                            request.client.host if request.client else "?", timeout, total,
+                            declared if declared is not None else "(chunked)")
+                raise BodyTimeout(f"request body did not arrive within {timeout:g} s "
+                                  f"({total} bytes received); send it faster or raise "
+                                  "ANOMALY_HTTP_BODY_TIMEOUT_S") from None
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLarge(limit)
+            yield chunk
+    finally:
+        await stream.aclose()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -82,6 +121,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     Raises:
         BodyTooLarge: over the limit (stops reading there).
+        BodyTimeout: not in within `http_body_timeout_s`.
     """
     body = bytearray()
     async for chunk in counted(request, limit):
@@ -96,6 +136,7 @@ async def read_form(request: Request, limit: int) -> FormData:
     Raises:
         BodyTooLarge: over the limit.
         BadBody: malformed multipart, or more parts than allowed.
+        BodyTimeout: not in within `http_body_timeout_s`.
         ClientDisconnect: the client hung up before the end.
     """
     parser = MultiPartParser(request.headers, counted(request, limit), max_files=1,
@@ -104,7 +145,7 @@ async def read_form(request: Request, limit: int) -> FormData:
         return await parser.parse()
     except MultiPartException as exc:
         raise BadBody(f"malformed multipart body: {exc.message}") from exc
-    except (BodyTooLarge, ClientDisconnect):
+    except (BodyTooLarge, BodyTimeout, ClientDisconnect):
         raise
     except Exception as exc:  # python-multipart's own parse errors
         raise BadBody(f"malformed multipart body: {exc}") from exc

@@ -31,6 +31,8 @@ NONFINITE = Counter("anomaly_nonfinite_outputs_total",
                     ["name", "version"])
 ADMISSION_REFUSALS = Counter("anomaly_admission_refusals_total",
                              "Requests refused before decoding, by reason", ["reason"])
+HTTP_BODY_TIMEOUTS = Counter("anomaly_http_body_timeouts_total", "HTTP request bodies not in within "
+                             "http_body_timeout_s: answered 408, their memory reservation freed")
 DECODE_MEMORY = Gauge("anomaly_decode_memory_bytes", "Estimated bytes reserved by images being decoded")
 SPOOL_BYTES = Gauge("anomaly_inspection_spool_bytes", "Decisions in the local spool not yet in the database")
 SPOOL_FILL = Gauge("anomaly_inspection_spool_fill_ratio", "Spool bytes ÷ its bound")

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
                                                         "RESOURCE_EXHAUSTED")
     http_body_memory_mb: int = Field(128, ge=1, description="gateway: memory request bodies (and their "
                                                             "copies) may take at once")
+    http_body_timeout_s: float = Field(10.0, gt=0, description="HTTP: time a request body has to arrive "
+                                       "in whole once reading starts; a late one answers 408 and frees its "
+                                       "memory")
     models: list[str] = Field(default_factory=list,
                               description='extra "name@alias" entries served and followed (JSON list)')
     poll_interval_s: float = Field(10.0, gt=0, description="how often watched aliases are re-resolved")
