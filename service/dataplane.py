@@ -3,11 +3,13 @@
 The gRPC servicer and (through it) the HTTP gateway only translate to and from these
 calls. Blocking work runs off the asyncio loop that serves the transport: image decoding
 and ONNX Runtime in the inference pool (`workers` threads), registry look-ups, downloads
-and model loads in a separate loader pool, so a slow registry never takes an inference
-thread. Model control (the V2 repository extension's load, `pin`) loads on a thread of its
-own, at most `max_pinned_models` versions pinned at once, so the watcher's promotions and
-rollbacks never wait behind an ad-hoc load. Images are decoded in parallel, then queue into
-the model's dynamic batcher (`service.batcher`).
+and model loads on other threads, so a slow registry never takes an inference thread.
+Each kind of load has threads of its own, so the watcher's promotions and rollbacks never
+wait behind a load a request asked for: the watcher (following watched aliases) its own
+thread; requests naming a version or an unwatched alias the loader pool; model control
+(the V2 repository extension's load, `pin`) its own thread, at most `max_pinned_models`
+versions pinned at once. Images are decoded in parallel, then queue into the model's
+dynamic batcher (`service.batcher`).
 
 Admission, in order, each refusal answered at once with a clear status:
 identifiers checked (`anomaly.wire`: INVALID_ARGUMENT); at most `max_inflight` requests
@@ -114,15 +116,16 @@ class DataPlane:
         self.settings = settings
         self.repository = repository or ModelRepository(settings)
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="infer")
-        self.loader = ThreadPoolExecutor(2, thread_name_prefix="loader")
+        self.loader = ThreadPoolExecutor(2, thread_name_prefix="loader")  # loads requests ask for
         self.control = ThreadPoolExecutor(1, thread_name_prefix="model-control")  # `pin`'s loads
+        self.following = ThreadPoolExecutor(1, thread_name_prefix="watcher")  # the watcher's alone
         self._control_lock = asyncio.Lock()
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._inflight = 0
         self.stats: dict[tuple[str, str], ModelStats] = {}
         self.ready = False
-        self.watcher = ModelWatcher(self.repository, settings, self._load)
+        self.watcher = ModelWatcher(self.repository, settings, self._follow)
         self.on_ready_change: Callable[[bool], None] | None = None
         self.inspections = InspectionLog.from_settings(settings) if settings.inspection_log else None
         self.shadow = None if not settings.shadow_alias else Shadow(
@@ -131,8 +134,10 @@ class DataPlane:
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
-    async def _load(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.loader, partial(fn, *args))
+    async def _follow(self, fn: Any, *args: Any) -> Any:
+        """Run the watcher's blocking work (resolving, loading, judging, swapping in) on its
+        own thread, never behind loads requests asked for."""
+        return await asyncio.get_running_loop().run_in_executor(self.following, partial(fn, *args))
 
     def spec(self, model: str = "", alias: str = "", version: int = 0) -> ModelSpec:
         """Fill defaults into a request's model selection.
@@ -171,8 +176,8 @@ class DataPlane:
 
     async def get(self, spec: ModelSpec, deadline: float | None = None) -> LoadedModel:
         """Resolve (and load) the model `spec` names. Watched aliases and models already loaded answer
-        from memory; anything else is resolved and loaded on the loader threads, waiting at
-        most until `deadline` (the load goes on for the next request).
+        from memory; anything else is resolved and loaded on the loader threads (never the
+        watcher's), waiting at most until `deadline` (the load goes on for the next request).
 
         Raises:
             NotReady: a watched alias serves nothing yet (the message says why).
@@ -199,7 +204,7 @@ class DataPlane:
 
     async def pin(self, spec: ModelSpec, deadline: float | None = None) -> LoadedModel:
         """Model control's load: load what `spec` names (on the model-control thread, never the
-        watcher's loader threads) and keep it in memory until unloaded.
+        watcher's or the loader threads) and keep it in memory until unloaded.
 
         Raises:
             Overloaded: `max_pinned_models` other versions are pinned already.
@@ -440,6 +445,7 @@ class DataPlane:
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.loader.shutdown(wait=False, cancel_futures=True)
         self.control.shutdown(wait=False, cancel_futures=True)
+        self.following.shutdown(wait=False, cancel_futures=True)
         if self.inspections is not None:  # after the drain: every answered request is recorded
             await self.inspections.close(max(timeout, 10.0))
 

@@ -29,7 +29,15 @@ MAX_BACKOFF_S = 60.0
 
 
 class ModelWatcher:
-    """Polls `repository.refresh` for every watched alias until stopped."""
+    """Polls `repository.refresh` for every watched alias until stopped.
+
+    Args:
+        repository: the models.
+        settings: the watched aliases and the poll interval.
+        run: `await run(fn, *args)` runs a blocking call off the event loop, on threads of
+            the watcher's own (`DataPlane._follow`): never threads that loads requests ask
+            for can fill, so a promotion or rollback never waits behind them.
+    """
 
     def __init__(self, repository: ModelRepository, settings: Settings,
                  run: Callable[..., Awaitable]) -> None:
