@@ -10,7 +10,9 @@ Bounds (`service.admission`): at most `max_concurrent_rpcs` unary anomaly.v1 and
 run at once, `max_streams` ScoreStreams and `max_watch_streams` health Watch and reflection
 streams are open at once (beyond, RESOURCE_EXHAUSTED at once; health Check and V2
 liveness/readiness are never capped, so probes keep answering under load; calls without a
-valid key are refused before they take a slot), messages are at most `max_image_bytes`
+valid key are refused before they take a slot; no refusal waits for the request message, and
+a call whose message does not arrive within `request_read_timeout_s` ends with
+DEADLINE_EXCEEDED and frees its slot), messages are at most `max_image_bytes`
 (+64 KiB), and a ScoreStream reads its next image only while the images it has in flight
 total less than `max_image_bytes`. An unexpected error answers
 INTERNAL with the request id, never the error's text (which goes to the log).
@@ -255,8 +257,9 @@ class GrpcServer:
         self.admission = Admission(settings)
         # The key and role check first: a call it refuses never takes an admission slot.
         interceptors = [self.keyring, self.admission] if self.keyring else [self.admission]
-        # gRPC's own cap (it counts every call before any interceptor): a backstop well above
-        # the sum of ours, so ours refuse first and health checks still answer.
+        # gRPC's own cap (it counts every call from its headers, before any interceptor): a
+        # backstop well above the sum of ours, so ours refuse first and health checks still
+        # answer while half-open calls (each ended after the read timeout) stay below it.
         # SO_REUSEPORT only for the children of `processes`: a lone server must fail loudly
         # on a port already in use rather than share it with whatever holds it.
         reuse = [("grpc.so_reuseport", 1 if settings.process_index >= 0 else 0)]

@@ -9,6 +9,8 @@
   (HTTP 403). Both are decided before the call takes an admission slot. Keys are compared
   in constant time and never logged or echoed; their names are what logs and feedback rows
   show. Health checks and reflection stay open, so orchestrators can probe without a key.
+  A refused call is answered as soon as it starts, before its request message arrives (a
+  client that sends headers and never a message cannot hold the call open).
   The gateway passes the caller's `X-API-Key` / `Authorization` header through; it holds
   no key of its own. Without keys there is no authentication and every caller may make
   every call (a warning at start-up when that is beyond loopback).
@@ -30,6 +32,7 @@ from pathlib import Path
 import grpc
 
 from anomaly.channel import channel_credentials
+from service.admission import refusing
 from service.keys import ApiKey, Role, allows, check_unique, parse_entry, parse_file
 from service.settings import Settings
 
@@ -108,12 +111,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _deny(method: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(code, message)
-
-        if method in STREAMING:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        """Refuse at once, without waiting for a request message that may never come
+        (`admission.refusing`)."""
+        return refusing("stream_stream" if method in STREAMING else "unary_unary", code, message)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

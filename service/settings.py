@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     max_watch_streams: int = Field(16, ge=1, description="health Watch and server reflection streams open at "
                                                          "once (callers need no key for them); more get "
                                                          "RESOURCE_EXHAUSTED; health Check is never capped")
+    request_read_timeout_s: float = Field(5.0, gt=0, description="longest wait for a unary call's request "
+                                                                 "message once the call has started (or the "
+                                                                 "call's deadline, if sooner); a call that "
+                                                                 "sends no message in time ends with "
+                                                                 "DEADLINE_EXCEEDED and frees its slot")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image (or raw pixel "
                                                                     "buffer) accepted")
     max_image_pixels: int = Field(24_000_000, ge=1, description="largest decoded image (width × height)")
