@@ -118,8 +118,9 @@ class Gatekeeper:
             against: the version whose reference set it is judged on.
             subject: what is judged, for the reason (e.g. "version 7", "threshold tags of
                 version 7").
-            allow_empty: with no known parts at all, "skipped" (a first start: nothing to be
-                compared with) rather than refused.
+            allow_empty: with no known parts at all, or none that can be read, "skipped" (a
+                first start: nothing to be compared with, nothing else to serve) rather than
+                refused.
 
         Raises:
             NotReady: the reference sets cannot be downloaded now (judged at a later poll).
@@ -165,6 +166,9 @@ class Gatekeeper:
                                                  "parts (a first start serves it, with nothing to compare)")
                 outcomes = [self._outcome(candidate, against, item) for item in items]
             except ReferenceSetError as exc:
+                if allow_empty:  # a first start: nothing served before, so nothing to keep serving
+                    return GateResult("skipped", f"{what} was not judged: a reference set cannot be read: "
+                                                 f"{exc}")
                 return GateResult("refused", f"{what} refused by the promotion gate: a reference set cannot "
                                              f"be read: {exc}")
         own = f" and {candidate.version}'s own" if candidate.version != against.version else ""

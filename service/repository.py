@@ -11,8 +11,9 @@ Failures are remembered so that nothing is retried in a loop:
 - a registry or download outage (`NotReady`, UNAVAILABLE) is not remembered: the watcher
   retries it with backoff.
 
-All of this runs on the loader threads (`DataPlane.loader`), never on the inference
-threads. Loads of different versions do not wait for each other's downloads; only the
+All of this runs off the inference threads: alias following on the watcher's own thread
+(`DataPlane.following`), loads that requests ask for on the loader threads
+(`DataPlane.loader`), model control on a thread of its own. Loads of different versions do not wait for each other's downloads; only the
 in-process ONNX Runtime build is serialised (memory). Nothing here is unpickled: the
 artifact is read as ONNX + YAML (MLmodel) + JSON.
 """
@@ -391,6 +392,12 @@ class ModelRepository:
             return None
         return self._move(key, serving, version, tags)
 
+    def _gated(self, key: tuple[str, str]) -> bool:
+        """Whether the gate judges what `key` serves: on (`ANOMALY_GATE`), except for the shadow
+        challenger's alias, whose decisions never answer a request (a challenger is there to be
+        tried on live traffic, refused candidates included)."""
+        return self.settings.gate and key != (self.settings.model_name, self.settings.shadow_alias)
+
     def _load_for(self, key: tuple[str, str], version: str, context: str) -> LoadedModel | None:
         """Load a version a watched alias needs; a failure is recorded (None), an outage raised."""
         failed = self.failure(key[0], version)
@@ -446,7 +453,7 @@ class ModelRepository:
         """
         name, alias = key
         context = f"watched alias {name}@{alias} names version {version}, which failed to load"
-        if not self.settings.gate:
+        if not self._gated(key):
             loaded = self._load_for(key, version, context)
             if loaded is not None:
                 try:
@@ -657,7 +664,7 @@ class ModelRepository:
             return
         version = serving.version
         context = f"threshold tags of {name}/{version} (served by {name}@{alias}) changed; thresholds kept"
-        if not self.settings.gate:
+        if not self._gated(key):
             try:
                 overrides = threshold_overrides(tags, serving.metadata)
             except ValueError as exc:
@@ -715,8 +722,8 @@ class ModelRepository:
             verdict = self.gatekeeper.refuse(alias, name, version, against.version,
                                              f"{name} {subject} refused: invalid threshold tag: {exc}")
         else:
-            if not self.settings.gate:
-                return GateResult("passed", "the promotion gate is off (ANOMALY_GATE=false)"), overrides
+            if not self._gated((name, alias)):
+                return GateResult("passed", "the promotion gate is off for this alias"), overrides
             try:
                 candidate = Candidate(name, version, loaded.model, overrides, tags, loaded.run_id)
                 verdict = self.gatekeeper.judge(alias, candidate, against, subject, allow_empty)
