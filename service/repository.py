@@ -13,9 +13,9 @@ Failures are remembered so that nothing is retried in a loop:
 
 All of this runs off the inference threads: alias following on the watcher's own thread
 (`DataPlane.following`), loads that requests ask for on the loader threads
-(`DataPlane.loader`), model control on a thread of its own. Loads of different versions do not wait for each other's downloads; only the
-in-process ONNX Runtime build is serialised (memory). Nothing here is unpickled: the
-artifact is read as ONNX + YAML (MLmodel) + JSON.
+(`DataPlane.loader`), model control on a thread of its own. Loads of different versions do
+not wait for each other's downloads; only the in-process ONNX Runtime build is serialised
+(memory). Nothing here is unpickled: the artifact is read as ONNX + YAML (MLmodel) + JSON.
 """
 
 from __future__ import annotations
