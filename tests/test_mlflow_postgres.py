@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fresh_postgres_database, mlflow_server_process, tracking_uri
+from conftest import fresh_postgres_database, mlflow_server_process, reference_set, tracking_uri
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
@@ -50,11 +50,13 @@ def test_registry_on_postgres_and_server_follows_alias(store, database: str, mlf
     from registry.mlflow_registry import log_and_register
 
     build = store.build
+    local = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+    parts = reference_set(store, local, tmp_path)  # the promotion gate checks the move against them
     with tracking_uri(mlflow_server):
         first = log_and_register(build.onnx_path, build.metadata, params={"copy": 1},
-                                 metrics={"image_auroc": 0.9}, aliases=("champion",))
+                                 metrics={"image_auroc": 0.9}, aliases=("champion",), reference=parts)
         second = log_and_register(build.onnx_path, build.metadata, params={"copy": 2},
-                                  metrics={"image_auroc": 0.9})
+                                  metrics={"image_auroc": 0.9}, reference=parts)
     assert (first.version, second.version) == ("1", "2")
 
     # The registry really lives in PostgreSQL.
