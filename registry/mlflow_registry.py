@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anomaly.wire import DEFAULT_MODEL_NAME
+from service.hardware import this_host
 from service.metadata import GLOBAL, ModelMetadata
 
 if TYPE_CHECKING:
@@ -195,6 +196,24 @@ def choose_reference_set(samples: Sequence[Sample], scores: np.ndarray, metadata
     return chosen
 
 
+def reproduction_record(onnx_path: Path | str, metadata: ModelMetadata, parts: Sequence[KnownPart],
+                        folder: Path) -> list[Path]:
+    """Score the reference set here, through the serving path, and write the reproduction
+    record servers check before this version serves (`service.reproduction`); its files go
+    into the model artifact (none without a reference set)."""
+    if not parts:
+        return []
+    from service.engine import OnnxModel
+    from service.reproduction import record
+
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    model = OnnxModel(onnx_path, metadata, providers=["CPUExecutionProvider"])
+    return record(model, [(p.path, p.category, p.expect) for p in parts], folder)
+
+
 def log_reference_set(parts: list[KnownPart], origin: str) -> None:
     """Log a reference set as artifacts of the active run (`reference/`, see
     `service.promotion`)."""
@@ -266,13 +285,14 @@ def log_and_register(
         mlflow.set_tags({"architecture": metadata.architecture, "variant": metadata.variant})
         meta_dir = Path(onnx_path).parent
         meta_file = metadata.save(meta_dir)
+        recorded = reproduction_record(onnx_path, metadata, reference, meta_dir / "reproduction")
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
             name=ARTIFACT_PATH,
             signature=_signature(metadata),
             registered_model_name=model_name,
             metadata={"anomaly_model": metadata.architecture, "variant": metadata.variant},
-            extra_files=[str(meta_file)],
+            extra_files=[str(meta_file), *map(str, recorded)],
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
@@ -285,8 +305,13 @@ def log_and_register(
             log_reference_set(list(reference), f"evaluation split of {metadata.dataset or 'the dataset'}")
     client = MlflowClient()
     client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
-    client.update_model_version(model_name, version, description=version_description(metadata, metrics))
-    for key, value in version_tags(metadata, metrics).items():
+    host = this_host()
+    client.update_model_version(model_name, version, description=version_description(metadata, metrics)
+                                + f"\n\nMeasured on {host.describe()}" + (
+                                    f"; {len(recorded) - 1} reference part(s) recorded for the "
+                                    "reproduction check every server runs before it serves this version "
+                                    "(`hardware.<host class>.status`)." if recorded else "."))
+    for key, value in {**version_tags(metadata, metrics), **host.tags()}.items():
         client.set_model_version_tag(model_name, version, key, value)
     for alias in all_aliases:
         client.set_registered_model_alias(model_name, alias, version)

@@ -33,7 +33,7 @@ from registry.variants.calibration import (
 )
 from registry.variants.fp16 import convert_fp16
 from registry.variants.graph import census
-from registry.variants.ptq import quantize_int8
+from registry.variants.ptq import DEFAULT_SCHEME, quantize_int8
 from registry.variants.qat import QATConfig, learned_overrides, qat_finetune, range_summary
 from service.engine import OnnxModel
 from service.metadata import ModelMetadata
@@ -246,9 +246,10 @@ def build_variants(
         elif variant == "ptq-int8":
             data, algo = calibration
             calib = calibration_label(data, algo)
-            quantize_int8(fp32.onnx_path, path, calibration_images(data, train_set, fp32.metadata), algo)
+            quantize_int8(fp32.onnx_path, path, calibration_images(data, train_set, fp32.metadata), algo,
+                          scheme=DEFAULT_SCHEME)
             params.update(calibration_images=CALIBRATION_IMAGES, activations="uint8",
-                          weights="int8 per-channel")
+                          weights="int8 per-channel", int8_scheme=DEFAULT_SCHEME)
         elif variant == "qat-int8":
             if fp32.model is None:
                 raise ValueError("qat-int8 needs the trained torch model (BuildResult.model)")
@@ -264,7 +265,8 @@ def build_variants(
                 calib = "learned+" + calib
             quantize_int8(float_path, path,
                           calibration_images(CalibrationData.real, train_set, fp32.metadata),
-                          CalibrationAlgo.minmax, tensor_overrides=overrides)
+                          CalibrationAlgo.minmax, scheme=cfg.scheme, tensor_overrides=overrides)
+            params.update(int8_scheme=cfg.scheme)
             params.update({f"qat.{k}": v for k, v in asdict(cfg).items()},
                           bn_folded=state["bn_folded"], learned_ranges=len(overrides))
         else:

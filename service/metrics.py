@@ -25,6 +25,9 @@ SERVED_VERSION = Gauge("anomaly_served_version", "Version a watched alias curren
                        ["name", "alias"])
 LOAD_FAILURES = Counter("anomaly_model_load_failures_total",
                         "Failed attempts to load a model version", ["name", "alias"])
+REPRODUCTION = Counter("anomaly_reproduction_checks_total", "Versions checked against the scores recorded "
+                       "when they were built, by result (reproduced, refused, unrecorded)",
+                       ["name", "result"])
 SWAPS = Counter("anomaly_model_swaps_total", "Alias moves followed", ["name", "alias"])
 NONFINITE = Counter("anomaly_nonfinite_outputs_total",
                     "Requests refused because the model produced a NaN/inf score or map",

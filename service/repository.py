@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service import metrics
+from service import metrics, reproduction
 from service.artifact import ArtifactCache, read_model_dir, reference_inputs
 from service.engine import OnnxModel
 from service.errors import ModelLoadError, ModelNotFound, NotReady, Refused
@@ -272,6 +272,7 @@ class ModelRepository:
                                    timeout_s=self.settings.load_probe_timeout_s)
                 with self._build_lock:
                     model = load_model_dir(local, self.settings)
+                self._reproduce(name, version, model, local, dict(mv.tags or {}))
             except Exception as exc:  # ModelLoadError, or anything else the load throws: the version's fault
                 reason = exc.message if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
                 self._failed[key] = Failure(f"version {version}: {reason}", digest)
@@ -289,6 +290,43 @@ class ModelRepository:
             log.info("loaded %s/%s (%s, %s, sha256 %s) in %.2fs on %s", name, version, md.architecture,
                      md.variant, digest[:12], time.perf_counter() - t0, loaded.model.provider)
             return loaded
+
+    def _reproduce(self, name: str, version: str, model: OnnxModel, local: Path,
+                   tags: dict[str, str]) -> None:
+        """The version's recorded parts, scored on this host, must match what its build host
+        recorded (`service.reproduction`); the result is written back as
+        `hardware.<host class>.*` tags.
+
+        Raises:
+            ModelLoadError: it does not reproduce here (remembered like any failed load).
+        """
+        if not self.settings.reproduction:
+            return
+        result = reproduction.check(model, local, self.settings.reproduction_tolerance,
+                                    self.settings.reproduction_max_flipped)
+        metrics.REPRODUCTION.labels(name, result.status).inc()
+        if result.status == "unrecorded":
+            log.warning("%s/%s is not checked against recorded scores: %s", name, version, result.detail)
+            return
+        self._write_hardware_tags(name, version, result, tags)
+        if not result.allows:
+            message = f"does not reproduce its registered scores on this host: {result.detail}"
+            log.error("%s/%s %s", name, version, message)
+            raise ModelLoadError(message)
+        log.info("%s/%s reproduces its registered scores: %s", name, version, result.detail)
+
+    def _write_hardware_tags(self, name: str, version: str, result: reproduction.Reproduction,
+                             tags: dict[str, str]) -> None:
+        if not self.settings.gate_write_tags:
+            return
+        wanted = {reproduction.STATUS_TAG.format(result.host_class): result.status,
+                  reproduction.DETAIL_TAG.format(result.host_class): result.detail[:4000]}
+        try:
+            for key, value in wanted.items():
+                if tags.get(key) != value:
+                    self.client.set_model_version_tag(name, version, key, value)
+        except Exception as exc:  # a read-only registry, an outage: the check itself stands
+            log.warning("could not write the reproduction result to %s/%s: %s", name, version, exc)
 
     @staticmethod
     def _ad_hoc_thresholds(loaded: LoadedModel, tags: dict[str, str]) -> None:

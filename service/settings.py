@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     failed_retry_s: float = Field(600.0, ge=0, description="how long a version that failed to load is "
                                                            "not tried again; then it is loaded again only "
                                                            "if its artifact changed")
+    reproduction: bool = Field(True, description="a version serves only where it reproduces the scores "
+                                                 "recorded when it was built: its recorded parts are "
+                                                 "scored on this host after the load and compared; see "
+                                                 "docs/promotion.md")
+    reproduction_tolerance: float = Field(0.01, gt=0, description="reproduction check: largest relative "
+                                                                  "error of a recorded part's score (on "
+                                                                  "the threshold's scale) or map summary")
+    reproduction_max_flipped: int = Field(0, ge=0, description="reproduction check: recorded decisions "
+                                                               "that may come out the other way here")
     gate: bool = Field(True, description="promotion gate: a moved alias swaps, and a changed threshold "
                                          "tag applies, only if the known parts (the serving version's "
                                          "reference set and the plant's) are decided right; at start-up "

@@ -38,7 +38,8 @@ MAX_WIDTH = 120  # columns: every table the demo prints fits
 
 CHAMPION_RULE = ("champion = the fastest build (p50 ms/image at batch 1, the eligible builds timed "
                  "side by side in interleaved rounds) whose image AUROC is within 1 point of the best "
-                 "build's (all architectures and variants)")
+                 "build's (all architectures and variants) and that reproduces its recorded scores on "
+                 "this host (the check every server runs before serving it)")
 
 
 
@@ -57,12 +58,31 @@ class DemoConfig:
     n_show: int = 2  # images per (category, good/defective) scored over the wire
 
 
+def reproduces_here(build: BuildResult) -> bool:
+    """Whether a build's reproduction record (written when it was registered) holds on this
+    host, with the server's default tolerance (`service.reproduction`); a build without one
+    (not registered) counts as reproducing."""
+    from service.engine import OnnxModel
+    from service.reproduction import check
+    from service.settings import Settings
+
+    fields = Settings.model_fields
+    result = check(OnnxModel(build.onnx_path, build.metadata), build.onnx_path.parent / "reproduction",
+                   fields["reproduction_tolerance"].default, fields["reproduction_max_flipped"].default)
+    if not result.allows:
+        log.error("%s is not eligible for champion: %s", build.label, result.detail)
+    return result.allows
+
+
 def choose_champion(results: list[BuildResult], data: Path | None = None,
                     timings: dict[str, float] | None = None) -> BuildResult:
     """Apply `CHAMPION_RULE`: among the builds within 1 point of the best image AUROC, the
     one with the lowest batch-1 p50 when they are timed side by side on `data`'s test
     images (`registry.evaluate.interleaved_p50_ms`); the p50s land in `timings` (by label).
     Without `data`, the p50s each build's evaluation measured (one after another)."""
+    results = [r for r in results if reproduces_here(r)]
+    if not results:
+        raise RuntimeError("no build reproduces its recorded scores on this host: no champion")
     best = max(r.report.image_auroc for r in results)
     eligible = [r for r in results if r.report.image_auroc >= best - 0.01]
     p50 = {r.label: r.report.latency_ms_p50 for r in eligible}
@@ -104,9 +124,13 @@ def comparison_tables(results: list[BuildResult], champion: BuildResult | None,
                       rss: dict[str, float], data_name: str = "the sample data") -> tuple[Table, Table]:
     """The demo's comparison, one row per (architecture, variant): what each version
     detects, and what it costs to run (two tables, so that each fits 120 columns)."""
+    from service.hardware import this_host
+
+    host = this_host()
+    where = f"{host.cpu}, {host.isa_class}, ONNX Runtime {host.ort}"
     accuracy = Table(title=f"Detection: unified models and their variants on {data_name} "
-                           "(evaluated through the serving engine)")
-    cost = Table(title="Cost on this machine's CPU")
+                           "(evaluated through the serving engine)", caption=f"measured on {where}")
+    cost = Table(title="Cost on this machine's CPU", caption=f"measured on {where}")
     for col in ("arch", "variant", "calibration", "version", "image AUROC", "pixel AUROC", "AUPRO"):
         accuracy.add_column(col, justify="right")
     for col in ("arch", "variant", "version", "ms/img b=1 p50", "img/s b=8", "model MB", "server RSS MB",

@@ -4,14 +4,22 @@ The output is an ordinary ONNX graph with QuantizeLinear/DequantizeLinear pairs 
 the network's layers: ONNX Runtime's CPU provider fuses them into integer kernels, and
 TensorRT reads the same format as explicit quantization.
 
-Two targets, because their integer kernels want different things (measured on x86 with
-AVX-512 VNNI, see docs/results.md):
+Two targets, because their integer kernels want different things (see docs/results.md):
 
 - `cpu`: uint8 activations (asymmetric) × int8 weights (symmetric, per channel): the
   combination ONNX Runtime's x86 kernels run fastest. Signed int8 activations leave many
   convolutions as float behind DequantizeLinear and run slower than FP32.
 - `tensorrt`: int8 activations and weights, both symmetric (zero point 0), which is
   what TensorRT's explicit-quantization path requires.
+
+For `cpu` the weight range is a choice (`SCHEMES`), because the same graph computes
+different numbers on different CPUs: on x86 without VNNI (AVX2, AVX-512 F/BW) ONNX Runtime
+multiplies u8 × s8 with `vpmaddubsw`, which adds two products into a saturating 16-bit
+intermediate (255 × 127 × 2 > 32767), while VNNI's `vpdpbusd` accumulates in 32 bits.
+`u8s8-rr` (ONNX Runtime's `reduce_range`: 7-bit weights in [-64, 64], so 255 × 64 × 2 fits)
+computes the same integers on every CPU and is the default; `u8s8` keeps 8-bit weights and is
+exact only on VNNI (and ARM); `u8u8` (uint8 weights) does not saturate but runs slower.
+Measured per CPU in docs/results.md, "INT8 across CPUs".
 
 Only the networks are quantized (`graph.network_nodes`); the anomaly-map head stays FP32.
 """
@@ -34,6 +42,13 @@ from registry.variants.graph import network_nodes
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "tensorrt")
+# CPU weight schemes: name → (weight type, reduce_range). See the module docstring.
+SCHEMES: dict[str, tuple[QuantType, bool]] = {
+    "u8s8-rr": (QuantType.QInt8, True),  # portable: the same integers on every CPU
+    "u8s8": (QuantType.QInt8, False),  # 8-bit weights: exact only with VNNI (or on ARM)
+    "u8u8": (QuantType.QUInt8, False),  # no saturation on any x86, slower kernels
+}
+DEFAULT_SCHEME = "u8s8-rr"
 ENTROPY_BINS = 2048
 
 
@@ -44,6 +59,7 @@ def quantize_int8(
     algo: CalibrationAlgo = CalibrationAlgo.minmax,
     *,
     target: str = "cpu",
+    scheme: str = DEFAULT_SCHEME,
     tensor_overrides: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Path:
     """Quantize an exported FP32 model to an INT8 QDQ model.
@@ -54,6 +70,7 @@ def quantize_int8(
         reader: calibration inputs (`calibration.ArrayReader`).
         algo: how ranges are chosen from the calibration activations.
         target: `cpu` (u8 activations, s8 weights) or `tensorrt` (symmetric s8 both).
+        scheme: the CPU target's weight scheme (`SCHEMES`; ignored for `tensorrt`).
         tensor_overrides: fixed ranges for some tensors (ONNX Runtime's
             `TensorQuantOverrides`), e.g. the ranges learned by quantization-aware training.
 
@@ -62,6 +79,9 @@ def quantize_int8(
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {TARGETS}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown INT8 scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    weight_type, reduce_range = SCHEMES[scheme] if target == "cpu" else (QuantType.QInt8, False)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -82,6 +102,10 @@ def quantize_int8(
             method = CalibrationAlgo.minmax.ort  # for tensors the entropy pass did not see
         if target == "tensorrt":
             extra.update(ActivationSymmetric=True, WeightSymmetric=True)
+        else:
+            # Symmetric weights in every scheme: per-channel QLinearConv on the CPU provider
+            # needs one zero point for all channels (0 for int8, 128 for uint8).
+            extra["WeightSymmetric"] = True
         if tensor_overrides:
             extra["TensorQuantOverrides"] = tensor_overrides
         reader.rewind()
@@ -90,13 +114,15 @@ def quantize_int8(
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=weight_type,
+            reduce_range=reduce_range,
             nodes_to_quantize=nodes,
             calibrate_method=method,
             extra_options=extra,
         )
-    log.info("quantized %s → %s (%s, %d calibration images, %d nodes, %.1fs)", Path(fp32_path).name,
-             out_path.name, algo.value, len(reader), len(nodes), time.perf_counter() - t0)
+    log.info("quantized %s → %s (%s, %s, %d calibration images, %d nodes, %.1fs)", Path(fp32_path).name,
+             out_path.name, algo.value, scheme if target == "cpu" else target, len(reader), len(nodes),
+             time.perf_counter() - t0)
     return out_path
 
 

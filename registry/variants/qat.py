@@ -7,8 +7,9 @@ ONNX Runtime runs slower than FP32. So training and quantization are split:
 1. **Fold batch-norm** into the preceding convolution (found by tracing a forward pass,
    checked by comparing outputs), so that the weights trained are the weights deployed.
 2. **Fake-quantize** every convolution with torch's own fake-quant ops, in exactly the
-   scheme the ONNX Runtime quantizer will use later: weights int8, symmetric, per output
-   channel (a weight parametrization, straight-through gradient); inputs uint8,
+   scheme the ONNX Runtime quantizer will use later: weights symmetric, per output
+   channel, in the integer range of the export's scheme (7-bit [-64, 64] for the default
+   `u8s8-rr`, see `ptq.SCHEMES`; a weight parametrization, straight-through gradient); inputs uint8,
    asymmetric, with ranges observed during training (a forward pre-hook). The frozen
    teacher/encoder is fake-quantized too, so the students learn to match the *quantized*
    teacher.
@@ -46,6 +47,10 @@ from service.tiling import Tiling
 log = logging.getLogger(__name__)
 
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+# Symmetric weight integer range of each `ptq.SCHEMES` entry, as ONNX Runtime's quantizer
+# computes it (`get_qmin_qmax_for_qType`: symmetric int8 is [-127, 127], reduce_range
+# [-64, 64]; symmetric uint8 is the int8 grid shifted by its zero point 128).
+WEIGHT_QRANGE = {"u8s8-rr": (-64, 64), "u8s8": (-127, 127), "u8u8": (-127, 127)}
 
 
 @dataclass
@@ -66,7 +71,14 @@ class QATConfig:
     # (STFPM, 3 QAT epochs): learned 0.817 vs calibrated 0.844 image AUROC (float 0.856).
     ranges: str = "calibrated"
 
+    # The CPU weight scheme it is exported with (`ptq.SCHEMES`): training sees the same
+    # weight grid the INT8 graph computes with.
+    scheme: str = "u8s8-rr"
+
     def __post_init__(self) -> None:
+        if self.scheme not in WEIGHT_QRANGE:
+            raise ValueError(f"QATConfig.scheme must be one of {', '.join(WEIGHT_QRANGE)}, "
+                             f"not {self.scheme!r}")
         if self.ranges not in ("calibrated", "learned"):
             raise ValueError(f"QATConfig.ranges must be 'calibrated' or 'learned', not {self.ranges!r}")
         if self.epochs < 1:
@@ -115,18 +127,19 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
 
 
 class _WeightFakeQuant(nn.Module):
-    """Parametrization: int8 symmetric per-output-channel fake quantization."""
+    """Parametrization: symmetric per-output-channel fake quantization onto [qmin, qmax]."""
 
-    def __init__(self, axis: int) -> None:
+    def __init__(self, axis: int, qrange: tuple[int, int] = WEIGHT_QRANGE["u8s8-rr"]) -> None:
         super().__init__()
         self.axis = axis
+        self.qmin, self.qmax = qrange
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:  # noqa: D102
         dims = [d for d in range(w.dim()) if d != self.axis]
         absmax = w.detach().abs().amax(dim=dims).clamp_min(1e-8)
-        scale = (2 * absmax / 255).float()  # ONNX Runtime's symmetric int8 rule
+        scale = (2 * absmax / (self.qmax - self.qmin)).float()  # ONNX Runtime's symmetric rule
         zero = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, self.axis, -128, 127)
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, self.axis, self.qmin, self.qmax)
 
 
 class _InputFakeQuant(nn.Module):
@@ -172,13 +185,15 @@ def _network_convs(model: AnomalyModel) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, CONV_TYPES)]
 
 
-def attach_fake_quant(model: AnomalyModel, momentum: float | None) -> list[nn.Module]:
-    """Fake-quantize every convolution's weight and input; returns the convolutions."""
+def attach_fake_quant(model: AnomalyModel, momentum: float | None,
+                      scheme: str = "u8s8-rr") -> list[nn.Module]:
+    """Fake-quantize every convolution's weight (on `scheme`'s weight grid) and input;
+    returns the convolutions."""
     root = [model]
     convs = _network_convs(model)
     for conv in convs:
         axis = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
-        parametrize.register_parametrization(conv, "weight", _WeightFakeQuant(axis))
+        parametrize.register_parametrization(conv, "weight", _WeightFakeQuant(axis, WEIGHT_QRANGE[scheme]))
         conv.input_fq = _InputFakeQuant(root, momentum)
         conv.input_fq_hook = conv.register_forward_pre_hook(lambda mod, args: (mod.input_fq(args[0]),))
     return convs
@@ -245,7 +260,7 @@ def qat_finetune(model: AnomalyModel, samples: list[Sample], config: QATConfig,
     err = float((before - after).abs().max() / before.abs().max().clamp_min(1e-8))
     if err > 1e-3:
         raise RuntimeError(f"batch-norm folding changed the output (relative error {err:.2e})")
-    convs = attach_fake_quant(model, config.momentum)
+    convs = attach_fake_quant(model, config.momentum, config.scheme)
     result = train_model(model, samples, TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
                                                      lr=config.lr, seed=config.seed),
                          show_progress=show_progress, run_setup=False, tiling=tiling)

@@ -1,0 +1,204 @@
+"""A version serves only where it reproduces its registered scores.
+
+An INT8 model's numbers depend on the CPU and provider that compute them (`service.hardware`):
+a version built and evaluated on one machine can score differently, and decide differently,
+on another. So every version carries a *reproduction record*, written when it is built
+(`record`): a few reference images (its reference set) and the score and anomaly-map summary
+the build host computed for each, through this same serving path, with where that was
+(`service.hardware.Host`). Every server, after the isolated load and before the version first
+serves, scores those images on its own hardware and provider and compares (`check`):
+
+- relative score error: |score − recorded| ÷ max(|recorded|, the category's threshold), i.e.
+  measured on the decision's scale; the map's maximum and mean are compared likewise
+  (relative to their recorded values);
+- decisions flipped: score ≥ threshold (the version's calibrated per-category threshold)
+  here but not there, or the other way round.
+
+Beyond `ANOMALY_REPRODUCTION_TOLERANCE` (default 0.01) or `ANOMALY_REPRODUCTION_MAX_FLIPPED`
+(default 0) the version does not serve on this host (`ModelLoadError` with the numbers: the
+alias keeps its last good version, `GetModel.last_error`, an ERROR line,
+`anomaly_reproduction_checks_total{result="refused"}`). The result is written back to the
+version as `hardware.<host class>.status` (`reproduced` | `refused`) and
+`hardware.<host class>.detail`, so the registry shows where each version may serve.
+
+Files in the model artifact (MLflow flattens extra files into `extra_files/`):
+`reproduction.json` and the images it names (`reproduction-NN-<category>-<OK|NG>.<ext>`).
+A version without a record (built before this existed) serves with a WARNING and
+`result="unrecorded"`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.hardware import this_host
+from service.metadata import GLOBAL
+
+if TYPE_CHECKING:
+    from service.engine import OnnxModel
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "reproduction.json"
+FORMAT = 1
+MAX_ITEMS = 64
+MAX_RECORD_BYTES = 1_000_000
+STATUS_TAG = "hardware.{}.status"
+DETAIL_TAG = "hardware.{}.detail"
+
+
+class ReproductionError(ValueError):
+    """The reproduction record is unreadable (the version's fault: it does not serve)."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one image gave: its score and its anomaly map's maximum and mean."""
+
+    score: float
+    map_max: float
+    map_mean: float
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """The outcome of checking a version's record on this host."""
+
+    status: str  # "reproduced" | "refused" | "unrecorded"
+    host_class: str
+    checked: int = 0
+    flipped: int = 0
+    worst: float = 0.0  # largest relative error (score or map summary)
+    detail: str = ""
+
+    @property
+    def allows(self) -> bool:
+        """Whether the version may serve on this host."""
+        return self.status != "refused"
+
+
+def measure(model: OnnxModel, data: bytes) -> Measured:
+    """Score one encoded image at batch 1 through the serving path."""
+    scores, maps = model.infer(model.prepare_encoded(data)[None])
+    return Measured(float(scores[0]), float(np.max(maps[0])), float(np.mean(maps[0])))
+
+
+def record(model: OnnxModel, parts: Sequence[tuple[Path, str, str]], folder: Path) -> list[Path]:
+    """Write a version's reproduction record into `folder`: the images (`parts`: path,
+    category, expected decision; at most `MAX_ITEMS`) and what `model` computes for each here.
+
+    Returns:
+        The files to ship inside the model artifact (the record first).
+    """
+    host = this_host()
+    folder.mkdir(parents=True, exist_ok=True)
+    items, files = [], []
+    for i, (path, category, expect) in enumerate(list(parts)[:MAX_ITEMS]):
+        name = f"reproduction-{i:02d}-{_safe(category)}-{expect}{Path(path).suffix.lower()}"
+        shutil.copyfile(path, folder / name)
+        m = measure(model, (folder / name).read_bytes())
+        items.append({"file": name, "category": category, "expect": expect, "score": m.score,
+                      "map_max": m.map_max, "map_mean": m.map_mean})
+        files.append(folder / name)
+    body = {"format": FORMAT, "measured": host.tags(model.provider), "items": items}
+    (folder / RECORD_FILE).write_text(json.dumps(body, indent=1))
+    return [folder / RECORD_FILE, *files]
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)[:40] or "part"
+
+
+def find_record(local_dir: Path) -> Path | None:
+    """The record file in a downloaded model folder, if the version has one."""
+    for relative in (RECORD_FILE, f"extra_files/{RECORD_FILE}"):
+        path = local_dir / relative
+        if path.is_file():
+            return path
+    return None
+
+
+def read_record(path: Path) -> tuple[dict, list[dict]]:
+    """The record's `measured` description and its items, validated.
+
+    Raises:
+        ReproductionError: unreadable JSON, a wrong format, an item naming a file outside the
+            record's folder or missing, a non-finite recorded value.
+    """
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise ReproductionError(f"{RECORD_FILE} is larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        body = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReproductionError(f"{RECORD_FILE} is not valid JSON: {str(exc)[:200]}") from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT or not isinstance(body.get("items"), list):
+        raise ReproductionError(f"{RECORD_FILE} is not a format-{FORMAT} reproduction record")
+    folder = path.parent.resolve()
+    items = []
+    for item in body["items"][:MAX_ITEMS]:
+        try:
+            file = (folder / str(item["file"])).resolve()
+            values = [float(item[k]) for k in ("score", "map_max", "map_mean")]
+            category = str(item.get("category", GLOBAL))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReproductionError(f"{RECORD_FILE}: an item is malformed ({exc!r})") from exc
+        if not file.is_relative_to(folder) or not file.is_file():
+            raise ReproductionError(f"{RECORD_FILE} names {item['file']!r}, which is not in the artifact")
+        if not np.isfinite(values).all():
+            raise ReproductionError(f"{RECORD_FILE}: {item['file']!r} has a non-finite recorded value")
+        items.append({"path": file, "category": category, "recorded": Measured(*values)})
+    measured = body.get("measured") if isinstance(body.get("measured"), dict) else {}
+    return measured, items
+
+
+def check(model: OnnxModel, local_dir: Path, tolerance: float, max_flipped: int) -> Reproduction:
+    """Score the version's recorded images here and compare (see the module docstring)."""
+    host_class = this_host().host_class(model.provider)
+    path = find_record(local_dir)
+    if path is None:
+        return Reproduction("unrecorded", host_class,
+                            detail="the version carries no reproduction record (built before "
+                                   "records existed)")
+    try:
+        measured, items = read_record(path)
+    except ReproductionError as exc:
+        return Reproduction("refused", host_class, detail=f"its reproduction record is unusable: {exc}")
+    if not items:
+        return Reproduction("refused", host_class, detail=f"its {RECORD_FILE} lists no images")
+    flipped, worst, worst_label = 0, 0.0, ""
+    for item in items:
+        try:
+            here = measure(model, item["path"].read_bytes())
+        except InvalidInput as exc:
+            return Reproduction("refused", host_class, detail=f"{item['path'].name} cannot be decoded: {exc}")
+        then: Measured = item["recorded"]
+        stats = model.metadata.image_stats
+        threshold = (stats.get(item["category"]) or stats[GLOBAL]).threshold
+        errors = {"score": abs(here.score - then.score) / max(abs(then.score), abs(threshold), 1e-12),
+                  "map max": abs(here.map_max - then.map_max) / max(abs(then.map_max), 1e-12),
+                  "map mean": abs(here.map_mean - then.map_mean) / max(abs(then.map_mean), 1e-12)}
+        if not np.isfinite(here.score):
+            errors["score"] = float("inf")
+        what, error = max(errors.items(), key=lambda kv: kv[1])
+        if error > worst:
+            worst, worst_label = error, f"{what} of {item['path'].name}"
+        if (here.score >= threshold) != (then.score >= threshold):
+            flipped += 1
+    where = measured.get("measured.host_class", "an unrecorded host")
+    cpu = measured.get("measured.cpu", "unknown CPU")
+    here_host = this_host().describe(model.provider)
+    summary = (f"{len(items)} recorded part(s) scored on {host_class} ({here_host}) "
+               f"against the record from {where} ({cpu}, ONNX Runtime {measured.get('measured.ort', '?')}): "
+               f"{flipped} decision(s) flipped (at most {max_flipped}), worst relative error {worst:.3g}"
+               + (f" ({worst_label})" if worst_label else "") + f" (tolerance {tolerance:g})")
+    ok = flipped <= max_flipped and worst <= tolerance
+    return Reproduction("reproduced" if ok else "refused", host_class, len(items), flipped, worst, summary)
