@@ -12,7 +12,9 @@ serves, scores those images on its own hardware and provider and compares (`chec
   measured on the decision's scale; the map's maximum and mean are compared likewise
   (relative to their recorded values);
 - decisions flipped: score ≥ threshold (the version's calibrated per-category threshold)
-  here but not there, or the other way round.
+  here but not there, or the other way round; a part recorded within a tenth of the
+  tolerance of its threshold (an F1-optimal threshold is one part's score) can flip by
+  rounding alone and counts only in the error.
 
 Beyond `ANOMALY_REPRODUCTION_TOLERANCE` (default 0.01) or `ANOMALY_REPRODUCTION_MAX_FLIPPED`
 (default 0) the version does not serve on this host (`ModelLoadError` with the numbers: the
@@ -52,6 +54,7 @@ RECORD_FILE = "reproduction.json"
 FORMAT = 1
 MAX_ITEMS = 64
 MAX_RECORD_BYTES = 1_000_000
+FLIP_BAND = 0.1  # × tolerance: a recorded score this close to its threshold is "on" it
 STATUS_TAG = "hardware.{}.status"
 DETAIL_TAG = "hardware.{}.detail"
 
@@ -191,7 +194,11 @@ def check(model: OnnxModel, local_dir: Path, tolerance: float, max_flipped: int)
         what, error = max(errors.items(), key=lambda kv: kv[1])
         if error > worst:
             worst, worst_label = error, f"{what} of {item['path'].name}"
-        if (here.score >= threshold) != (then.score >= threshold):
+        # A recorded score on the threshold (an F1-optimal threshold *is* one part's score)
+        # goes either way by rounding: such parts count in the error, not as flips.
+        band = FLIP_BAND * tolerance * max(abs(then.score), abs(threshold))
+        on_threshold = abs(then.score - threshold) <= band
+        if (here.score >= threshold) != (then.score >= threshold) and not on_threshold:
             flipped += 1
     where = measured.get("measured.host_class", "an unrecorded host")
     cpu = measured.get("measured.cpu", "unknown CPU")

@@ -166,6 +166,20 @@ def test_check_refuses_a_record_it_cannot_trust(store, tmp_path: Path) -> None:
     (tmp_path / "none").mkdir()
     assert check(model, tmp_path / "none", 0.01, 0).status == "unrecorded"
 
+    # A part recorded exactly on its threshold (an F1-optimal threshold is one part's score)
+    # that comes out a rounding error below it here is not a flipped decision; one recorded
+    # clearly above the threshold and scored below it here is.
+    body = json.loads((built / RECORD_FILE).read_text())
+    first = body["items"][0]
+    here = first["score"]
+    stats = {k: v.model_copy(update={"threshold": here * (1 + 1e-7)})
+             for k, v in b.metadata.image_stats.items()}
+    edge = OnnxModel(b.onnx_path, b.metadata.model_copy(update={"image_stats": stats}))
+    on_it = check(edge, variant(lambda body: body["items"][0].update(score=here * (1 + 1e-7))), 0.01, 0)
+    assert on_it.status == "reproduced" and on_it.flipped == 0, on_it.detail
+    above = check(edge, variant(lambda body: body["items"][0].update(score=here * 1.005)), 0.01, 0)
+    assert above.flipped == 1 and above.status == "refused", above.detail
+
 
 def _perturbed(folder: Path) -> None:
     """A record as another host would have made it: every recorded score 30 % higher."""
