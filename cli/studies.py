@@ -1,5 +1,5 @@
-"""`anomaly demo`, `anomaly compare`, `anomaly quant-study`: the studies behind this
-repository's results (the `train` extra). Their defaults are this repository's folders:
+"""`anomaly demo`, `anomaly compare`, `anomaly quant-study`, `anomaly int8-study` …: the studies
+behind this repository's results (the `train` extra). Their defaults are this repository's folders:
 `.demo/` for data and the MLflow store, `docs/` for the reports."""
 
 from __future__ import annotations
@@ -143,5 +143,55 @@ def tiling_study_cmd(
     typer.echo(f"wrote {out}")
 
 
+def int8_study_cmd(
+    data: Annotated[Path, typer.Option(help="dataset root in MVTec AD layout")] = Path(".demo/data"),
+    architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
+    tracking_uri: Annotated[str, typer.Option(
+        help="MLflow URI (default: the embedded SQLite store beside --data, e.g. .demo)")] = "",
+    emulate: Annotated[bool, typer.Option(
+        help="also evaluate under `qemu-x86_64 -cpu Haswell` (AVX2, no VNNI)")] = True,
+    images: Annotated[int, typer.Option(
+        help="test images of the emulated comparison (a fixed subset; 0 = all)")] = 32,
+    probe: Annotated[int, typer.Option(
+        help="images FP32 and s8s8 are emulated on (20-80 s each under TCG; 0 = none)")] = 2,
+    doc: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
+) -> None:
+    """INT8 weight schemes (u8s8-rr, u8s8, u8u8, s8s8) per CPU: accuracy natively and on an
+    emulated AVX2 CPU without VNNI, native speed, and the registered INT8 versions."""
+    from rich.console import Console
+
+    from registry.mlflow_registry import embedded_tracking_uri, use_store
+    from service.logs import configure_logging
+    from studies.int8_cpus import PROBE_SCHEMES, run_and_write
+
+    configure_logging("WARNING")
+    use_store(tracking_uri or embedded_tracking_uri(data.resolve().parent))
+    console = Console(stderr=True)
+    with console.status("INT8 study …") as status:
+        def progress(message: str) -> None:
+            console.log(message)
+            status.update(f"INT8 study: {message}")
+
+        try:
+            result = run_and_write(data, doc, split_csv(architectures), command_line(), emulate=emulate,
+                                   n_images=images, probe=probe, progress=progress)
+        except LookupError as exc:
+            raise fail(str(exc), 2) from exc
+    typer.echo(f"native:   {result.cpus.native}\nemulated: {result.cpus.emulated or 'not measured'}")
+    for c in result.checks:
+        typer.echo(f"conv check {c.scheme:8s} native vs emulated {c.native_vs_emulated:.3f} % of range")
+    for r in result.schemes:
+        emulated = ("not measured" if r.emulated is None else f"{r.emulated.image_auroc:.3f}"
+                    if r.scheme not in PROBE_SCHEMES else f"probe (score change {r.score_shift:.2f} %)")
+        typer.echo(f"{r.architecture:6s} {r.scheme:8s} image AUROC native {r.native.image_auroc:.3f} "
+                   f"emulated {emulated} ({r.native.images} images); {r.latency_ms_p50:6.2f} ms/image")
+    for g in result.registered:
+        emulated = f"{g.emulated.image_auroc:.3f}" if g.emulated else "not measured"
+        typer.echo(f"{g.architecture:6s} {g.variant:8s} v{g.version} image AUROC native "
+                   f"{g.native.image_auroc:.3f} emulated {emulated}")
+    typer.echo(f"wrote {doc} in {result.seconds / 60:.1f} min")
+
+
 COMMANDS = {"demo": demo_cmd, "compare": compare_cmd, "quant-study": quant_study_cmd,
-            "families-study": families_study_cmd, "tiling-study": tiling_study_cmd}
+            "families-study": families_study_cmd, "tiling-study": tiling_study_cmd,
+            "int8-study": int8_study_cmd}
