@@ -201,15 +201,15 @@ def reproduction_record(onnx_path: Path | str, metadata: ModelMetadata, parts: S
     """Score the reference set here, through the serving path, and write the reproduction
     record servers check before this version serves (`service.reproduction`); its files go
     into the model artifact (none without a reference set)."""
+    if folder.exists():  # a record left by an earlier build in the same folder is not this one's
+        import shutil
+
+        shutil.rmtree(folder)
     if not parts:
         return []
     from service.engine import OnnxModel
     from service.reproduction import record
 
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
     model = OnnxModel(onnx_path, metadata, providers=["CPUExecutionProvider"])
     return record(model, [(p.path, p.category, p.expect) for p in parts], folder)
 
@@ -311,7 +311,10 @@ def log_and_register(
                                     f"; {len(recorded) - 1} reference part(s) recorded for the "
                                     "reproduction check every server runs before it serves this version "
                                     "(`hardware.<host class>.status`)." if recorded else "."))
-    for key, value in {**version_tags(metadata, metrics), **host.tags()}.items():
+    from service.reproduction import RECORDED_TAG
+
+    recorded_tag = {RECORDED_TAG: str(max(len(recorded) - 1, 0))}
+    for key, value in {**version_tags(metadata, metrics), **host.tags(), **recorded_tag}.items():
         client.set_model_version_tag(model_name, version, key, value)
     for alias in all_aliases:
         client.set_registered_model_alias(model_name, alias, version)

@@ -4,7 +4,8 @@ exhaust memory, is refused with the reason while the server keeps serving.
 
 The child (`python -m service.probe FOLDER --memory-mb N`) limits its own address space,
 loads the folder exactly as the server would (on the CPU provider, one thread), runs the
-validation inputs (flat grays, noise, the version's reference images) and prints one JSON
+validation inputs (flat grays, noise, the version's reference images, the images of its
+reproduction record, `service.reproduction`) and prints one JSON
 line: `{"ok": true}` or `{"ok": false, "error": "…"}`. The parent (`probe_in_child`) also
 bounds it in time and turns a crash (signal), a timeout or an allocation failure into a
 `ModelLoadError` naming what happened.
@@ -62,11 +63,16 @@ def probe_in_child(folder: Path, *, memory_mb: int, timeout_s: float) -> None:
 def _check(folder: Path) -> None:
     from service.artifact import read_model_dir, reference_inputs
     from service.engine import OnnxModel
+    from service.reproduction import ReproductionError, measure_record
 
     onnx_path, metadata = read_model_dir(folder)
     model = OnnxModel(onnx_path, metadata, providers=["CPUExecutionProvider"], intra_op_threads=1,
                       spinning=False)
     model.validate(reference_inputs(folder, model.prepare_encoded))
+    try:  # the reproduction record's images, here first: bounded in time and memory
+        measure_record(model, folder)
+    except ReproductionError as exc:
+        raise ModelLoadError(f"its reproduction record is unusable: {exc}") from exc
 
 
 def main(argv: list[str]) -> int:

@@ -52,6 +52,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 AD_HOC = "(ad hoc)"  # metric label of loads not made for a watched alias
+MAX_REASON = 2000  # characters of a load failure's reason kept
 
 __all__ = ["LoadedModel", "ModelRepository", "ModelSpec", "load_model_dir", "read_model_dir"]
 
@@ -95,6 +96,7 @@ class Failure:
     message: str
     digest: str
     at: float = field(default_factory=time.monotonic)
+    overrides: tuple[str, ...] = ()  # the version's hardware-override tags when it failed
 
 
 def load_model_dir(local_dir: Path, settings: Settings) -> OnnxModel:
@@ -261,8 +263,9 @@ class ModelRepository:
             t0 = time.perf_counter()
             local, digest, mv = self._fetch(name, version)
             previous = self._failed.get(key)
-            if previous is not None and previous.digest == digest:  # checked again: unchanged
-                previous.at = time.monotonic()
+            overrides = reproduction.override_inputs(dict(mv.tags or {}))
+            if previous is not None and previous.digest == digest and previous.overrides == overrides:
+                previous.at = time.monotonic()  # checked again: unchanged
                 raise ModelLoadError(previous.message)
             try:
                 if self.settings.load_isolation:
@@ -275,7 +278,9 @@ class ModelRepository:
                 self._reproduce(name, version, model, local, dict(mv.tags or {}))
             except Exception as exc:  # ModelLoadError, or anything else the load throws: the version's fault
                 reason = exc.message if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-                self._failed[key] = Failure(f"version {version}: {reason}", digest)
+                if len(reason) > MAX_REASON:  # it travels in GetModel and every refused call's details
+                    reason = reason[:MAX_REASON] + " …"
+                self._failed[key] = Failure(f"version {version}: {reason}", digest, overrides=overrides)
                 raise ModelLoadError(self._failed[key].message) from exc
             self._failed.pop(key, None)
             loaded = LoadedModel(name, version, model, f"models:/{name}/{version}", digest,
@@ -303,7 +308,7 @@ class ModelRepository:
         if not self.settings.reproduction:
             return
         result = reproduction.check(model, local, self.settings.reproduction_tolerance,
-                                    self.settings.reproduction_max_flipped)
+                                    self.settings.reproduction_max_flipped, tags)
         metrics.REPRODUCTION.labels(name, result.status).inc()
         if result.status == "unrecorded":
             log.warning("%s/%s is not checked against recorded scores: %s", name, version, result.detail)
@@ -313,20 +318,31 @@ class ModelRepository:
             message = f"does not reproduce its registered scores on this host: {result.detail}"
             log.error("%s/%s %s", name, version, message)
             raise ModelLoadError(message)
+        if result.status == "overridden":
+            log.warning("%s/%s does not reproduce its registered scores on this host: %s", name, version,
+                        result.detail)
+            return
         log.info("%s/%s reproduces its registered scores: %s", name, version, result.detail)
 
     def _write_hardware_tags(self, name: str, version: str, result: reproduction.Reproduction,
                              tags: dict[str, str]) -> None:
+        """Write the result back (`hardware.<host class>.*`) off the load path: a slow or
+        read-only registry delays nothing and changes nothing about the check."""
         if not self.settings.gate_write_tags:
             return
         wanted = {reproduction.STATUS_TAG.format(result.host_class): result.status,
                   reproduction.DETAIL_TAG.format(result.host_class): result.detail[:4000]}
-        try:
-            for key, value in wanted.items():
-                if tags.get(key) != value:
+        wanted = {k: v for k, v in wanted.items() if tags.get(k) != v}
+
+        def write() -> None:
+            try:
+                for key, value in wanted.items():
                     self.client.set_model_version_tag(name, version, key, value)
-        except Exception as exc:  # a read-only registry, an outage: the check itself stands
-            log.warning("could not write the reproduction result to %s/%s: %s", name, version, exc)
+            except Exception as exc:  # a read-only registry, an outage: the check itself stands
+                log.warning("could not write the reproduction result to %s/%s: %s", name, version, exc)
+
+        if wanted:
+            threading.Thread(target=write, name=f"hardware-tags-{name}-{version}", daemon=True).start()
 
     @staticmethod
     def _ad_hoc_thresholds(loaded: LoadedModel, tags: dict[str, str]) -> None:

@@ -125,9 +125,10 @@ class Settings(BaseSettings):
                                                  "recorded when it was built: its recorded parts are "
                                                  "scored on this host after the load and compared; see "
                                                  "docs/promotion.md")
-    reproduction_tolerance: float = Field(0.01, gt=0, description="reproduction check: largest relative "
-                                                                  "error of a recorded part's score (on "
-                                                                  "the threshold's scale) or map summary")
+    reproduction_tolerance: float = Field(0.01, gt=0, le=0.5,
+                                          description="reproduction check: largest relative error of a "
+                                                      "recorded part's score (on the threshold's scale) or "
+                                                      "map summary")
     reproduction_max_flipped: int = Field(0, ge=0, description="reproduction check: recorded decisions "
                                                                "that may come out the other way here")
     gate: bool = Field(True, description="promotion gate: a moved alias swaps, and a changed threshold "

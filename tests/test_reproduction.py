@@ -126,6 +126,7 @@ def test_every_version_names_where_it_was_measured(store, client) -> None:
     assert mv.tags["measured.isa"] == (",".join(here.features) or "none")
     assert mv.tags["measured.provider"] == "CPUExecutionProvider"
     assert mv.tags["measured.host_class"] == here.isa_class
+    assert int(mv.tags["measured.reproduction"]) >= 4
     assert f"Measured on {here.cpu}" in mv.description and "ONNX Runtime" in mv.description
     folder = Path(store.build.onnx_path).parent / "reproduction"
     body = json.loads((folder / RECORD_FILE).read_text())
@@ -179,6 +180,77 @@ def test_check_refuses_a_record_it_cannot_trust(store, tmp_path: Path) -> None:
     assert on_it.status == "reproduced" and on_it.flipped == 0, on_it.detail
     above = check(edge, variant(lambda body: body["items"][0].update(score=here * 1.005)), 0.01, 0)
     assert above.flipped == 1 and above.status == "refused", above.detail
+    # A large tolerance does not widen what counts as "on the threshold".
+    far = check(edge, variant(lambda body: body["items"][0].update(score=here * 1.005)), 0.5, 0)
+    assert far.flipped == 1 and far.status == "refused", far.detail
+
+
+def test_check_survives_hostile_records_and_knows_when_one_is_missing(store, tmp_path: Path) -> None:
+    """Records crafted to break the check are refusals with a bounded reason, never an
+    exception; a record missing from an artifact whose tags say it had one is refused, as is an
+    INT8 version measured on another host class with none; an override naming this host class
+    with who and why lets a refused version serve, flagged `overridden`."""
+    import shutil
+
+    from service.reproduction import (
+        OVERRIDE_BY_TAG,
+        OVERRIDE_REASON_TAG,
+        OVERRIDE_TAG,
+        RECORDED_TAG,
+        spread,
+    )
+
+    b = store.build
+    model = OnnxModel(b.onnx_path, b.metadata)
+    built = Path(b.onnx_path).parent / "reproduction"
+    here = this_host().isa_class
+
+    def variant(text: str | None = None, edit=None) -> Path:  # noqa: ANN001
+        folder = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(built, folder)
+        if edit is not None:
+            body = json.loads((folder / RECORD_FILE).read_text())
+            edit(body)
+            text = json.dumps(body)
+        if text is not None:
+            (folder / RECORD_FILE).write_text(text)
+        return folder
+
+    nested = check(model, variant("[" * 100_000 + "]" * 100_000), 0.01, 0)
+    assert nested.status == "refused" and len(nested.detail) < 1000
+    huge_int = check(model, variant(edit=lambda body: body["items"][0].update(score=int("9" * 400))), 0.01, 0)
+    assert huge_int.status == "refused"
+    twice = check(model, variant(edit=lambda body: body["items"].append(dict(body["items"][0]))), 0.01, 0)
+    assert twice.status == "refused" and "twice" in twice.detail
+    long_name = {"measured.cpu": "x" * 300_000}
+    long_cpu = check(model, variant(edit=lambda body: body["measured"].update(long_name)), 0.01, 0)
+    assert long_cpu.status == "reproduced" and len(long_cpu.detail) < 2000
+
+    (tmp_path / "stripped").mkdir()
+    missing = check(model, tmp_path / "stripped", 0.01, 0, {RECORDED_TAG: "24"})
+    assert missing.status == "refused" and "holds no" in missing.detail
+    int8 = OnnxModel(b.onnx_path, b.metadata.model_copy(update={"precision": "int8"}))
+    elsewhere = check(int8, tmp_path / "stripped", 0.01, 0, {"measured.host_class": "x86_64-somewhere-else"})
+    assert elsewhere.status == "refused" and "cannot be checked" in elsewhere.detail
+    assert check(int8, tmp_path / "stripped", 0.01, 0, {"measured.host_class": here}).status == "unrecorded"
+
+    def scaled(body: dict) -> None:
+        for item in body["items"]:
+            item["score"] *= 1.3
+
+    refused = variant(edit=scaled)
+    half = {OVERRIDE_TAG: f"x86_64-other, {here}", OVERRIDE_BY_TAG: "j.doe"}
+    assert check(model, refused, 0.01, 0, half).status == "refused"  # no reason: not an override
+    whole = {**half, OVERRIDE_REASON_TAG: "line 3 runs on this PC until the rebuild"}
+    overridden = check(model, refused, 0.01, 0, whole)
+    assert overridden.status == "overridden" and overridden.allows and "j.doe" in overridden.detail
+    other = {**whole, OVERRIDE_TAG: "x86_64-other"}
+    assert check(model, refused, 0.01, 0, other).status == "refused"
+
+    parts = [(Path(f"{c}-{e}-{i}.png"), c, e)
+             for c in "abcdefghijklmno" for e in ("OK", "NG") for i in range(3)]
+    kept = spread(parts, 64)
+    assert len(kept) == 64 and {(c, e) for _, c, e in kept} == {(c, e) for _, c, e in parts}
 
 
 def _perturbed(folder: Path) -> None:
@@ -247,6 +319,22 @@ def test_a_version_that_does_not_reproduce_here_never_serves(store, client, good
             assert "does not reproduce" in now.last_error
         log = (tmp_path / "server-2.log").read_text()
         assert "ERROR" in log and "does not reproduce its registered scores" in log
+        server.stop()
+
+        # The operator overrides the check for this host class, naming who and why: after a
+        # restart the version serves, flagged.
+        for key, value in (("hardware.override", host_class), ("hardware.override.by", "j.doe"),
+                           ("hardware.override.reason", "test: record made on another PC")):
+            client.set_model_version_tag(name, bad, key, value)
+        server, target = start_server(store.tracking_uri, tmp_path / "server-3.log", cache_dir=cache,
+                                      alias=alias, env=env)
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.AnomalyDetectionStub(ch)
+            answer = stub.Score(pb.ScoreRequest(encoded=image, category="brick"), timeout=30)
+            assert answer.model.version == bad
+        assert wait_for(lambda: client.get_model_version(name, bad).tags[status_tag] == "overridden",
+                        what="the overridden status tag")
+        assert "WARNING" in (tmp_path / "server-3.log").read_text()
     finally:
         server.stop()
         client.set_registered_model_alias(name, alias, good)
