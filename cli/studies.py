@@ -153,7 +153,7 @@ def int8_study_cmd(
     images: Annotated[int, typer.Option(
         help="test images of the emulated comparison (a fixed subset; 0 = all)")] = 32,
     probe: Annotated[int, typer.Option(
-        help="images FP32 and s8s8 are emulated on (20-80 s each under TCG; 0 = none)")] = 2,
+        help="images FP32 and s8s8 are emulated on (tens of seconds each under TCG; 0 = none)")] = 1,
     doc: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
 ) -> None:
     """INT8 weight schemes (u8s8-rr, u8s8, u8u8, s8s8) per CPU: accuracy natively and on an

@@ -21,9 +21,10 @@ This study measures that for the weight schemes of `registry.variants.ptq.SCHEME
 - **registered**: every registered `<arch>-ptq-int8` / `<arch>-qat-int8` version, natively
   and emulated, against its FP32 parent (tag `parent_version`).
 
-Emulation is slow (about 1.5-2.5 s per image for an INT8 STFPM; FP32 40-80 s, TCG running
-AVX2's FMA in soft-float), so the emulated column uses a deterministic subset of the test
-images (`test_subset`), and the native column it is compared with uses the same subset.
+Emulation is slow (about 1.5-2.5 s per image for an INT8 STFPM, 5-7 s for US; FP32 40-80 s
+for STFPM, TCG running AVX2's FMA in soft-float), so the emulated column uses a deterministic
+subset of the test images (`test_subset`), and the native column it is compared with uses the
+same subset.
 The float-heavy rows (`PROBE_SCHEMES`: FP32, and s8s8, whose convolutions the CPU provider
 leaves in float) are emulated on the subset's first `probe` images only: their score change.
 Timings under emulation mean nothing and are not reported. The results go to the
@@ -73,9 +74,9 @@ QEMU = "qemu-x86_64"
 QEMU_CPU = "Haswell"
 REGISTERED = ("ptq-int8", "qat-int8")
 DEFAULT_EMULATED_IMAGES = 32
-DEFAULT_PROBE = 2
+DEFAULT_PROBE = 1
 # Emulated on the probe only: these run mostly in float (FP32; s8s8, whose convolutions the CPU
-# provider leaves as float), which TCG executes in soft-float at 20-80 s per image.
+# provider leaves as float), which TCG executes in soft-float at tens of seconds per image.
 PROBE_SCHEMES = ("fp32", "s8s8")
 QEMU_NOISE = "TCG doesn't support requested feature"  # one warning per CPUID bit Haswell lists
 KEPT_BEGIN = "<!-- kept by anomaly int8-study: -->"
@@ -598,6 +599,17 @@ def _ratio(rows: list[SchemeRow], arch: str, num: str, den: str) -> float:
     return by[den].latency_ms_p50 / by[num].latency_ms_p50
 
 
+def _rate(rows: list[SchemeRow], probe: bool) -> str:
+    """Seconds per emulated image (session creation included), smallest–largest, of the probe
+    rows or of the others."""
+    rates = [r.emulated.seconds / r.emulated.images for r in rows
+             if r.emulated and r.emulated.images and (r.scheme in PROBE_SCHEMES) == probe]
+    if not rates:
+        return "not measured"
+    return f"{min(rates):.1f}–{max(rates):.1f} s per image" if min(rates) < 10 else \
+        f"{min(rates):.0f}–{max(rates):.0f} s per image"
+
+
 def render(schemes: list[SchemeRow], registered: list[RegisteredRow], checks: list[KernelCheck],
            cpus: CpuLabels, *, command: str, seconds: float, n_subset: int, n_test: int, probe: int,
            version: str, kept: str = DEFAULT_KEPT) -> str:
@@ -644,10 +656,11 @@ def render(schemes: list[SchemeRow], registered: list[RegisteredRow], checks: li
         "engine (`OnnxModel`, PNG bytes in, batch 1). Image / pixel AUROC are means over the 4 "
         f"categories. The emulated columns, and the native columns they are compared with, use the "
         f"same fixed subset of {sub} test images (`studies.int8_cpus.test_subset`: evenly spaced within "
-        "each category's good and defective images; a subset, because one INT8 image takes "
-        "seconds under emulation); the first column uses every test image. FP32 and s8s8 run "
-        "mostly in float (the CPU provider leaves s8s8's convolutions as float), which TCG executes "
-        "in soft-float at 20-80 s per image, so they are emulated on a probe, the subset's first "
+        "each category's good and defective images; a subset, because the INT8 models take "
+        f"{_rate(schemes, False)} under emulation here); the first column uses every test image. FP32 "
+        "and s8s8 run mostly in float (the CPU provider leaves s8s8's convolutions as float), which "
+        f"TCG executes in soft-float ({_rate(schemes, True)} here), so they are emulated on a probe, "
+        "the subset's first "
         f"{probe} image{'s' if probe != 1 else ''}: only their score change is read there. Schemes: "
         + "; ".join(f"`{k}` = {v}" for k, v in SCHEME_NOTES.items()) + ".", "",
         f"| architecture | scheme | image AUROC, native, all {n_test} | image AUROC, native, subset "
