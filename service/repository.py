@@ -53,8 +53,26 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 AD_HOC = "(ad hoc)"  # metric label of loads not made for a watched alias
 MAX_REASON = 2000  # characters of a load failure's reason kept
+SCHEMA_RECHECK_S = 5.0  # a registry refused for its schema is looked at again after this
 
 __all__ = ["LoadedModel", "ModelRepository", "ModelSpec", "load_model_dir", "read_model_dir"]
+
+
+class LazyClient:
+    """An `MlflowClient` made on first use, once `check` passes: making one opens a SQL store,
+    and opening it runs MLflow's migrations (`service.registry_schema`)."""
+
+    def __init__(self, make: Any, check: Any) -> None:
+        self._make, self._check, self._client = make, check, None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._check()  # raises NotReady while the store's schema is not this MLflow's
+                    self._client = self._make()
+        return getattr(self._client, name)
 
 
 @dataclass(frozen=True)
@@ -132,8 +150,8 @@ class ModelRepository:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.settings = settings
-        self.client = MlflowClient(tracking_uri=settings.tracking_uri,
-                                   registry_uri=settings.tracking_uri)
+        self.client = LazyClient(lambda: MlflowClient(tracking_uri=settings.tracking_uri,
+                                                      registry_uri=settings.tracking_uri), self._check_schema)
         self.cache = ArtifactCache(Path(settings.cache_dir))
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
@@ -152,6 +170,7 @@ class ModelRepository:
         self._lru_lock = threading.Lock()  # brief: bookkeeping
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._build_lock = threading.Lock()  # one in-process ONNX Runtime build at a time
+        self._schema_ok, self._schema_problem, self._schema_checked_at = False, "", -SCHEMA_RECHECK_S
 
     # -- the registry -------------------------------------------------------------------
     def _registry_call(self, spec: ModelSpec, fn, *args):  # type: ignore[no-untyped-def]
@@ -168,8 +187,31 @@ class ModelRepository:
         except Exception as exc:  # connection errors of any HTTP/DB client
             raise NotReady(f"registry unreachable resolving {spec}: {exc}") from exc
 
+    def _check_schema(self) -> None:
+        """Refuse to open a registry database whose schema is not this MLflow's (opening it
+        would migrate it: `service.registry_schema`); checked until it passes, at most every
+        few seconds.
+
+        Raises:
+            NotReady: the store's schema revision differs, or cannot be read.
+        """
+        if self._schema_ok:
+            return
+        now = time.monotonic()
+        if now - self._schema_checked_at >= SCHEMA_RECHECK_S:
+            from service.registry_schema import schema_problem
+
+            problem = schema_problem(self.settings.tracking_uri)
+            if problem and problem != self._schema_problem:
+                log.error("%s", problem)
+            self._schema_problem, self._schema_checked_at = problem, now
+            self._schema_ok = not self._schema_problem
+        if self._schema_problem:
+            raise NotReady(self._schema_problem)
+
     def _model_version(self, spec: ModelSpec):  # type: ignore[no-untyped-def]
         """The registry's `ModelVersion` for `spec` (negatively cached when unknown)."""
+        self._check_schema()
         unknown = self._unknown.get(spec)
         if unknown is not None and time.monotonic() < unknown[1]:
             raise ModelNotFound(unknown[0])
