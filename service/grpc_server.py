@@ -59,6 +59,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AnomalyDetection"].full_name
+LIVENESS_SERVICE = "liveness"  # health service name that is SERVING while the process answers
 STREAM_WINDOW = 16
 _BITS = {pb.PIXEL_TYPE_UNSPECIFIED: 8, pb.PIXEL_TYPE_UINT8: 8, pb.PIXEL_TYPE_UINT16: 16}
 
@@ -313,6 +314,9 @@ class GrpcServer:
             raise RuntimeError(f"could not bind gRPC server to {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        # Liveness (a Kubernetes gRPC liveness probe): the process answers, whether or not a
+        # model serves yet; readiness is the "" / anomaly.v1 status.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 
@@ -340,6 +344,7 @@ class GrpcServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for `grace` seconds, stop."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         grace = self.settings.grace_s if grace is None else grace
         await self.server.stop(grace)
         await self.plane.close(grace)

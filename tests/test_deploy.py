@@ -133,3 +133,70 @@ def test_every_package_is_installed_by_a_non_editable_install() -> None:
              for top in ("registry", "service", "clients", "loadtests", "protos")
              for p in (ROOT / top).rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict, where: str) -> list[str]:
+    """What keeps a pod spec (or a ServingRuntime's spec) out of Kubernetes' Pod Security
+    Standards "restricted" profile (https://kubernetes.io/docs/concepts/security/pod-security-standards/)."""
+    bad = []
+    pod_sc = pod.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            bad.append(f"{where}: {flag}")
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"{where}: volume {volume['name']} of type {kinds - RESTRICTED_VOLUMES}")
+    for c in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+        sc = c.get("securityContext") or {}
+        name = f"{where}/{c['name']}"
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            bad.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: adds capabilities {caps['add']}")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            bad.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            bad.append(f"{name}: runs as user 0")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile is {seccomp!r}")
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                bad.append(f"{name}: hostPort {port['hostPort']}")
+    return bad
+
+
+def test_pods_pass_the_restricted_profile_and_probe_grpc_health() -> None:
+    """Every pod the manifests make passes the "restricted" Pod Security profile; the gRPC
+    server's readiness and liveness are gRPC health checks (readiness: a model serves;
+    liveness: the process answers, service "liveness"); the KServe runtime passes the
+    InferenceService's name through as the model."""
+    docs = [d for f in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+            for d in yaml.safe_load_all(f.read_text()) if d]
+    pods = [(d["spec"]["template"]["spec"], f"{d['kind']}/{d['metadata']['name']}") for d in docs
+            if d["kind"] == "Deployment"]
+    pods += [(d["spec"], f"{d['kind']}/{d['metadata']['name']}") for d in docs
+             if d["kind"] == "ServingRuntime"]
+    assert len(pods) == 3
+    violations = [v for pod, where in pods for v in restricted_violations(pod, where)]
+    assert not violations, violations
+    assert restricted_violations({"containers": [{"name": "c"}]}, "bare")  # the check itself bites
+    for pod, where in pods:
+        for c in pod["containers"]:
+            if c["args"][0] != "serve":
+                continue
+            assert c["readinessProbe"]["grpc"]["port"] == 50051, where
+            assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness"}, where
+    (runtime,) = [d for d in docs if d["kind"] == "ServingRuntime"]
+    args = runtime["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "{{.Name}}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import wait_for
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
@@ -89,6 +90,11 @@ def test_a_server_on_an_older_registry_schema_leaves_it_unchanged_and_says_why(t
 
             info = wait_for(refused, timeout=120, what="the refusal to open an older registry schema")
             assert info.state == "NOT_SERVING" and previous in info.last_error
+            # Not ready, but alive: what the Kubernetes readiness and liveness probes ask.
+            health = health_pb2_grpc.HealthStub(ch)
+            check, answer = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+            assert health.Check(check(service=""), timeout=5).status == answer.NOT_SERVING
+            assert health.Check(check(service="liveness"), timeout=5).status == answer.SERVING
     finally:
         server.stop()
     assert digest(store) == before
