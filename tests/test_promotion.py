@@ -97,6 +97,11 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
             get = lambda: stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)  # noqa: E731
+            # Who and why, written before the version is ever judged: without gate.override=true
+            # they force nothing, and the override below is then one tag change (one judgement),
+            # not three that a poll may see one at a time.
+            client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE_BY, "qa-lead")
+            client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE_REASON, "checked by hand")
             client.set_registered_model_alias(store.model_name, alias, blind)
             info = wait_for(lambda: (i := get()).last_error_version == blind and i, what="a refusal")
             assert "refused by the promotion gate" in info.last_error
@@ -118,8 +123,6 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
             client.delete_model_version_tag(store.model_name, blind, "threshold.brick")
             wait_for(lambda: "known-good parts" not in get().last_error, what="the verdict without the tag")
 
-            client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE_BY, "qa-lead")
-            client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE_REASON, "checked by hand")
             client.set_model_version_tag(store.model_name, blind, GATE_OVERRIDE, "true")  # forced
             wait_for(lambda: served_version(stub, image) == blind, what="the overridden swap")
             assert client.get_model_version(store.model_name, blind).tags[GATE_STATUS] == "overridden"
