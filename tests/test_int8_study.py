@@ -57,3 +57,17 @@ def test_study_without_qemu_writes_its_section(store, sample_root: Path, tmp_pat
     text = doc.read_text()
     assert "by hand: the demo of record" in text and int8_cpus.DEFAULT_KEPT not in text
     assert text.count(int8_cpus.HEADING) == 1 and "other text" in text
+
+
+def test_a_failed_emulated_child_leaves_its_models_not_measured(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from studies import int8_cpus
+
+    def answers_one_then_fails(dirs, data_root, n_images, first=0):  # type: ignore[no-untyped-def]
+        yield dirs[0], int8_cpus.Accuracy(0.5, 0.5, 1, 0.0, [0.1])
+        raise RuntimeError("emulated child exited 1: killed")
+
+    monkeypatch.setattr(int8_cpus, "emulated_accuracy", answers_one_then_fails)
+    messages: list[str] = []
+    out = int8_cpus._emulate([tmp_path / "a", tmp_path / "b"], tmp_path, 4, messages.append)
+    assert list(out) == [tmp_path / "a"] and "1 model(s) not measured" in messages[-1]
