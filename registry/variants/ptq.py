@@ -19,7 +19,8 @@ intermediate (255 × 127 × 2 > 32767), while VNNI's `vpdpbusd` accumulates in 3
 `u8s8-rr` (ONNX Runtime's `reduce_range`: 7-bit weights in [-64, 64], so 255 × 64 × 2 fits)
 computes the same integers on every CPU and is the default; `u8s8` keeps 8-bit weights and is
 exact only on VNNI (and ARM); `u8u8` (uint8 weights) does not saturate but runs slower.
-Measured per CPU in docs/results.md, "INT8 across CPUs".
+The `tensorrt` file (s8 activations) is for TensorRT only: on an x86 CPU without VNNI its
+scores move by a fifth or more. Measured per CPU in docs/results.md, "INT8 across CPUs".
 
 Only the networks are quantized (`graph.network_nodes`); the anomaly-map head stays FP32.
 """
