@@ -346,8 +346,9 @@ def test_feedback_quality_report_and_threshold_proposal(store, client, good_and_
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
             get = lambda: stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)  # noqa: E731
-            info = wait_for(lambda: (i := get()).threshold_sources["brick"] == "threshold.brick" and i,
-                            what="applied thresholds")
+            # `thresholds apply` writes one tag per category; a poll may see one before the other.
+            info = wait_for(lambda: all((i := get()).threshold_sources[c] == f"threshold.{c}"
+                                        for c in ("brick", "coffee")) and i, what="applied thresholds")
             assert info.thresholds["brick"] == pytest.approx(
                 next(p["threshold"] for p in proposals if p["category"] == "brick"))
             for rid, (_, defective) in results.items():  # no escape now
