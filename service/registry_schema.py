@@ -17,7 +17,6 @@ Nothing here writes: the check opens its own engine, reads two things, and dispo
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,8 +25,13 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql")
 
 
 def redacted(uri: str) -> str:
-    """The URI without a password (`postgresql://user:***@host/db`)."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+    """The URI without a password (`postgresql://user:***@host/db`), as SQLAlchemy renders it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: name the scheme only
+        return uri.split(":", 1)[0] + ":…"
 
 
 def expected_revision(uri: str) -> str:

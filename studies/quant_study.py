@@ -25,6 +25,7 @@ from registry.variants import VARIANTS
 from registry.variants.calibration import CalibrationAlgo, CalibrationData
 from registry.variants.ptq import quantize_int8
 from service.hardware import this_host
+from service.settings import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def render(variants: list[VariantRow], calib: list[CalibrationRow], *, plot_name
     fp32 = {r.architecture: r for r in variants if r.variant == "fp32"}
     lines = [HEADING, "",
              f"Produced by `{command}` in {seconds / 60:.1f} min on this machine "
-             f"({this_host().describe()}, {_cores()} CPU cores) from the versions the "
+             f"({this_host().describe()}, {usable_cores()} CPU cores) from the versions the "
              "demo registered; every number comes from the exported file evaluated through the "
              "serving engine.", "",
              "| architecture | variant | calibration | version | image AUROC | pixel AUROC "
@@ -258,8 +259,3 @@ def run_and_write(home: Path, out: Path, architectures: list[str], command: str,
     replace_section(out, HEADING, section)
     return variants, calib, speed
 
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -265,6 +265,14 @@ def _perturbed(folder: Path) -> None:
     path.write_text(json.dumps(body))
 
 
+def version_answering(target: str, image: bytes) -> str:
+    """The version that answers a brick part on the server at `target`."""
+    with grpc.insecure_channel(target) as ch:
+        answer = pb_grpc.AnomalyDetectionStub(ch).Score(pb.ScoreRequest(encoded=image, category="brick"),
+                                                        timeout=30)
+    return answer.model.version
+
+
 @pytest.mark.timeout(600)
 def test_a_version_that_does_not_reproduce_here_never_serves(store, client, good_and_defect,
                                                             tmp_path: Path) -> None:
@@ -310,10 +318,9 @@ def test_a_version_that_does_not_reproduce_here_never_serves(store, client, good
         server.proc.wait(30)
         server, target = start_server(store.tracking_uri, tmp_path / "server-2.log", cache_dir=cache,
                                       alias=alias, env=env)
+        assert version_answering(target, image) == good
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.AnomalyDetectionStub(ch)
-            answer = stub.Score(pb.ScoreRequest(encoded=image, category="brick"), timeout=30)
-            assert answer.model.version == good
             now = stub.GetModel(pb.GetModelRequest(alias=alias), timeout=10)
             assert now.ref.version == good and now.last_error_version == bad
             assert "does not reproduce" in now.last_error
@@ -328,10 +335,7 @@ def test_a_version_that_does_not_reproduce_here_never_serves(store, client, good
             client.set_model_version_tag(name, bad, key, value)
         server, target = start_server(store.tracking_uri, tmp_path / "server-3.log", cache_dir=cache,
                                       alias=alias, env=env)
-        with grpc.insecure_channel(target) as ch:
-            stub = pb_grpc.AnomalyDetectionStub(ch)
-            answer = stub.Score(pb.ScoreRequest(encoded=image, category="brick"), timeout=30)
-            assert answer.model.version == bad
+        assert version_answering(target, image) == bad
         assert wait_for(lambda: client.get_model_version(name, bad).tags[status_tag] == "overridden",
                         what="the overridden status tag")
         assert "WARNING" in (tmp_path / "server-3.log").read_text()
