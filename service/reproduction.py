@@ -43,6 +43,7 @@ import numpy as np
 
 from service.errors import InvalidInput
 from service.hardware import this_host
+from service.imaging import DEFAULT_MAX_BYTES
 from service.metadata import GLOBAL
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ RECORD_FILE = "reproduction.json"
 FORMAT = 1
 MAX_ITEMS = 64
 MAX_RECORD_BYTES = 1_000_000
-MAX_IMAGE_BYTES = 8 * 1024 * 1024  # a recorded image larger than this is refused unread
+MAX_IMAGE_BYTES = DEFAULT_MAX_BYTES  # a recorded image larger than a request's is refused unread
 FLIP_BAND = 1e-3  # relative: a recorded score this close to its threshold is "on" it
 MAX_TEXT = 200  # characters kept of each string the record brings (CPU name, …)
 STATUS_TAG = "hardware.{}.status"
