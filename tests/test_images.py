@@ -1,0 +1,132 @@
+"""The serve image, built from the repository and run: `make image-serve` builds
+docker/Dockerfile's `serve` target with podman (on a Debian base made here from Debian's mirror
+where the public Python image cannot be pulled), and the container, on loopback ports of the
+host's network, serves the session's real model from its SQLite MLflow store. From the host: a
+gRPC score and an HTTP score equal to the model's own, the image's HEALTHCHECK passes, the
+process is not root, the image holds neither torch nor a compiler, and SIGTERM stops it cleanly.
+
+Skips, saying why, only where podman, runc, catatonit or debootstrap are missing and cannot be
+installed (`make image-tools`: apt-get as root). About 3 minutes on a 2-core CI machine with
+nothing cached (apt-get, debootstrap, build); a rebuild with cached layers takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients.sdk import AnomalyClient
+from loadtests.launch import free_port, wait_grpc_serving, wait_http_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "edge-anomaly:serve"
+APP_UID = 10001  # the image's user (docker/Dockerfile), as the Kubernetes manifests run it
+ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF",
+                                                       str(ROOT / "deploy" / "podman" / "containers.conf"))}
+
+pytestmark = pytest.mark.timeout(1200)
+
+
+def make(target: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", target], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"podman {' '.join(args[:3])}: {result.stderr}{result.stdout}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def serve_image() -> str:
+    tools = make("image-tools", timeout=600)
+    if tools.returncode != 0:
+        pytest.skip(f"cannot build images here: {tools.stdout.strip() or tools.stderr.strip()}")
+    started = time.monotonic()
+    built = make("image-serve", timeout=1200)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
+    print(f"make image-serve: {time.monotonic() - started:.0f} s")
+    return IMAGE
+
+
+@pytest.fixture
+def store_copy(store, tmp_path: Path) -> Path:
+    """The session store copied for the container's user (it writes its tags and downloads);
+    the container sees it at the original path, where the store's artifact URIs point."""
+    copy = tmp_path / "store"
+    shutil.copytree(store.home, copy)
+    for folder, _, files in os.walk(copy):
+        os.chown(folder, APP_UID, APP_UID)
+        for name in files:
+            os.chown(os.path.join(folder, name), APP_UID, APP_UID)
+    return copy
+
+
+def test_serve_image_scores_from_the_host(serve_image: str, store, store_copy: Path,
+                                          good_and_defect) -> None:
+    from service.engine import OnnxModel
+    from service.imaging import decode_image
+
+    grpc_port, http_port = free_port(), free_port()
+    name = f"edge-anomaly-test-{uuid.uuid4().hex[:8]}"
+    podman("run", "--detach", "--name", name, "--network=host", "--timeout", "600",
+           "--volume", f"{store_copy}:{store.home}",
+           "--env", f"MLFLOW_TRACKING_URI={store.tracking_uri}",
+           "--env", "ANOMALY_GRPC_HOST=127.0.0.1", "--env", "ANOMALY_HTTP_HOST=127.0.0.1",
+           "--env", f"ANOMALY_GRPC_PORT={grpc_port}", "--env", "ANOMALY_INTRA_OP_THREADS=1",
+           serve_image, "serve", "--http", "--http-port", str(http_port))
+    target = f"127.0.0.1:{grpc_port}"
+    try:
+        try:
+            wait_grpc_serving(target, timeout=240)
+            wait_http_ready(f"http://127.0.0.1:{http_port}/v1/models", timeout=60)
+        except (TimeoutError, RuntimeError) as exc:
+            logs = podman("logs", "--tail", "40", name, check=False)
+            raise AssertionError(f"{exc}\n{logs.stdout}{logs.stderr}") from exc
+
+        # Scores from the host, over gRPC and HTTP, are the model's own.
+        model = OnnxModel(store.build.onnx_path, store.build.metadata, intra_op_threads=1)
+        good, defect = good_and_defect[0][0], good_and_defect[1][0]
+        with AnomalyClient(target) as client:
+            for path in (good, defect):
+                result = client.score(path)
+                expected = model.score_image(decode_image(path.read_bytes()), "").score
+                assert result.score == pytest.approx(expected, rel=1e-4, abs=1e-5)
+                assert (result.model.name, result.model.version) == (store.model_name, store.version)
+        reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/score", content=defect.read_bytes(),
+                           headers={"content-type": "image/png"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        expected = model.score_image(decode_image(defect.read_bytes()), "").score
+        assert reply.json()["score"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+        # The image's own HEALTHCHECK (gRPC health: SERVING) passes; so does the liveness service.
+        health = podman("healthcheck", "run", name, check=False)
+        assert health.returncode == 0, f"HEALTHCHECK: {health.stdout}{health.stderr}"
+        liveness = podman("exec", name, "python", "/opt/healthcheck.py", "liveness")
+        assert liveness.stdout.strip() == "gRPC server: SERVING"
+
+        # Not root: the image's user, and the serving process runs as it.
+        assert podman("exec", name, "id", "-u").stdout.strip() == str(APP_UID)
+        status = podman("exec", name, "cat", "/proc/1/status").stdout
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert set(uid_line.split()[1:]) == {str(APP_UID)}, uid_line
+        # Small: no torch, no compiler.
+        podman("exec", name, "python", "-c",
+               "import importlib.util as u; assert u.find_spec('torch') is None")
+        compilers = podman("exec", name, "sh", "-c", "command -v cc gcc g++ clang", check=False)
+        assert compilers.stdout.strip() == "", compilers.stdout
+
+        # SIGTERM (podman stop) drains and exits 0.
+        podman("stop", "--time", "30", name, timeout=60)
+        assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+    finally:
+        podman("rm", "--force", "--time", "5", name, check=False)
