@@ -25,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_BASE = "python:3.11-slim"
+TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"  # the Dockerfile's default for `train`
 LOCAL_BASE = "localhost/edge-anomaly-base:bookworm"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the base holds beyond debootstrap's minimal system: Python 3.11 with venv (and pip's
@@ -186,11 +188,27 @@ def pip_conf(sections: dict[str, dict[str, str]]) -> tuple[str, list[tuple[str, 
     return "\n".join(lines) + "\n", sorted(mounts)
 
 
+def torch_index(url: str | None) -> str:
+    """The TORCH_INDEX_URL a `train` build gets: `url` if given (TORCH_INDEX_URL, '' = pip's
+    own settings only), else PyTorch's CPU index when it answers, else '' (pip, retrying an
+    unreachable index for every requirement, would take many minutes to say so)."""
+    if url is not None:
+        return url
+    try:
+        urllib.request.urlopen(TORCH_INDEX_URL + "/torch/", timeout=10).close()
+        return TORCH_INDEX_URL
+    except OSError as exc:
+        say(f"{TORCH_INDEX_URL} unreachable ({exc}); torch from pip's own settings")
+        return ""
+
+
 def build(target: str, tag: str, base: str, extra: list[str]) -> None:
     """docker/Dockerfile --target `target` → `tag` on `base` (see `resolve_base`), with the
     host's pip settings, host networking and Docker image format (which keeps HEALTHCHECK)."""
     base = resolve_base(base)
     conf, mounts = pip_conf(pip_settings())
+    if target == "train":
+        extra = ["--build-arg", f"TORCH_INDEX_URL={torch_index(os.environ.get('TORCH_INDEX_URL'))}", *extra]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-anomaly-pip-") as tmp:
         (Path(tmp) / "pip.conf").write_text(conf)
