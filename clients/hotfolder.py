@@ -44,7 +44,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from anomaly.durable import fsync_dir, write_atomic
@@ -300,7 +300,7 @@ class HotFolder:
         log.error("%s → error/: %s", image.name, reason)
         return self._record_and_move(image, {"outcome": "error", "request_id": rid, "code": code,
                                              "kind": kind, "message": reason,
-                                             "at": datetime.now(UTC).isoformat()}, digest)
+                                             "at": datetime.now(timezone.utc).isoformat()}, digest)
 
     def _empty_for_too_long(self, image: Path, now: float) -> str | None:
         """File an image that has stayed empty for `empty_grace_s` under error/."""
@@ -316,7 +316,7 @@ class HotFolder:
                 "normalized_score": r.normalized_score, "threshold": r.threshold, "category": r.category,
                 "model": {"name": r.model.name, "version": r.model.version, "alias": r.model.alias,
                           "architecture": r.model.architecture, "variant": r.model.variant},
-                "at": datetime.now(UTC).isoformat()}
+                "at": datetime.now(timezone.utc).isoformat()}
 
     def adopt_orphans(self) -> int:
         """Move result JSONs whose image an earlier run already moved (it stopped in between)

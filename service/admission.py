@@ -173,7 +173,7 @@ class Admission(grpc.aio.ServerInterceptor):
         limit = self.read_timeout if remaining is None else min(self.read_timeout, remaining)
         try:
             raw = await asyncio.wait_for(context.read(), limit)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             metrics.ADMISSION_REFUSALS.labels("request_read_timeout").inc()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"no request message within {limit:.3g} s of the call's start (the call's "

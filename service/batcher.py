@@ -51,7 +51,7 @@ async def collect(queue: asyncio.Queue[T], max_items: int, max_delay_s: float) -
             break
         try:
             items.append(await asyncio.wait_for(queue.get(), remaining))
-        except TimeoutError:
+        except asyncio.TimeoutError:
             break
     return items
 

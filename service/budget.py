@@ -48,7 +48,7 @@ class MemoryBudget:
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return fut.done() and not fut.cancelled()  # granted just as the wait ran out
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # granted, but the caller is gone: give back

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -198,7 +198,7 @@ class DataPlane:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(future), remaining)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
             raise DeadlineExceeded(f"model {spec} is still loading; try again shortly") from None
 
@@ -433,7 +433,7 @@ class DataPlane:
         await self.inspections.record(verdict)
         log.info("feedback", extra={"request_id": verdict.request_id, "verdict": verdict.verdict,
                                     "defect_type": verdict.defect_type, "operator": verdict.operator})
-        return datetime.now(UTC)
+        return datetime.now(timezone.utc)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop following the registry, drain the batchers, stop the worker threads, then

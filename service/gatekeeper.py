@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +261,7 @@ class Gatekeeper:
             self.client.set_model_version_tag(name, version, GATE_AGAINST, against)
             mv = self.client.get_model_version(name, version)
             own, _, section = (mv.description or "").partition(GATE_SECTION)
-            stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             overrides = [line for line in section.splitlines() if line.startswith(OVERRIDE_LINE)]
             if verdict.status == "overridden":  # kept for good: who forced what, and why
                 overrides.append(f"{OVERRIDE_LINE} ({stamp}): {verdict.reason}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -93,11 +94,10 @@ async def counted(request: Request, limit: int) -> AsyncIterator[bytes]:
     try:
         while True:
             try:
-                async with asyncio.timeout_at(started + timeout):
-                    chunk = await anext(stream)
+                chunk = await next_by(stream, started + timeout)
             except StopAsyncIteration:
                 return
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 declared = request.headers.get("content-length")
                 metrics.HTTP_BODY_TIMEOUTS.inc()
                 log.warning("request body of %s %s from %s did not arrive within %g s "
@@ -114,6 +114,16 @@ async def counted(request: Request, limit: int) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         await stream.aclose()
+
+
+async def next_by(stream: AsyncIterator[bytes], deadline: float) -> bytes:
+    """The stream's next item if it comes by the loop time `deadline`; raises
+    `asyncio.TimeoutError` (the builtin `TimeoutError` from 3.11) when it does not."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout_at(deadline):  # novermin
+            return await anext(stream)
+    # Python 3.10 (JetPack 6): no asyncio.timeout_at; wait_for runs the read as a task of its own.
+    return await asyncio.wait_for(anext(stream), deadline - asyncio.get_running_loop().time())
 
 
 async def read_body(request: Request, limit: int) -> bytes:

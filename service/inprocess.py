@@ -113,7 +113,7 @@ class LocalStub:
         context = LocalContext(timeout, metadata)
         try:
             return await asyncio.wait_for(handler.unary_unary(request, context), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
 
 

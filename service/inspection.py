@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import DateTime, Float, Index, Integer, Select, String, create_engine, event, insert, select
@@ -121,7 +121,7 @@ TABLES: dict[str, type[Base]] = {"inspections": Inspection, "feedback": Feedback
 
 
 def _now() -> str:
-    return datetime.now(UTC).replace(tzinfo=None).isoformat()
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
 
 
 def upgrade(url: str) -> None:
@@ -364,7 +364,7 @@ class InspectionLog:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.flush_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     pass
             except asyncio.CancelledError:
                 raise
@@ -426,7 +426,7 @@ class InspectionLog:
     def _dead_letter(self, row: dict, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:500]}"
         entry = {"row": {**row, "created_at": row["created_at"].isoformat()}, "reason": reason,
-                 "at": datetime.now(UTC).isoformat()}
+                 "at": datetime.now(timezone.utc).isoformat()}
         with self.dead_letter_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
@@ -448,7 +448,7 @@ class InspectionLog:
             deadline = time.monotonic() + timeout
             try:
                 await asyncio.wait_for(asyncio.shield(self._shipper), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 self._shipper.cancel()
                 await asyncio.gather(self._shipper, return_exceptions=True)
                 log.error("inspection log: %d bytes of decisions are still in the spool %s (database: %s); "
@@ -461,7 +461,7 @@ class InspectionLog:
 
 
 def _naive_utc(t: datetime | None) -> datetime | None:
-    return t.astimezone(UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+    return t.astimezone(timezone.utc).replace(tzinfo=None) if t is not None and t.tzinfo else t
 
 
 def _csv_safe(value: object) -> object:

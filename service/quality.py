@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -134,7 +134,7 @@ def _never_decided(conn: Any, since: datetime | None, until: datetime | None) ->
     decided = select(Inspection.id).where(Inspection.request_id == Feedback.request_id,
                                           Inspection.role == "serve")
     query = select(Feedback.request_id).where(~decided.exists())
-    since, until = (t.astimezone(UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+    since, until = (t.astimezone(timezone.utc).replace(tzinfo=None) if t is not None and t.tzinfo else t
                     for t in (since, until))  # stored naive UTC, as `in_range` compares
     if since is not None:
         query = query.where(Feedback.created_at >= since)

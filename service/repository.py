@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class LoadedModel:
     run_id: str = ""  # the MLflow run that logged it (its reference set lives there)
     aliases: set[str] = field(default_factory=set)
     thresholds: dict[str, str] = field(default_factory=dict)  # the `threshold.*` tags it decides with
-    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     @property
     def metadata(self) -> ModelMetadata:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from anomaly.durable import write_atomic
@@ -89,7 +89,7 @@ class ServedMemory:
         """Record what an alias serves now (atomically; failures are logged, not raised: the
         server keeps serving, and a later swap or restart writes it again)."""
         record = asdict(served)
-        record["at"] = served.at or datetime.now(UTC).isoformat()
+        record["at"] = served.at or datetime.now(timezone.utc).isoformat()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path(served.name, served.alias), json.dumps(record, indent=1))

@@ -48,7 +48,7 @@ import re
 import threading
 import zlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from anomaly.durable import fsync_dir, write_atomic
@@ -416,7 +416,7 @@ class Spool:
             reason = "the record fails its CRC-32 check"
         entry = {"segment": segment, "offset": offset, "length": len(data),
                  "bytes": base64.b64encode(data).decode("ascii"), "reason": reason,
-                 "at": datetime.now(UTC).isoformat()}
+                 "at": datetime.now(timezone.utc).isoformat()}
         with (self.folder / DAMAGED).open("a+b") as f:
             f.seek(0, os.SEEK_END)
             if f.tell():

@@ -70,7 +70,7 @@ class ModelWatcher:
             try:
                 await asyncio.wait_for(self._stop.wait(), delay)
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
             try:
                 ok = await self.refresh_all()
@@ -89,5 +89,5 @@ class ModelWatcher:
         if self._task is not None:
             try:  # a pass in the middle of a long load is abandoned, not awaited
                 await asyncio.wait_for(self._task, 2.0)
-            except (TimeoutError, asyncio.CancelledError):
+            except (asyncio.TimeoutError, asyncio.CancelledError):
                 pass
