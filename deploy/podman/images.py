@@ -41,6 +41,7 @@ BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 # cgroups), the init podman uses for pods, and debootstrap for the local base.
 TOOLS = {"podman": "podman", "runc": "runc", "catatonit": "catatonit", "debootstrap": "debootstrap"}
 # pip settings passed into builds; paths among their values are mounted.
+CANNOT_INSTALL = 3  # `tools`' exit status when the tools are missing and cannot be installed
 PIP_KEYS = ("index-url", "extra-index-url", "find-links", "trusted-host", "cert", "client-cert", "constraint",
             "default-timeout", "timeout", "retries", "proxy", "no-index", "prefer-binary", "only-binary")
 PATH_KEYS = ("index-url", "extra-index-url", "find-links", "cert", "client-cert", "constraint")
@@ -250,7 +251,7 @@ def main(argv: list[str]) -> int:
         why = ensure_tools()
         if why:
             print(why)
-            return 2
+            return CANNOT_INSTALL
     elif args.command == "base":
         build_local_base(rebuild=args.rebuild)
     elif args.command == "build":
