@@ -259,8 +259,11 @@ def test_py310_server_scores_like_the_model(py310_env: Path, store, good_and_def
 
     grpc_port, http_port = free_port(), free_port()
     target, base = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    # A reader of the session's store that writes nothing to it (no served/hardware tags): the
+    # other tests read that store after this one.
     env = {"PYTHONPATH": "", "PYTHONNOUSERSITE": "1", "ANOMALY_INTRA_OP_THREADS": "1",
-           "ANOMALY_GRPC_PORT": str(grpc_port), "ANOMALY_HTTP_HOST": "127.0.0.1"}
+           "ANOMALY_GRPC_PORT": str(grpc_port), "ANOMALY_HTTP_HOST": "127.0.0.1",
+           "ANOMALY_GATE_WRITE_TAGS": "false"}
     server = ChildProcess([], tmp_path / "server.log", env,
                           command=[str(py310_env / "bin" / "anomaly"), "serve", "--tracking-uri",
                                    store.tracking_uri, "--host", "127.0.0.1", "--port", str(grpc_port),
