@@ -6,7 +6,7 @@ gRPC score and an HTTP score equal to the model's own, the image's HEALTHCHECK p
 process is not root, the image holds neither torch nor a compiler, and SIGTERM stops it cleanly.
 
 Skips, saying why, only where podman, runc, catatonit or debootstrap are missing and cannot be
-installed (`make image-tools`: apt-get as root). About 3 minutes on a 2-core CI machine with
+installed (`make image-tools`: apt-get as root). About 3.5 minutes on a 2-core CI machine with
 nothing cached (apt-get, debootstrap, build); a rebuild with cached layers takes seconds.
 """
 
