@@ -1,9 +1,11 @@
 """The serve image, built from the repository and run: `make image-serve` builds
 docker/Dockerfile's `serve` target with podman (on a Debian base made here from Debian's mirror
 where the public Python image cannot be pulled), and the container, on loopback ports of the
-host's network, serves the session's real model from its SQLite MLflow store. From the host: a
-gRPC score and an HTTP score equal to the model's own, the image's HEALTHCHECK passes, the
-process is not root, the image holds neither torch nor a compiler, and SIGTERM stops it cleanly.
+host's network, serves the session's real model from its SQLite MLflow store, and a second
+container of the same image runs the HTTP gateway in front of it. From the host: gRPC and HTTP
+scores (the server's own HTTP and the gateway's) equal to the model's own, the image's
+HEALTHCHECK passes in both roles, the process is not root, the image holds neither torch nor a
+compiler, and SIGTERM stops the server cleanly.
 
 Skips, saying why, only where podman, runc, catatonit or debootstrap are missing and cannot be
 installed (`make image-tools`: apt-get as root). About 3.5 minutes on a 2-core CI machine with
@@ -118,6 +120,23 @@ def test_serve_image_scores_from_the_host(serve_image: str, store, store_copy: P
         liveness = podman("exec", name, "python", "/opt/healthcheck.py", "liveness")
         assert liveness.stdout.strip() == "gRPC server: SERVING"
 
+        # The same image as the HTTP gateway in front of it: scores, and its HEALTHCHECK asks /healthz.
+        gateway_port = free_port()
+        podman("run", "--detach", "--name", f"{name}-gw", "--network=host", "--timeout", "600",
+               "--env", "ANOMALY_HTTP_HOST=127.0.0.1", serve_image, "gateway", "--port", str(gateway_port),
+               "--grpc-target", target)
+        wait_http_ready(f"http://127.0.0.1:{gateway_port}/readyz", timeout=60)
+        reply = httpx.post(f"http://127.0.0.1:{gateway_port}/v1/score", content=good.read_bytes(),
+                           headers={"content-type": "image/png"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        expected = model.score_image(decode_image(good.read_bytes()), "").score
+        assert reply.json()["score"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        health = podman("healthcheck", "run", f"{name}-gw", check=False)
+        assert health.returncode == 0, f"gateway HEALTHCHECK: {health.stdout}{health.stderr}"
+        said = podman("exec", f"{name}-gw", "python", "/opt/healthcheck.py").stdout.strip()
+        assert said == "gateway: SERVING"
+        podman("stop", "--time", "10", f"{name}-gw", timeout=30)
+
         # Not root: the image's user, and the serving process runs as it.
         assert podman("exec", name, "id", "-u").stdout.strip() == str(APP_UID)
         status = podman("exec", name, "cat", "/proc/1/status").stdout
@@ -133,4 +152,4 @@ def test_serve_image_scores_from_the_host(serve_image: str, store, store_copy: P
         podman("stop", "--time", "30", name, timeout=60)
         assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
     finally:
-        podman("rm", "--force", "--time", "5", name, check=False)
+        podman("rm", "--force", "--time", "5", name, f"{name}-gw", check=False)
