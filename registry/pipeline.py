@@ -249,7 +249,8 @@ def build_variants(
             quantize_int8(fp32.onnx_path, path, calibration_images(data, train_set, fp32.metadata), algo,
                           scheme=DEFAULT_SCHEME)
             params.update(calibration_images=CALIBRATION_IMAGES, activations="uint8",
-                          weights="int8 per-channel", int8_scheme=DEFAULT_SCHEME)
+                          weights="int8 per-channel", int8_scheme=DEFAULT_SCHEME,
+                          int8_weight_preparation="clip+bias-correction")
         elif variant == "qat-int8":
             if fp32.model is None:
                 raise ValueError("qat-int8 needs the trained torch model (BuildResult.model)")
@@ -265,7 +266,8 @@ def build_variants(
                 calib = "learned+" + calib
             quantize_int8(float_path, path,
                           calibration_images(CalibrationData.real, train_set, fp32.metadata),
-                          CalibrationAlgo.minmax, scheme=cfg.scheme, tensor_overrides=overrides)
+                          CalibrationAlgo.minmax, scheme=cfg.scheme, tensor_overrides=overrides,
+                          weight_preparation=False)
             params.update(int8_scheme=cfg.scheme)
             params.update({f"qat.{k}": v for k, v in asdict(cfg).items()},
                           bn_folded=state["bn_folded"], learned_ranges=len(overrides))

@@ -279,7 +279,7 @@ def _conv_model(folder: Path) -> None:
     for scheme in SCHEMES[1:]:
         target, cpu = ("tensorrt", "u8s8-rr") if scheme == "s8s8" else ("cpu", scheme)
         quantize_int8(folder / "fp32.onnx", folder / f"{scheme}.onnx", ArrayReader(calib, "x"),
-                      target=target, scheme=cpu)
+                      target=target, scheme=cpu, weight_preparation=False)
 
 
 def _run_conv(folder: Path) -> dict[str, list[float]]:

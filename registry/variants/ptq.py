@@ -23,6 +23,10 @@ The `tensorrt` file (s8 activations) is for TensorRT only: on an x86 CPU without
 scores move by a fifth or more. Measured per CPU in docs/results.md, "INT8 across CPUs".
 
 Only the networks are quantized (`graph.network_nodes`); the anomaly-map head stays FP32.
+
+Before quantizing, the FP32 weights are prepared for the scheme's grid (`weights`:
+per-channel least-error clipping and empirical bias correction on the calibration images);
+quantization-aware training, whose weights already learned the grid, skips it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from registry.variants.calibration import ArrayReader, CalibrationAlgo
 from registry.variants.graph import network_nodes
+from registry.variants.weights import prepare_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ def quantize_int8(
     target: str = "cpu",
     scheme: str = DEFAULT_SCHEME,
     tensor_overrides: dict[str, list[dict[str, Any]]] | None = None,
+    weight_preparation: bool = True,
 ) -> Path:
     """Quantize an exported FP32 model to an INT8 QDQ model.
 
@@ -74,6 +80,8 @@ def quantize_int8(
         scheme: the CPU target's weight scheme (`SCHEMES`; ignored for `tensorrt`).
         tensor_overrides: fixed ranges for some tensors (ONNX Runtime's
             `TensorQuantOverrides`), e.g. the ranges learned by quantization-aware training.
+        weight_preparation: clip and bias-correct the weights for the grid first
+            (`weights.prepare_weights`); off for weights trained with the grid (QAT).
 
     Returns:
         `out_path`.
@@ -91,6 +99,10 @@ def quantize_int8(
         # Shape inference + graph clean-up, which the ONNX Runtime docs recommend before
         # quantization.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        if weight_preparation:
+            # The grid's top level: 64 with reduce_range (7 bits), 127 with 8-bit weights.
+            qmax = 64 if reduce_range else 127
+            prepare_weights(prepared, prepared, reader, qmax)
         nodes = network_nodes(onnx.load(str(prepared)))
         extra: dict[str, Any] = {"CalibTensorRangeSymmetric": False}
         method = algo.ort
