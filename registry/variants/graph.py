@@ -116,29 +116,3 @@ def census(path: Path | str) -> GraphCensus:
         ops[node.op_type] += 1
     return GraphCensus(Path(path).stat().st_size / 1e6, dict(sizes), dict(ops))
 
-
-def feature_nodes(model: onnx.ModelProto) -> list[str]:
-    """The network nodes that produce the features the head compares: for every tensor
-    that flows from the networks into the head, its producer and the activations / adds
-    back to (and including) the weighted layers that feed them.
-
-    These are the layers whose output rounding the anomaly map sees directly: the map is a
-    small difference between two networks' features, and 8-bit steps of a feature's whole
-    range are as large as the differences a subtle defect makes."""
-    graph = model.graph
-    net = set(network_nodes(model))
-    producer = {out: node for node in graph.node for out in node.output}
-    inits = {i.name: i for i in graph.initializer}
-    boundary = {i for node in graph.node if node.name not in net for i in node.input
-                if i in producer and producer[i].name in net}
-    chosen: set[str] = set()
-    stack = [producer[t] for t in boundary]
-    while stack:
-        node = stack.pop()
-        if node.name in chosen:
-            continue
-        chosen.add(node.name)
-        if is_layer(node, inits):
-            continue  # stop at the layer itself
-        stack += [producer[i] for i in node.input if i in producer and producer[i].name in net]
-    return [n.name for n in graph.node if n.name in chosen]
