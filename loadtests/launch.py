@@ -21,6 +21,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from anomaly.channel import grpc_channel
+from service.processes import die_with_parent
 
 
 def peak_rss_mb(pid: int, default: float = float("nan")) -> float:
@@ -33,6 +34,23 @@ def peak_rss_mb(pid: int, default: float = float("nan")) -> float:
     except OSError:
         pass
     return default
+
+
+def run_group(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a new process group that is killed whole (SIGKILL) when the
+    command times out or the caller is interrupted (a test's timeout, Ctrl-C, SIGTERM
+    turned into an exception), so no grandchild (`make` → a build → podman) outlives it."""
+    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -126,8 +144,11 @@ class ChildProcess:
         """Spawn the process."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
+        # SIGTERM to the child when this process dies, however it dies (a killed `anomaly demo`
+        # left its measuring server running on its port).
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, stdin=subprocess.DEVNULL, start_new_session=self.group)
+                                     env=self.env, stdin=subprocess.DEVNULL, start_new_session=self.group,
+                                     preexec_fn=die_with_parent(os.getpid()))
         return self.proc
 
     @property

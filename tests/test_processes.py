@@ -273,3 +273,28 @@ def test_a_server_child_stops_when_its_supervisor_pipe_closes(store, tmp_path) -
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         log.close()
+
+
+def test_a_launched_child_stops_when_its_launcher_is_killed(tmp_path) -> None:
+    """`loadtests.launch.ChildProcess` (the demo's and the tests' servers): a SIGKILLed launcher
+    leaves no child behind (the parent-death signal), where before its server kept its port."""
+    pid_file = tmp_path / "child.pid"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import pathlib, sys, time\n"
+         "from loadtests.launch import ChildProcess\n"
+         "child = ChildProcess([], pathlib.Path(sys.argv[1]) / 'child.log',\n"
+         "                     command=[sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+         "pathlib.Path(sys.argv[1], 'child.pid').write_text(str(child.start().pid))\n"
+         "time.sleep(120)\n", str(tmp_path)],
+        cwd=Path(__file__).parents[1], start_new_session=True)
+    try:
+        assert wait_for(lambda: pid_file.exists() and pid_file.read_text(), timeout=30)
+        child = psutil.Process(int(pid_file.read_text()))
+        assert child.is_running()
+        launcher.kill()
+        launcher.wait(timeout=10)
+        child.wait(timeout=10)  # raises psutil.TimeoutExpired if it outlives the launcher
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
