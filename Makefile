@@ -69,7 +69,10 @@ protos: $(STAMP)
 ## Container images of docker/Dockerfile, built with podman (docs/deploy.md, "Images"). BASE: the base
 ## image, default the public python:3.11-slim; where it cannot be pulled, a Debian bookworm base made
 ## here from Debian's mirror (image-base). pip in the build gets this machine's pip settings.
-export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
+## Only these targets use the project's containers.conf (runc, host network), and only where
+## CONTAINERS_CONF is not set already: a host's own podman set-up is left alone otherwise.
+IMAGE_TARGETS := image-tools image-base image-serve image-train image-mlflow image-load images image-test
+$(IMAGE_TARGETS): export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
 IMAGES := $(PYTHON) deploy/podman/images.py
 
 image-tools:

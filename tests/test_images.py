@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from clients.sdk import AnomalyClient
-from loadtests.launch import free_port, wait_grpc_serving, wait_http_ready
+from loadtests.launch import free_port, run_group, wait_grpc_serving, wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "edge-anomaly:serve"
@@ -38,8 +38,9 @@ pytestmark = pytest.mark.timeout(1200)
 
 
 def make(target: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", target], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    # In its own process group, killed whole if the test stops: a build must not outlive it.
+    return run_group(["make", "--no-print-directory", target], timeout, cwd=ROOT, env=ENV,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,8 +53,8 @@ def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
 @pytest.fixture(scope="module")
 def serve_image() -> str:
     # `make image-tools`, run directly to tell "cannot be installed here" (exit 3: skip) from a failure.
-    tools = subprocess.run([sys.executable, str(ROOT / "deploy" / "podman" / "images.py"), "tools"],
-                           env=ENV, capture_output=True, text=True, timeout=600)
+    tools = run_group([sys.executable, str(ROOT / "deploy" / "podman" / "images.py"), "tools"], 600,
+                      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if tools.returncode == 3:
         pytest.skip(f"cannot build images here: {tools.stdout.strip()}")
     assert tools.returncode == 0, tools.stdout + tools.stderr
@@ -152,4 +153,7 @@ def test_serve_image_scores_from_the_host(serve_image: str, store, store_copy: P
         podman("stop", "--time", "30", name, timeout=60)
         assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
     finally:
-        podman("rm", "--force", "--time", "5", name, f"{name}-gw", check=False)
+        # One call per container: given several names, Debian's podman 4.3 removes none of
+        # them when one does not exist (the gateway, if the test failed before starting it).
+        for container in (name, f"{name}-gw"):
+            podman("rm", "--force", "--ignore", "--time", "5", container, check=False)

@@ -8,8 +8,9 @@ pip may need the host's settings (an index mirror, a proxy's CA bundle). Standar
 
 `make image-tools | image-base | image-serve | image-train | image-mlflow | image-load` run these
 (with CONTAINERS_CONF=deploy/podman/containers.conf). `build` uses `--base` (default
-python:3.11-slim, the Dockerfile's own default) when it is present or can be pulled, and
-otherwise the local base, made first if absent. pip inside the build gets the host's pip
+python:3.11-slim, the Dockerfile's own default) when it is present or can be pulled; in place
+of that default only, the local base, made first if absent (a base the operator names that
+cannot be pulled is an error). pip inside the build gets the host's pip
 settings (`pip config list`, the environment's PIP_* included) as /etc/pip.conf, and the files
 and local indexes they name mounted read-only under /run/pip-host, for the build only (what a
 build leaves of these mount points: an empty /etc/pip.conf, empty entries under /run/pip-host).
@@ -125,13 +126,18 @@ def build_local_base(tag: str = LOCAL_BASE, rebuild: bool = False) -> str:
 
 
 def resolve_base(base: str) -> str:
-    """`base` if present or pullable, else the local base (made if absent)."""
+    """`base` if present or pullable; the local base (made if absent) in place of the public
+    default only: a base named by the operator that cannot be had is an error."""
     if image_exists(base):
         return base
     pulled = subprocess.run([podman(), "pull", "-q", base], capture_output=True, text=True, timeout=600)
     if pulled.returncode == 0:
         return base
     reason = (pulled.stderr.strip().splitlines() or ["?"])[-1]
+    if base != PUBLIC_BASE:
+        # An operator's own base (a hardened or company image) is never swapped silently.
+        raise SystemExit(f"images.py: cannot pull the base {base} ({reason}); "
+                         f"fix the name or the registry login, or leave BASE unset for {PUBLIC_BASE}")
     say(f"cannot pull {base} ({reason}); using {LOCAL_BASE}")
     return build_local_base()
 
@@ -213,7 +219,9 @@ def build(target: str, tag: str, base: str, extra: list[str]) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-anomaly-pip-") as tmp:
         (Path(tmp) / "pip.conf").write_text(conf)
-        os.chmod(tmp, 0o755)
+        # The folder stays private (0700: an index URL may carry a token); podman, not the
+        # build's user, opens it to bind-mount the file, which stays readable inside.
+        os.chmod(Path(tmp) / "pip.conf", 0o644)
         command = [podman(), "build", "--network=host", "--format", "docker", "-f", "docker/Dockerfile",
                    "--target", target, "--tag", tag, "--build-arg", f"BASE={base}",
                    "--volume", f"{tmp}/pip.conf:/etc/pip.conf:ro",
