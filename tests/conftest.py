@@ -165,6 +165,23 @@ def http_base(grpc_target: str, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def serve_image() -> str:
+    """The serve image, built with podman (`make image-serve`) once per session; skips where
+    podman cannot be installed (tests/podman_support.py)."""
+    from podman_support import build_serve_image
+
+    return build_serve_image()
+
+
+@pytest.fixture
+def store_copy(store: Store, tmp_path: Path) -> Path:
+    """The session store copied for the serve image's user; containers mount it at `store.home`."""
+    from podman_support import copy_store_for_app
+
+    return copy_store_for_app(store.home, tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
 def good_and_defect(sample_root: Path) -> tuple[list[Path], list[Path]]:
     from registry.data.mvtec import load_test_split
 

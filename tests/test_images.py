@@ -14,68 +14,17 @@ nothing cached (apt-get, debootstrap, build); a rebuild with cached layers takes
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from podman_support import APP_UID, podman
 
 from clients.sdk import AnomalyClient
-from loadtests.launch import free_port, run_group, wait_grpc_serving, wait_http_ready
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE = "edge-anomaly:serve"
-APP_UID = 10001  # the image's user (docker/Dockerfile), as the Kubernetes manifests run it
-ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF",
-                                                       str(ROOT / "deploy" / "podman" / "containers.conf"))}
+from loadtests.launch import free_port, wait_grpc_serving, wait_http_ready
 
 pytestmark = pytest.mark.timeout(1200)
-
-
-def make(target: str, timeout: float) -> subprocess.CompletedProcess:
-    # In its own process group, killed whole if the test stops: a build must not outlive it.
-    return run_group(["make", "--no-print-directory", target], timeout, cwd=ROOT, env=ENV,
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, f"podman {' '.join(args[:3])}: {result.stderr}{result.stdout}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def serve_image() -> str:
-    # `make image-tools`, run directly to tell "cannot be installed here" (exit 3: skip) from a failure.
-    tools = run_group([sys.executable, str(ROOT / "deploy" / "podman" / "images.py"), "tools"], 600,
-                      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if tools.returncode == 3:
-        pytest.skip(f"cannot build images here: {tools.stdout.strip()}")
-    assert tools.returncode == 0, tools.stdout + tools.stderr
-    started = time.monotonic()
-    built = make("image-serve", timeout=1200)
-    assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
-    print(f"make image-serve: {time.monotonic() - started:.0f} s")
-    return IMAGE
-
-
-@pytest.fixture
-def store_copy(store, tmp_path: Path) -> Path:
-    """The session store copied for the container's user (it writes its tags and downloads);
-    the container sees it at the original path, where the store's artifact URIs point."""
-    copy = tmp_path / "store"
-    shutil.copytree(store.home, copy)
-    for folder, _, files in os.walk(copy):
-        os.chown(folder, APP_UID, APP_UID)
-        for name in files:
-            os.chown(os.path.join(folder, name), APP_UID, APP_UID)
-    return copy
 
 
 def test_serve_image_scores_from_the_host(serve_image: str, store, store_copy: Path,
