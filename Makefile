@@ -92,3 +92,11 @@ image-test: $(STAMP)
 
 clean:
 	rm -rf .demo runs .pytest_cache .ruff_cache
+
+## Plays deploy/k8s with `podman kube play` (serve image built if needed, a real model, scores from
+## the host, securityContext checked, `kube down` clean) and validates the KServe manifest against
+## KServe's CRD schemas (deploy/k8s/crds). docs/deploy.md, "Kubernetes".
+.PHONY: kube-test
+kube-test: export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
+kube-test: $(STAMP)
+	$(BIN)/python -m pytest tests/test_kube_play.py
