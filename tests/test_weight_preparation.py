@@ -72,7 +72,7 @@ def test_prepared_int8_graph_is_unbiased_and_closer_to_fp32(tmp_path: Path, tran
     ref = _run(fp32, held_out)
     err_plain, err_prep = _run(plain, held_out) - ref, _run(prepared, held_out) - ref
     channel_bias = lambda e: np.abs(e.mean(axis=(0, 2, 3))).mean()  # noqa: E731
-    assert channel_bias(err_prep) < 0.5 * channel_bias(err_plain)
+    assert channel_bias(err_prep) < 0.2 * channel_bias(err_plain)  # measured: about 0.04×
     assert np.mean(err_prep ** 2) < np.mean(err_plain ** 2)
     # The quantized file stays portable: every weight on the 7-bit grid of `u8s8-rr`.
     model = onnx.load(str(prepared))

@@ -12,8 +12,9 @@ it, so the quantized file is an ordinary QDQ graph whose integers stay on the sc
    the fraction of its range (searched in [0.5, 1]) that minimises the squared error of its
    rounded weights; the grid then spends its levels where the weights are.
 2. **Empirical bias correction** (Nagel et al., "Data-free quantization", 2019; Finkelstein
-   et al., 2019): rounding shifts each output channel's mean by Σ (Ŵ − W) · E[x]. The
-   shift is measured with the layer inputs' per-channel means on the calibration images
+   et al., 2019): rounding shifts each output channel's mean by (Ŵ − W) ∗ E[x]. The shift
+   is computed by running the layer, with the rounding error as its weights, on the mean
+   of its input over the calibration images (exact at padded borders and for any stride),
    and subtracted from the bias, so the quantized layer is unbiased on data like the
    calibration set. Anomaly maps are differences of two networks' features: a systematic
    offset in one of them reads as anomaly everywhere.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from registry.variants.calibration import ArrayReader
 from registry.variants.graph import is_layer, network_nodes
@@ -84,15 +85,8 @@ def _channel_axis(node: onnx.NodeProto) -> int:
     return 1 if node.op_type == "ConvTranspose" else 0
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _input_means(model: onnx.ModelProto, tensors: list[str], reader: ArrayReader) -> dict[str, np.ndarray]:
-    """Per-channel means of `tensors` (N, C, …) over the calibration images, FP32."""
+    """Mean maps of `tensors` (N, C, H, W → C, H, W) over the calibration images, FP32."""
     import onnxruntime as ort
 
     graph_inputs = {i.name for i in model.graph.input}
@@ -114,9 +108,7 @@ def _input_means(model: onnx.ModelProto, tensors: list[str], reader: ArrayReader
         values = dict(zip(inner, session.run(inner, batch) if inner else [], strict=True))
         values.update({t: batch[t] for t in tensors if t in graph_inputs})
         for name, v in values.items():
-            axes = tuple(range(2, v.ndim))
-            s = v.astype(np.float64).mean(axis=axes).sum(axis=0)
-            sums[name] = sums.get(name, 0.0) + s
+            sums[name] = sums.get(name, 0.0) + v.astype(np.float64).sum(axis=0)
         count += len(next(iter(batch.values())))
     reader.rewind()
     return {name: s / max(count, 1) for name, s in sums.items()}
@@ -164,24 +156,34 @@ def prepare_weights(src: Path | str, dst: Path | str, reader: ArrayReader, qmax:
     return report
 
 
+def output_shift(node: onnx.NodeProto, error: np.ndarray, mean_map: np.ndarray) -> np.ndarray:
+    """Mean output shift per channel that the weight `error` causes in `node` on inputs whose
+    mean is `mean_map` (C, H, W): the layer is linear in its input, so this is the layer itself
+    (same padding, strides, dilations, groups) run once on the mean map with `error` as its
+    weights and no bias, averaged over the output's pixels. Exact at the borders, where a
+    3×3 kernel on a 4×4 map sees padding for over half of its taps."""
+    import onnxruntime as ort
+
+    layer = helper.make_node(node.op_type, ["x", "w"], ["y"], name="layer")
+    layer.attribute.extend(node.attribute)
+    x = mean_map[None].astype(np.float32)
+    graph = helper.make_graph([layer], "shift",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(error.astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    y = ort.InferenceSession(model.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return y[0].reshape(y.shape[1], -1).astype(np.float64).mean(axis=1)
+
+
 def _correct_bias(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], node: onnx.NodeProto,
-                  error: np.ndarray, mean_in: np.ndarray) -> bool:
+                  error: np.ndarray, mean_map: np.ndarray) -> bool:
     """Subtract the mean output shift of `error` (rounded − original weights) from the bias
-    of `node`, adding a bias where it has none. False where the layer's form is not one
-    this handles (grouped transposed convolutions)."""
-    group = int(_attr(node, "group", 1))
-    if node.op_type == "Conv":
-        out_ch, in_per_group = error.shape[0], error.shape[1]
-        per_group = out_ch // group
-        idx = (np.arange(out_ch) // per_group)[:, None] * in_per_group + np.arange(in_per_group)[None, :]
-        shift = (error.reshape(out_ch, in_per_group, -1).sum(axis=2) * mean_in[idx]).sum(axis=1)
-    else:  # ConvTranspose: weight (in, out, kh, kw); an output pixel sees kh·kw / (sh·sw) taps
-        if group != 1:
-            return False
-        strides = _attr(node, "strides", [1] * (error.ndim - 2))
-        taps = float(np.prod(strides))
-        shift = (error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2) * mean_in[:, None]).sum(axis=0)
-        shift = shift / taps
+    of `node`, adding a bias where it has none."""
+    shift = output_shift(node, error, mean_map)
     if len(node.input) > 2 and node.input[2]:
         bias = inits[node.input[2]]
         b = numpy_helper.to_array(bias).astype(np.float64)
