@@ -89,3 +89,56 @@ def test_preparation_adds_a_bias_where_a_layer_has_none(tmp_path: Path) -> None:
     conv1 = next(n for n in onnx.load(str(out)).graph.node if n.name == "conv1")
     assert len(conv1.input) == 3 and conv1.input[2]
     onnx.checker.check_model(onnx.load(str(out)))
+
+
+def _graph(path: Path, nodes: list, inits: list, inputs: list | None = None) -> None:
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 16, 16])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_layers_it_cannot_prepare_safely_are_left_as_they_are(tmp_path: Path) -> None:
+    """A weight shared by two layers (it would be clipped twice and corrected for weights no
+    longer in the file), a bias fed at run time, a grouped transposed convolution without a
+    bias (ORT cannot scale the bias it would get): each still quantizes and runs."""
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_t(3, (8, 8, 3, 3)).astype(np.float32) * 0.1, "w")
+    cases = {
+        "shared": ([helper.make_node("Conv", ["x", "w"], ["h"], name="a", pads=[1, 1, 1, 1]),
+                    helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                    helper.make_node("Conv", ["r", "w"], ["y"], name="b", pads=[1, 1, 1, 1])], [w], None),
+        "runtime-bias": ([helper.make_node("Conv", ["x", "w", "bias"], ["y"], name="a", pads=[1, 1, 1, 1])],
+                         [w], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 16, 16]),
+                               helper.make_tensor_value_info("bias", TensorProto.FLOAT, [8])]),
+        "grouped-transpose": ([helper.make_node("ConvTranspose", ["x", "wt"], ["y"], name="a", strides=[2, 2],
+                                                group=2)],
+                              [numpy_helper.from_array(rng.normal(0, 0.2, (8, 4, 2, 2)).astype(np.float32),
+                                                       "wt")], None),
+    }
+    for name, (nodes, inits, inputs) in cases.items():
+        src = tmp_path / f"{name}.onnx"
+        _graph(src, nodes, inits, inputs)
+        report = prepare_weights(src, tmp_path / f"{name}-prepared.onnx", ArrayReader(_inputs(8, 0), "x"), 64)
+        assert report.corrected_layers == 0, name
+        if name == "shared":
+            assert report.layers == 0
+            prepared_model = onnx.load(str(tmp_path / f"{name}-prepared.onnx"))
+            prepared = {i.name: numpy_helper.to_array(i) for i in prepared_model.graph.initializer}
+            assert np.array_equal(prepared["w"], numpy_helper.to_array(w))
+        if name != "runtime-bias":
+            out = quantize_int8(src, tmp_path / f"{name}-int8.onnx", ArrayReader(_inputs(8, 0), "x"))
+            assert np.isfinite(_run(out, _inputs(2, 1))).all()
+
+
+def test_uint8_weights_are_not_prepared(tmp_path: Path) -> None:
+    """`u8u8` keeps uint8 weights around zero point 128, another grid than the one prepared
+    for: its file is the plain one."""
+    fp32 = tmp_path / "fp32.onnx"
+    _conv_graph(fp32)
+    reader = ArrayReader(_inputs(16, 0), "x")
+    a = quantize_int8(fp32, tmp_path / "a.onnx", reader, scheme="u8u8")
+    b = quantize_int8(fp32, tmp_path / "b.onnx", reader, scheme="u8u8", weight_preparation=False)
+    inits = lambda p: {i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer}  # noqa: E731
+    ia, ib = inits(a), inits(b)
+    assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)

@@ -99,8 +99,9 @@ def quantize_int8(
         # Shape inference + graph clean-up, which the ONNX Runtime docs recommend before
         # quantization.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        if weight_preparation:
-            # The grid's top level: 64 with reduce_range (7 bits), 127 with 8-bit weights.
+        if weight_preparation and weight_type == QuantType.QInt8:
+            # The symmetric int8 grid's top level: 64 with reduce_range (7 bits), else 127.
+            # (uint8 weights sit on another grid, zero point 128: not prepared.)
             qmax = 64 if reduce_range else 127
             prepare_weights(prepared, prepared, reader, qmax)
         nodes = network_nodes(onnx.load(str(prepared)))
