@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -145,10 +146,13 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         # SIGTERM to the child when this process dies, however it dies (a killed `anomaly demo`
-        # left its measuring server running on its port).
+        # left its measuring server running on its port). Linux ties that signal to the thread
+        # that forks, so only a child started from the main thread gets it: one started from a
+        # short-lived thread would be stopped as soon as that thread ends.
+        on_main_thread = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, stdin=subprocess.DEVNULL, start_new_session=self.group,
-                                     preexec_fn=die_with_parent(os.getpid()))
+                                     preexec_fn=die_with_parent(os.getpid()) if on_main_thread else None)
         return self.proc
 
     @property
