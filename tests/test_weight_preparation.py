@@ -16,13 +16,6 @@ from registry.variants.ptq import quantize_int8
 from registry.variants.weights import clip_channel, prepare_weights, rounded
 
 
-def _graph(path: Path, nodes: list, inits: list, inputs: list | None = None) -> None:
-    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 16, 16])]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
 def _conv_graph(path: Path, transpose: bool = False) -> None:
     """X (N, 8, 16, 16) → Conv 3×3 (16 channels, no bias; two channels with an outlier
     weight) → Relu → Conv 1×1 (or ConvTranspose 2×2 stride 2) with bias → y."""
@@ -35,11 +28,17 @@ def _conv_graph(path: Path, transpose: bool = False) -> None:
     if transpose:
         w2 = rng.normal(0, 0.2, (16, 4, 2, 2)).astype(np.float32)
         nodes.append(helper.make_node("ConvTranspose", ["r", "w2", "b2"], ["y"], name="up", strides=[2, 2]))
+        out_shape = [None, 4, 32, 32]
     else:
         w2 = rng.normal(0, 0.2, (4, 16, 1, 1)).astype(np.float32)
         nodes.append(helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"))
+        out_shape = [None, 4, 16, 16]
     inits += [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(4, np.float32), "b2")]
-    _graph(path, nodes, inits)
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
 
 
 def _inputs(n: int, seed: int) -> np.ndarray:
@@ -90,6 +89,13 @@ def test_preparation_adds_a_bias_where_a_layer_has_none(tmp_path: Path) -> None:
     conv1 = next(n for n in onnx.load(str(out)).graph.node if n.name == "conv1")
     assert len(conv1.input) == 3 and conv1.input[2]
     onnx.checker.check_model(onnx.load(str(out)))
+
+
+def _graph(path: Path, nodes: list, inits: list, inputs: list | None = None) -> None:
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 16, 16])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
 def test_layers_it_cannot_prepare_safely_are_left_as_they_are(tmp_path: Path) -> None:
