@@ -4,9 +4,11 @@ pip may need the host's settings (an index mirror, a proxy's CA bundle). Standar
     python deploy/podman/images.py tools            # podman, runc, catatonit, debootstrap (apt-get)
     python deploy/podman/images.py base             # a Debian bookworm base image from Debian's mirror
     python deploy/podman/images.py build serve      # docker/Dockerfile --target serve → edge-anomaly:serve
+    python deploy/podman/images.py postgres         # a stand-in for postgres:16 from Debian's package
     python deploy/podman/images.py pip-conf         # the pip.conf a build gets, and what it mounts
 
-`make image-tools | image-base | image-serve | image-train | image-mlflow | image-load` run these
+`make image-tools | image-base | image-serve | image-train | image-mlflow | image-load |
+image-postgres` run these
 (with CONTAINERS_CONF=deploy/podman/containers.conf). `build` uses `--base` (default
 python:3.11-slim, the Dockerfile's own default) when it is present or can be pulled; in place
 of that default only, the local base, made first if absent (a base the operator names that
@@ -34,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_BASE = "python:3.11-slim"
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"  # the Dockerfile's default for `train`
 LOCAL_BASE = "localhost/edge-anomaly-base:bookworm"
+# PostgreSQL for the compose stack where the public postgres:16 cannot be pulled: Debian's own
+# package on the local base, with the official image's entrypoint interface (deploy/podman/postgres).
+LOCAL_POSTGRES = "localhost/edge-anomaly-postgres:15"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the base holds beyond debootstrap's minimal system: Python 3.11 with venv (and pip's
 # wheel), the CA certificates. No compiler.
@@ -231,6 +236,18 @@ def build(target: str, tag: str, base: str, extra: list[str]) -> None:
     say(f"{tag} built in {time.monotonic() - started:.0f} s")
 
 
+def build_postgres(tag: str = LOCAL_POSTGRES, rebuild: bool = False) -> str:
+    """deploy/podman/postgres on the local base (made first if absent) → `tag`, if absent."""
+    if image_exists(tag) and not rebuild:
+        return tag
+    base = build_local_base()
+    started = time.monotonic()
+    run([podman(), "build", "--network=host", "--format", "docker", "--tag", tag,
+         "--build-arg", f"BASE={base}", str(ROOT / "deploy" / "podman" / "postgres")], quiet=True)
+    say(f"{tag} built in {time.monotonic() - started:.0f} s")
+    return tag
+
+
 def run(command: list[str], quiet: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
     """Run `command`; on failure exit with its output's tail."""
     result = subprocess.run(command, capture_output=quiet, text=True, **kwargs)
@@ -253,6 +270,8 @@ def main(argv: list[str]) -> int:
     one.add_argument("--base", default=os.environ.get("BASE") or PUBLIC_BASE,
                      help=f"base image (BASE; default {PUBLIC_BASE}, else {LOCAL_BASE})")
     one.add_argument("extra", nargs="*", help="more podman build arguments (after --)")
+    pg = sub.add_parser("postgres", help=f"make {LOCAL_POSTGRES} (Debian's PostgreSQL), if absent")
+    pg.add_argument("--rebuild", action="store_true")
     sub.add_parser("pip-conf", help="print the pip.conf builds get and the paths they mount")
     args = parser.parse_args(argv)
     if args.command == "tools":
@@ -262,6 +281,8 @@ def main(argv: list[str]) -> int:
             return CANNOT_INSTALL
     elif args.command == "base":
         build_local_base(rebuild=args.rebuild)
+    elif args.command == "postgres":
+        build_postgres(rebuild=args.rebuild)
     elif args.command == "build":
         build(args.target, args.tag or f"edge-anomaly:{args.target}", args.base, args.extra)
     else:
