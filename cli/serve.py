@@ -7,6 +7,8 @@ Options override the `ANOMALY_*` environment variables (see `service.settings`).
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -77,6 +79,10 @@ def gateway_cmd(
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
     tls = {"ssl_certfile": str(config.https_cert_file), "ssl_keyfile": str(config.https_key_file)} \
         if config.https_cert_file else {}
+    # uvicorn drains on SIGTERM, then raises the signal again (the process would end "killed by
+    # SIGTERM", status 143). A drained stop is a success: with this handler in place, its re-raise
+    # ends the process with status 0, as `anomaly serve` does (compose and Kubernetes show 0).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(create_app(config), host=config.http_host, port=config.http_port,
                 log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s), **tls)
 

@@ -194,6 +194,21 @@ def test_full_queue_is_resource_exhausted_then_recovers(store, good_and_defect, 
         server.stop()
 
 
+def test_gateway_stopped_by_sigterm_exits_0_after_its_drain(grpc_target: str, good_and_defect,
+                                                             tmp_path: Path) -> None:
+    """A container stop (SIGTERM) drains the gateway and ends it with status 0, as the server;
+    uvicorn alone re-raises the signal after its graceful shutdown (status 143, "killed")."""
+    gateway, base = start_gateway(grpc_target, tmp_path / "gateway.log")
+    try:
+        with AnomalyClient(base) as client:
+            assert client.score(good_and_defect[0][0].read_bytes()).request_id
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert gateway.proc.wait(30) == 0
+    finally:
+        gateway.stop()
+    assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
+
+
 def test_metrics_and_graceful_drain(store, good_and_defect, tmp_path: Path) -> None:
     port = free_port()
     env = {"ANOMALY_METRICS_PORT": str(port), "ANOMALY_MAX_QUEUE_DELAY_MS": "400",
