@@ -7,7 +7,8 @@ PEERS_STAMP := .venv-peers/.installed
 MLSERVER_STAMP := .venv-mlserver/.installed
 
 .PHONY: demo test lint format protos venv peers-venv mlserver-venv clean constraints \
-	images image-tools image-base image-serve image-train image-mlflow image-load image-test
+	images image-tools image-base image-serve image-train image-mlflow image-load image-postgres \
+	image-test stack-test
 
 ## The environment installs the versions in constraints.txt, the same ones the images install, so
 ## the trainer, the servers and MLflow run one MLflow version (docs/deploy.md).
@@ -71,7 +72,8 @@ protos: $(STAMP)
 ## here from Debian's mirror (image-base). pip in the build gets this machine's pip settings.
 ## Only these targets use the project's containers.conf (runc, host network), and only where
 ## CONTAINERS_CONF is not set already: a host's own podman set-up is left alone otherwise.
-IMAGE_TARGETS := image-tools image-base image-serve image-train image-mlflow image-load images image-test
+IMAGE_TARGETS := image-tools image-base image-serve image-train image-mlflow image-load image-postgres \
+	images image-test stack-test
 $(IMAGE_TARGETS): export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
 IMAGES := $(PYTHON) deploy/podman/images.py
 
@@ -86,9 +88,20 @@ image-serve image-train image-mlflow image-load:
 
 images: image-serve image-train image-mlflow image-load
 
+## PostgreSQL from Debian's package (deploy/podman/postgres), for the stack where postgres:16 cannot
+## be pulled.
+image-postgres:
+	$(IMAGES) postgres
+
 ## Builds the base (if absent) and the serve image, runs it on a real model, scores through it.
 image-test: $(STAMP)
 	$(BIN)/python -m pytest tests/test_images.py
+
+## docker-compose.yml brought up with podman (images built first) and driven from outside: scores over
+## gRPC and HTTP, Locust, champion moved by MLflow's REST API, a server restart, a PostgreSQL outage,
+## clean shutdown (tests/test_stack.py; about 15 min, not part of `make test`).
+stack-test: $(STAMP)
+	$(BIN)/python -m pytest -m stack tests/test_stack.py
 
 clean:
 	rm -rf .demo runs .pytest_cache .ruff_cache

@@ -15,6 +15,21 @@ import pytest
 from registry.data.sample import SampleSpec, make_sample_dataset
 
 TEST_CATEGORIES = ("brick", "coffee")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stack: the compose stack with podman (`make stack-test`, "
+                                       "tests/test_stack.py); left out of a run that selects no marker")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` leaves the stack test out (about 15 min more); `-m stack` selects it."""
+    if config.getoption("markexpr"):
+        return
+    kept = [item for item in items if item.get_closest_marker("stack") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 TEST_INPUT = 128
 
 

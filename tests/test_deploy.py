@@ -49,13 +49,15 @@ def test_compose_services_are_wired(compose: dict) -> None:
             if key.startswith(("ANOMALY_", "MLFLOW_")):
                 assert key in SETTING_ENV, f"{name}: {key} is not a setting"
         for vol in svc.get("volumes", []):
-            assert vol.split(":")[0] in compose["volumes"], vol
+            source = vol.split(":")[0]
+            assert (ROOT / source).is_file() if source.startswith("./") else source in compose["volumes"], vol
         for secret in svc.get("secrets", []):
             assert (ROOT / compose["secrets"][secret]["file"]).is_file()
     # MLflow on PostgreSQL, artifacts served by MLflow from a volume
     mlflow_cmd = " ".join(services["mlflow"]["entrypoint"])
     assert "--backend-store-uri postgresql://" in mlflow_cmd and "--serve-artifacts" in mlflow_cmd
-    assert services["server"]["command"] == ["serve"] and services["gateway"]["command"] == ["gateway"]
+    assert services["server"]["entrypoint"][-1].endswith("exec anomaly serve")
+    assert services["gateway"]["command"] == ["gateway"]
     assert services["server"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["server"]["deploy"]["replicas"] >= 2  # scalable replicas
     assert "--master" in services["locust-master"]["command"]
