@@ -320,6 +320,58 @@ def thresholds_apply_cmd(
         typer.echo("nothing to apply: no proposal has a threshold")
 
 
+db_app = typer.Typer(help="The inspection log's database schema (as `mlflow db` is for MLflow's store).",
+                     no_args_is_help=True)
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade_cmd(db: Db = None) -> None:
+    """Create or migrate the inspection database's schema to this release's newest revision
+    (servers do it themselves on first connecting; this does it ahead, e.g. before a rollout).
+    Exit 3: the database is of a newer release."""
+    from sqlalchemy import exc as sa_exc
+
+    from service.inspection import SchemaMismatch, upgrade
+
+    url = db or settings().inspection_db_url
+    try:
+        before, after = upgrade(url)
+    except SchemaMismatch as exc:
+        raise fail(str(exc), 3) from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise fail(f"cannot migrate {_redacted(url)}: {str(exc).splitlines()[0]}") from exc
+    typer.echo(f"{_redacted(url)}: schema {before or '(none)'} → {after}" if before != after
+               else f"{_redacted(url)}: schema {after}, up to date")
+
+
+@db_app.command("current")
+def db_current_cmd(db: Db = None) -> None:
+    """The inspection database's schema revision and this release's newest. Exit 0: up to date;
+    4: it needs `anomaly db upgrade`; 3: it is of a newer release (or not this project's)."""
+    from sqlalchemy import exc as sa_exc
+
+    from service.inspection import current_revision, head_revision, known_revisions
+
+    url = db or settings().inspection_db_url
+    try:
+        current = current_revision(url)
+    except sa_exc.SQLAlchemyError as exc:
+        raise fail(f"cannot read {_redacted(url)}: {str(exc).splitlines()[0]}") from exc
+    head = head_revision()
+    typer.echo(f"{_redacted(url)}: schema {current or '(none)'}, this release's newest {head}")
+    if current == head:
+        return
+    if current and current not in known_revisions():
+        raise fail("the database is of a release newer than this one", 3)
+    raise fail("run `anomaly db upgrade`", 4)
+
+
 COMMANDS = {"serve": serve_cmd, "gateway": gateway_cmd, "inspections-export": inspections_export_cmd,
             "quality-report": quality_report_cmd, "shadow-report": shadow_report_cmd,
-            "reference": reference_app, "thresholds": thresholds_app}
+            "reference": reference_app, "thresholds": thresholds_app, "db": db_app}

@@ -19,7 +19,13 @@ and checkpoint) is inserted once.
   unrecorded.
 - **A row the database rejects** (too long, a constraint): the batch is retried row by row;
   each rejected row is set aside in `dead-letter.jsonl` in the spool folder with the
-  database's reason (counted, logged at ERROR) and never blocks the rows behind it.
+  database's reason (counted, logged at ERROR) and never blocks the rows behind it. So is a
+  spooled record that cannot be read as a row at all (written by another release or by hand).
+- **A database of a newer schema** (a newer release migrated it): not an outage; the
+  shipper says so (`schema mismatch`, logged once, `anomaly_inspection_db_errors_total
+  {kind="schema"}`), decisions keep being answered into the spool, and it looks again every
+  minute. The schema is made and migrated by the first shipper to connect, one process at a
+  time (a PostgreSQL advisory lock), or ahead of time with `anomaly db upgrade`.
 - **Crash or SIGKILL**: on start the spool is replayed from its checkpoint.
 - **A spool write the disk refuses** (full, EIO): that decision is refused (UNAVAILABLE)
   and the spool is cut back to its last good end, so later decisions are unharmed; **a
@@ -35,6 +41,7 @@ power cut can then lose the last acknowledged decisions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -43,10 +50,17 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+# Alembic at import, not in the shipper's thread: importing it from two threads at once (MLflow's
+# store imports it too) can meet a partially initialised module.
+from alembic import command as alembic_command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import DateTime, Float, Index, Integer, Select, String, create_engine, event, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
@@ -124,15 +138,100 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
 
 
-def upgrade(url: str) -> None:
-    """Create or migrate the schema at `url` to the newest Alembic revision."""
-    from alembic import command
-    from alembic.config import Config
+MIGRATION_LOCK = 0x616E6F6D616C7900  # PostgreSQL advisory lock key of the migrations ("anomaly")
 
+
+class SchemaMismatch(RuntimeError):
+    """The database is at a revision this release does not know (a newer one migrated it)."""
+
+
+def _alembic_config(url: str):  # type: ignore[no-untyped-def]
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this release knows."""
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head() or ""
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this release knows."""
+    return {r.revision for r in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
+
+
+def current_revision(url: str) -> str:
+    """The schema revision of the database at `url` ('' when it has none yet)."""
+    from sqlalchemy import inspect, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return ""
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() or ""
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _one_migrator(engine: Engine) -> Iterator[None]:
+    """Hold the migration lock of `engine`'s database: PostgreSQL's advisory lock MIGRATION_LOCK;
+    for an SQLite file, an exclusive lock on `<file>.migration-lock` beside it (SQLite does not
+    put Alembic's DDL in one transaction); none for other databases."""
+    from sqlalchemy import text
+
+    database = engine.url.database or ""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            conn.commit()  # the lock is the session's: no transaction held open meanwhile
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+                conn.commit()
+    elif engine.dialect.name == "sqlite" and database not in ("", ":memory:"):
+        import fcntl
+
+        with open(f"{database}.migration-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+def upgrade(url: str) -> tuple[str, str]:
+    """Create or migrate the schema at `url` to the newest Alembic revision; (before, after).
+
+    One process at a time (`_one_migrator`), so replicas or a supervisor's children starting
+    together do not collide on the first migration: the others wait, then find it done.
+
+    Raises:
+        SchemaMismatch: the database is at a revision this release does not know.
+    """
+    engine = create_engine(url)
+    try:
+        with _one_migrator(engine):
+            before, head = current_revision(url), head_revision()
+            if before != head:
+                try:
+                    alembic_command.upgrade(_alembic_config(url), "head")
+                except CommandError as exc:
+                    if "Can't locate revision" not in str(exc):
+                        raise
+                    raise SchemaMismatch(
+                        f"the inspection database is at schema revision {before!r}, which this release "
+                        f"(newest {head!r}) does not know: a newer release migrated it; run that "
+                        "release, or restore the database") from exc
+            return before, head
+    finally:
+        engine.dispose()
 
 
 @dataclass
@@ -187,6 +286,7 @@ class Verdict:
                 "station": self.station, "sender": self.sender, "created_at": _now()}
 
 
+SCHEMA_RETRY_S = 60.0  # how often a shipper facing a schema mismatch looks again
 OUTAGES = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
            OSError)
 ALARMS = (0.5, 0.8, 0.95)
@@ -351,7 +451,8 @@ class InspectionLog:
                     migrated = True
                 records, position = await asyncio.to_thread(self.spool.read, None, self.batch_size)
                 if records:
-                    await asyncio.to_thread(self._ship, [_from_json(r) for r in records])
+                    rows = [row for row in map(self._decode, records) if row is not None]
+                    await asyncio.to_thread(self._ship, rows)
                     await asyncio.to_thread(self.spool.commit, position)
                     self._gauge()
                     if self.last_db_error:
@@ -368,12 +469,32 @@ class InspectionLog:
                     pass
             except asyncio.CancelledError:
                 raise
+            except SchemaMismatch as exc:  # not an outage: an operator must act; retried slowly
+                error = f"schema mismatch: {exc}"
+                if error != self.last_db_error:
+                    log.error("inspection log: %s; decisions are answered and wait in the spool (%d bytes) "
+                              "until it is resolved; checking again every %.0fs", error,
+                              self.spool.pending_bytes, SCHEMA_RETRY_S)
+                self.last_db_error = error
+                metrics.INSPECTION_DB_ERRORS.labels("schema").inc()
+                await asyncio.sleep(SCHEMA_RETRY_S)
             except Exception as exc:  # an outage (a rejection is handled inside _ship)
                 self.last_db_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                metrics.INSPECTION_DB_ERRORS.labels("unavailable").inc()
                 log.error("inspection log: database unavailable (%s); %d bytes wait in the spool; "
                           "retrying in %.1fs", self.last_db_error, self.spool.pending_bytes, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    def _decode(self, record: bytes) -> dict | None:
+        """A spooled record as a row; one that cannot be read as a row (written by another
+        release, or by hand) is set aside in the dead letters with its bytes, never retried."""
+        try:
+            return _from_json(record)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._set_aside({"record": record.decode("utf-8", "backslashreplace")},
+                            f"undecodable record: {type(exc).__name__}: {exc}", request_id="?")
+            return None
 
     def _insert(self, rows: list[dict]) -> None:
         """Insert rows (of either table) in one transaction; a row already there (same
@@ -425,16 +546,19 @@ class InspectionLog:
 
     def _dead_letter(self, row: dict, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:500]}"
-        entry = {"row": {**row, "created_at": row["created_at"].isoformat()}, "reason": reason,
-                 "at": datetime.now(timezone.utc).isoformat()}
+        self._set_aside({"row": {**row, "created_at": row["created_at"].isoformat()}}, reason,
+                        request_id=row.get("request_id"))
+
+    def _set_aside(self, what: dict, reason: str, request_id: object) -> None:
+        entry = {**what, "reason": reason[:1000], "at": datetime.now(timezone.utc).isoformat()}
         with self.dead_letter_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.dead_letters += 1
         metrics.INSPECTION_ROWS.labels("dead_letter").inc()
-        log.error("inspection log: the database rejected the row of request_id=%r (%s); set aside in %s",
-                  row.get("request_id"), reason, self.dead_letter_path)
+        log.error("inspection log: the row of request_id=%r cannot be stored (%s); set aside in %s",
+                  request_id, reason[:500], self.dead_letter_path)
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop spooling, give the shipper up to `timeout` to catch up, then stop it. Rows it

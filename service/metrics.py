@@ -39,6 +39,9 @@ HTTP_BODY_TIMEOUTS = Counter("anomaly_http_body_timeouts_total", "HTTP request b
 DECODE_MEMORY = Gauge("anomaly_decode_memory_bytes", "Estimated bytes reserved by images being decoded")
 SPOOL_BYTES = Gauge("anomaly_inspection_spool_bytes", "Decisions in the local spool not yet in the database")
 SPOOL_FILL = Gauge("anomaly_inspection_spool_fill_ratio", "Spool bytes ÷ its bound")
+INSPECTION_DB_ERRORS = Counter("anomaly_inspection_db_errors_total",
+                               "Inspection-log shipper failures by kind",
+                               ["kind"])  # unavailable (retried with backoff) | schema (an operator must act)
 INSPECTION_ROWS = Counter("anomaly_inspection_rows_total", "Inspection-log rows by outcome",
                           ["outcome"])  # spooled | shipped | dead_letter | refused | damaged
 GATE_VERDICTS = Counter("anomaly_promotion_gate_total", "Promotion-gate verdicts on alias moves",

@@ -1,0 +1,209 @@
+"""The inspection database's schema, driven from outside: several processes making it at once
+(a supervisor's children, replicas starting together), `anomaly db upgrade` / `anomaly db
+current`, and a database migrated by a newer release than the server's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import fresh_postgres_database
+from sqlalchemy import create_engine, inspect, text
+
+from clients.sdk import AnomalyClient
+from loadtests.launch import free_port, start_server
+from service.spool import Spool
+
+ROOT = Path(__file__).resolve().parents[1]
+MIGRATE = "import sys; from service.inspection import upgrade; upgrade(sys.argv[1])"
+PROCESSES = 4
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from service.inspection import MIGRATIONS
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def migrate_at_once(url: str) -> list[tuple[int, str]]:
+    """PROCESSES interpreters migrating `url` at the same moment; (status, stderr) of each."""
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, url], cwd=ROOT, stderr=subprocess.PIPE,
+                              text=True) for _ in range(PROCESSES)]
+    return [(p.wait(180), p.stderr.read()[-1500:]) for p in procs]
+
+
+def assert_at_head(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        assert {"inspections", "feedback", "alembic_version"} <= set(inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == \
+                [head_revision()]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_processes_making_the_schema_at_once_all_succeed(backend: str, tmp_path: Path) -> None:
+    """Without a lock, concurrent first migrations collide (a duplicate table or version row)
+    and all but one process fail, or recover only by retrying."""
+    for attempt in range(3):  # a race: a few rounds, each on a fresh database
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / f'race-{attempt}.db'}"
+            results = migrate_at_once(url)
+            assert all(rc == 0 for rc, _ in results), results
+            assert_at_head(url)
+        else:
+            with fresh_postgres_database("race") as url:
+                results = migrate_at_once(url)
+                assert all(rc == 0 for rc, _ in results), results
+                assert_at_head(url)
+
+
+def anomaly(*args: str) -> subprocess.CompletedProcess:
+    """The `anomaly` command line, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def set_revision(url: str, revision: str) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        engine.dispose()
+
+
+def revision_of(url: str) -> str:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_db_upgrade_and_current_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'inspections.db'}"
+    head = head_revision()
+    missing = anomaly("db", "current", "--db", url)
+    assert missing.returncode == 4 and "(none)" in missing.stdout and "anomaly db upgrade" in missing.stderr
+    made = anomaly("db", "upgrade", "--db", url)
+    assert made.returncode == 0 and f"(none) → {head}" in made.stdout, made.stderr
+    assert_at_head(url)
+    again = anomaly("db", "upgrade", "--db", url)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert anomaly("db", "current", "--db", url).returncode == 0
+
+    set_revision(url, "ffffffffffff")  # as a newer release would leave it
+    newer = anomaly("db", "current", "--db", url)
+    assert newer.returncode == 3 and "newer" in newer.stderr
+    refused = anomaly("db", "upgrade", "--db", url)
+    assert refused.returncode == 3 and "newer release" in refused.stderr and "Traceback" not in refused.stderr
+    assert revision_of(url) == "ffffffffffff"  # left as it was
+
+    down = anomaly("db", "upgrade", "--db", "postgresql://nobody:secret@127.0.0.1:1/none")
+    assert down.returncode == 1 and "cannot migrate" in down.stderr and "Traceback" not in down.stderr
+    assert "secret" not in down.stderr + down.stdout  # the password is never printed
+
+
+def spool_metric(url: str, name: str) -> float:
+    lines = [line for line in httpx.get(url, timeout=10).text.splitlines() if line.startswith(name)]
+    return sum(float(line.split()[-1]) for line in lines)
+
+
+def start_logging_server(store, db_url: str, tmp_path: Path, spool: Path) -> tuple:
+    metrics_port = free_port()
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                 env={"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": db_url,
+                                      "ANOMALY_INSPECTION_SPOOL_DIR": str(spool),
+                                      "ANOMALY_METRICS_PORT": str(metrics_port)})
+    return child, target, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def test_a_database_of_a_newer_schema_is_named_and_decisions_wait_in_the_spool(
+        store, good_and_defect, tmp_path: Path) -> None:
+    """Not "database unavailable" retried forever: the server says what is wrong, keeps
+    answering, leaves the database alone, and ships once an operator has put it right."""
+    url = f"sqlite:///{tmp_path / 'inspections.db'}"
+    assert anomaly("db", "upgrade", "--db", url).returncode == 0
+    set_revision(url, "ffffffffffff")
+    spool = tmp_path / "spool"
+    child, target, metrics = start_logging_server(store, url, tmp_path, spool)
+    ids = [f"newer-{i}" for i in range(3)]
+    try:
+        with AnomalyClient(target) as client:
+            for request_id, image in zip(ids, good_and_defect[1], strict=False):
+                assert client.score(image, request_id=request_id).request_id == request_id
+        deadline = time.monotonic() + 30
+        while spool_metric(metrics, 'anomaly_inspection_db_errors_total{kind="schema"}') < 1:
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert spool_metric(metrics, "anomaly_inspection_spool_bytes") > 0
+    finally:
+        assert child.stop() == 0
+    log_text = (tmp_path / "server.log").read_text()
+    assert "schema mismatch" in log_text and "ffffffffffff" in log_text
+    assert "database unavailable" not in log_text
+    assert log_text.count("inspection log: schema mismatch") == 1  # said once, not at every look
+    assert revision_of(url) == "ffffffffffff"  # the server changed nothing
+    assert not _request_ids(url)
+
+    set_revision(url, head_revision())  # the operator restores the database
+    child, target, metrics = start_logging_server(store, url, tmp_path, spool)
+    try:
+        deadline = time.monotonic() + 30
+        while set(_request_ids(url)) != set(ids):
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        assert child.stop() == 0
+
+
+def _request_ids(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT request_id FROM inspections")).scalars().all()
+    finally:
+        engine.dispose()
+
+
+def test_an_undecodable_spool_record_is_set_aside_and_the_rest_shipped(
+        store, good_and_defect, tmp_path: Path) -> None:
+    """A spooled record that is not a row (another release's, or edited by hand) went to the
+    catch-all as "database unavailable": retried forever, the spool filling behind it."""
+    url = f"sqlite:///{tmp_path / 'inspections.db'}"
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, max_bytes=1 << 20)
+    spool.open()
+    spool.append([b"{not json", b'{"request_id": "no-time"}', b"[1, 2]"])
+    spool.close()
+    child, target, metrics = start_logging_server(store, url, tmp_path, spool_dir)
+    try:
+        with AnomalyClient(target) as client:
+            client.score(good_and_defect[0][0], request_id="after-1")
+            client.score(good_and_defect[1][0], request_id="after-2")
+        deadline = time.monotonic() + 30
+        while sorted(_request_ids(url)) != ["after-1", "after-2"] or \
+                spool_metric(metrics, "anomaly_inspection_spool_bytes") > 0:
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert spool_metric(metrics, 'anomaly_inspection_rows_total{outcome="dead_letter"}') == 3
+    finally:
+        assert child.stop() == 0
+    set_aside = [json.loads(line) for line in (spool_dir / "dead-letter.jsonl").read_text().splitlines()]
+    assert [e["record"] for e in set_aside] == ["{not json", '{"request_id": "no-time"}', "[1, 2]"]
+    assert all(e["reason"].startswith("undecodable record") for e in set_aside)
+    assert "database unavailable" not in (tmp_path / "server.log").read_text()
