@@ -93,6 +93,14 @@ Db = Annotated[str | None, typer.Option(help="inspection-log database URL (defau
                                              "ANOMALY_INSPECTION_DB_URL)")]
 
 
+def _inspection_db() -> str:
+    """The inspection database of the settings (password file applied), or a one-line error."""
+    try:
+        return settings().inspection_db()
+    except OSError as exc:
+        raise fail(str(exc)) from exc
+
+
 def inspections_export_cmd(
     out: Annotated[Path, typer.Argument(help="CSV file to write")],
     db: Db = None,
@@ -102,7 +110,7 @@ def inspections_export_cmd(
     """Export the inspection log's decisions in a time range to CSV."""
     from service.inspection import export_csv
 
-    url = db or settings().inspection_db_url
+    url = db or _inspection_db()
     n = export_csv(url, out, since, until)
     typer.echo(f"wrote {n} decisions to {out}")
 
@@ -125,7 +133,7 @@ def quality_report_cmd(
 
     from service.quality import proposals_json, review
 
-    found = review(db or settings().inspection_db_url, since, until)
+    found = review(db or _inspection_db(), since, until)
     rows, proposals = found.rows, found.proposals
     console = Console()
     table = Table(title="Quality: operator verdicts against the served decisions")
@@ -176,7 +184,7 @@ def shadow_report_cmd(db: Db = None, since: Since = None, until: Until = None) -
 
     from service.quality import shadow_report
 
-    rows = shadow_report(db or settings().inspection_db_url, since, until)
+    rows = shadow_report(db or _inspection_db(), since, until)
     table = Table(title="Shadow challenger against the served answers")
     for col in ("served", "challenger", "category", "pairs", "agreement", "served OK, challenger NG",
                 "served NG, challenger OK"):
@@ -339,7 +347,7 @@ def db_upgrade_cmd(db: Db = None) -> None:
 
     from service.inspection import SchemaMismatch, upgrade
 
-    url = db or settings().inspection_db_url
+    url = db or _inspection_db()
     try:
         before, after = upgrade(url)
     except SchemaMismatch as exc:
@@ -358,7 +366,7 @@ def db_current_cmd(db: Db = None) -> None:
 
     from service.inspection import current_revision, head_revision, known_revisions
 
-    url = db or settings().inspection_db_url
+    url = db or _inspection_db()
     try:
         current = current_revision(url)
     except sa_exc.SQLAlchemyError as exc:

@@ -355,7 +355,7 @@ class InspectionLog:
     @classmethod
     def from_settings(cls, settings: Settings) -> InspectionLog:
         """The inspection log the settings describe."""
-        return cls(settings.inspection_db_url, settings.spool_dir(),
+        return cls(settings.inspection_db(), settings.spool_dir(),
                    max_spool_bytes=settings.inspection_spool_max_mb * 1024 * 1024,
                    durability=settings.inspection_durability)
 
@@ -477,14 +477,32 @@ class InspectionLog:
                               self.spool.pending_bytes, SCHEMA_RETRY_S)
                 self.last_db_error = error
                 metrics.INSPECTION_DB_ERRORS.labels("schema").inc()
-                await asyncio.sleep(SCHEMA_RETRY_S)
+                if await self._pause(SCHEMA_RETRY_S):
+                    return
             except Exception as exc:  # an outage (a rejection is handled inside _ship)
                 self.last_db_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 metrics.INSPECTION_DB_ERRORS.labels("unavailable").inc()
                 log.error("inspection log: database unavailable (%s); %d bytes wait in the spool; "
                           "retrying in %.1fs", self.last_db_error, self.spool.pending_bytes, delay)
-                await asyncio.sleep(delay)
+                if await self._pause(delay):
+                    return
                 delay = min(delay * 2, 30.0)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait `seconds` before trying the database again; True (stop now) when the log is
+        closing: with the database failing there is nothing to catch up on, and a shutdown
+        must not wait out a backoff (compose stops a container after 10 s)."""
+        deadline = time.monotonic() + seconds
+        while not self._closing:  # new decisions wake the shipper too: they do not end the pause
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return self._closing
+        return True
 
     def _decode(self, record: bytes) -> dict | None:
         """A spooled record as a row; one that cannot be read as a row (written by another
@@ -575,6 +593,7 @@ class InspectionLog:
             except asyncio.TimeoutError:
                 self._shipper.cancel()
                 await asyncio.gather(self._shipper, return_exceptions=True)
+            if self.spool.pending_bytes:
                 log.error("inspection log: %d bytes of decisions are still in the spool %s (database: %s); "
                           "they will be shipped at the next start", self.spool.pending_bytes,
                           self.spool.folder, self.last_db_error or "slow")

@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     inspection_log: bool = Field(False, description="record every decision in the inspection log")
     inspection_db_url: str = Field("sqlite:///inspections.db",
                                    description="inspection-log database (any SQLAlchemy URL)")
+    inspection_db_password_file: Path | None = Field(
+        None, description="file holding the inspection database's password (a mounted secret; one line): "
+                          "used in place of a password in the URL, which then need not carry one")
     inspection_spool_dir: Path | None = Field(
         None, description="local durable spool of decisions not yet in the database (default: beside a "
                           "SQLite database, else ~/.local/share/edge-anomaly/spool-<hash of the URL>)")
@@ -241,6 +244,22 @@ class Settings(BaseSettings):
                              "ANOMALY_TLS_KEY_FILE: without a server certificate the server would serve "
                              "plaintext")
         return self
+
+    def inspection_db(self) -> str:
+        """The inspection database's URL, with the password of `inspection_db_password_file`
+        when one is set (read now: a missing or unreadable file is an OSError naming it)."""
+        from sqlalchemy.engine import make_url
+
+        if self.inspection_db_password_file is None:
+            return self.inspection_db_url
+        path = Path(self.inspection_db_password_file)
+        try:
+            password = path.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise OSError(f"ANOMALY_INSPECTION_DB_PASSWORD_FILE {path}: {exc.strerror or exc}") from exc
+        if not password:
+            raise OSError(f"ANOMALY_INSPECTION_DB_PASSWORD_FILE {path} is empty")
+        return make_url(self.inspection_db_url).set(password=password).render_as_string(hide_password=False)
 
     def spool_dir(self) -> Path:
         """Where the inspection log spools decisions (see `inspection_spool_dir`); each child

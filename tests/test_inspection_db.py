@@ -5,8 +5,11 @@ current`, and a database migrated by a newer release than the server's."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,12 +126,12 @@ def spool_metric(url: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in lines)
 
 
-def start_logging_server(store, db_url: str, tmp_path: Path, spool: Path) -> tuple:
+def start_logging_server(store, db_url: str, tmp_path: Path, spool: Path, **env: str) -> tuple:
     metrics_port = free_port()
     child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
                                  env={"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": db_url,
                                       "ANOMALY_INSPECTION_SPOOL_DIR": str(spool),
-                                      "ANOMALY_METRICS_PORT": str(metrics_port)})
+                                      "ANOMALY_METRICS_PORT": str(metrics_port), **env})
     return child, target, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
@@ -207,3 +210,57 @@ def test_an_undecodable_spool_record_is_set_aside_and_the_rest_shipped(
     assert [e["record"] for e in set_aside] == ["{not json", '{"request_id": "no-time"}', "[1, 2]"]
     assert all(e["reason"].startswith("undecodable record") for e in set_aside)
     assert "database unavailable" not in (tmp_path / "server.log").read_text()
+
+
+def test_a_server_stops_promptly_while_its_database_is_down(store, good_and_defect, tmp_path: Path) -> None:
+    """The shipper's backoff (up to 30 s) ignored the shutdown: with the database down, a stop
+    waited out the inspection log's 10 s, and compose (10 s by default) SIGKILLed the server."""
+    password = tmp_path / "password"
+    password.write_text("p@ss/word\r\n")  # a secret file as an editor on Windows leaves it
+    url = f"postgresql://mlflow@127.0.0.1:{free_port()}/inspections"  # nothing listens there
+    child, target, metrics = start_logging_server(
+        store, url, tmp_path, tmp_path / "spool", ANOMALY_INSPECTION_DB_PASSWORD_FILE=str(password))
+    try:
+        with AnomalyClient(target) as client:
+            for i, image in enumerate(good_and_defect[0][:2]):
+                client.score(image, request_id=f"down-{i}")
+        time.sleep(18)  # the shipper is in its 16 s backoff now
+        assert spool_metric(metrics, 'anomaly_inspection_db_errors_total{kind="unavailable"}') >= 4
+        stopping = time.monotonic()
+        child.proc.send_signal(signal.SIGTERM)
+        assert child.proc.wait(30) == 0
+        took = time.monotonic() - stopping
+    finally:
+        child.stop()
+    assert took < 8, f"stopping took {took:.1f} s"
+    log_text = (tmp_path / "server.log").read_text()
+    assert "bytes of decisions are still in the spool" in log_text  # and it says what it leaves
+    assert "p@ss" not in log_text  # the password from the file is never logged
+
+
+def test_a_missing_password_file_stops_the_server_at_start(store, tmp_path: Path) -> None:
+    """Not a server that starts with an empty password and spools forever."""
+    env = {**os.environ, "ANOMALY_INSPECTION_LOG": "true",
+           "ANOMALY_INSPECTION_DB_URL": "postgresql://mlflow@127.0.0.1:5432/inspections",
+           "ANOMALY_INSPECTION_DB_PASSWORD_FILE": str(tmp_path / "absent"),
+           "ANOMALY_CACHE_DIR": str(tmp_path / "cache")}
+    started = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--tracking-uri", store.tracking_uri,
+                              "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode != 0
+    assert "ANOMALY_INSPECTION_DB_PASSWORD_FILE" in started.stderr and "Traceback" not in started.stderr, \
+        started.stderr[-2000:]
+
+
+def test_the_password_file_goes_into_the_url_encoded() -> None:
+    from sqlalchemy.engine import make_url
+
+    from service.settings import Settings
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write("p@ss/w%rd:1\n")
+        f.flush()
+        url = Settings(inspection_db_url="postgresql://mlflow@db:5432/inspections",
+                       inspection_db_password_file=Path(f.name)).inspection_db()
+    parsed = make_url(url)
+    assert (parsed.password, parsed.host, parsed.database) == ("p@ss/w%rd:1", "db", "inspections")
