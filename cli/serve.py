@@ -70,6 +70,11 @@ def gateway_cmd(
     log_level: Annotated[str | None, typer.Option(help="logging level")] = None,
 ) -> None:
     """Run the HTTP gateway in front of a gRPC server."""
+    # A stop is a success once drained. uvicorn drains on SIGTERM and then raises the signal
+    # again: outside PID 1 (a supervisor, systemd, `timeout`) the process would end "killed by
+    # SIGTERM" (143). With this handler that re-raise, and a SIGTERM before uvicorn listens
+    # (nothing to drain), end it with status 0, as `anomaly serve`.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     import uvicorn
 
     from service.gateway import create_app
@@ -79,10 +84,6 @@ def gateway_cmd(
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
     tls = {"ssl_certfile": str(config.https_cert_file), "ssl_keyfile": str(config.https_key_file)} \
         if config.https_cert_file else {}
-    # uvicorn drains on SIGTERM, then raises the signal again (the process would end "killed by
-    # SIGTERM", status 143). A drained stop is a success: with this handler in place, its re-raise
-    # ends the process with status 0, as `anomaly serve` does (compose and Kubernetes show 0).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(create_app(config), host=config.http_host, port=config.http_port,
                 log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s), **tls)
 

@@ -39,7 +39,8 @@ from loadtests.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-STOP_AFTER_S = 3600  # a container left by a killed test stops by itself
+STOP_AFTER_S = 3600  # a container left by a killed test stops by itself (podman run --timeout)
+LABEL = "edge-anomaly-stack"  # on every container and volume of a run: value = the run's project
 # Where the file relies on an image's default port or bind address: what binds it to loopback.
 LISTEN_ENV = {
     "server": lambda own: {"ANOMALY_GRPC_HOST": "127.0.0.1", "ANOMALY_GRPC_PORT": own[50051],
@@ -117,16 +118,27 @@ class ComposeStack:
             return IMAGE_STAND_INS[name]
         return name
 
-    def image_entrypoint(self, image: str) -> tuple[list[str], list[str]]:
-        config = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]
-        return list(config.get("Entrypoint") or []), list(config.get("Cmd") or [])
+    def image_cmd(self, image: str) -> list[str]:
+        return list(json.loads(podman("image", "inspect", image).stdout)[0]["Config"].get("Cmd") or [])
+
+    def volume(self, name: str) -> str:
+        """The run's volume for the file's named volume `name`, made with the run's label."""
+        volume = f"{self.project}-{name}"
+        if podman("volume", "exists", volume, check=False).returncode != 0:
+            podman("volume", "create", "--label", f"{LABEL}={self.project}", volume)
+        return volume
+
+    def grace(self, service: str) -> int:
+        """`stop_grace_period` in whole seconds (compose's default: 10)."""
+        return round(seconds(self.compose["services"][service].get("stop_grace_period", "10s")))
 
     def run_args(self, replica: Replica, override: list[str] | None = None) -> list[str]:
         """`podman run` arguments for `replica` as the file defines it (`override`: in place of
         the file's entry point and command, as `docker compose run --entrypoint`)."""
         spec = self.compose["services"][replica.service]
         image = self.image(replica.service)
-        entrypoint, cmd = self.image_entrypoint(image)
+        entrypoint: list[str] | None = None  # None: the image's own
+        cmd = self.image_cmd(image)
         if "entrypoint" in spec:
             entrypoint = spec["entrypoint"]
             entrypoint = entrypoint if isinstance(entrypoint, list) else shlex.split(entrypoint)
@@ -136,19 +148,24 @@ class ComposeStack:
         if override is not None:
             entrypoint, cmd = override, []
         names, argv = set(self.compose["services"]), []
-        for arg in [*entrypoint, *cmd]:  # a service named as a host option's value: loopback
+        for arg in [*(entrypoint or []), *cmd]:  # a service named as a host option's value: loopback
             host = arg in names and bool(argv) and argv[-1].startswith("--") and argv[-1].endswith("host")
             argv.append("127.0.0.1" if host else self.rewrite(arg, replica))
         argv += LISTEN_ARGS.get(replica.service, lambda stack, own: [])(self, replica.ports)
         argv = self.adjust(replica.service, argv)
         env = {k: self.rewrite(str(v), replica) for k, v in (spec.get("environment") or {}).items()}
         env.update(LISTEN_ENV.get(replica.service, lambda own: {})(replica.ports))
-        if any("${" in a for a in [*argv, *env.values()]):
+        if any("$" in a.replace("$$", "") for a in [*argv, *env.values()]):
             raise AssertionError(f"{replica.service}: interpolate compose variables before running it")
         argv = [a.replace("$$", "$") for a in argv]  # compose's escape for a literal $
         env = {k: v.replace("$$", "$") for k, v in env.items()}
-        args = ["run", "--detach", "--name", replica.name, "--label", f"edge-anomaly-stack={self.project}",
-                "--network", "host", "--entrypoint", json.dumps(["timeout", str(STOP_AFTER_S)])]
+        # The service is PID 1, as under compose; podman kills it after STOP_AFTER_S whatever happens.
+        args = ["run", "--detach", "--name", replica.name, "--label", f"{LABEL}={self.project}",
+                "--network", "host", "--timeout", str(STOP_AFTER_S),
+                "--stop-timeout", str(self.grace(replica.service))]
+        if entrypoint is not None:
+            args += ["--entrypoint", json.dumps(argv[:len(entrypoint)])]
+            argv = argv[len(entrypoint):]
         for key, value in env.items():
             args += ["--env", f"{key}={value}"]
         for volume in spec.get("volumes", []):
@@ -156,7 +173,7 @@ class ComposeStack:
             if source.startswith("."):
                 source = str((COMPOSE_FILE.parent / source).resolve())
             else:
-                source = f"{self.project}-{source}"
+                source = self.volume(source)
             args += ["--volume", f"{source}:{target}"]
         for secret in spec.get("secrets", []):
             path = (COMPOSE_FILE.parent / self.compose["secrets"][secret]["file"]).resolve()
@@ -179,9 +196,9 @@ class ComposeStack:
             podman(*self.run_args(replica), timeout=120)
             self.log(f"started {replica.name}")
 
-    def run_once(self, service: str, entrypoint: list[str], suffix: str, timeout: float = 900) -> str:
-        """A one-off container of `service`'s definition running `entrypoint` (as `docker compose
-        run --entrypoint`); its log, once it has ended with status 0."""
+    def run_once(self, service: str, entrypoint: list[str] | None, suffix: str, timeout: float = 900) -> str:
+        """A one-off container of `service`'s definition (as `docker compose run`; with
+        `entrypoint`, `--entrypoint`); its log, once it has ended with status 0."""
         replica = Replica(service, 0, f"{self.project}-{service}-{suffix}", self.replicas[service][0].ports)
         podman(*self.run_args(replica, override=entrypoint), timeout=120)
         status = podman("wait", replica.name, timeout=timeout).stdout.strip()
@@ -196,31 +213,37 @@ class ComposeStack:
         return {name: spec.get("condition", "service_started") for name, spec in depends.items()}
 
     def wait(self, service: str, condition: str, timeout: float = 900) -> None:
-        """Block until `condition` holds for every replica of `service`."""
+        """Block until `condition` holds for every replica of `service` (a one-shot: within
+        `timeout`; health: within the healthcheck's own budget, as compose)."""
         started = time.monotonic()
         for replica in self.replicas[service]:
             if condition == "service_completed_successfully":
                 status = podman("wait", replica.name, timeout=timeout).stdout.strip()
                 assert status == "0", f"{replica.name} exited {status}:\n{self.logs(replica.name)[-3000:]}"
             elif condition == "service_healthy":
-                self.wait_healthy(replica, timeout)
+                self.wait_healthy(replica)
         self.log(f"{service}: {condition} ({time.monotonic() - started:.0f} s)")
 
-    def wait_healthy(self, replica: Replica, timeout: float) -> None:
-        check = self.compose["services"][replica.service]["healthcheck"]["test"]
-        kind, *test = check
+    def wait_healthy(self, replica: Replica) -> None:
+        """Until the healthcheck passes, within compose's budget: start_period + interval ×
+        retries, each check within its timeout (compose's defaults: 0, 30 s, 3, 30 s)."""
+        check = self.compose["services"][replica.service]["healthcheck"]
+        kind, *test = check["test"]
         argv = test if kind == "CMD" else ["sh", "-c", test[0]]
         argv = [self.rewrite(a, replica) for a in argv]
-        deadline = time.monotonic() + timeout
+        interval = seconds(check.get("interval", "30s"))
+        deadline = time.monotonic() + seconds(check.get("start_period", "0s")) + \
+            interval * int(check.get("retries", 3))
         while True:
-            if podman("exec", replica.name, *argv, check=False, timeout=60).returncode == 0:
+            if podman("exec", replica.name, *argv, check=False,
+                      timeout=seconds(check.get("timeout", "30s"))).returncode == 0:
                 return
             state = self.state(replica.name)
             assert state.get("Running"), f"{replica.name} stopped ({state.get('ExitCode')}):\n" \
                                          f"{self.logs(replica.name)[-3000:]}"
             assert time.monotonic() < deadline, \
                 f"{replica.name} not healthy:\n{self.logs(replica.name)[-3000:]}"
-            time.sleep(2)
+            time.sleep(interval)
 
     def state(self, name: str) -> dict:
         return json.loads(podman("inspect", "--type", "container", name).stdout)[0]["State"]
@@ -230,22 +253,24 @@ class ComposeStack:
         return result.stdout + result.stderr
 
     def containers(self) -> list[str]:
-        listed = podman("ps", "--all", "--filter", f"label=edge-anomaly-stack={self.project}",
-                        "--format", "{{.Names}}", check=False)
+        listed = podman("ps", "--all", "--filter", f"label={LABEL}={self.project}", "--format", "{{.Names}}",
+                        check=False)
         return listed.stdout.split()
 
     def volumes(self) -> list[str]:
-        listed = podman("volume", "ls", "--format", "{{.Name}}", check=False)
-        return [v for v in listed.stdout.split() if v.startswith(f"{self.project}-")]
+        listed = podman("volume", "ls", "--filter", f"label={LABEL}={self.project}", "--format", "{{.Name}}",
+                        check=False)
+        return listed.stdout.split()
 
-    def stop(self, timeout: int = 30) -> dict[str, dict]:
-        """Stop what runs, dependents first (compose's order), each with `timeout` seconds' grace;
-        the final State of every container."""
+    def stop(self) -> dict[str, dict]:
+        """`docker compose stop`: dependents first, each with its `stop_grace_period` (compose's
+        default 10 s) before SIGKILL; the final State of every container."""
         order = self.start_order()
         for service in reversed(order):
             for replica in self.replicas[service]:
                 if replica.name in self.containers() and self.state(replica.name).get("Running"):
-                    podman("stop", "--time", str(timeout), replica.name, timeout=timeout + 60)
+                    grace = self.grace(service)
+                    podman("stop", "--time", str(grace), replica.name, timeout=grace + 60)
         return {name: self.state(name) for name in self.containers()}
 
     def start_order(self) -> list[str]:
@@ -266,3 +291,32 @@ class ComposeStack:
             podman("rm", "--force", "--time", "5", name, check=False, timeout=120)
         for volume in self.volumes():
             podman("volume", "rm", "--force", volume, check=False)
+
+
+def sweep() -> list[str]:
+    """Remove what earlier runs left (a test killed before its clean-up: SIGKILL, a CI cancel):
+    the containers and volumes of every project none of whose containers still runs; the
+    projects removed."""
+    project_state = f'{{{{.Label "{LABEL}"}}}} {{{{.State}}}}'
+    listed = podman("ps", "--all", "--filter", f"label={LABEL}", "--format", project_state,
+                    check=False).stdout.split("\n")
+    volumes = podman("volume", "ls", "--filter", f"label={LABEL}", "--format",
+                     f'{{{{index .Labels "{LABEL}"}}}}', check=False).stdout.split()
+    states: dict[str, set[str]] = {project: set() for project in volumes}
+    for line in filter(None, listed):
+        project, _, state = line.partition(" ")
+        states.setdefault(project, set()).add(state)
+    stale = [project for project, seen in states.items() if "running" not in seen]
+    for project in stale:
+        ComposeStack(project).remove()
+    return stale
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration ("1m30s", "5s", "500ms", or a number of seconds) in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)

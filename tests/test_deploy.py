@@ -56,8 +56,9 @@ def test_compose_services_are_wired(compose: dict) -> None:
     # MLflow on PostgreSQL, artifacts served by MLflow from a volume
     mlflow_cmd = " ".join(services["mlflow"]["entrypoint"])
     assert "--backend-store-uri postgresql://" in mlflow_cmd and "--serve-artifacts" in mlflow_cmd
-    assert services["server"]["entrypoint"][-1].endswith("exec anomaly serve")
-    assert services["gateway"]["command"] == ["gateway"]
+    assert services["server"]["command"] == ["serve"] and services["gateway"]["command"] == ["gateway"]
+    # the inspection log's database exists before a server starts, on an old volume too
+    assert services["server"]["depends_on"]["inspections-db"]["condition"] == "service_completed_successfully"
     assert services["server"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["server"]["deploy"]["replicas"] >= 2  # scalable replicas
     assert "--master" in services["locust-master"]["command"]

@@ -94,6 +94,26 @@ def ensure_tools() -> str:
     return ""
 
 
+def image_id(name: str) -> str:
+    """The ID of image `name`, '' when the engine has none."""
+    found = subprocess.run([podman(), "image", "inspect", "--format", "{{.Id}}", name], capture_output=True,
+                           text=True)
+    return found.stdout.strip() if found.returncode == 0 else ""
+
+
+def remove_superseded(tag: str, previous: str, since: float) -> None:
+    """After a build moved `tag` off image `previous`, remove that image, and the `wheel` stage
+    images (WHEEL_LABEL, untagged) made over an hour before this build began at `since` (the
+    recent ones are the cache of the targets built together): repeated builds would otherwise
+    keep every old image until the disk fills. An image a container still uses stays."""
+    if previous and previous != image_id(tag):
+        gone = subprocess.run([podman(), "rmi", previous], capture_output=True, text=True)
+        say(f"removed the previous {tag} ({previous[:12]})" if gone.returncode == 0 else
+            f"kept the previous {tag} ({previous[:12]}): {(gone.stderr.strip().splitlines() or ['?'])[-1]}")
+    subprocess.run([podman(), "image", "prune", "--force", "--filter", f"label={WHEEL_LABEL}",
+                    "--filter", f"until={int(since) - 3600}"], capture_output=True)
+
+
 def image_exists(name: str) -> bool:
     """Whether the engine holds image `name`."""
     return subprocess.run([podman(), "image", "exists", name], capture_output=True).returncode == 0
@@ -167,6 +187,7 @@ def pip_settings() -> dict[str, dict[str, str]]:
     return sections
 
 
+WHEEL_LABEL = "io.edge-anomaly.stage=wheel"  # docker/Dockerfile's `wheel` stage (pruned when dangling)
 BUILD_MOUNTS = "/run/pip-host"  # where a build sees the host files its pip settings name
 
 
@@ -232,19 +253,22 @@ def build(target: str, tag: str, base: str, extra: list[str]) -> None:
                    "--volume", f"{tmp}/pip.conf:/etc/pip.conf:ro",
                    *[a for host, inside in mounts for a in ("--volume", f"{host}:{inside}:ro")], *extra, "."]
         say(f"{' '.join(command[:12])} … (base {base})")
+        previous, since = image_id(tag), time.time()
         run(command, cwd=ROOT)
     say(f"{tag} built in {time.monotonic() - started:.0f} s")
+    remove_superseded(tag, previous, since)
 
 
-def build_postgres(tag: str = LOCAL_POSTGRES, rebuild: bool = False) -> str:
-    """deploy/podman/postgres on the local base (made first if absent) → `tag`, if absent."""
-    if image_exists(tag) and not rebuild:
-        return tag
+def build_postgres(tag: str = LOCAL_POSTGRES) -> str:
+    """deploy/podman/postgres on the local base (made first if absent) → `tag` (cached layers:
+    seconds when nothing changed)."""
     base = build_local_base()
     started = time.monotonic()
+    previous, since = image_id(tag), time.time()
     run([podman(), "build", "--network=host", "--format", "docker", "--tag", tag,
          "--build-arg", f"BASE={base}", str(ROOT / "deploy" / "podman" / "postgres")], quiet=True)
     say(f"{tag} built in {time.monotonic() - started:.0f} s")
+    remove_superseded(tag, previous, since)
     return tag
 
 
@@ -270,8 +294,7 @@ def main(argv: list[str]) -> int:
     one.add_argument("--base", default=os.environ.get("BASE") or PUBLIC_BASE,
                      help=f"base image (BASE; default {PUBLIC_BASE}, else {LOCAL_BASE})")
     one.add_argument("extra", nargs="*", help="more podman build arguments (after --)")
-    pg = sub.add_parser("postgres", help=f"make {LOCAL_POSTGRES} (Debian's PostgreSQL), if absent")
-    pg.add_argument("--rebuild", action="store_true")
+    sub.add_parser("postgres", help=f"build {LOCAL_POSTGRES} (Debian's PostgreSQL)")
     sub.add_parser("pip-conf", help="print the pip.conf builds get and the paths they mount")
     args = parser.parse_args(argv)
     if args.command == "tools":
@@ -282,7 +305,7 @@ def main(argv: list[str]) -> int:
     elif args.command == "base":
         build_local_base(rebuild=args.rebuild)
     elif args.command == "postgres":
-        build_postgres(rebuild=args.rebuild)
+        build_postgres()
     elif args.command == "build":
         build(args.target, args.tag or f"edge-anomaly:{args.target}", args.base, args.extra)
     else:
