@@ -94,10 +94,11 @@ Db = Annotated[str | None, typer.Option(help="inspection-log database URL (defau
                                              "ANOMALY_INSPECTION_DB_URL)")]
 
 
-def _inspection_db() -> str:
-    """The inspection database of the settings (password file applied), or a one-line error."""
+def _inspection_db(db: str | None = None) -> str:
+    """The inspection database: `--db`, else the settings' URL; the password file of the
+    settings applied to either; or a one-line error."""
     try:
-        return settings().inspection_db()
+        return settings(inspection_db_url=db).inspection_db()
     except OSError as exc:
         raise fail(str(exc)) from exc
 
@@ -111,7 +112,7 @@ def inspections_export_cmd(
     """Export the inspection log's decisions in a time range to CSV."""
     from service.inspection import export_csv
 
-    url = db or _inspection_db()
+    url = _inspection_db(db)
     n = export_csv(url, out, since, until)
     typer.echo(f"wrote {n} decisions to {out}")
 
@@ -134,7 +135,7 @@ def quality_report_cmd(
 
     from service.quality import proposals_json, review
 
-    found = review(db or _inspection_db(), since, until)
+    found = review(_inspection_db(db), since, until)
     rows, proposals = found.rows, found.proposals
     console = Console()
     table = Table(title="Quality: operator verdicts against the served decisions")
@@ -185,7 +186,7 @@ def shadow_report_cmd(db: Db = None, since: Since = None, until: Until = None) -
 
     from service.quality import shadow_report
 
-    rows = shadow_report(db or _inspection_db(), since, until)
+    rows = shadow_report(_inspection_db(db), since, until)
     table = Table(title="Shadow challenger against the served answers")
     for col in ("served", "challenger", "category", "pairs", "agreement", "served OK, challenger NG",
                 "served NG, challenger OK"):
@@ -334,9 +335,13 @@ db_app = typer.Typer(help="The inspection log's database schema (as `mlflow db` 
 
 
 def _redacted(url: str) -> str:
+    """`url` with its password hidden; an URL that does not parse is not printed at all."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL may hold a password anywhere
+        return "the database URL (unparseable)"
 
 
 @db_app.command("upgrade")
@@ -348,13 +353,13 @@ def db_upgrade_cmd(db: Db = None) -> None:
 
     from service.inspection import SchemaMismatch, upgrade
 
-    url = db or _inspection_db()
+    url = _inspection_db(db)
     try:
         before, after = upgrade(url)
     except SchemaMismatch as exc:
         raise fail(str(exc), 3) from exc
-    except sa_exc.SQLAlchemyError as exc:
-        raise fail(f"cannot migrate {_redacted(url)}: {str(exc).splitlines()[0]}") from exc
+    except (sa_exc.SQLAlchemyError, OSError, ValueError, RuntimeError) as exc:
+        raise fail(f"cannot migrate {_redacted(url)}: {_first_line(exc)}") from exc
     typer.echo(f"{_redacted(url)}: schema {before or '(none)'} → {after}" if before != after
                else f"{_redacted(url)}: schema {after}, up to date")
 
@@ -365,20 +370,29 @@ def db_current_cmd(db: Db = None) -> None:
     4: it needs `anomaly db upgrade`; 3: it is of a newer release (or not this project's)."""
     from sqlalchemy import exc as sa_exc
 
-    from service.inspection import current_revision, head_revision, known_revisions
+    from service.inspection import current_revision, head_revision, known_revisions, table_names
 
-    url = db or _inspection_db()
+    url = _inspection_db(db)
     try:
-        current = current_revision(url)
-    except sa_exc.SQLAlchemyError as exc:
-        raise fail(f"cannot read {_redacted(url)}: {str(exc).splitlines()[0]}") from exc
+        current, tables = current_revision(url), table_names(url)
+    except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
+        raise fail(f"cannot read {_redacted(url)}: {_first_line(exc)}") from exc
     head = head_revision()
     typer.echo(f"{_redacted(url)}: schema {current or '(none)'}, this release's newest {head}")
     if current == head:
         return
     if current and current not in known_revisions():
-        raise fail("the database is of a release newer than this one", 3)
+        raise fail("that revision is not one of this release's: a newer release migrated the database, "
+                   "or it is not this project's (MLflow's store uses the same alembic_version table)", 3)
+    if not current and {"inspections", "feedback"} & tables:
+        raise fail("inspection tables without a schema revision: a migration was interrupted (SQLite "
+                   "cannot undo part of one: restore the database from a backup), or the tables are "
+                   "not this project's", 3)
     raise fail("run `anomaly db upgrade`", 4)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 COMMANDS = {"serve": serve_cmd, "gateway": gateway_cmd, "inspections-export": inspections_export_cmd,

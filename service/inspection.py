@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -157,6 +158,24 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head() or ""
 
 
+# PostgreSQL waits bounded, so a hung database or peer is an error the shipper reports and
+# retries, never a thread blocked for ever (which also kept the process from exiting): 10 s to
+# connect, 30 s for any lock (the migration lock included), 2 min for a statement.
+POSTGRES_LIMITS = {"connect_timeout": 10, "options": "-c lock_timeout=30000 -c statement_timeout=120000"}
+
+
+def engine_for(url: str, **kwargs: object) -> Engine:
+    """An engine for the inspection database at `url` (PostgreSQL: with POSTGRES_LIMITS)."""
+    from sqlalchemy.engine import make_url
+
+    limits = POSTGRES_LIMITS if make_url(url).get_backend_name() == "postgresql" else {}
+    return create_engine(url, connect_args=dict(limits), **kwargs)  # type: ignore[arg-type]
+
+
+class MigrationLockTimeout(RuntimeError):
+    """Another process has held the migration lock longer than a lock may be waited for."""
+
+
 def known_revisions() -> set[str]:
     """Every schema revision this release knows."""
     return {r.revision for r in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
@@ -166,12 +185,24 @@ def current_revision(url: str) -> str:
     """The schema revision of the database at `url` ('' when it has none yet)."""
     from sqlalchemy import inspect, text
 
-    engine = create_engine(url)
+    engine = engine_for(url)
     try:
         with engine.connect() as conn:
             if not inspect(conn).has_table("alembic_version"):
                 return ""
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() or ""
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    """The tables of the database at `url`."""
+    from sqlalchemy import inspect
+
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
     finally:
         engine.dispose()
 
@@ -186,7 +217,15 @@ def _one_migrator(engine: Engine) -> Iterator[None]:
     database = engine.url.database or ""
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            try:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            except sa_exc.OperationalError as exc:
+                if "lock timeout" not in str(exc):
+                    raise
+                raise MigrationLockTimeout(
+                    "another session has held the inspection database's migration lock for "
+                    f"{POSTGRES_LIMITS['options'].split('lock_timeout=')[1].split()[0]} ms (a migration in "
+                    "progress, or a hung one: see pg_stat_activity)") from exc
             conn.commit()  # the lock is the session's: no transaction held open meanwhile
             try:
                 yield
@@ -196,12 +235,13 @@ def _one_migrator(engine: Engine) -> Iterator[None]:
     elif engine.dialect.name == "sqlite" and database not in ("", ":memory:"):
         import fcntl
 
-        with open(f"{database}.migration-lock", "a") as lock:
+        # Read-only: a lock file left by another user (`sudo anomaly db upgrade`) still locks.
+        lock = os.open(f"{database}.migration-lock", os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            yield
+        finally:
+            os.close(lock)  # releases the lock
     else:
         yield
 
@@ -215,10 +255,14 @@ def upgrade(url: str) -> tuple[str, str]:
     Raises:
         SchemaMismatch: the database is at a revision this release does not know.
     """
-    engine = create_engine(url)
+    head = head_revision()
+    before = current_revision(url)
+    if before == head:  # the usual case: no lock to wait for
+        return before, head
+    engine = engine_for(url)
     try:
         with _one_migrator(engine):
-            before, head = current_revision(url), head_revision()
+            before = current_revision(url)  # another process may have done it meanwhile
             if before != head:
                 try:
                     alembic_command.upgrade(_alembic_config(url), "head")
@@ -226,9 +270,10 @@ def upgrade(url: str) -> tuple[str, str]:
                     if "Can't locate revision" not in str(exc):
                         raise
                     raise SchemaMismatch(
-                        f"the inspection database is at schema revision {before!r}, which this release "
-                        f"(newest {head!r}) does not know: a newer release migrated it; run that "
-                        "release, or restore the database") from exc
+                        f"the inspection database is at schema revision {before!r}, which is not one of "
+                        f"this release's (newest {head!r}): a newer release migrated it (run that "
+                        "release), or it is another application's database (MLflow's keeps its "
+                        "revision in the same table, alembic_version)") from exc
             return before, head
     finally:
         engine.dispose()
@@ -351,6 +396,7 @@ class InspectionLog:
         self._closing = False
         self._alarm = 0.0
         self.last_db_error = ""
+        self._undecodable: set[bytes] = set()  # digests of records set aside as undecodable
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InspectionLog:
@@ -364,7 +410,7 @@ class InspectionLog:
         need not be up: the schema is migrated by the shipper when it first connects."""
         await asyncio.to_thread(self.spool.open)
         self._loop = asyncio.get_running_loop()
-        self.engine = create_engine(self.url, pool_pre_ping=True)
+        self.engine = engine_for(self.url, pool_pre_ping=True)
         _sqlite_wal(self.engine)
         self._writer = threading.Thread(target=self._write_loop, name="inspection-spool", daemon=True)
         self._writer.start()
@@ -506,10 +552,15 @@ class InspectionLog:
 
     def _decode(self, record: bytes) -> dict | None:
         """A spooled record as a row; one that cannot be read as a row (written by another
-        release, or by hand) is set aside in the dead letters with its bytes, never retried."""
+        release, or by hand) is set aside in the dead letters with its bytes, once (its batch
+        is read again after a failed insert), and skipped."""
         try:
             return _from_json(record)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            digest = hashlib.sha256(record).digest()
+            if digest in self._undecodable:
+                return None
+            self._undecodable.add(digest)
             self._set_aside({"record": record.decode("utf-8", "backslashreplace")},
                             f"undecodable record: {type(exc).__name__}: {exc}", request_id="?")
             return None

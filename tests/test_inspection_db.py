@@ -119,6 +119,21 @@ def test_db_upgrade_and_current_commands(tmp_path: Path) -> None:
     down = anomaly("db", "upgrade", "--db", "postgresql://nobody:secret@127.0.0.1:1/none")
     assert down.returncode == 1 and "cannot migrate" in down.stderr and "Traceback" not in down.stderr
     assert "secret" not in down.stderr + down.stdout  # the password is never printed
+    for bad in ("postgresql://nobody:secret@127.0.0.1:port/none", "sqlite:////no/such/folder/x.db"):
+        for command in ("upgrade", "current"):
+            said = anomaly("db", command, "--db", bad)
+            assert said.returncode == 1 and "Traceback" not in said.stderr, said.stderr[-1500:]
+            assert "secret" not in said.stderr + said.stdout
+
+    # Tables but no revision: a migration cut short (SQLite's DDL is not one transaction), or
+    # another application's tables. Not "run anomaly db upgrade", which cannot succeed.
+    half = f"sqlite:///{tmp_path / 'half.db'}"
+    engine = create_engine(half)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE inspections (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    stuck = anomaly("db", "current", "--db", half)
+    assert stuck.returncode == 3 and "interrupted" in stuck.stderr, stuck.stderr
 
 
 def spool_metric(url: str, name: str) -> float:
@@ -264,3 +279,28 @@ def test_the_password_file_goes_into_the_url_encoded() -> None:
                        inspection_db_password_file=Path(f.name)).inspection_db()
     parsed = make_url(url)
     assert (parsed.password, parsed.host, parsed.database) == ("p@ss/w%rd:1", "db", "inspections")
+
+
+def test_the_migration_lock_is_waited_for_within_a_bound(tmp_path: Path) -> None:
+    """A session holding the migration lock (a hung migration) made every shipper wait for
+    ever, silently, and kept the server from exiting; an up-to-date database waited too."""
+    import psycopg
+
+    from service.inspection import MIGRATION_LOCK
+
+    with fresh_postgres_database("lock") as ready, fresh_postgres_database("lock") as empty:
+        assert anomaly("db", "upgrade", "--db", ready).returncode == 0
+        # Advisory locks are per database: a hung migrator in each.
+        with psycopg.connect(ready, autocommit=True) as held, \
+                psycopg.connect(empty, autocommit=True) as held2:
+            for session in (held, held2):
+                session.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+            started = time.monotonic()
+            current = anomaly("db", "upgrade", "--db", ready)  # up to date: no lock needed
+            assert current.returncode == 0 and "up to date" in current.stdout, current.stderr
+            assert time.monotonic() - started < 20
+            waited = anomaly("db", "upgrade", "--db", empty)  # needs the lock: waits 30 s, then says so
+            assert waited.returncode == 1 and "migration lock" in waited.stderr, waited.stderr[-1500:]
+            assert "Traceback" not in waited.stderr
+        assert anomaly("db", "upgrade", "--db", empty).returncode == 0  # released: it goes on
+        assert_at_head(empty)

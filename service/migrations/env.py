@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
 
-from service.inspection import Base
+from service.inspection import Base, engine_for
 
 config = context.config
 url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
@@ -16,7 +15,7 @@ if context.is_offline_mode():
     with context.begin_transaction():
         context.run_migrations()
 else:
-    engine = create_engine(url)
+    engine = engine_for(url)  # PostgreSQL: bounded waits, as the shipper's
     try:
         with engine.connect() as connection:
             context.configure(connection=connection, target_metadata=Base.metadata)
