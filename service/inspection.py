@@ -160,16 +160,22 @@ def head_revision() -> str:
 
 # PostgreSQL waits bounded, so a hung database or peer is an error the shipper reports and
 # retries, never a thread blocked for ever (which also kept the process from exiting): 10 s to
-# connect, 30 s for any lock (the migration lock included), 2 min for a statement.
-POSTGRES_LIMITS = {"connect_timeout": 10, "options": "-c lock_timeout=30000 -c statement_timeout=120000"}
+# connect, 30 s for any lock (the migration lock included), 2 min for a statement (the shipper's
+# inserts; a migration's statements, over a large table, may take longer and are not limited).
+POSTGRES_LIMITS = {"connect_timeout": 10, "options": "-c lock_timeout=30000"}
+STATEMENT_TIMEOUT_MS = 120_000
 
 
-def engine_for(url: str, **kwargs: object) -> Engine:
-    """An engine for the inspection database at `url` (PostgreSQL: with POSTGRES_LIMITS)."""
+def engine_for(url: str, *, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS, **kwargs: object) -> Engine:
+    """An engine for the inspection database at `url` (PostgreSQL: with POSTGRES_LIMITS and
+    `statement_timeout_ms`, 0 = none)."""
     from sqlalchemy.engine import make_url
 
-    limits = POSTGRES_LIMITS if make_url(url).get_backend_name() == "postgresql" else {}
-    return create_engine(url, connect_args=dict(limits), **kwargs)  # type: ignore[arg-type]
+    limits: dict[str, object] = {}
+    if make_url(url).get_backend_name() == "postgresql":
+        limits = {**POSTGRES_LIMITS,
+                  "options": f"{POSTGRES_LIMITS['options']} -c statement_timeout={statement_timeout_ms}"}
+    return create_engine(url, connect_args=limits, **kwargs)  # type: ignore[arg-type]
 
 
 class MigrationLockTimeout(RuntimeError):

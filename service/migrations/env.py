@@ -15,7 +15,7 @@ if context.is_offline_mode():
     with context.begin_transaction():
         context.run_migrations()
 else:
-    engine = engine_for(url)  # PostgreSQL: bounded waits, as the shipper's
+    engine = engine_for(url, statement_timeout_ms=0)  # bounded connect and lock waits; DDL may take long
     try:
         with engine.connect() as connection:
             context.configure(connection=connection, target_metadata=Base.metadata)
