@@ -334,16 +334,6 @@ db_app = typer.Typer(help="The inspection log's database schema (as `mlflow db` 
                      no_args_is_help=True)
 
 
-def _redacted(url: str) -> str:
-    """`url` with its password hidden; an URL that does not parse is not printed at all."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparseable URL may hold a password anywhere
-        return "the database URL (unparseable)"
-
-
 @db_app.command("upgrade")
 def db_upgrade_cmd(db: Db = None) -> None:
     """Create or migrate the inspection database's schema to this release's newest revision
@@ -352,6 +342,7 @@ def db_upgrade_cmd(db: Db = None) -> None:
     from sqlalchemy import exc as sa_exc
 
     from service.inspection import SchemaMismatch, upgrade
+    from service.registry_schema import redacted
 
     url = _inspection_db(db)
     try:
@@ -359,9 +350,9 @@ def db_upgrade_cmd(db: Db = None) -> None:
     except SchemaMismatch as exc:
         raise fail(str(exc), 3) from exc
     except (sa_exc.SQLAlchemyError, OSError, ValueError, RuntimeError) as exc:
-        raise fail(f"cannot migrate {_redacted(url)}: {_first_line(exc)}") from exc
-    typer.echo(f"{_redacted(url)}: schema {before or '(none)'} → {after}" if before != after
-               else f"{_redacted(url)}: schema {after}, up to date")
+        raise fail(f"cannot migrate {redacted(url)}: {_first_line(exc)}") from exc
+    typer.echo(f"{redacted(url)}: schema {before or '(none)'} → {after}" if before != after
+               else f"{redacted(url)}: schema {after}, up to date")
 
 
 @db_app.command("current")
@@ -370,15 +361,16 @@ def db_current_cmd(db: Db = None) -> None:
     4: it needs `anomaly db upgrade`; 3: it is of a newer release (or not this project's)."""
     from sqlalchemy import exc as sa_exc
 
-    from service.inspection import current_revision, head_revision, known_revisions, table_names
+    from service.inspection import head_revision, known_revisions, schema_state
+    from service.registry_schema import redacted
 
     url = _inspection_db(db)
     try:
-        current, tables = current_revision(url), table_names(url)
+        current, tables = schema_state(url)
     except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
-        raise fail(f"cannot read {_redacted(url)}: {_first_line(exc)}") from exc
+        raise fail(f"cannot read {redacted(url)}: {_first_line(exc)}") from exc
     head = head_revision()
-    typer.echo(f"{_redacted(url)}: schema {current or '(none)'}, this release's newest {head}")
+    typer.echo(f"{redacted(url)}: schema {current or '(none)'}, this release's newest {head}")
     if current == head:
         return
     if current and current not in known_revisions():

@@ -187,30 +187,24 @@ def known_revisions() -> set[str]:
     return {r.revision for r in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
 
 
-def current_revision(url: str) -> str:
-    """The schema revision of the database at `url` ('' when it has none yet)."""
+def schema_state(url: str) -> tuple[str, set[str]]:
+    """The schema revision of the database at `url` ('' when it has none yet) and its tables."""
     from sqlalchemy import inspect, text
 
     engine = engine_for(url)
     try:
         with engine.connect() as conn:
-            if not inspect(conn).has_table("alembic_version"):
-                return ""
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() or ""
+            tables = set(inspect(conn).get_table_names())
+            if "alembic_version" not in tables:
+                return "", tables
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() or "", tables
     finally:
         engine.dispose()
 
 
-def table_names(url: str) -> set[str]:
-    """The tables of the database at `url`."""
-    from sqlalchemy import inspect
-
-    engine = engine_for(url)
-    try:
-        with engine.connect() as conn:
-            return set(inspect(conn).get_table_names())
-    finally:
-        engine.dispose()
+def current_revision(url: str) -> str:
+    """The schema revision of the database at `url` ('' when it has none yet)."""
+    return schema_state(url)[0]
 
 
 @contextlib.contextmanager

@@ -295,17 +295,35 @@ def wait_alias_error(stub, alias: str, version: str, request=None, serving: str 
     return info
 
 
-def wait_for(check, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll `check()` every 0.2 s until it returns something true, and return that."""
+def wait_for(check, timeout: float = 30.0, what: str = "condition",  # type: ignore[no-untyped-def]
+             retry_on: tuple[type[BaseException], ...] = ()):
+    """Poll `check()` every 0.2 s until it returns something true, and return that; an
+    exception of `retry_on` counts as not yet (the last one is named if time runs out)."""
     import time
 
     deadline = time.monotonic() + timeout
+    last: BaseException | None = None
     while time.monotonic() < deadline:
-        value = check()
+        try:
+            value = check()
+        except retry_on as exc:
+            last, value = exc, None
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last!r})" if last else ""))
+
+
+def metric_sum(url: str, name: str, default: float | None = None) -> float:
+    """The sum of the samples of `name` (a metric, or a metric with its labels, as
+    `anomaly_inspection_rows_total{outcome="shipped"}`) on the Prometheus endpoint `url`; `default`
+    when it has none yet (None: it must have some)."""
+    import httpx
+
+    values = [float(line.split()[-1]) for line in httpx.get(url, timeout=10).text.splitlines()
+              if line.startswith((name + " ", name + "{"))]
+    assert values or default is not None, f"{name} not in {url}"
+    return sum(values) if values else default
 
 
 def reference_set(store: Store, client, tmp_path: Path) -> list:

@@ -13,29 +13,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import fresh_postgres_database
+from conftest import fresh_postgres_database, metric_sum
 from sqlalchemy import create_engine, inspect, text
 
 from clients.sdk import AnomalyClient
 from loadtests.launch import free_port, start_server
+from service.inspection import head_revision
 from service.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]
 MIGRATE = "import sys; from service.inspection import upgrade; upgrade(sys.argv[1])"
 PROCESSES = 4
-
-
-def head_revision() -> str:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    from service.inspection import MIGRATIONS
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return ScriptDirectory.from_config(config).get_current_head()
 
 
 def migrate_at_once(url: str) -> list[tuple[int, str]]:
@@ -136,11 +125,6 @@ def test_db_upgrade_and_current_commands(tmp_path: Path) -> None:
     assert stuck.returncode == 3 and "interrupted" in stuck.stderr, stuck.stderr
 
 
-def spool_metric(url: str, name: str) -> float:
-    lines = [line for line in httpx.get(url, timeout=10).text.splitlines() if line.startswith(name)]
-    return sum(float(line.split()[-1]) for line in lines)
-
-
 def start_logging_server(store, db_url: str, tmp_path: Path, spool: Path, **env: str) -> tuple:
     metrics_port = free_port()
     child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
@@ -165,10 +149,10 @@ def test_a_database_of_a_newer_schema_is_named_and_decisions_wait_in_the_spool(
             for request_id, image in zip(ids, good_and_defect[1], strict=False):
                 assert client.score(image, request_id=request_id).request_id == request_id
         deadline = time.monotonic() + 30
-        while spool_metric(metrics, 'anomaly_inspection_db_errors_total{kind="schema"}') < 1:
+        while metric_sum(metrics, 'anomaly_inspection_db_errors_total{kind="schema"}', default=0.0) < 1:
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
-        assert spool_metric(metrics, "anomaly_inspection_spool_bytes") > 0
+        assert metric_sum(metrics, "anomaly_inspection_spool_bytes") > 0
     finally:
         assert child.stop() == 0
     log_text = (tmp_path / "server.log").read_text()
@@ -215,10 +199,10 @@ def test_an_undecodable_spool_record_is_set_aside_and_the_rest_shipped(
             client.score(good_and_defect[1][0], request_id="after-2")
         deadline = time.monotonic() + 30
         while sorted(_request_ids(url)) != ["after-1", "after-2"] or \
-                spool_metric(metrics, "anomaly_inspection_spool_bytes") > 0:
+                metric_sum(metrics, "anomaly_inspection_spool_bytes") > 0:
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
-        assert spool_metric(metrics, 'anomaly_inspection_rows_total{outcome="dead_letter"}') == 3
+        assert metric_sum(metrics, 'anomaly_inspection_rows_total{outcome="dead_letter"}') == 3
     finally:
         assert child.stop() == 0
     set_aside = [json.loads(line) for line in (spool_dir / "dead-letter.jsonl").read_text().splitlines()]
@@ -240,7 +224,7 @@ def test_a_server_stops_promptly_while_its_database_is_down(store, good_and_defe
             for i, image in enumerate(good_and_defect[0][:2]):
                 client.score(image, request_id=f"down-{i}")
         time.sleep(18)  # the shipper is in its 16 s backoff now
-        assert spool_metric(metrics, 'anomaly_inspection_db_errors_total{kind="unavailable"}') >= 4
+        assert metric_sum(metrics, 'anomaly_inspection_db_errors_total{kind="unavailable"}') >= 4
         stopping = time.monotonic()
         child.proc.send_signal(signal.SIGTERM)
         assert child.proc.wait(30) == 0

@@ -34,6 +34,7 @@ import httpx
 import psycopg
 import pytest
 from compose_podman import ROOT, ComposeStack, sweep
+from conftest import metric_sum, wait_for
 from podman_support import make, podman
 
 from clients.sdk import AnomalyClient
@@ -86,29 +87,6 @@ class Steps:
         self.last = now
 
 
-def metric(url: str, name: str) -> float:
-    text = httpx.get(url, timeout=10).text
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-              or line.startswith(name + "{")]
-    assert values, f"{name} not in {url}"
-    return sum(values)
-
-
-def wait_until(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - the last one is reported
-            last = exc
-        else:
-            last = None
-        assert time.monotonic() < deadline, f"timed out waiting for {what} (last error: {last})"
-        time.sleep(2)
-
-
 def test_compose_stack(images: None, good_and_defect: tuple[list[Path], list[Path]]) -> None:
     good, defect = good_and_defect
     stack = ComposeStack(f"stack-{uuid.uuid4().hex[:8]}", adjust=bounded)
@@ -127,7 +105,8 @@ def test_compose_stack(images: None, good_and_defect: tuple[list[Path], list[Pat
             steps.done(f"start {service}")
         for replica in stack.replicas["server"]:
             stack.wait_healthy(replica)
-        wait_until(lambda: httpx.get(f"{gateway}/readyz", timeout=5).status_code == 200, 120, "gateway ready")
+        wait_for(lambda: httpx.get(f"{gateway}/readyz", timeout=5).status_code == 200, 120, "gateway ready",
+                 retry_on=(Exception,))
         steps.done("servers healthy, gateway ready")
 
         # ---- 1. score over gRPC on each replica and over HTTP through the gateway
@@ -170,8 +149,8 @@ def test_compose_stack(images: None, good_and_defect: tuple[list[Path], list[Pat
         assert moved.status_code == 200, moved.text
         for target in servers:
             with AnomalyClient(target) as client:
-                wait_until(lambda c=client: c.get_model(alias="champion").ref.version == str(new), 120,
-                           f"{target} serving version {new}")
+                wait_for(lambda c=client: c.get_model(alias="champion").ref.version == str(new), 120,
+                         f"{target} serving version {new}", retry_on=(Exception,))
         with AnomalyClient(gateway, alias="champion") as client:
             assert client.score(good[0].read_bytes()).model.version == str(new)
         steps.done(f"champion moved to version {new} by REST, both replicas follow")
@@ -194,9 +173,9 @@ def test_compose_stack(images: None, good_and_defect: tuple[list[Path], list[Pat
             with AnomalyClient(targets[i % len(targets)], alias="champion") as client:
                 result = client.score((defect if i % 2 else good)[i % 4].read_bytes(), request_id=request_id)
                 assert math.isfinite(result.score) and result.request_id == request_id
-        wait_until(lambda: sum(metric(url, "anomaly_inspection_spool_bytes") for url in metrics) > 0, 30,
-                   "decisions in the spools")
-        spooled = sum(metric(url, "anomaly_inspection_spool_bytes") for url in metrics)
+        wait_for(lambda: sum(metric_sum(url, "anomaly_inspection_spool_bytes") for url in metrics) > 0, 30,
+                 "decisions in the spools", retry_on=(Exception,))
+        spooled = sum(metric_sum(url, "anomaly_inspection_spool_bytes") for url in metrics)
         # Down for longer than a registry poll (MLflow has lost its store too): the servers keep
         # serving the version they have, and say SERVING.
         time.sleep(max(0.0, POLL_S + 5 - (time.monotonic() - down_at)))
@@ -210,7 +189,7 @@ def test_compose_stack(images: None, good_and_defect: tuple[list[Path], list[Pat
         stack.wait_healthy(postgres)
 
         def shipped() -> bool:
-            if sum(metric(url, "anomaly_inspection_spool_bytes") for url in metrics) > 0:
+            if sum(metric_sum(url, "anomaly_inspection_spool_bytes") for url in metrics) > 0:
                 return False
             with psycopg.connect(inspections_url, connect_timeout=5) as db:
                 rows = db.execute("SELECT request_id, count(*) FROM inspections WHERE request_id = ANY(%s) "
@@ -218,7 +197,7 @@ def test_compose_stack(images: None, good_and_defect: tuple[list[Path], list[Pat
             counts = dict(rows)
             assert all(n == 1 for n in counts.values()), f"shipped twice: {counts}"
             return set(counts) == set(ids)
-        wait_until(shipped, 180, "every spooled decision in PostgreSQL")
+        wait_for(shipped, 180, "every spooled decision in PostgreSQL", retry_on=(Exception,))
         assert httpx.get(f"{mlflow}/api/2.0/mlflow/registered-models/get", params={"name": MODEL},
                          timeout=30).status_code == 200  # MLflow has its store back too
         # The next `up` on this (now existing) volume: inspections-db finds its database and ends 0.
