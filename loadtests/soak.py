@@ -328,8 +328,7 @@ class Soak:
             client.log_artifacts(run.info.run_id, str(self.reference), "reference")
         client.set_terminated(run.info.run_id)
         version = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model",
-                                              run_id=run.info.run_id)
-        client.set_model_version_tag(MODEL, version.version, "soak.kind", kind)
+                                              run_id=run.info.run_id, tags={"soak.kind": kind})
         return str(version.version)
 
     def _versions(self, source: Path) -> dict[str, str]:

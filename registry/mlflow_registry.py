@@ -7,7 +7,11 @@ Conventions (DESIGN.md): one registered model per inspection task (default
 newest build of that variant and `champion` to what production serves.
 
 The artifact is the ONNX model logged with MLflow's `onnx` flavor (so stock
-`mlflow models serve` can load it) plus `anomaly_model.json` as an extra file.
+`mlflow models serve` can load it), with its signature and an input example, plus
+`anomaly_model.json` as an extra file. The headline metrics are linked to the logged model
+(MLflow 3's LoggedModel page shows them). A version is created in one registry call that
+carries all its tags and its description, after everything it names (model, reference set,
+torch weights) is logged: no server following an alias ever sees a version half-made.
 """
 
 from __future__ import annotations
@@ -118,6 +122,16 @@ def _signature(metadata: ModelMetadata) -> Any:
             TensorSpec(np.dtype(np.float32), (-1,), metadata.score_output),
         ]),
     )
+
+
+def _input_example(metadata: ModelMetadata) -> dict[str, np.ndarray]:
+    """One prepared image (batch 1) in the model's input: zeros, i.e. the normalisation's mean
+    colour. MLflow writes it beside the model (`input_example.json`, and the request body
+    `serving_input_example.json` that `mlflow models serve` accepts) and checks at logging
+    time that the model runs on it. Zeros keep the JSON as small as it can be: about 1.1 MB at
+    128×128 and 4.3 MB at 256×256 in all."""
+    h, w = metadata.input_size
+    return {metadata.input_name: np.zeros((1, 3, h, w), np.float32)}
 
 
 def version_tags(metadata: ModelMetadata, metrics: dict[str, float]) -> dict[str, str]:
@@ -235,6 +249,39 @@ def log_reference_set(parts: list[KnownPart], origin: str) -> None:
         mlflow.log_artifacts(tmp, artifact_path=REFERENCE_ARTIFACTS)
 
 
+def ensure_registered_model(client: Any, model_name: str) -> None:
+    """Create the registered model `model_name` with its description, or (it exists, perhaps
+    created by a concurrent build) set its description."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name, description=MODEL_DESCRIPTION)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+        client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
+
+
+def link_logged_model(client: Any, model_id: str, model_name: str, version: str) -> None:
+    """Record on the logged model which registered version it became (the tag
+    `mlflow.modelVersions` that `mlflow.register_model` writes; the UI links the two pages
+    with it). A registry without the logged model (another workspace) only loses the link."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+        links = [*(json.loads(existing) if existing else []), {"name": model_name, "version": version}]
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("logged model %s not found: version %s of %s is not linked to it", model_id,
+                    version, model_name)
+
+
 def log_and_register(
     onnx_path: Path | str,
     metadata: ModelMetadata,
@@ -273,6 +320,8 @@ def log_and_register(
     import onnx
     from mlflow import MlflowClient
 
+    from service.reproduction import RECORDED_TAG
+
     ensure_experiment(experiment, artifact_root)
     default_alias = f"{metadata.architecture}-{metadata.variant}"
     all_aliases = tuple(dict.fromkeys((default_alias, *aliases)))
@@ -281,22 +330,23 @@ def log_and_register(
         for rec in history or []:
             step = int(rec["epoch"])
             mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=step)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
         mlflow.set_tags({"architecture": metadata.architecture, "variant": metadata.variant})
         meta_dir = Path(onnx_path).parent
         meta_file = metadata.save(meta_dir)
         recorded = reproduction_record(onnx_path, metadata, reference, meta_dir / "reproduction")
-        info = mlflow.onnx.log_model(
+        info = mlflow.onnx.log_model(  # logged only: the version is created below, in one call
             onnx.load(str(onnx_path)),
             name=ARTIFACT_PATH,
             signature=_signature(metadata),
-            registered_model_name=model_name,
+            input_example=_input_example(metadata),
             metadata={"anomaly_model": metadata.architecture, "variant": metadata.variant},
             extra_files=[str(meta_file), *map(str, recorded)],
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
-        version = str(info.registered_model_version)
+        # on the run and on the logged model (MLflow 3's LoggedModel page shows them)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+                           model_id=info.model_id)
         if checkpoint is not None:
             from registry.checkpoint import TORCH_ARTIFACTS
 
@@ -304,18 +354,18 @@ def log_and_register(
         if reference:
             log_reference_set(list(reference), f"evaluation split of {metadata.dataset or 'the dataset'}")
     client = MlflowClient()
-    client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
+    ensure_registered_model(client, model_name)
     host = this_host()
-    client.update_model_version(model_name, version, description=version_description(metadata, metrics)
-                                + f"\n\nMeasured on {host.describe()}" + (
-                                    f"; {len(recorded) - 1} reference part(s) recorded for the "
-                                    "reproduction check every server runs before it serves this version "
-                                    "(`hardware.<host class>.status`)." if recorded else "."))
-    from service.reproduction import RECORDED_TAG
-
-    recorded_tag = {RECORDED_TAG: str(max(len(recorded) - 1, 0))}
-    for key, value in {**version_tags(metadata, metrics), **host.tags(), **recorded_tag}.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    description = version_description(metadata, metrics) + f"\n\nMeasured on {host.describe()}" + (
+        f"; {len(recorded) - 1} reference part(s) recorded for the reproduction check every server "
+        "runs before it serves this version (`hardware.<host class>.status`)." if recorded else ".")
+    tags = {**version_tags(metadata, metrics), **host.tags(), RECORDED_TAG: str(max(len(recorded) - 1, 0))}
+    # One call: the version exists only with all its tags and its description. The source is
+    # the logged model (`models:/m-…`), as `log_model(registered_model_name=…)` registered it.
+    created = client.create_model_version(model_name, info.model_uri, run_id=run.info.run_id, tags=tags,
+                                          description=description, model_id=info.model_id)
+    version = str(created.version)
+    link_logged_model(client, info.model_id, model_name, version)
     for alias in all_aliases:
         client.set_registered_model_alias(model_name, alias, version)
     log.info("registered %s version %s with aliases %s", model_name, version, all_aliases)
