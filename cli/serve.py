@@ -36,6 +36,7 @@ def serve_cmd(
 ) -> None:
     """Run the gRPC inference server (serves `models:/<model>@<alias>`); with `--http`, the
     HTTP API too, in the same process."""
+    from service import tracing
     from service.errors import ServiceError
     from service.logs import configure_logging
     from service.main import serve
@@ -44,7 +45,7 @@ def serve_cmd(
                       grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level,
                       http_in_process=http, http_port=http_port, processes=processes)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
-    if config.processes > 1:
+    if config.processes > 1:  # the supervisor serves nothing: each child traces its own requests
         from service.processes import PortHeld, Supervisor
 
         try:
@@ -54,6 +55,7 @@ def serve_cmd(
         except (PortHeld, OSError) as exc:  # another supervisor, server or spool holder; no runtime folder
             raise fail(f"cannot start the servers: {exc}") from exc
         raise typer.Exit(code)
+    tracing.configure("anomaly-server")
     try:
         asyncio.run(serve(config))
     except ServiceError as exc:
@@ -77,15 +79,18 @@ def gateway_cmd(
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     import uvicorn
 
+    from service import tracing
     from service.gateway import create_app
     from service.logs import configure_logging
 
     config = settings(grpc_target=grpc_target, http_host=host, http_port=port, log_level=log_level)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
+    tracing.configure("anomaly-gateway")
     tls = {"ssl_certfile": str(config.https_cert_file), "ssl_keyfile": str(config.https_key_file)} \
         if config.https_cert_file else {}
     uvicorn.run(create_app(config), host=config.http_host, port=config.http_port,
-                log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s), **tls)
+                log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s),
+                log_config=None, **tls)  # None: uvicorn's lines go through configure_logging's format
 
 
 Since = Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")]

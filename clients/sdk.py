@@ -21,7 +21,9 @@ classification in `anomaly.wire` that the hot folder uses too). Before sending a
 over 1 MiB the client learns the server's limit (`GetModel`'s `max_image_bytes`, once) and
 refuses a bigger one itself. Each `score` carries a request id (generated when not given)
 that stays the same across its retries, so the server's log and a caller's records can
-de-duplicate.
+de-duplicate. With OpenTelemetry set up in the calling program, each call is a client span
+whose W3C trace context travels with it (`clients.tracecontext`): the gateway's and the
+server's spans join the caller's trace.
 
 `score_stream` (gRPC only) scores a sequence of images over one `ScoreStream`, e.g. a line
 camera's frames as a generator, and yields the results in input order as they arrive. A
@@ -59,6 +61,7 @@ from anomaly.wire import (
     too_large,
 )
 from anomaly.wire import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: files treated as images
+from clients import tracecontext
 
 ImageInput = bytes | str | Path
 StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request id)
@@ -280,6 +283,24 @@ class _BaseClient:
     def _metadata(self) -> list[tuple[str, str]] | None:
         return [("x-api-key", self._api_key)] if self._api_key else None
 
+    def _call_metadata(self) -> list[tuple[str, str]] | None:
+        """The metadata of one gRPC attempt: the key, and the trace context when tracing."""
+        trace = tracecontext.headers()
+        return [*(self._metadata or []), *trace.items()] if trace else self._metadata
+
+    @staticmethod
+    def _http_call(call: _Call) -> dict[str, Any]:
+        """`call.http_request` with the trace context's headers when tracing."""
+        request, trace = call.http_request, tracecontext.headers()
+        if trace:
+            request["headers"] = {**(request["headers"] or {}), **trace}
+        return request
+
+    @staticmethod
+    def _span_attributes(call: _Call) -> dict[str, Any]:
+        rid = getattr(call.message, "request_id", "")
+        return {"rpc.method": call.rpc, **({"anomaly.request_id": rid} if rid else {})}
+
     def _http_options(self) -> dict[str, Any]:
         verify: ssl.SSLContext | bool = True
         ca, cert, key = self._tls
@@ -391,22 +412,23 @@ class AnomalyClient(_BaseClient):
     def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
             stub = self._next_stub()
-            return getattr(stub, call.rpc)(call.message, timeout=timeout, metadata=self._metadata)
-        r = self._http.request(**call.http_request, timeout=timeout)
+            return getattr(stub, call.rpc)(call.message, timeout=timeout, metadata=self._call_metadata())
+        r = self._http.request(**self._http_call(call), timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
         return self._from_http(call, r.json())
 
     def _invoke(self, call: _Call, timeout: float | None) -> Any:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        attempt = 0
-        while True:
-            try:
-                return self._parse(call.rpc, self._send(call, self._remaining(deadline)))
-            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _retry_delay
-                delay = self._retry_delay(exc, attempt, deadline)
-            time.sleep(delay)
-            attempt += 1
+        with tracecontext.span(call.rpc, self._span_attributes(call)):
+            deadline = time.monotonic() + (timeout or self.timeout)
+            attempt = 0
+            while True:
+                try:
+                    return self._parse(call.rpc, self._send(call, self._remaining(deadline)))
+                except Exception as exc:  # noqa: BLE001 - converted or re-raised by _retry_delay
+                    delay = self._retry_delay(exc, attempt, deadline)
+                time.sleep(delay)
+                attempt += 1
 
     def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
               category: str = "", return_anomaly_map: bool = False, request_id: str = "",
@@ -486,22 +508,23 @@ class AsyncAnomalyClient(_BaseClient):
     async def _send(self, call: _Call, timeout: float) -> Any:
         if not self.http:
             return await getattr(self._next_stub(), call.rpc)(call.message, timeout=timeout,
-                                                              metadata=self._metadata)
-        r = await self._http.request(**call.http_request, timeout=timeout)
+                                                              metadata=self._call_metadata())
+        r = await self._http.request(**self._http_call(call), timeout=timeout)
         if r.status_code >= 400:
             raise self._http_error(r)
         return self._from_http(call, r.json())
 
     async def _invoke(self, call: _Call, timeout: float | None) -> Any:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        attempt = 0
-        while True:
-            try:
-                return self._parse(call.rpc, await self._send(call, self._remaining(deadline)))
-            except Exception as exc:  # noqa: BLE001 - converted or re-raised by _retry_delay
-                delay = self._retry_delay(exc, attempt, deadline)
-            await asyncio.sleep(delay)
-            attempt += 1
+        with tracecontext.span(call.rpc, self._span_attributes(call)):
+            deadline = time.monotonic() + (timeout or self.timeout)
+            attempt = 0
+            while True:
+                try:
+                    return self._parse(call.rpc, await self._send(call, self._remaining(deadline)))
+                except Exception as exc:  # noqa: BLE001 - converted or re-raised by _retry_delay
+                    delay = self._retry_delay(exc, attempt, deadline)
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
                     category: str = "", return_anomaly_map: bool = False, request_id: str = "",

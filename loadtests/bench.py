@@ -49,6 +49,7 @@ from loadtests.targets import (
     GRPC_ONE,
     GRPC_PROCS,
     GRPC_RAW,
+    GRPC_TRACED,
     HTTP,
     HTTP_IN,
     V2_GRPC,
@@ -118,6 +119,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     from anomaly.channel import MESSAGE_OPTIONS, grpc_channel
     from loadtests import peers as peer_servers
     from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready, wait_metric
+    from loadtests.otlp_sink import OtlpSink
     from service.engine import OnnxModel
     from service.repository import ModelRepository, ModelSpec, provider_options
     from service.settings import Settings, usable_cores
@@ -144,6 +146,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     if providers:
         quiet["ANOMALY_PROVIDERS"] = json.dumps(list(providers))
     children = []
+    sink = OtlpSink()  # the traced server's collector: counts the spans it is sent
 
     def served(target: Target, *keys: str) -> Target:
         target.server_pids = tuple(pids[k] for k in keys)
@@ -152,6 +155,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     async def run_all() -> dict[tuple[str, str], list[Phase]]:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with (grpc_channel(addresses["off"], aio=True) as off,
+                    grpc_channel(addresses["traced"], aio=True) as traced,
                     grpc_channel(addresses["on"], aio=True) as on,
                     grpc_channel(addresses["one"], aio=True) as one,
                     httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http,
@@ -160,6 +164,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
             paths: list[Target] = [bare, served(grpc_target(GRPC_OFF, off, images), "off"),
                                    served(grpc_target(GRPC_RAW, off, images, raw=True), "off"),
                                    served(StreamTarget(off, images), "off"),
+                                   served(grpc_target(GRPC_TRACED, traced, images), "traced"),
                                    served(grpc_target(GRPC_ON, on, images), "on"),
                                    served(grpc_target(GRPC_ONE, one, images), "one"),
                                    served(http_target(inproc, images, HTTP_IN), "in"),
@@ -192,7 +197,9 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         pids: dict[str, int] = {}
         http_port, procs_metrics = free_port(), free_port()
         http_in = f"http://127.0.0.1:{http_port}"
+        # Tracing on: every request's spans exported over OTLP/HTTP to a sink on loopback.
         servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"},
+                   "traced": {"ANOMALY_MAX_BATCH_SIZE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint},
                    "on": {"ANOMALY_MAX_BATCH_SIZE": str(max_batch_size)},
                    "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"},
                    "in": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_HTTP_IN_PROCESS": "true",
@@ -208,7 +215,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
             pids[key] = child.pid
         wait_http_ready(f"{http_in}/readyz", 60)
         for i in range(2):  # every child of the 2-process server has its model loaded
-            wait_metric(f"http://127.0.0.1:{procs_metrics + i}/metrics", "anomaly_model_loaded{", 120)
+            wait_metric(f"http://127.0.0.1:{procs_metrics + i}/metrics", "anomaly_model_info{", 120)
         child, base = start_gateway(addresses["off"], work / "gateway.log", env=quiet)
         children.append(child)
         pids["gateway"] = child.pid
@@ -216,6 +223,8 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     finally:
         for child in reversed(children):
             child.stop()
+        sink.close()
+    details[GRPC_TRACED] = f"{sink.received} spans exported to an OTLP/HTTP sink on loopback"
     results = summarize(phases, details)
     if out is not None:
         text = render(results, model=f"{model_name}/{version} ({metadata.architecture}-{metadata.variant})",

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from anomaly.wire import identifier_problem
-from service import metrics
+from service import metrics, tracing
 from service.batcher import Batcher, BatchResult
 from service.budget import MemoryBudget
 from service.engine import Decision
@@ -278,7 +278,7 @@ class DataPlane:
         return probe, probe.cost
 
     async def score(self, req: ScoreInput) -> ScoreOutput:
-        """Score one image.
+        """Score one image (with tracing on, in an `anomaly.score` span with its stages).
 
         Raises:
             Overloaded: too many requests admitted, no decode memory in time, or the
@@ -288,6 +288,16 @@ class DataPlane:
             DeadlineExceeded: the deadline passed while queued.
             NonFiniteOutput: the model produced a NaN/inf score or map (no decision).
         """
+        if not tracing.enabled():
+            return await self._score(req)
+        with tracing.span("anomaly.score", {"anomaly.request_id": req.request_id,
+                                            "anomaly.station": req.station, "anomaly.model": req.model,
+                                            "anomaly.alias": req.alias, "anomaly.category": req.category}):
+            return await self._score(req)
+
+    async def _score(self, req: ScoreInput) -> ScoreOutput:
+        traced = tracing.enabled()
+        wall0 = time.time_ns() if traced else 0
         self.check_identifiers(req)
         if self._inflight >= self.settings.max_inflight:
             metrics.ADMISSION_REFUSALS.labels("inflight").inc()
@@ -302,8 +312,11 @@ class DataPlane:
             loaded = await self.get(spec, req.deadline)
             category = loaded.model.resolve_category(req.category)  # validate before any work
             probe, cost = self._probe(req)
+            admitted = time.time_ns() if traced else 0
             result, size, decode_s = await self._infer(loaded, req, probe, cost)
             rid = req.request_id or uuid.uuid4().hex
+            if traced:
+                self._trace_stages(loaded, rid, wall0, admitted, decode_s, result)
             if not result.finite:
                 metrics.NONFINITE.labels(loaded.name, loaded.version).inc()
                 log.error("model produced a non-finite score or map; no decision made",
@@ -311,22 +324,27 @@ class DataPlane:
                 raise NonFiniteOutput(f"model produced a non-finite score (model {loaded.name} version "
                                       f"{loaded.version}); no decision was made for request_id={rid}")
             amap = result.amap if req.return_anomaly_map else None
-            if amap is None:
-                decision = loaded.model.decide(result.score, None, category, size)
-            else:
-                decision = await self._run(loaded.model.decide, result.score, amap, category, size)
+            with tracing.span("decision"):
+                if amap is None:
+                    decision = loaded.model.decide(result.score, None, category, size)
+                else:
+                    decision = await self._run(loaded.model.decide, result.score, amap, category, size)
             total = time.perf_counter() - t0
             timings = {"decode_ms": decode_s * 1e3, "queue_ms": result.queue_s * 1e3,
                        "inference_ms": result.inference_s * 1e3, "total_ms": total * 1e3}
-            metrics.LATENCY.labels("decode").observe(decode_s)
-            metrics.LATENCY.labels("queue").observe(result.queue_s)
-            metrics.LATENCY.labels("inference").observe(result.inference_s)
-            metrics.LATENCY.labels("total").observe(total)
+            metrics.STAGE_LATENCY.labels("decode").observe(decode_s)
+            metrics.STAGE_LATENCY.labels("queue").observe(result.queue_s)
+            metrics.STAGE_LATENCY.labels("inference").observe(result.inference_s)
+            metrics.LATENCY.observe(total)
             decided = Decided(rid, req.station, decision.category, loaded.name, loaded.version,
                               decision.score, decision.normalized_score, decision.threshold,
                               decision.is_anomalous, total * 1e3, decision.threshold_source)
+            if traced:
+                tracing.annotate({"anomaly.category": decision.category, "anomaly.score": decision.score,
+                                  "anomaly.decision": "NG" if decision.is_anomalous else "OK"})
             if self.inspections is not None:  # durable before the answer leaves (sync mode)
-                await self.inspections.record(decided)
+                with tracing.span("spool"):
+                    await self.inspections.record(decided)
             if self.shadow is not None:
                 self.shadow.offer(ShadowJob(partial(self._decode_again, req), decided))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
@@ -349,6 +367,21 @@ class DataPlane:
             raise
         finally:
             self._inflight -= 1
+
+    def _trace_stages(self, loaded: LoadedModel, rid: str, wall0: int, admitted: int, decode_s: float,
+                      result: BatchResult) -> None:
+        """The stages of a scored request as spans, from the times measured for its answer:
+        admission (model selection, identifiers, the image's header), then decode, queue and
+        inference in the order they ran (batching off: the queue for a thread comes first)."""
+        parent = tracing.current()
+        end = time.time_ns()
+        tracing.timed("admission", parent, wall0, admitted)
+        unbatched = self._batcher(loaded).max_batch == 1
+        order = [("queue", result.queue_s), ("decode", decode_s)] if unbatched else \
+            [("decode", decode_s), ("queue", result.queue_s)]
+        tracing.stages(parent, end, [*order, ("inference", result.inference_s)])
+        tracing.annotate({"anomaly.request_id": rid, "anomaly.model": loaded.name,
+                          "anomaly.version": loaded.version, "anomaly.batch_size": result.batch_size})
 
     async def _infer(self, loaded: LoadedModel, req: ScoreInput, probe: Probe | None,
                      cost: int) -> tuple[BatchResult, tuple[int, int], float]:

@@ -18,6 +18,9 @@ from service.budget import MemoryBudget
 
 PROBLEM = "application/problem+json"
 V2_PREFIX = "/v2"
+# Seconds a client should wait before retrying (RFC 9110 Retry-After): an overloaded server
+# (429) frees up within a request's time; one not ready (503) is loading or swapping a model.
+RETRY_AFTER_S = {429: 1, 503: 5}
 
 # gRPC status → HTTP status (as grpc-gateway maps them).
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
@@ -64,13 +67,15 @@ def error_response(request: Request, status: int, title: str, detail: str,
                    grpc_code: str = "") -> JSONResponse:
     """An error answer in the shape of the route's protocol: problem+json, or the Open
     Inference Protocol's `{"error": …}` under `/v2`."""
+    retry = RETRY_AFTER_S.get(status)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
     if request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/"):
-        return JSONResponse({"error": detail}, status_code=status)
+        return JSONResponse({"error": detail}, status_code=status, headers=headers)
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
             "instance": str(request.url.path)}
     if grpc_code:
         body["grpc_status"] = grpc_code
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 @asynccontextmanager

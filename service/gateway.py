@@ -40,7 +40,7 @@ from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
-from service import http_body, oip_rest
+from service import http_body, oip_rest, tracing
 from service.budget import MemoryBudget
 from service.forwarding import Problem, error_response, forward, reserved_body
 from service.grpc_server import GrpcServer, grpc_options
@@ -48,9 +48,13 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_VERSION = 2**32 - 1  # the proto's uint32
+# A client's own id for a request (as proxies and MES software send it): the part's
+# request id when the query or form gives none, and echoed on every answer (on a score,
+# the id the part was logged under, the server's own when the client sent none).
+REQUEST_ID_HEADER = "x-request-id"
 
 HTTP_REQUESTS = Counter("anomaly_http_requests_total", "Gateway requests", ["route", "status"])
-HTTP_LATENCY = Histogram("anomaly_http_request_seconds", "Gateway request latency", ["route"],
+HTTP_LATENCY = Histogram("anomaly_http_request_duration_seconds", "Gateway request latency", ["route"],
                          buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5.0))
 
 # The response schemas (for the OpenAPI document and response validation). The JSON itself
@@ -210,7 +214,8 @@ async def score(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
                                  "category": category, "return_anomaly_map": return_anomaly_map,
-                                 "request_id": request_id, "station": station}
+                                 "request_id": request_id or request.headers.get(REQUEST_ID_HEADER, ""),
+                                 "station": station}
     if ctype != "multipart/form-data" and not (ctype.startswith("image/") or
                                                ctype == "application/octet-stream"):
         raise Problem(415, "Unsupported Media Type",
@@ -230,7 +235,9 @@ async def score(
             request_id=str(fields["request_id"]), station=str(fields["station"]),
         )
         del data
-        return to_json(await forward(request, request.app.state.stub, "Score", message))  # type: ignore[arg-type]
+        answer = await forward(request, request.app.state.stub, "Score", message)
+        request.state.request_id = answer.request_id  # type: ignore[attr-defined]
+        return to_json(answer)  # type: ignore[arg-type]
 
 
 @router.get("/v1/models", response_model=list[ModelOut])
@@ -321,7 +328,8 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
         channels = [grpc_channel(
             settings.grpc_target, aio=True,
             options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin"), *own],
-            tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file))
+            tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file),
+            interceptors=tracing.client_interceptors())
             for _ in range(settings.grpc_connections)]
         app.state.channel = channels[0]
         app.state.stub = RoundRobin([pb_grpc.AnomalyDetectionStub(c) for c in channels])
@@ -335,11 +343,15 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
                   description="HTTP front of the anomaly.v1 gRPC service", lifespan=lifespan)
     app.include_router(router)
     app.include_router(oip_rest.router)
+    tracing.instrument_app(app)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         response = await call_next(request)
+        answered = getattr(request.state, "request_id", "") or request.headers.get(REQUEST_ID_HEADER, "")
+        if answered:
+            response.headers[REQUEST_ID_HEADER] = answered
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         HTTP_REQUESTS.labels(path, str(response.status_code)).inc()

@@ -38,7 +38,7 @@ from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
-from service import metrics, oip
+from service import metrics, oip, tracing
 from service.admission import Admission, grpc_backstop
 from service.dataplane import DataPlane, RawPixels, ScoreInput, ScoreOutput
 from service.errors import ServiceError, answering, internal_error
@@ -264,7 +264,10 @@ class GrpcServer:
         # SO_REUSEPORT only for the children of `processes`: a lone server must fail loudly
         # on a port already in use rather than share it with whatever holds it.
         reuse = [("grpc.so_reuseport", 1 if settings.process_index >= 0 else 0)]
-        self.server = grpc.aio.server(options=[*grpc_options(settings), *reuse], interceptors=interceptors,
+        # Tracing's interceptor (none when off) outermost: the caller's trace covers refusals too.
+        # In-process HTTP calls the servicers without it: their trace is the HTTP request's.
+        self.server = grpc.aio.server(options=[*grpc_options(settings), *reuse],
+                                      interceptors=[*tracing.server_interceptors(), *interceptors],
                                       maximum_concurrent_rpcs=grpc_backstop(settings))
         if keys:
             log.info(describe_keys(keys))

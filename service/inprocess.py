@@ -155,8 +155,10 @@ async def serve_http(app: Any, host: str, port: int, *, log_level: str = "info",
 
     import uvicorn
 
+    # log_config None: uvicorn's start-up and access lines go through the project's format
+    # (service.logs), JSON included, rather than uvicorn's own plain-text handlers.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on",
-                            timeout_graceful_shutdown=int(grace_s), **(tls or {}))
+                            timeout_graceful_shutdown=int(grace_s), log_config=None, **(tls or {}))
     sockets = None
     if reuse_port:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

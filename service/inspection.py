@@ -41,6 +41,7 @@ power cut can then lose the last acknowledged decisions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import csv
 import hashlib
@@ -68,7 +69,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import NotReady
 from service.settings import Settings
 from service.spool import Spool, SpoolFull
@@ -366,6 +367,9 @@ def _from_json(record: bytes) -> dict:
     return row
 
 
+MAX_TRACED_RECORDS = 100_000  # trace contexts kept for decisions not yet shipped (tracing on)
+
+
 class InspectionLog:
     """Durable, batched recorder of `Inspection` rows (see the module docstring).
 
@@ -397,6 +401,11 @@ class InspectionLog:
         self._alarm = 0.0
         self.last_db_error = ""
         self._undecodable: set[bytes] = set()  # digests of records set aside as undecodable
+        # With tracing on: record_id → the span context of the request that made the decision,
+        # so its INSERT joins that request's trace. In memory only (the spool's format is not
+        # touched, so older releases read it); decisions replayed after a restart ship untraced.
+        self._traces: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self._traces_lock = threading.Lock()  # the loop adds, the shipper's thread removes
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InspectionLog:
@@ -412,6 +421,7 @@ class InspectionLog:
         self._loop = asyncio.get_running_loop()
         self.engine = engine_for(self.url, pool_pre_ping=True)
         _sqlite_wal(self.engine)
+        tracing.instrument_engine(self.engine)
         self._writer = threading.Thread(target=self._write_loop, name="inspection-spool", daemon=True)
         self._writer.start()
         self._shipper = asyncio.create_task(self._ship_loop())
@@ -427,7 +437,14 @@ class InspectionLog:
                 disk refused the write; the decision is not acknowledged.
         """
         future = self._loop.create_future()
-        self._inbox.put((json.dumps({**decided.row(), "table": decided.table}).encode(), future))
+        row = decided.row()
+        trace = tracing.current()
+        if trace is not None:
+            with self._traces_lock:
+                self._traces[row["record_id"]] = trace
+                while len(self._traces) > MAX_TRACED_RECORDS:
+                    self._traces.popitem(last=False)
+        self._inbox.put((json.dumps({**row, "table": decided.table}).encode(), future))
         if self.durability == "sync":
             await future
         else:
@@ -498,7 +515,7 @@ class InspectionLog:
                 records, position = await asyncio.to_thread(self.spool.read, None, self.batch_size)
                 if records:
                     rows = [row for row in map(self._decode, records) if row is not None]
-                    await asyncio.to_thread(self._ship, rows)
+                    await asyncio.to_thread(self._ship_traced, rows)
                     await asyncio.to_thread(self.spool.commit, position)
                     self._gauge()
                     if self.last_db_error:
@@ -588,6 +605,29 @@ class InspectionLog:
                 fresh = [r for r in table_rows if r["record_id"] not in have]
                 if fresh:
                     conn.execute(insert(table), fresh)
+
+    def _ship_traced(self, rows: list[dict]) -> None:
+        """`_ship`, and with tracing on an `inspection.insert` span in each decision's trace."""
+        if not tracing.enabled():
+            self._ship(rows)
+            return
+        with self._traces_lock:
+            parents = [(row, self._traces.get(row["record_id"])) for row in rows]
+        start = time.time_ns()
+        with tracing.linked("inspection.ship", [p for _, p in parents],
+                            {"db.system": self.engine.dialect.name if self.engine else "",
+                             "inspection.rows": len(rows)}):
+            self._ship(rows)  # an outage raises: the batch, and its traces, wait for the retry
+        end = time.time_ns()
+        with self._traces_lock:
+            for row in rows:
+                self._traces.pop(row["record_id"], None)
+        for row, parent in parents:
+            tracing.timed("inspection.insert", parent, start, end,
+                          {"db.system": self.engine.dialect.name if self.engine else "",
+                           "db.sql.table": row.get("table", "inspections"),
+                           "inspection.record_id": row["record_id"],
+                           "inspection.batch_rows": len(rows)})
 
     def _ship(self, rows: list[dict]) -> None:
         """Insert a batch; when the database rejects it, row by row, setting rejected rows aside.

@@ -13,6 +13,8 @@ import json
 import logging
 import re
 
+from service import tracing
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -52,11 +54,15 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the structured fields."""
+    """One JSON object per line: time, level, logger, message, the structured fields and,
+    with tracing on (`service.tracing`), the trace and span ids of the span it was logged in."""
 
     def format(self, record: logging.LogRecord) -> str:  # noqa: D102
         body = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                 "message": record.getMessage(), **_extras(record)}
+        ids = tracing.current_ids()
+        if ids is not None:
+            body["trace_id"], body["span_id"] = ids
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
         return json.dumps(body, default=str)
@@ -75,6 +81,11 @@ def configure_logging(level: str = "INFO", fmt: str = "text", ort_severity: int 
     # about its bookkeeping, not this program's work.
     for noisy in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Every library's lines through this one handler: uvicorn's loggers keep handlers of
+    # their own (plain text) when anything set them up.
+    for own in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(own).handlers.clear()
+        logging.getLogger(own).propagate = True
     try:
         import onnxruntime
     except ImportError:  # a gateway-only install

@@ -11,18 +11,25 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.6
 
 REQUESTS = Counter("anomaly_requests_total", "Score requests by gRPC status code",
                    ["model", "code"])
-LATENCY = Histogram("anomaly_request_seconds", "Time per request stage",
-                    ["stage"], buckets=LATENCY_BUCKETS)  # stage: decode | queue | inference | total
-BATCH_SIZE = Histogram("anomaly_batch_size", "Images per ONNX Runtime call",
+# The whole request and its stages are two series, so that summing over `stage` adds up
+# the stages and never counts a request twice.
+LATENCY = Histogram("anomaly_request_duration_seconds", "Time to answer a scored request, admission to "
+                    "decision", buckets=LATENCY_BUCKETS)
+STAGE_LATENCY = Histogram("anomaly_request_stage_duration_seconds", "Time per request stage",
+                          ["stage"], buckets=LATENCY_BUCKETS)  # stage: decode | queue | inference
+BATCH_SIZE = Histogram("anomaly_batch_images", "Images per ONNX Runtime call",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 INFERENCE_RUNS = Counter("anomaly_inference_runs_total",
                          "ONNX Runtime calls by session (adaptive execution): solo = all cores for a "
                          "call alone, shared = one thread per concurrent call", ["session"])
 QUEUE_DEPTH = Gauge("anomaly_queue_depth", "Images waiting for inference", ["model"])
-MODEL_INFO = Gauge("anomaly_model_loaded", "1 for each model version loaded",
+MODEL_INFO = Gauge("anomaly_model_info", "1 for each model version loaded (an info metric: join on its "
+                   "labels)",
                    ["name", "version", "architecture", "variant", "provider"])
 SERVED_VERSION = Gauge("anomaly_served_version", "Version a watched alias currently serves",
                        ["name", "alias"])
+ALIAS_SERVING = Gauge("anomaly_alias_serving", "1 when a watched alias serves a version, 0 while it "
+                      "serves none (from start-up until its first version loads)", ["name", "alias"])
 LOAD_FAILURES = Counter("anomaly_model_load_failures_total",
                         "Failed attempts to load a model version", ["name", "alias"])
 REPRODUCTION = Counter("anomaly_reproduction_checks_total", "Versions checked against the scores recorded "

@@ -159,6 +159,8 @@ class ModelRepository:
         self._failed: dict[tuple[str, str], Failure] = {}
         # Watched aliases: what each serves now, and the last failed attempt to move it.
         self._current: dict[tuple[str, str], LoadedModel] = {}
+        for name, alias in settings.watched():  # 0 until the alias serves (an alert watches this)
+            metrics.ALIAS_SERVING.labels(name, alias).set(0)
         self._pinned: set[tuple[str, str]] = set()  # (name, version) loaded on request: never evicted
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}
         # Gate refusals: (name, candidate, judged against) → (the candidate's gate-relevant tags
@@ -738,6 +740,7 @@ class ModelRepository:
             serving.aliases.discard(alias)
             metrics.SWAPS.labels(name, alias).inc()
         metrics.SERVED_VERSION.labels(name, alias).set(float(loaded.version))
+        metrics.ALIAS_SERVING.labels(name, alias).set(1)
         if serving is not loaded:
             log.info("alias %s@%s now serves version %s (was %s)", name, alias, loaded.version,
                      serving.version if serving else "none")

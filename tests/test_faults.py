@@ -66,11 +66,16 @@ def test_gateway_with_server_down_answers_503_quickly(tmp_path: Path) -> None:
         ready = httpx.get(f"{base}/readyz", timeout=10)
         assert ready.status_code == 503
         assert ready.headers["content-type"].startswith("application/problem+json")
+        assert ready.headers["retry-after"] == "5"
         t0 = time.monotonic()
         r = httpx.post(f"{base}/v1/score", content=b"\x89PNG...", timeout=30,
                        headers={"content-type": "image/png"})
         elapsed = time.monotonic() - t0
         assert r.status_code == 503, r.text
         assert r.json()["grpc_status"] == "UNAVAILABLE" and elapsed < 5.0, (elapsed, r.text)
+        assert r.headers["retry-after"] == "5"
+        v2 = httpx.post(f"{base}/v2/models/anomaly-detector/infer", json={"inputs": []}, timeout=30)
+        assert v2.status_code in (400, 503) and v2.headers.get("retry-after") == (
+            "5" if v2.status_code == 503 else None), v2.text
     finally:
         child.stop()

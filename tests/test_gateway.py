@@ -107,3 +107,26 @@ def test_unknown_route_is_problem_json(http: httpx.Client) -> None:
 def test_openapi_lists_routes(http: httpx.Client) -> None:
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/score", "/v1/models", "/v1/models/{name}", "/healthz", "/readyz"} <= set(paths)
+
+
+def test_x_request_id_is_the_parts_id_and_echoed(http: httpx.Client, good_and_defect) -> None:
+    """`X-Request-ID` (as proxies and MES software send it) names the part when the query
+    gives no id, and every answer echoes the id it was logged under."""
+    png = {"content-type": "image/png"}
+    image = good_and_defect[0][0].read_bytes()
+    r = http.post("/v1/score", content=image, headers={**png, "x-request-id": "SN-header-7"})
+    assert r.status_code == 200, r.text
+    assert r.json()["request_id"] == "SN-header-7" and r.headers["x-request-id"] == "SN-header-7"
+    # The query's id wins over the header's; the answer names the one used.
+    r = http.post("/v1/score", content=image, params={"request_id": "SN-query-8"},
+                  headers={**png, "x-request-id": "SN-header-8"})
+    assert r.json()["request_id"] == "SN-query-8" and r.headers["x-request-id"] == "SN-query-8"
+    # None sent: the server's own id, echoed.
+    r = http.post("/v1/score", content=image, headers=png)
+    assert r.headers["x-request-id"] == r.json()["request_id"] and len(r.headers["x-request-id"]) == 32
+    # An id the server refuses is a 400 naming the field, and echoed as sent.
+    bad = http.post("/v1/score", content=image, headers={**png, "x-request-id": "x" * 200})
+    assert bad.status_code == 400 and "request_id" in bad.json()["detail"], bad.text
+    # Other routes echo it too.
+    assert http.get("/v1/models", headers={"x-request-id": "trace-me"}).headers["x-request-id"] == "trace-me"
+    assert "x-request-id" not in http.get("/v1/models").headers

@@ -140,6 +140,7 @@ def test_stalled_bodies_time_out_and_free_the_body_memory(apis, api: str, store,
         time.sleep(0.5)
         busy = http.post("/v1/score", content=image, headers=png)
         assert busy.status_code == 429 and "gateway busy" in busy.json()["detail"], busy.text
+        assert busy.headers["retry-after"] == "1"
         answers = [_answer(sock) for sock in sockets]
         waited = time.monotonic() - t0
         for (path, _, _), answer in zip(stalls, answers, strict=True):

@@ -39,7 +39,7 @@ def _ok_requests(port: int) -> float:
 
 def _loaded(port: int) -> bool:
     try:
-        return "anomaly_model_loaded{" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        return "anomaly_model_info{" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return False
 

@@ -185,6 +185,7 @@ def test_full_queue_is_resource_exhausted_then_recovers(store, good_and_defect, 
         assert limited and {r.status_code for r in responses} <= {200, 429}
         assert limited[0].headers["content-type"].startswith("application/problem+json")
         assert limited[0].json()["grpc_status"] == "RESOURCE_EXHAUSTED"
+        assert limited[0].headers["retry-after"] == "1"
         with AnomalyClient(target) as c:  # recovered
             assert c.score(data).model.version == store.version
         assert httpx.post(f"{base}/v1/score", content=data,
@@ -221,8 +222,8 @@ def test_metrics_and_graceful_drain(store, good_and_defect, tmp_path: Path) -> N
             c.score(data, request_id="warm-1")
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert f'anomaly_requests_total{{code="OK",model="{store.model_name}"}}' in text
-        assert "anomaly_batch_size_bucket" in text and 'stage="inference"' in text
-        assert 'anomaly_model_loaded{architecture="stfpm"' in text
+        assert "anomaly_batch_images_bucket" in text and 'stage="inference"' in text
+        assert 'anomaly_model_info{architecture="stfpm"' in text
 
         async def in_flight_then_sigterm() -> list[str]:
             async with grpc.aio.insecure_channel(target) as ch:

@@ -28,14 +28,17 @@ def channel_credentials(ca_file: Path | str | None, cert_file: Path | str | None
 
 def grpc_channel(target: str, *, aio: bool, options: list[tuple[str, Any]] | None = None,
                  tls: TlsFiles = (None, None, None),
-                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 interceptors: list[Any] | None = None) -> grpc.Channel:
     """A sync or `grpc.aio` channel to `target`: plaintext, or TLS when any of
     `tls` = (CA file, client certificate, client key) is given (see `channel_credentials`)
-    or `credentials` are. `options` defaults to `MESSAGE_OPTIONS`."""
+    or `credentials` are. `options` defaults to `MESSAGE_OPTIONS`. `interceptors`: aio
+    channels only (a sync channel is wrapped with `grpc.intercept_channel` by its caller)."""
     api = grpc.aio if aio else grpc
     options = MESSAGE_OPTIONS if options is None else options
+    extra = {"interceptors": interceptors} if aio and interceptors else {}
     if credentials is None and any(tls):
         credentials = channel_credentials(*tls)
     if credentials is None:
-        return api.insecure_channel(target, options=options)
-    return api.secure_channel(target, credentials, options=options)
+        return api.insecure_channel(target, options=options, **extra)
+    return api.secure_channel(target, credentials, options=options, **extra)
