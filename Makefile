@@ -8,7 +8,7 @@ MLSERVER_STAMP := .venv-mlserver/.installed
 
 .PHONY: demo test lint format protos venv peers-venv mlserver-venv clean constraints \
 	images image-tools image-base image-serve image-train image-mlflow image-load image-postgres \
-	image-test stack-test
+	image-test stack-test promtool
 
 ## The environment installs the versions in constraints.txt, the same ones the images install, so
 ## the trainer, the servers and MLflow run one MLflow version (docs/deploy.md).
@@ -34,6 +34,7 @@ demo: $(STAMP)
 
 ## The test suite (what CI runs).
 test: $(STAMP) $(PEERS_STAMP) $(MLSERVER_STAMP)
+	-@$(MAKE) --no-print-directory promtool  # the alert-rule tests skip, saying so, without it
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -61,6 +62,18 @@ $(MLSERVER_STAMP): Makefile
 	touch $(MLSERVER_STAMP)
 
 mlserver-venv: $(MLSERVER_STAMP)
+
+## promtool, Prometheus' rule checker, for tests/test_alerts.py (`promtool check rules` and `promtool test
+## rules` on deploy/prometheus). Unpacked from Debian's `prometheus` package into $(BIN); the package is
+## not installed, so its Prometheus server is neither enabled nor started. Nothing to do where promtool is
+## on PATH already. Fails where Debian's package cannot be fetched (the alert tests are then skipped).
+promtool: $(STAMP)
+	@if command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool; then exit 0; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp" $(BIN)/promtool.part' EXIT; \
+	{ (cd "$$tmp" && apt-get download prometheus) >/dev/null 2>&1 \
+	  || { apt-get update >/dev/null 2>&1 && (cd "$$tmp" && apt-get download prometheus) >/dev/null 2>&1; }; } \
+	&& dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb | tar -xO ./usr/bin/promtool > $(BIN)/promtool.part \
+	&& chmod +x $(BIN)/promtool.part && mv $(BIN)/promtool.part $(BIN)/promtool && $(BIN)/promtool --version
 
 ## Regenerate the gRPC stubs from protos/anomaly/v1/anomaly.proto and protos/anomaly/oip/inference.proto.
 protos: $(STAMP)
