@@ -39,7 +39,7 @@ from anomaly.http_json import to_json
 from anomaly.oip import inference_pb2_grpc as v2_grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from anomaly.wire import TIMING_KEYS
+from anomaly.wire import TIMING_KEYS, identifier_problem
 from service import http_body, oip_rest, tracing
 from service.budget import MemoryBudget
 from service.forwarding import Problem, error_response, forward, reserved_body
@@ -137,6 +137,19 @@ class FeedbackOut(BaseModel):
     recorded_at: str
 
 
+def _header_request_id(request: Request) -> str:
+    """The part's id from `X-Request-ID`, read as UTF-8 (HTTP gives header bytes as Latin-1),
+    or "" when there is none or it cannot be one (over 128 characters, not printable, not
+    UTF-8): a proxy's own long trace id is then no reason to refuse the part; the server
+    names it instead, and the answer's header says which."""
+    raw = request.headers.get(REQUEST_ID_HEADER, "")
+    try:
+        value = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return ""
+    return "" if identifier_problem("request_id", value) else value
+
+
 def _flag(value: str | bool | None) -> bool:
     if isinstance(value, bool):
         return value
@@ -214,7 +227,7 @@ async def score(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
                                  "category": category, "return_anomaly_map": return_anomaly_map,
-                                 "request_id": request_id or request.headers.get(REQUEST_ID_HEADER, ""),
+                                 "request_id": request_id or _header_request_id(request),
                                  "station": station}
     if ctype != "multipart/form-data" and not (ctype.startswith("image/") or
                                                ctype == "application/octet-stream"):
@@ -349,9 +362,11 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         response = await call_next(request)
-        answered = getattr(request.state, "request_id", "") or request.headers.get(REQUEST_ID_HEADER, "")
-        if answered:
-            response.headers[REQUEST_ID_HEADER] = answered
+        answered = getattr(request.state, "request_id", "")
+        if answered:  # header values travel as bytes: the id's UTF-8, as a client sends it
+            response.headers[REQUEST_ID_HEADER] = answered.encode("utf-8").decode("latin-1")
+        elif REQUEST_ID_HEADER in request.headers:  # echoed as it came
+            response.headers[REQUEST_ID_HEADER] = request.headers[REQUEST_ID_HEADER]
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         HTTP_REQUESTS.labels(path, str(response.status_code)).inc()

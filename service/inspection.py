@@ -367,7 +367,7 @@ def _from_json(record: bytes) -> dict:
     return row
 
 
-MAX_TRACED_RECORDS = 100_000  # trace contexts kept for decisions not yet shipped (tracing on)
+MAX_TRACED_RECORDS = 20_000  # trace contexts kept for decisions not yet shipped (tracing on): ~10 MB
 
 
 class InspectionLog:
@@ -438,7 +438,7 @@ class InspectionLog:
         """
         future = self._loop.create_future()
         row = decided.row()
-        trace = tracing.current()
+        trace = tracing.anchor()
         if trace is not None:
             with self._traces_lock:
                 self._traces[row["record_id"]] = trace

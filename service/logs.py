@@ -15,7 +15,18 @@ import re
 
 from service import tracing
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Not structured fields: the record's own attributes, and uvicorn's `color_message` (the
+# message again, with terminal colour codes).
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+# A message longer than this is cut (saying how much): a library that quotes what a client sent
+# (a 30 kB `baggage` header, say) cannot write lines of any length.
+MAX_MESSAGE = 4000
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE} more characters cut)"
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -41,7 +52,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: D102, N802
-        record.message = escape(record.message)
+        record.message = escape(_bounded(record.message))
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:  # noqa: D102
@@ -59,7 +70,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:  # noqa: D102
         body = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage(), **_extras(record)}
+                "message": _bounded(record.getMessage()), **_extras(record)}
         ids = tracing.current_ids()
         if ids is not None:
             body["trace_id"], body["span_id"] = ids

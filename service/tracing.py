@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -89,7 +90,13 @@ def _configure(service_name: str) -> bool:
         log.error("tracing stays off: OTEL_TRACES_EXPORTER names %s; this server knows otlp, console "
                   "and none", ", ".join(sorted(unknown)))
         return False
-    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    problem = _otlp_problem(os.environ) if "otlp" in names else None
+    if problem:
+        log.error("tracing stays off: %s", problem)
+        return False
+    # Which process (a `--processes N` child, a replica) made a span: host and pid, unless given.
+    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name,
+                                "service.instance.id": f"{socket.gethostname()}:{os.getpid()}"})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # see _flush_at_exit
     if "otlp" in names:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -104,6 +111,22 @@ def _configure(service_name: str) -> bool:
     log.info("tracing on: exporting spans of %s (%s)", resource.attributes.get(SERVICE_NAME),
              ", ".join(sorted(names)))
     return True
+
+
+def _otlp_problem(env: dict[str, str]) -> str | None:
+    """Why the OTLP settings cannot work with this server's exporter (OTLP over HTTP with
+    protobuf), or None."""
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip().lower()
+    if protocol != "http/protobuf":
+        return (f"OTLP protocol {protocol!r} is not supported: this server exports OTLP over HTTP "
+                "(http/protobuf); set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf and the collector's "
+                "HTTP port (4318 by default)")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        value = env.get(name, "").strip()
+        if value and not value.lower().startswith(("http://", "https://")):
+            return f"{name}={value!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:4318)"
+    return None
 
 
 def _flush_at_exit(provider: Any) -> None:
@@ -133,6 +156,17 @@ def current() -> Any:
 
     ctx = trace.get_current_span().get_span_context()
     return ctx if ctx.is_valid else None
+
+
+def anchor() -> Any:
+    """The current span context for keeping until later (`current()` without the caller's
+    W3C `tracestate`, which a client may fill with up to 8 KB): a few dozen bytes each."""
+    ctx = current()
+    if ctx is None:
+        return None
+    from opentelemetry.trace import SpanContext
+
+    return SpanContext(ctx.trace_id, ctx.span_id, is_remote=False, trace_flags=ctx.trace_flags)
 
 
 def annotate(attributes: dict[str, Any]) -> None:

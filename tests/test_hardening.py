@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from cli.main import app
 from loadtests.launch import start_server
 from service.dataplane import DataPlane
 from service.grpc_server import GrpcServer
-from service.logs import TextFormatter
+from service.logs import JsonFormatter, TextFormatter
 from service.security import exposure_warning
 from service.settings import Settings
 
@@ -110,6 +111,19 @@ def test_text_log_lines_cannot_be_forged() -> None:
     line = TextFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
     assert "part\\nFAKE ERROR" in line and "request_id=id\\r\\n2026-12-02 INFO forged\\x1b[31m\\u2028" in line
+
+
+def test_log_lines_are_bounded_and_carry_no_colour_codes() -> None:
+    """A library quoting what a client sent (OpenTelemetry's propagators quote a 30 kB
+    `baggage` header) writes a bounded line in either format; uvicorn's `color_message` (its
+    message again, with terminal codes) is not a field."""
+    record = logging.LogRecord("opentelemetry.baggage.propagation", logging.WARNING, __file__, 1,
+                               "Baggage header `%s` exceeded the maximum", ("k=v," * 10_000,), None)
+    record.color_message = "\x1b[1mUvicorn\x1b[0m"
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert len(line) < 4300 and "characters cut" in line and "color_message" not in line, line[-200:]
+    assert json.loads(JsonFormatter().format(record))["message"].endswith("(36038 more characters cut)")
 
 
 ESTIMATE = textwrap.dedent("""

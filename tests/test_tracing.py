@@ -190,3 +190,25 @@ def test_collector_down_neither_fails_requests_nor_holds_the_stop(store, good_an
         server.stop()
     assert stopped < 7.5, f"stop took {stopped:.1f} s"  # 2 s for the spans, the rest the drain
     assert "did not take the last spans" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+     "OTLP protocol 'grpc' is not supported"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318"}, "is not an http:// or https:// URL"),
+    ({"OTEL_TRACES_EXPORTER": "jaeger"}, "knows otlp, console and none"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_PROPAGATORS": "bogus"},
+     "could not be set up"),
+])
+def test_settings_tracing_cannot_use_leave_it_off_saying_why(env: dict[str, str], says: str) -> None:
+    """A setting the exporter cannot honour is one ERROR line at start and no tracing, never a
+    server that does not start or one that says "tracing on" and exports nowhere."""
+    import os
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from service import tracing\nprint('ON' if tracing.configure('anomaly-server') else 'OFF')")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "OFF", out
+    assert "tracing stays off" in out.stderr and says in out.stderr, out.stderr
