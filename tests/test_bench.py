@@ -7,6 +7,7 @@ CPU-only ONNX Runtime, everything falls back to CPU."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from loadtests.targets import (
     GRPC_PROCS,
     GRPC_RAW,
     GRPC_STREAM,
+    GRPC_TRACED,
     HTTP,
     HTTP_IN,
     V2_GRPC,
@@ -44,8 +46,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
     got = {(r.name, r.mode): r for r in results}
     decoding = (GRPC_OFF, HTTP_IN, HTTP, V2_GRPC, peers.KSERVE, peers.KSERVE_V2)
     camera = [f"{p} [960×600 JPEG]" for p in decoding]
-    every = (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, GRPC_PROCS, HTTP_IN, HTTP, V2_GRPC,
-             peers.MLFLOW,
+    every = (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_TRACED, GRPC_ON, GRPC_ONE, GRPC_PROCS, HTTP_IN, HTTP,
+             V2_GRPC, peers.MLFLOW,
              peers.KSERVE, peers.KSERVE_V2, peers.MLSERVER_REST, peers.MLSERVER_GRPC, *camera)
     for path in every:
         for mode in (LATENCY, SATURATION):
@@ -64,6 +66,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
     assert "| KServe ModelServer | saturation |" in text and "not measured" not in text
     assert "| MLServer V2 gRPC | saturation |" in text and "| KServe V2 gRPC | saturation |" in text
     assert text.count("\n| ") == 1 + 2 * len(every)  # header + every path × 2 modes
+    spans = re.search(re.escape(GRPC_TRACED) + r" \((\d+) spans exported", text)
+    assert spans and int(spans.group(1)) > 0, text  # the traced server's spans reached the OTLP sink
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
