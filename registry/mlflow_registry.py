@@ -7,7 +7,8 @@ Conventions (DESIGN.md): one registered model per inspection task (default
 newest build of that variant and `champion` to what production serves.
 
 The artifact is the ONNX model logged with MLflow's `onnx` flavor (so stock
-`mlflow models serve` can load it), with its signature and an input example, plus
+`mlflow models serve` can load it), with its signature (no input example: see
+`log_and_register`), plus
 `anomaly_model.json` as an extra file. The headline metrics are linked to the logged model
 (MLflow 3's LoggedModel page shows them). A version is created in one registry call that
 carries all its tags and its description, after everything it names (model, reference set,
@@ -122,16 +123,6 @@ def _signature(metadata: ModelMetadata) -> Any:
             TensorSpec(np.dtype(np.float32), (-1,), metadata.score_output),
         ]),
     )
-
-
-def _input_example(metadata: ModelMetadata) -> dict[str, np.ndarray]:
-    """One prepared image (batch 1) in the model's input: zeros, i.e. the normalisation's mean
-    colour. MLflow writes it beside the model (`input_example.json`, and the request body
-    `serving_input_example.json` that `mlflow models serve` accepts) and checks at logging
-    time that the model runs on it. Zeros keep the JSON as small as it can be: about 1.1 MB at
-    128×128 and 4.3 MB at 256×256 in all."""
-    h, w = metadata.input_size
-    return {metadata.input_name: np.zeros((1, 3, h, w), np.float32)}
 
 
 def version_tags(metadata: ModelMetadata, metrics: dict[str, float]) -> dict[str, str]:
@@ -338,7 +329,9 @@ def log_and_register(
             onnx.load(str(onnx_path)),
             name=ARTIFACT_PATH,
             signature=_signature(metadata),
-            input_example=_input_example(metadata),
+            # No input_example: MLflow scores one in this process to validate it (mlflow.onnx
+            # cannot turn that off), and a model that hangs or crashes ONNX Runtime would take
+            # registration with it; the engine's evaluation has run the model already, bounded.
             metadata={"anomaly_model": metadata.architecture, "variant": metadata.variant},
             extra_files=[str(meta_file), *map(str, recorded)],
             save_as_external_data=False,
