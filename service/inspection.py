@@ -613,10 +613,10 @@ class InspectionLog:
             return
         with self._traces_lock:
             parents = [(row, self._traces.get(row["record_id"])) for row in rows]
+        system = self.engine.dialect.name if self.engine else ""
         start = time.time_ns()
         with tracing.linked("inspection.ship", [p for _, p in parents],
-                            {"db.system": self.engine.dialect.name if self.engine else "",
-                             "inspection.rows": len(rows)}):
+                            {"db.system": system, "inspection.rows": len(rows)}):
             self._ship(rows)  # an outage raises: the batch, and its traces, wait for the retry
         end = time.time_ns()
         with self._traces_lock:
@@ -624,8 +624,7 @@ class InspectionLog:
                 self._traces.pop(row["record_id"], None)
         for row, parent in parents:
             tracing.timed("inspection.insert", parent, start, end,
-                          {"db.system": self.engine.dialect.name if self.engine else "",
-                           "db.sql.table": row.get("table", "inspections"),
+                          {"db.system": system, "db.sql.table": row.get("table", "inspections"),
                            "inspection.record_id": row["record_id"],
                            "inspection.batch_rows": len(rows)})
 
