@@ -80,8 +80,8 @@ def gateway_cmd(
     import uvicorn
 
     from service import tracing
-    from service.gateway import create_app
     from service.logs import configure_logging
+    from service.protocol.rest.gateway import create_app
 
     config = settings(grpc_target=grpc_target, http_host=host, http_port=port, log_level=log_level)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
@@ -115,7 +115,7 @@ def inspections_export_cmd(
     until: Until = None,
 ) -> None:
     """Export the inspection log's decisions in a time range to CSV."""
-    from service.inspection import export_csv
+    from service.inspection.log import export_csv
 
     url = _inspection_db(db)
     n = export_csv(url, out, since, until)
@@ -138,7 +138,7 @@ def quality_report_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from service.quality import proposals_json, review
+    from service.inspection.quality import proposals_json, review
 
     found = review(_inspection_db(db), since, until)
     rows, proposals = found.rows, found.proposals
@@ -189,7 +189,7 @@ def shadow_report_cmd(db: Db = None, since: Since = None, until: Until = None) -
     from rich.console import Console
     from rich.table import Table
 
-    from service.quality import shadow_report
+    from service.inspection.quality import shadow_report
 
     rows = shadow_report(_inspection_db(db), since, until)
     table = Table(title="Shadow challenger against the served answers")
@@ -346,8 +346,8 @@ def db_upgrade_cmd(db: Db = None) -> None:
     Exit 3: the database is of a newer release."""
     from sqlalchemy import exc as sa_exc
 
-    from service.inspection import SchemaMismatch, upgrade
-    from service.registry_schema import redacted
+    from service.inspection.log import SchemaMismatch, upgrade
+    from service.repository.registry_schema import redacted
 
     url = _inspection_db(db)
     try:
@@ -366,8 +366,8 @@ def db_current_cmd(db: Db = None) -> None:
     4: it needs `anomaly db upgrade`; 3: it is of a newer release (or not this project's)."""
     from sqlalchemy import exc as sa_exc
 
-    from service.inspection import head_revision, known_revisions, schema_state
-    from service.registry_schema import redacted
+    from service.inspection.log import head_revision, known_revisions, schema_state
+    from service.repository.registry_schema import redacted
 
     url = _inspection_db(db)
     try:

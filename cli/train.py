@@ -174,7 +174,7 @@ def build_cmd(
     extras = _extras(archs, options)
     tiling = None
     if tile_image_size:
-        from service.tiling import Tiling
+        from service.runtime.tiling import Tiling
 
         if tile_image_size < input_size or not 0 <= tile_stride <= input_size:
             raise typer.BadParameter(f"the working size must be at least the input size ({input_size}) and "

@@ -2,7 +2,7 @@
 
 Runs in its own virtual environment (KServe pins protobuf 6, this project uses 7; see
 `make peers-venv`), with the repository on `PYTHONPATH` so it scores through the very
-same engine and pre-processing as our server (`service.engine.OnnxModel`): the comparison
+same engine and pre-processing as our server (`service.runtime.engine.OnnxModel`): the comparison
 measures the serving framework, not the model code. KServe's documented custom-model
 pattern: a `kserve.Model` with a synchronous `predict`, over two protocols:
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import kserve
 
-from service.engine import OnnxModel
-from service.repository import read_model_dir
+from service.repository.model_repository import read_model_dir
+from service.runtime.engine import OnnxModel
 from service.settings import Settings
 
 

@@ -93,8 +93,8 @@ def check_providers(tracking_uri: str, model_name: str, image_dir: Path, provide
         progress: called with a line before each version.
     """
     from loadtests.bench import load_images
-    from service.imaging import decode_image
-    from service.repository import ModelRepository
+    from service.repository.model_repository import ModelRepository
+    from service.runtime.imaging import decode_image
     from service.settings import Settings
 
     cache = Path(tempfile.mkdtemp(prefix="providers-")) / "cache"

@@ -336,7 +336,7 @@ class Soak:
         from mlflow import MlflowClient
 
         from loadtests.faults import MUTATIONS, tiny_onnx
-        from service.artifact import read_model_dir
+        from service.repository.artifact import read_model_dir
 
         client = MlflowClient(self.registry.url, self.registry.url)
         self.experiment = client.create_experiment("soak")

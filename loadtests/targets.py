@@ -135,7 +135,7 @@ def grpc_target(name: str, channel, images: list[bytes], *, raw: bool = False) -
 
     stubs = [pb_grpc.AnomalyDetectionStub(c) for c in (channel if isinstance(channel, list) else [channel])]
     if raw:
-        from service.imaging import decode_image
+        from service.runtime.imaging import decode_image
 
         arrays = [decode_image(b) for b in images]
         reqs = [pb.ScoreRequest(raw=pb.RawImage(data=a.tobytes(), width=a.shape[1],

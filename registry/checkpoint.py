@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from registry.architectures import AnomalyModel, ModelConfig, build_model
-from service.engine import OnnxModel
+from service.runtime.engine import OnnxModel
 
 TORCH_ARTIFACTS = "torch"
 CONFIG_FILE = "model.json"

@@ -1,7 +1,7 @@
-"""Evaluate an exported ONNX model through the serving engine (`service.engine.OnnxModel`).
+"""Evaluate an exported ONNX model through the serving engine (`service.runtime.engine.OnnxModel`).
 
 "Evaluate what you serve": the test images are read as bytes, decoded and preprocessed
-by `service.imaging`, and scored by the same ONNX Runtime session class the server runs.
+by `service.runtime.imaging`, and scored by the same ONNX Runtime session class the server runs.
 From the results come the metrics logged to MLflow and the metadata the server needs:
 per-category thresholds (F1-optimal on the test split, as anomalib's adaptive threshold),
 score statistics for normalisation, and the anomaly-map display range.
@@ -20,8 +20,8 @@ from sklearn.metrics import precision_recall_curve
 
 from registry.data.mvtec import Sample
 from registry.metrics import aupro, auroc
-from service.engine import OnnxModel
-from service.metadata import GLOBAL, ModelMetadata, ScoreStats
+from service.runtime.engine import OnnxModel
+from service.runtime.metadata import GLOBAL, ModelMetadata, ScoreStats
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anomaly.wire import DEFAULT_MODEL_NAME
-from service.hardware import this_host
-from service.metadata import GLOBAL, ModelMetadata
+from service.runtime.hardware import this_host
+from service.runtime.metadata import GLOBAL, ModelMetadata
 
 if TYPE_CHECKING:
     from registry.data.mvtec import Sample
@@ -204,7 +204,7 @@ def choose_reference_set(samples: Sequence[Sample], scores: np.ndarray, metadata
 def reproduction_record(onnx_path: Path | str, metadata: ModelMetadata, parts: Sequence[KnownPart],
                         folder: Path) -> list[Path]:
     """Score the reference set here, through the serving path, and write the reproduction
-    record servers check before this version serves (`service.reproduction`); its files go
+    record servers check before this version serves (`service.repository.reproduction`); its files go
     into the model artifact (none without a reference set)."""
     if folder.exists():  # a record left by an earlier build in the same folder is not this one's
         import shutil
@@ -212,8 +212,8 @@ def reproduction_record(onnx_path: Path | str, metadata: ModelMetadata, parts: S
         shutil.rmtree(folder)
     if not parts:
         return []
-    from service.engine import OnnxModel
-    from service.reproduction import record
+    from service.repository.reproduction import record
+    from service.runtime.engine import OnnxModel
 
     model = OnnxModel(onnx_path, metadata, providers=["CPUExecutionProvider"])
     return record(model, [(p.path, p.category, p.expect) for p in parts], folder)
@@ -221,13 +221,13 @@ def reproduction_record(onnx_path: Path | str, metadata: ModelMetadata, parts: S
 
 def log_reference_set(parts: list[KnownPart], origin: str) -> None:
     """Log a reference set as artifacts of the active run (`reference/`, see
-    `service.promotion`)."""
+    `service.promotion.rules`)."""
     import shutil
     import tempfile
 
     import mlflow
 
-    from service.promotion import REFERENCE_ARTIFACTS, manifest_entry, write_manifest
+    from service.promotion.rules import REFERENCE_ARTIFACTS, manifest_entry, write_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         entries = []
@@ -311,7 +311,7 @@ def log_and_register(
     import onnx
     from mlflow import MlflowClient
 
-    from service.reproduction import RECORDED_TAG
+    from service.repository.reproduction import RECORDED_TAG
 
     ensure_experiment(experiment, artifact_root)
     default_alias = f"{metadata.architecture}-{metadata.variant}"

@@ -35,9 +35,9 @@ from registry.variants.fp16 import convert_fp16
 from registry.variants.graph import census
 from registry.variants.ptq import DEFAULT_SCHEME, quantize_int8
 from registry.variants.qat import QATConfig, learned_overrides, qat_finetune, range_summary
-from service.engine import OnnxModel
-from service.metadata import ModelMetadata
-from service.tiling import Tiling
+from service.runtime.engine import OnnxModel
+from service.runtime.metadata import ModelMetadata
+from service.runtime.tiling import Tiling
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def build_variant_fp32(
         aliases: extra aliases for the new version (besides `<arch>-fp32`).
         artifact_root: artifact folder if the MLflow experiment must be created.
         show_progress: progress bar while training.
-        tiling: score large images as tiles of the input size (`service.tiling`): trained
+        tiling: score large images as tiles of the input size (`service.runtime.tiling`): trained
             on those tiles, evaluated and served stitched; its score margin is the model's.
 
     Returns:
@@ -372,7 +372,7 @@ def fp32_from_registry(
     import mlflow.artifacts
     from mlflow import MlflowClient
 
-    from service.artifact import read_model_dir
+    from service.repository.artifact import read_model_dir
 
     mv = resolve_version(model_uri)
     tags = dict(mv.tags or {})

@@ -3,7 +3,7 @@
 - `add_known_parts`: images of parts whose right decision the plant knows (a defect that
   must never pass, a good part that must not be rejected), kept in one MLflow run per
   registered model (its tag `reference.run_id` names the run) as a reference set in the
-  format of `service.promotion`. The promotion gate scores them with every candidate, so a
+  format of `service.promotion.rules`. The promotion gate scores them with every candidate, so a
   bad set would refuse every later promotion: an add is checked as a whole before anything
   is written (the category is one the model's versions know and a plain name; no image is
   already in the set with another category or expectation; the set stays within
@@ -29,8 +29,7 @@ from pathlib import Path
 
 from anomaly.wire import IMAGE_SUFFIXES
 from registry.mlflow_registry import DEFAULT_EXPERIMENT
-from service.imaging import decode_image
-from service.promotion import (
+from service.promotion.rules import (
     MAX_REFERENCE_ITEMS,
     PLANT_REFERENCE_TAG,
     REFERENCE_ARTIFACTS,
@@ -38,6 +37,7 @@ from service.promotion import (
     read_manifest,
     write_manifest,
 )
+from service.runtime.imaging import decode_image
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Training loop shared by every architecture: seeds, progress bar, validation loss,
 best-checkpoint keeping, loss history (for MLflow).
 
-Images are decoded and preprocessed by `service.imaging` (the serving path) once and
+Images are decoded and preprocessed by `service.runtime.imaging` (the serving path) once and
 kept in memory as a `(N, 3, H, W)` tensor; datasets here are small (MVTec AD train
 splits are a few hundred images per category).
 """
@@ -20,8 +20,8 @@ import torch
 
 from registry.architectures import AnomalyModel
 from registry.data.mvtec import Sample
-from service.imaging import decode_image
-from service.tiling import Tiling, prepare_input
+from service.runtime.imaging import decode_image
+from service.runtime.tiling import Tiling, prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def train_model(
         show_progress: draw a rich progress bar.
         run_setup: call the architecture's `fit_setup` hook first (False when fine-tuning
             an already trained model, e.g. quantization-aware training).
-        tiling: train on the tiles a tiled model will see (`service.tiling`).
+        tiling: train on the tiles a tiled model will see (`service.runtime.tiling`).
 
     Returns:
         A `TrainResult`; `model` holds the best weights and is left in eval mode.

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-log = logging.getLogger("service.grpc_server")  # where unforeseen failures have always been logged
+log = logging.getLogger("service.protocol.grpc.server")  # where unforeseen failures have always been logged
 
 
 class ServiceError(Exception):

@@ -1,5 +1,5 @@
 """The server process: the gRPC server, and with `ANOMALY_HTTP_IN_PROCESS` the HTTP API on
-the same data plane (`service.inprocess`), until SIGTERM/SIGINT; then a graceful drain.
+the same data plane (`service.protocol.inprocess`), until SIGTERM/SIGINT; then a graceful drain.
 
 `anomaly serve` runs `serve`; with `--processes N` it runs N of these under
 `service.processes.Supervisor` instead. Such a child (`process_index` ≥ 0) watches its stdin, a
@@ -18,9 +18,9 @@ import stat
 import threading
 import time
 
-from service.gateway import create_app
-from service.grpc_server import GrpcServer
-from service.inprocess import serve_http
+from service.protocol.grpc.server import GrpcServer
+from service.protocol.inprocess import serve_http
+from service.protocol.rest.gateway import create_app
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

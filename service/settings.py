@@ -285,7 +285,7 @@ class Settings(BaseSettings):
         most images/s. More ORT threads than cores (2 calls × 2 threads on 2 cores), or
         batches, only made the threads wait for each other and for decoding. A call alone
         still gets every core: adaptive execution runs it on a second session with
-        `solo_threads` (all cores) when no other request is in flight (`service.engine`)."""
+        `solo_threads` (all cores) when no other request is in flight (`service.runtime.engine`)."""
         cores = usable_cores()
         if self.workers == 0:
             self.workers = cores

@@ -60,10 +60,10 @@ class DemoConfig:
 
 def reproduces_here(build: BuildResult) -> bool:
     """Whether a build's reproduction record (written when it was registered) holds on this
-    host, with the server's default tolerance (`service.reproduction`); a build without one
+    host, with the server's default tolerance (`service.repository.reproduction`); a build without one
     (not registered) counts as reproducing."""
-    from service.engine import OnnxModel
-    from service.reproduction import check
+    from service.repository.reproduction import check
+    from service.runtime.engine import OnnxModel
     from service.settings import Settings
 
     fields = Settings.model_fields
@@ -90,7 +90,7 @@ def choose_champion(results: list[BuildResult], data: Path | None = None,
         import numpy as np
 
         from registry.evaluate import interleaved_p50_ms
-        from service.engine import OnnxModel
+        from service.runtime.engine import OnnxModel
 
         models = {r.label: OnnxModel(r.onnx_path, r.metadata) for r in eligible}
         encoded = [s.path.read_bytes() for s in load_test_split(data)[:8]]
@@ -124,7 +124,7 @@ def comparison_tables(results: list[BuildResult], champion: BuildResult | None,
                       rss: dict[str, float], data_name: str = "the sample data") -> tuple[Table, Table]:
     """The demo's comparison, one row per (architecture, variant): what each version
     detects, and what it costs to run (two tables, so that each fits 120 columns)."""
-    from service.hardware import this_host
+    from service.runtime.hardware import this_host
 
     host = this_host()
     where = f"{host.cpu}, {host.isa_class}, ONNX Runtime {host.ort}"

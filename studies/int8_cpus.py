@@ -129,7 +129,7 @@ def accuracy(onnx_path: Path | str, metadata: Any, samples: list[Sample], warmup
 
     from registry.evaluate import _mask, score_samples
     from registry.metrics import auroc
-    from service.engine import OnnxModel
+    from service.runtime.engine import OnnxModel
 
     t0 = time.perf_counter()
     model = OnnxModel(onnx_path, metadata)
@@ -154,8 +154,8 @@ def accuracy(onnx_path: Path | str, metadata: Any, samples: list[Sample], warmup
 def load_model_dir(folder: Path) -> tuple[Path, Any]:
     """(ONNX path, `ModelMetadata`) of an MLflow model folder or of a plain folder with
     `model.onnx` and `anomaly_model.json`."""
-    from service.artifact import read_model_dir
-    from service.metadata import ModelMetadata
+    from service.repository.artifact import read_model_dir
+    from service.runtime.metadata import ModelMetadata
 
     if (folder / "MLmodel").is_file():
         return read_model_dir(folder)
@@ -393,8 +393,8 @@ class RegisteredRow:
 
 
 def cpu_labels(emulate: bool) -> CpuLabels:
-    """Labels for this host (`service.hardware.this_host`) and the emulated CPU."""
-    from service.hardware import this_host
+    """Labels for this host (`service.runtime.hardware.this_host`) and the emulated CPU."""
+    from service.runtime.hardware import this_host
 
     host = this_host()
     f = set(host.features)
@@ -406,7 +406,7 @@ def cpu_labels(emulate: bool) -> CpuLabels:
     if version is not None:
         emulated = (f"{version} TCG (user mode), `-cpu {QEMU_CPU}`: AVX2, no VNNI, emulated on the "
                     f"{cpu} above, the same ONNX Runtime {host.ort} wheel (inside, /proc/cpuinfo still "
-                    "lists the host's flags, so `service.hardware` cannot tell; MLAS reads CPUID, "
+                    "lists the host's flags, so `service.runtime.hardware` cannot tell; MLAS reads CPUID, "
                     "which QEMU emulates)")
     return CpuLabels(host.describe(), f"{cpu}: {isa}", emulated)
 
@@ -460,7 +460,7 @@ def scheme_study(data_root: Path, model_name: str, architectures: list[str], *, 
     from registry.pipeline import CALIBRATION_IMAGES, calibration_images, calibration_label
     from registry.variants.calibration import CalibrationAlgo, CalibrationData
     from registry.variants.ptq import quantize_int8
-    from service.engine import OnnxModel
+    from service.runtime.engine import OnnxModel
 
     train_set, test_set = load_train_split(data_root), load_test_split(data_root)
     subset = test_subset(test_set, n_images)

@@ -24,7 +24,7 @@ from registry.pipeline import calibration_images, calibration_label
 from registry.variants import VARIANTS
 from registry.variants.calibration import CalibrationAlgo, CalibrationData
 from registry.variants.ptq import quantize_int8
-from service.hardware import this_host
+from service.runtime.hardware import this_host
 from service.settings import usable_cores
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def calibration_study(data_root: Path, model_name: str, architectures: list[str]
     """Quantize each architecture's registered FP32 version with every calibration."""
     import mlflow
 
-    from service.repository import read_model_dir
+    from service.repository.model_repository import read_model_dir
 
     train_set, test_set = load_train_split(data_root), load_test_split(data_root)
     rows = []
@@ -133,8 +133,8 @@ def side_by_side_speed(model_name: str, architectures: list[str], rounds: int = 
     import mlflow
     import numpy as np
 
-    from service.engine import OnnxModel
-    from service.repository import read_model_dir
+    from service.repository.model_repository import read_model_dir
+    from service.runtime.engine import OnnxModel
 
     rows = []
     for arch in architectures:

@@ -7,7 +7,7 @@
   (e.g. after changing it) updates its rows and keeps the others; each row records the
   commit it was measured on.
 - `tiling`: the 2048² `gravel_2k` category (defects of a few pixels) scored by the same
-  architecture resized to its input vs tiled at a working size (`service.tiling`).
+  architecture resized to its input vs tiled at a working size (`service.runtime.tiling`).
 
 Both write their section of `docs/results.md`.
 """
@@ -34,7 +34,7 @@ from registry.data.sample import (
 )
 from registry.pipeline import build_variant_fp32
 from registry.train import TrainConfig
-from service.tiling import Tiling
+from service.runtime.tiling import Tiling
 
 log = logging.getLogger(__name__)
 

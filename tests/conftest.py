@@ -237,7 +237,7 @@ def register_tiny(store: Store, fault: str, tmp_path: Path, aliases: tuple[str, 
 
     from loadtests.faults import tiny_onnx
     from registry.mlflow_registry import log_and_register
-    from service.metadata import ModelMetadata, ScoreStats
+    from service.runtime.metadata import ModelMetadata, ScoreStats
 
     stats = ScoreStats(threshold=0.5, min=0.0, max=1.0)
     metadata = ModelMetadata(architecture="tiny", variant=fault.replace("_", "-"), input_height=TEST_INPUT,
@@ -332,7 +332,7 @@ def reference_set(store: Store, client, tmp_path: Path) -> list:
     import uuid
 
     from registry.mlflow_registry import KnownPart
-    from service.promotion import read_manifest
+    from service.promotion.rules import read_manifest
 
     run_id = client.get_model_version(store.model_name, store.version).run_id
     dest = tmp_path / f"reference-{uuid.uuid4().hex[:6]}"

@@ -17,8 +17,8 @@ from anomaly.channel import grpc_channel
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.launch import free_port, start_server
-from service.engine import OnnxModel
-from service.repository import ModelRepository, ModelSpec
+from service.repository.model_repository import ModelRepository, ModelSpec
+from service.runtime.engine import OnnxModel
 from service.settings import Settings
 
 

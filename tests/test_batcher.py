@@ -12,9 +12,9 @@ from functools import partial
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, DeadlineExceeded
+from service.dataplane.batcher import Batcher, DeadlineExceeded
 from service.errors import Overloaded
-from service.repository import ModelRepository, ModelSpec
+from service.repository.model_repository import ModelRepository, ModelSpec
 from service.settings import Settings
 
 

@@ -92,9 +92,9 @@ def test_fp32_version_carries_a_torch_model_that_reproduces_its_onnx(built, tmp_
 
     from registry.checkpoint import CheckpointError, check_reproduces, load_checkpoint
     from registry.data.mvtec import load_test_split
-    from service.artifact import read_model_dir
-    from service.engine import OnnxModel
-    from service.imaging import decode_image
+    from service.repository.artifact import read_model_dir
+    from service.runtime.engine import OnnxModel
+    from service.runtime.imaging import decode_image
 
     client = _client(built["uri"])
     fp32 = client.get_model_version_by_alias("anomaly-detector", "stfpm-fp32")

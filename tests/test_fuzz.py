@@ -23,7 +23,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from service.errors import InvalidInput
-from service.imaging import decode_image, raw_to_rgb
+from service.runtime.imaging import decode_image, raw_to_rgb
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

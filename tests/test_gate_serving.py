@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.launch import ChildProcess, free_port, start_server
-from service.promotion import (
+from service.promotion.rules import (
     GATE_AGAINST,
     GATE_OVERRIDE,
     GATE_OVERRIDE_BY,
@@ -365,7 +365,7 @@ def test_an_empty_cache_takes_the_registry_record_and_a_bad_record_is_ignored(st
     """A new pod (an empty cache) judges what the alias names against the version the
     registry's `served.<alias>` tag records; a local record naming a version the registry does
     not hold is ignored rather than stopping the line; without keeping overrides unrecorded."""
-    from service.served import Served, ServedMemory
+    from service.promotion.served import Served, ServedMemory
 
     name, alias, good = store.model_name, "fresh-canary", store.version
     client.set_registered_model_alias(name, alias, good)
@@ -410,7 +410,7 @@ def test_an_override_the_server_cannot_record_is_never_honoured(store, client, g
                                                                 tmp_path: Path) -> None:
     """With ANOMALY_GATE_WRITE_TAGS=false an override is refused, even with a `gate.override.for`
     forged to match the judgement."""
-    from service.promotion import judgement_id
+    from service.promotion.rules import judgement_id
 
     name, alias, good = store.model_name, "unrecorded-override", store.version
     client.set_registered_model_alias(name, alias, good)

@@ -220,8 +220,8 @@ def test_every_architecture_is_served_by_the_same_server(arch: str, grpc_target:
 def test_camera_frame_jpeg_served_from_reduced_scale_decode(grpc_target: str, store, good_and_defect) -> None:
     """A 1920×1200 JPEG (a test image enlarged): the server decodes it at reduced scale,
     scores exactly what evaluation's decoding gives, and draws the map at the frame's size."""
-    from service.engine import OnnxModel
-    from service.imaging import decode_image
+    from service.runtime.engine import OnnxModel
+    from service.runtime.imaging import decode_image
 
     frame = io.BytesIO()
     Image.open(good_and_defect[1][0]).convert("RGB").resize((1920, 1200)).save(frame, "JPEG", quality=90)

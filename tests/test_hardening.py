@@ -25,10 +25,10 @@ from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from cli.main import app
 from loadtests.launch import start_server
-from service.dataplane import DataPlane
-from service.grpc_server import GrpcServer
+from service.dataplane.data_plane import DataPlane
 from service.logs import JsonFormatter, TextFormatter
-from service.security import exposure_warning
+from service.protocol.grpc.security import exposure_warning
+from service.protocol.grpc.server import GrpcServer
 from service.settings import Settings
 
 
@@ -128,7 +128,7 @@ def test_log_lines_are_bounded_and_carry_no_colour_codes() -> None:
 
 ESTIMATE = textwrap.dedent("""
     import sys
-    from service.imaging import decode_probe, preprocess, probe_image
+    from service.runtime.imaging import decode_probe, preprocess, probe_image
     data = open(sys.argv[1], "rb").read()
     def status(key):
         for line in open("/proc/self/status"):
@@ -174,7 +174,7 @@ def test_decode_memory_estimate_covers_the_measured_peak(mode: str, tmp_path: Pa
 def test_gray_and_16_bit_images_match_their_rgb_decoding() -> None:
     """Gray stays one channel until after the resize; the model input is the same as when
     the gray image is expanded to RGB first."""
-    from service.imaging import decode_image, decode_probe, preprocess, probe_image
+    from service.runtime.imaging import decode_image, decode_probe, preprocess, probe_image
 
     rng = np.random.default_rng(3)
     for arr in (rng.integers(0, 256, (301, 257), dtype=np.uint8),

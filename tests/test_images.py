@@ -29,8 +29,8 @@ pytestmark = pytest.mark.timeout(1200)
 
 def test_serve_image_scores_from_the_host(serve_image: str, store, store_copy: Path,
                                           good_and_defect) -> None:
-    from service.engine import OnnxModel
-    from service.imaging import decode_image
+    from service.runtime.engine import OnnxModel
+    from service.runtime.imaging import decode_image
 
     grpc_port, http_port = free_port(), free_port()
     name = f"edge-anomaly-test-{uuid.uuid4().hex[:8]}"

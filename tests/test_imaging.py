@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidInput
-from service.imaging import anomaly_map_png, decode_image, preprocess, raw_to_rgb
+from service.runtime.imaging import anomaly_map_png, decode_image, preprocess, raw_to_rgb
 
 
 def _encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -129,7 +129,7 @@ def test_refusing_corrupt_pngs_leaks_nothing(rgb: np.ndarray, tmp_path) -> None:
     script = f"""
 import gc, pathlib, sys
 from service.errors import InvalidInput
-from service.imaging import decode_image
+from service.runtime.imaging import decode_image
 bad = [p.read_bytes() for p in pathlib.Path({str(tmp_path)!r}).glob("*.png")]
 def refuse_all():
     for b in bad:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from clients.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import start_server
-from service.inspection import Decided, InspectionLog, export_csv
+from service.inspection.log import Decided, InspectionLog, export_csv
 
 
 def _rows(url: str) -> list[dict]:

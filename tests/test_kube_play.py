@@ -169,8 +169,8 @@ def check_security(container: str, pod_spec: dict, spec: dict) -> None:
 
 def test_kube_play_serves_and_scores(serve_image: str, store, store_copy: Path, good_and_defect,
                                      tmp_path: Path) -> None:
-    from service.engine import OnnxModel
-    from service.imaging import decode_image
+    from service.runtime.engine import OnnxModel
+    from service.runtime.imaging import decode_image
 
     suffix = uuid.uuid4().hex[:8]
     ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}

@@ -34,6 +34,22 @@ def test_import_rules_hold() -> None:
     assert "0 broken" in proc.stdout
 
 
+def _contract_modules(config: dict) -> set[str]:
+    """Every module of this project a contract names (containers' rooms included)."""
+    roots = set(config["root_packages"])
+    named: set[str] = set(roots)
+    for contract in config["contracts"]:
+        containers = contract.get("containers", [""])
+        for key in ("source_modules", "forbidden_modules", "layers", "ancestors"):
+            for entry in contract.get(key, []):
+                for part in entry.replace("|", ":").split(":"):
+                    for container in containers:
+                        name = f"{container}.{part.strip()}" if container else part.strip()
+                        if name.split(".")[0] in roots:
+                            named.add(name)
+    return named
+
+
 @pytest.mark.parametrize(("importer", "imported", "broken"), [
     ("service", "clients", "Only the CLI imports every layer"),
     ("service", "registry", "Only the CLI imports every layer"),
@@ -41,25 +57,50 @@ def test_import_rules_hold() -> None:
     ("clients", "service", "Clients (the SDK and the hot folder) never import the server"),
     ("anomaly", "service", "Only the CLI imports every layer"),
     ("loadtests", "studies", "Only the CLI imports every layer"),
+    ("service.runtime", "service.dataplane", "Inside the server: protocols over the data plane"),
+    ("service.inspection", "service.promotion", "Inside the server: protocols over the data plane"),
+    ("service.protocol.grpc", "service.runtime", "Protocol translators see the data plane"),
+    ("service.protocol.rest", "service.protocol.grpc.server", "The HTTP gateway forwards only"),
 ])
 def test_the_rules_catch_a_violation(tmp_path: Path, importer: str, imported: str, broken: str) -> None:
     """The project's own contracts, run over a tree of the same packages where
     `importer` imports `imported`, report it."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    for package in config["root_packages"]:
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "__init__.py").write_text("")
-        (tmp_path / package / "core.py").write_text("")
-    (tmp_path / importer / "core.py").write_text(f"import {imported}.core\n")
-    lines = ["[tool.importlinter]", f"root_packages = {config['root_packages']!r}"]
+    for module in sorted(_contract_modules(config) | {importer, imported}):
+        parts = module.split(".")
+        for depth in range(1, len(parts) + 1):
+            folder = tmp_path.joinpath(*parts[:depth])
+            folder.mkdir(exist_ok=True)
+            (folder / "__init__.py").touch()
+            (folder / "core.py").touch()
+    tmp_path.joinpath(*importer.split("."), "core.py").write_text(f"import {imported}.core\n")
+    lines = ["[tool.importlinter]", f"root_packages = {config['root_packages']!r}",
+             f"include_external_packages = {str(config['include_external_packages']).lower()}"]
     for contract in config["contracts"]:
         lines += ["", "[[tool.importlinter.contracts]]"]
-        lines += [f"{key} = {value!r}".replace("'", '"') for key, value in contract.items()]
+        for key, value in contract.items():
+            toml_value = str(value).lower() if isinstance(value, bool) else repr(value).replace("'", '"')
+            lines.append(f"{key} = {toml_value}")
     (tmp_path / "pyproject.toml").write_text("\n".join(lines) + "\n")
     proc = _lint(tmp_path, pythonpath=str(tmp_path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"{importer}.core -> {imported}.core" in proc.stdout
     assert broken in proc.stdout.split("Broken contracts")[1]
+
+
+def test_the_gateway_process_loads_no_model_runtime() -> None:
+    """The gateway only forwards: importing it (and building its app) in a fresh interpreter
+    loads neither ONNX Runtime, SQLAlchemy, MLflow nor the server's data plane."""
+    code = ("import sys\n"
+            "from service.protocol.rest.gateway import create_app\n"
+            "from service.settings import Settings\n"
+            "create_app(Settings(grpc_target='127.0.0.1:1'))\n"
+            "heavy = ('onnxruntime', 'sqlalchemy', 'mlflow', 'torch', 'service.dataplane.data_plane',\n"
+            "         'service.protocol.grpc.server', 'service.runtime.engine')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def _fields(model: type) -> set[str]:
@@ -72,7 +113,7 @@ def _proto_fields(message: type) -> set[str]:
 
 
 def test_gateway_schema_is_the_proto() -> None:
-    from service import gateway
+    from service.protocol.rest import gateway
 
     assert _fields(gateway.ScoreOut) == _proto_fields(pb.ScoreResponse)
     assert _fields(gateway.ModelOut) == _proto_fields(pb.ModelInfo)

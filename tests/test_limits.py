@@ -49,7 +49,7 @@ def test_declared_content_length_over_the_limit_is_refused_unread(http_base: str
 
 def test_stream_cap_refuses_extra_streams_and_scoring_and_health_still_answer(store, good_and_defect,
                                                                                tmp_path: Path) -> None:
-    """Streams have their own cap (`service.admission`): line cameras' streams held open up
+    """Streams have their own cap (`service.protocol.grpc.admission`): line cameras' streams held open up
     to it leave unary scoring and health checks answering; one more stream is refused."""
     child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=tmp_path / "cache",
                                  env={"ANOMALY_MAX_CONCURRENT_RPCS": "2", "ANOMALY_MAX_STREAMS": "2"})

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debia
 def _reference_set(store: Store, client: MlflowClient, tmp_path: Path) -> list:
     """The session model's reference set, as the parts to log with another version."""
     from registry.mlflow_registry import KnownPart
-    from service.promotion import read_manifest
+    from service.promotion.rules import read_manifest
 
     run_id = client.get_model_version(store.model_name, store.version).run_id
     local = Path(client.download_artifacts(run_id, "reference", str(tmp_path)))

@@ -2,7 +2,7 @@
 with the protocol's `{"error": "…"}` saying what is wrong, never a 5xx (which the SDK would
 retry as transient), and never a silent acceptance; each followed by a good request.
 
-Each case runs twice: against `service.oip_rest.infer_request` alone (fast, no server), when
+Each case runs twice: against `service.protocol.rest.oip.infer_request` alone (fast, no server), when
 the gateway itself is to refuse it, and through the session's real gateway."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomaly.oip.tensors import serialize_bytes
-from service import oip_rest
-from service.forwarding import Problem
+from service.protocol.rest import oip as oip_rest
+from service.protocol.rest.forwarding import Problem
 
 INFER = "/v2/models/anomaly-detector/infer"
 INT64_MAX = 2**63 - 1

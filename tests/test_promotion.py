@@ -24,7 +24,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from cli.main import app
 from clients.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_gateway, start_server
-from service.promotion import (
+from service.promotion.rules import (
     GATE_OVERRIDE,
     GATE_OVERRIDE_BY,
     GATE_OVERRIDE_FOR,
@@ -158,13 +158,13 @@ def test_gate_refuses_a_version_that_misses_a_known_defect(store, client, good_a
         labels = f'alias="{alias}",name="{store.model_name}",status="{status}"'
         assert f"anomaly_promotion_gate_total{{{labels}}} {count}.0" in metrics, metrics
     log = (tmp_path / "server.log").read_text()
-    start = f"ERROR service.gatekeeper promotion gate: {store.model_name} version {blind} refused"
+    start = f"ERROR service.promotion.gate promotion gate: {store.model_name} version {blind} refused"
     refusals = [line for line in log.splitlines() if start in line]
     assert len(refusals) == 4, log[-3000:]  # judged once per move or tag change, not at every poll
 
 
 def test_threshold_tags_are_checked_as_a_whole(store) -> None:
-    from service.promotion import threshold_overrides
+    from service.promotion.rules import threshold_overrides
 
     md = store.build.metadata
     brick, overall = md.image_stats["brick"], md.image_stats[""]

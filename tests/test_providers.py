@@ -24,7 +24,7 @@ def _cpu_only() -> None:
 
 
 def test_requested_gpu_providers_fall_back_to_cpu(store, sample_root: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.engine"):
+    with caplog.at_level(logging.WARNING, logger="service.runtime.engine"):
         rows = check_providers(store.tracking_uri, store.model_name, sample_root, GPU,
                                versions=[str(store.version)], batch=4, seconds=0.4)
     assert [r.version for r in rows] == [str(store.version)]

@@ -219,7 +219,8 @@ failed = []
 for top in ("anomaly", "service", "clients", "cli"):
     package = importlib.import_module(top)
     for info in pkgutil.walk_packages(package.__path__, top + "."):
-        if info.name.startswith(("service.migrations.env", "service.migrations.versions.")):
+        if info.name.startswith(("service.inspection.migrations.env",
+                                 "service.inspection.migrations.versions.")):
             continue  # Alembic's scripts, run by Alembic
         try:
             importlib.import_module(info.name)
@@ -230,7 +231,7 @@ training = [m for m in sys.modules if m.split(".")[0] in ("torch", "registry", "
 assert not training, f"training code on the serve path: {training}"
 
 # The body reader's deadline, 3.10's branch (asyncio.wait_for): a stalled stream times out.
-from service.http_body import next_by
+from service.protocol.rest.http_body import next_by
 
 async def stalled():
     yield b"x"
@@ -272,8 +273,8 @@ def _category(path: Path) -> str:
 
 def test_py310_server_scores_like_the_model(py310_env: Path, store, good_and_defect, tmp_path: Path) -> None:
     from clients.sdk import AnomalyClient
-    from service.engine import OnnxModel
-    from service.imaging import decode_image
+    from service.runtime.engine import OnnxModel
+    from service.runtime.imaging import decode_image
 
     grpc_port, http_port = free_port(), free_port()
     target, base = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"

@@ -11,8 +11,8 @@ import pytest
 from conftest import tracking_uri
 from mlflow import MlflowClient
 
-from service.metadata import GLOBAL, ModelMetadata
-from service.repository import read_model_dir
+from service.repository.model_repository import read_model_dir
+from service.runtime.metadata import GLOBAL, ModelMetadata
 
 if TYPE_CHECKING:
     from registry.mlflow_registry import RegisteredVersion
@@ -88,7 +88,7 @@ def _register_tiny_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch | None 
 
     from loadtests.faults import tiny_onnx
     from registry.mlflow_registry import log_and_register, use_store
-    from service.metadata import ScoreStats
+    from service.runtime.metadata import ScoreStats
 
     writes: list[tuple[str, dict]] = []
     if monkeypatch is not None:

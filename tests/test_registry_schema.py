@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.launch import ChildProcess, free_port
-from service.registry_schema import expected_revision, schema_problem
+from service.repository.registry_schema import expected_revision, schema_problem
 
 
 def older_store(path: Path) -> tuple[str, str]:

@@ -32,9 +32,9 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.launch import free_port, start_server
 from registry.data.mvtec import load_test_split
 from registry.variants.qat import WEIGHT_QRANGE, _WeightFakeQuant
-from service.engine import OnnxModel
-from service.hardware import Host, parse_cpuinfo, this_host
-from service.reproduction import RECORD_FILE, check, find_record
+from service.repository.reproduction import RECORD_FILE, check, find_record
+from service.runtime.engine import OnnxModel
+from service.runtime.hardware import Host, parse_cpuinfo, this_host
 
 POLL = {"ANOMALY_POLL_INTERVAL_S": "0.3"}
 
@@ -198,7 +198,7 @@ def test_check_survives_hostile_records_and_knows_when_one_is_missing(store, tmp
     with who and why lets a refused version serve, flagged `overridden`."""
     import shutil
 
-    from service.reproduction import (
+    from service.repository.reproduction import (
         OVERRIDE_BY_TAG,
         OVERRIDE_REASON_TAG,
         OVERRIDE_TAG,

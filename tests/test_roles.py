@@ -31,7 +31,7 @@ from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from cli.main import app
 from loadtests.launch import start_gateway, start_server
-from service.promotion import MAX_REFERENCE_ITEMS, PLANT_REFERENCE_TAG
+from service.promotion.rules import MAX_REFERENCE_ITEMS, PLANT_REFERENCE_TAG
 
 SCORE_KEY, OPERATE_KEY, ADMIN_KEY, BARE_KEY = ("score-key-1b7e2a", "operate-key-93ac41", "admin-key-5f02d9",
                                                "bare-key-c4d1e8")
@@ -212,7 +212,7 @@ def test_feedback_records_its_sender_and_the_report_flags_conflicts(keyed, store
     assert senders[(conflict, "OK")] == "ops" and senders[(conflict, "NG")] == "review"
     assert {s for (rid, _), s in senders.items() if rid != conflict} == {"review"}
 
-    from service.quality import review
+    from service.inspection.quality import review
 
     report = review(db)
     assert [c.request_id for c in report.conflicts] == [conflict]
@@ -380,7 +380,7 @@ def test_reference_add_refuses_misuse_and_writes_nothing(store, reference_model,
 def test_every_call_needs_a_role_and_key_entries_parse(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from service.keys import parse_entry, parse_file
-    from service.security import METHOD_ROLES, OPEN_SERVICES, _peer_host, needed_role
+    from service.protocol.grpc.security import METHOD_ROLES, OPEN_SERVICES, _peer_host, needed_role
     from service.settings import Settings
 
     for service in (pb.DESCRIPTOR.services_by_name["AnomalyDetection"],
@@ -404,7 +404,7 @@ def test_every_call_needs_a_role_and_key_entries_parse(tmp_path: Path,
         Settings(api_keys=["admin:bad name:leaky-secret"])
     assert "leaky-secret" not in str(err.value)
     (tmp_path / "keys").write_text("admin:a:same-secret\nscore:b:same-secret\n")
-    from service.security import load_api_keys
+    from service.protocol.grpc.security import load_api_keys
 
     with pytest.raises(ValueError, match="same secret"):
         load_api_keys(Settings(api_keys_file=tmp_path / "keys"))

@@ -25,8 +25,8 @@ from clients.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_server
 from loadtests.pgcluster import postgres_cluster
 from service.errors import NotReady
-from service.inspection import Decided, InspectionLog, export_csv
-from service.spool import Spool, SpoolFull
+from service.inspection.log import Decided, InspectionLog, export_csv
+from service.inspection.spool import Spool, SpoolFull
 
 
 def _decided(i: int, station: str = "line-1") -> Decided:
@@ -84,7 +84,7 @@ FAILED_WRITE = r"""
 import asyncio, json, resource, signal, sys
 from pathlib import Path
 from service.errors import NotReady
-from service.inspection import Decided, InspectionLog
+from service.inspection.log import Decided, InspectionLog
 
 folder, url = Path(sys.argv[1]), sys.argv[2]
 
@@ -128,7 +128,7 @@ asyncio.run(main())
 TRUNCATE_FAILS = r"""
 import errno, json, os, resource, signal, sys
 from pathlib import Path
-from service.spool import Spool
+from service.inspection.spool import Spool
 
 spool = Spool(Path(sys.argv[1]), 1 << 20)
 spool.open()
@@ -236,7 +236,7 @@ def test_a_damaged_record_is_set_aside_alone(tmp_path: Path, caplog: pytest.LogC
     with segments[-1].open("ab") as f:  # and a write torn by a crash
         f.write(b"0badc0de {\"n\": 99")
     counted = REGISTRY.get_sample_value("anomaly_inspection_rows_total", {"outcome": "damaged"}) or 0
-    caplog.set_level(logging.ERROR, logger="service.spool")
+    caplog.set_level(logging.ERROR, logger="service.inspection.spool")
     for _ in range(2):  # read twice (a restart before the checkpoint): set aside once
         again = Spool(folder, max_bytes=100_000, segment_bytes=300)
         again.open()
@@ -494,7 +494,7 @@ def test_a_valid_last_record_whose_newline_is_damaged_is_kept(tmp_path: Path, ta
         if tail.endswith("torn write"):
             data += b"0badc0de {\"n\": 1"
     segment.write_bytes(bytes(data))
-    caplog.set_level(logging.WARNING, logger="service.spool")
+    caplog.set_level(logging.WARNING, logger="service.inspection.spool")
     again = Spool(folder, max_bytes=100_000)
     again.open()
     records, pos = again.read(None, 100)

@@ -15,9 +15,9 @@ from PIL import Image
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from clients.sdk import AnomalyClient
-from service.engine import OnnxModel
-from service.imaging import decode_image, preprocess
-from service.tiling import Tiling, axis_origins, image_score, origins, scored_region, split, stitch
+from service.runtime.engine import OnnxModel
+from service.runtime.imaging import decode_image, preprocess
+from service.runtime.tiling import Tiling, axis_origins, image_score, origins, scored_region, split, stitch
 
 # 320×448 working size, 128-pixel tiles every 96 pixels: overlapping, last tiles flush with the edge.
 TILING = Tiling(image_height=320, image_width=448, stride=96, score_margin=4)

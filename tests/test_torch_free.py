@@ -9,11 +9,12 @@ import textwrap
 
 SNIPPET = textwrap.dedent("""
     import asyncio, sys
-    import service, service.engine, service.gateway, service.grpc_server, cli.serve, cli.main
+    import service, service.runtime.engine, service.protocol.rest.gateway, service.protocol.grpc.server
+    import cli.serve, cli.main
     import clients.sdk, cli.client
     assert "torch" not in sys.modules, "importing the service pulled torch"
 
-    from service.grpc_server import GrpcServer
+    from service.protocol.grpc.server import GrpcServer
     from service.settings import Settings
     from clients.sdk import AsyncAnomalyClient
 

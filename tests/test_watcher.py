@@ -21,7 +21,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.faults import escaping_mlmodel, garbage_onnx, malformed_mlmodel
 from loadtests.launch import ChildProcess, free_port, peak_rss_mb, start_server, wait_grpc_serving
 from service.errors import ModelLoadError, ModelNotFound
-from service.repository import ModelRepository, ModelSpec
+from service.repository.model_repository import ModelRepository, ModelSpec
 from service.settings import Settings
 
 

@@ -1,7 +1,7 @@
 """Read an MVTec-AD-style dataset: the real one from a path, or the generated sample.
 
 Only the folder layout is read here (no pixels): a list of `Sample` records. Pixels are
-decoded later by `service.imaging`, the same code the server runs.
+decoded later by `service.runtime.imaging`, the same code the server runs.
 """
 
 from __future__ import annotations

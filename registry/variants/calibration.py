@@ -2,7 +2,7 @@
 
 Two sources, as compared in the seed paper:
 
-- `real`: normal training images, decoded and preprocessed by `service.imaging` exactly as
+- `real`: normal training images, decoded and preprocessed by `service.runtime.imaging` exactly as
   the server does (a category-balanced subset);
 - `random`: random-normal inputs. The graph normalises with the ImageNet mean/std, so
   `x = mean + std · N(0, 1)` in the [0, 1] input space becomes N(0, 1) after the graph's
@@ -18,7 +18,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 
 from registry.data.mvtec import Sample
-from service.tiling import Tiling, origins
+from service.runtime.tiling import Tiling, origins
 
 
 class CalibrationData(StrEnum):

@@ -42,7 +42,7 @@ from registry.architectures import AnomalyModel
 from registry.data.mvtec import Sample
 from registry.train import TrainConfig, TrainResult, train_model
 from registry.variants.graph import is_layer
-from service.tiling import Tiling
+from service.runtime.tiling import Tiling
 
 log = logging.getLogger(__name__)
 

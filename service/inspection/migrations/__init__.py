@@ -1,0 +1,1 @@
+"""Alembic migrations of the inspection log (`service.inspection.log`)."""

@@ -1,0 +1,94 @@
+"""What the gateway's routes share: forwarding one unary call to the gRPC server (with the
+caller's credentials) and the error answers. `anomaly.v1` routes answer errors as RFC 9457
+problem+json; the Open Inference Protocol routes (`/v2/…`) as that protocol's
+`{"error": "…"}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from service.dataplane.budget import MemoryBudget
+from service.protocol.rest import http_body
+
+PROBLEM = "application/problem+json"
+V2_PREFIX = "/v2"
+# Seconds a client should wait before retrying (RFC 9110 Retry-After): an overloaded server
+# (429) frees up within a request's time; one not ready (503) is loading or swapping a model.
+RETRY_AFTER_S = {429: 1, 503: 5}
+
+# gRPC status → HTTP status (as grpc-gateway maps them).
+GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class Problem(Exception):
+    """An error answered as problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str, grpc_code: str = "") -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.grpc_code = status, title, detail, grpc_code
+
+
+async def forward(request: Request, stub: object, method: str, message: object) -> object:
+    """Forward one unary call; gRPC errors become `Problem`s."""
+    state = request.app.state
+    metadata = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
+                                    ("authorization", request.headers.get("authorization"))) if v]
+    try:
+        return await getattr(stub, method)(message, timeout=state.settings.request_timeout_s,
+                                           metadata=metadata or None)
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        raise Problem(GRPC_TO_HTTP.get(code, 500), code.name.replace("_", " ").title(),
+                      exc.details() or code.name, code.name) from exc
+
+
+def error_response(request: Request, status: int, title: str, detail: str,
+                   grpc_code: str = "") -> JSONResponse:
+    """An error answer in the shape of the route's protocol: problem+json, or the Open
+    Inference Protocol's `{"error": …}` under `/v2`."""
+    retry = RETRY_AFTER_S.get(status)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    if request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/"):
+        return JSONResponse({"error": detail}, status_code=status, headers=headers)
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+            "instance": str(request.url.path)}
+    if grpc_code:
+        body["grpc_status"] = grpc_code
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+@asynccontextmanager
+async def reserved_body(request: Request, limit: int) -> AsyncIterator[None]:
+    """Hold the memory of a body of at most `limit` bytes (and its copies) from the
+    gateway's budget while it is read and forwarded; 429 when it does not free up in time."""
+    settings = request.app.state.settings
+    budget: MemoryBudget = request.app.state.body_budget
+    declared = http_body.declared_length(request, limit)
+    async with budget.reserve(http_body.COPIES * (limit if declared is None else declared),
+                              settings.decode_wait_s) as ok:
+        if not ok:
+            raise Problem(429, "Resource Exhausted",
+                          f"gateway busy: {budget.in_use >> 20} of {budget.capacity >> 20} MB of request "
+                          "memory in use (ANOMALY_HTTP_BODY_MEMORY_MB); retry later", "RESOURCE_EXHAUSTED")
+        yield
