@@ -3,6 +3,7 @@ install: the SDK only)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anomaly.wire import DEFAULT_TARGET, IMAGE_SUFFIXES
-from cli.common import with_security
+from cli.common import model_reference, print_json, with_security
 from clients.sdk import AnomalyClient, AnomalyError
 
 Target = Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")]
@@ -33,15 +34,24 @@ def _expand(paths: list[Path]) -> list[Path]:
 def score_cmd(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     target: Target = DEFAULT_TARGET,
-    model: Annotated[str, typer.Option(help="registered model name")] = "",
+    model: Annotated[str, typer.Option(help="registered model name, or models:/<name>@<alias> or "
+                                            "models:/<name>/<version>")] = "",
     alias: Annotated[str, typer.Option(help="alias (default: server's)")] = "",
     version: Annotated[int, typer.Option(help="version number")] = 0,
     category: Annotated[str, typer.Option(help="product category")] = "",
     timeout: Annotated[float, typer.Option(help="deadline per image, seconds")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per image (result or "
+                                                         "error) instead of the table")] = False,
     sdk_options: dict | None = None,
 ) -> None:
-    """Score image files (or every image in folders) and print a table."""
+    """Score image files (or every image in folders) and print a table. Exit code 1 when an image
+    could not be scored."""
     files = _expand(paths)
+    model, uri_alias, uri_version = model_reference(model)
+    alias, version = alias or uri_alias, version or uri_version
+    if as_json:
+        _score_json(files, target, model, alias, version, category, timeout, sdk_options or {})
+        return
     console = Console()
     table = Table(title=f"{len(files)} image(s) scored by {target}")
     for col in ("image", "score", "normalized", "decision", "threshold", "model", "ms"):
@@ -64,12 +74,34 @@ def score_cmd(
         raise typer.Exit(1)
 
 
+def _score_json(files: list[Path], target: str, model: str, alias: str, version: int, category: str,
+                timeout: float, sdk_options: dict) -> None:
+    failures = 0
+    with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **sdk_options) as client:
+        for f in files:
+            try:
+                r = client.score(f, version=version, category=category, request_id=f.name)
+            except AnomalyError as exc:
+                failures += 1
+                error = {"code": exc.code, "message": exc.message}
+                print_json({"image": str(f), "error": error}, indent=None)
+                continue
+            print_json({"image": str(f), **asdict(r)}, indent=None)
+    if failures:
+        raise typer.Exit(1)
+
+
 @with_security
 def models_cmd(
     target: Target = DEFAULT_TARGET,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of the table")] = False,
     sdk_options: dict | None = None,
 ) -> None:
     """List the model versions loaded on a server."""
+    if as_json:
+        with AnomalyClient(target, **(sdk_options or {})) as client:
+            print_json([asdict(m) for m in client.list_models()])
+        return
     console = Console()
     table = Table(title=f"models on {target}")
     for col in ("name", "version", "aliases", "architecture", "variant", "input", "provider",

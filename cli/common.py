@@ -41,6 +41,44 @@ def json_object(value: str, param_hint: str) -> dict[str, object]:
     return parsed
 
 
+def model_reference(value: str, allow_version: bool = True) -> tuple[str, str, int]:
+    """(name, alias, version) from `--model`: a registered model's name, or MLflow's
+    `models:/<name>@<alias>` or `models:/<name>/<version>` (alias "" and version 0 = not given).
+
+    Raises:
+        typer.BadParameter: a `models:/` URI of another form.
+    """
+    if not value.startswith("models:/"):
+        return value, "", 0
+    rest = value.removeprefix("models:/")
+    name, at, alias = rest.partition("@")
+    if at and name and alias and "/" not in rest:
+        return name, alias, 0
+    name, slash, version = rest.partition("/")
+    if slash and name and version.isdigit() and int(version) > 0 and allow_version:
+        return name, "", int(version)
+    forms = "models:/<name>@<alias>" + (" or models:/<name>/<version>" if allow_version else "")
+    raise typer.BadParameter(f"{value!r} is not of the form {forms}", param_hint="--model")
+
+
+def print_json(value: object, indent: int | None = 1) -> None:
+    """`value` as JSON on stdout (bytes as base64, dataclasses and datetimes as text)."""
+    import base64
+    import dataclasses
+    from datetime import date
+
+    def default(o: object) -> object:
+        if isinstance(o, bytes):
+            return base64.b64encode(o).decode()
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        if isinstance(o, date | Path):
+            return str(o)
+        raise TypeError(f"{type(o).__name__} is not JSON")
+
+    typer.echo(json.dumps(value, indent=indent, default=default))
+
+
 def command_line() -> str:
     """The command as it was typed, quoted so that it can be pasted back (for reports)."""
     return "anomaly " + shlex.join(sys.argv[1:])
@@ -57,20 +95,18 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def settings(**overrides: object) -> Settings:
-    """Settings from the environment and the given options (None = not given); an
-    inconsistent configuration (e.g. TLS half set up) is a one-line error, exit code 2."""
-    from pydantic import ValidationError
-
-    from service.settings import Settings
+def settings(options: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings from the environment, the settings file and the given options (None = not
+    given; `options` names the option of each field, for errors). Settings that cannot be used
+    (an unknown `ANOMALY_*` variable, a port out of range, TLS half set up) are one-line errors
+    naming the variable, option or file key, exit code 2."""
+    from service.settings import SettingsError, load_settings
 
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            typer.secho(f"error: invalid settings{f' ({where})' if where else ''}: "
-                        f"{error['msg'].removeprefix('Value error, ')}", fg="red", err=True)
+        return load_settings(options, **overrides)
+    except SettingsError as exc:
+        for line in exc.lines:
+            typer.secho(f"error: invalid settings: {line}", fg="red", err=True)
         raise typer.Exit(2) from None
 
 

@@ -1,16 +1,94 @@
 """The `anomaly` Typer application: the client commands always; the serve, bench, train
-and study commands when their extras are installed (a base install is the SDK only)."""
+and study commands when their extras are installed (a base install is the SDK only).
+
+Exit codes, the same for every command (docs/cli.md):
+  0 done; 1 the work failed (an image not scored, a check that did not pass, an unforeseen
+  error: one line, `ANOMALY_TRACEBACK=1` shows the traceback); 2 bad usage or settings;
+  3 and 4 `anomaly db` (a newer or foreign schema; an upgrade needed); 5 a server or database
+  could not be reached.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
+UNREACHABLE = 5
+# Typer's (vendored) usage errors: its own message and exit code 2 already.
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
 app = typer.Typer(help="Industrial visual anomaly detection: score, serve, train.",
                   no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"anomaly {version('edge-anomaly')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("anomaly (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Industrial visual anomaly detection: score, serve, train."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def describe_failure(exc: BaseException) -> tuple[str, int]:
+    """One line and the exit code for an error a command did not handle itself."""
+    code = getattr(exc, "code", None)
+    if type(exc).__name__ == "AnomalyError" and code in UNREACHABLE_CODES:
+        return f"{code}: {getattr(exc, 'message', '')}", UNREACHABLE
+    if type(exc).__name__ == "AnomalyError":
+        return f"{code}: {getattr(exc, 'message', '')}", 1
+    if type(exc).__module__.startswith("sqlalchemy"):
+        cause = _first_line(getattr(exc, "orig", None) or exc)
+        if "no such table" in cause or ("relation" in cause and "does not exist" in cause):
+            return f"the database holds no inspection log (yet): {cause}", 1
+        if type(exc).__name__ in ("OperationalError", "InterfaceError"):
+            return f"database unavailable: {cause}", UNREACHABLE
+        return f"database error: {cause}", 1
+    if isinstance(exc, OSError):
+        return f"{_first_line(exc)}", 1
+    return f"{type(exc).__name__}: {_first_line(exc)}", 1
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `command`, turning an error it did not handle into `error: <one line>` on stderr and
+    the documented exit code (the traceback only with `ANOMALY_TRACEBACK=1`)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, USAGE_ERROR, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            line, code = describe_failure(exc)
+            typer.secho(f"error: {line}", fg="red", err=True)
+            if os.environ.get("ANOMALY_TRACEBACK"):
+                traceback.print_exc()
+            raise typer.Exit(code) from None
+
+    return wrapper
 
 # Command groups, in the order `anomaly --help` lists them, with the module each group
 # needs that only its extra installs.
@@ -46,9 +124,11 @@ for _group, _needs in GROUPS:
     elif _installed(_needs):
         for _name, _command in importlib.import_module(_group).COMMANDS.items():
             if isinstance(_command, typer.Typer):  # a group of sub-commands (`anomaly reference add`)
+                for _sub in _command.registered_commands:
+                    _sub.callback = one_line_errors(_sub.callback)
                 app.add_typer(_command, name=_name)
             else:
-                app.command(_name)(_command)
+                app.command(_name)(one_line_errors(_command))
 
 if __name__ == "__main__":
     app()

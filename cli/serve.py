@@ -15,12 +15,17 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail, settings
+from cli.common import fail, model_reference, print_json, settings
+
+# The option of each setting `anomaly serve` takes, for errors that name it.
+SERVE_OPTIONS = {"model_name": "--model", "model_alias": "--alias", "grpc_host": "--host",
+                 "grpc_port": "--port", "http_in_process": "--http"}
 
 
 def serve_cmd(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
-    model: Annotated[str | None, typer.Option(help="registered model to serve")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="registered model to serve, or models:/<name>@<alias> (MLflow's form)")] = None,
     alias: Annotated[str | None, typer.Option(help="alias to serve, e.g. champion")] = None,
     host: Annotated[str | None, typer.Option(help="bind address")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
@@ -41,7 +46,10 @@ def serve_cmd(
     from service.logs import configure_logging
     from service.main import serve
 
-    config = settings(tracking_uri=tracking_uri, model_name=model, model_alias=alias,
+    if model is not None:
+        model, uri_alias, _ = model_reference(model, allow_version=False)
+        alias = alias if alias is not None else (uri_alias or None)
+    config = settings(SERVE_OPTIONS, tracking_uri=tracking_uri, model_name=model, model_alias=alias,
                       grpc_host=host, grpc_port=port, cache_dir=cache_dir, log_level=log_level,
                       http_in_process=http, http_port=http_port, processes=processes)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
@@ -83,7 +91,8 @@ def gateway_cmd(
     from service.logs import configure_logging
     from service.protocol.rest.gateway import create_app
 
-    config = settings(grpc_target=grpc_target, http_host=host, http_port=port, log_level=log_level)
+    config = settings({"http_host": "--host", "http_port": "--port"}, grpc_target=grpc_target, http_host=host,
+                      http_port=port, log_level=log_level)
     configure_logging(config.log_level, config.log_format, config.ort_log_severity)
     tracing.configure("anomaly-gateway")
     tls = {"ssl_certfile": str(config.https_cert_file), "ssl_keyfile": str(config.https_key_file)} \
@@ -128,6 +137,7 @@ def quality_report_cmd(
     until: Until = None,
     proposal: Annotated[Path | None, typer.Option(help="write the threshold proposal here (JSON) for "
                                                        "`anomaly thresholds apply`")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON, not tables")] = False,
 ) -> None:
     """False calls and escapes per version, category and station, from operator feedback, and the
     per-category thresholds that keep escapes at zero with the fewest false calls. Parts with
@@ -142,6 +152,13 @@ def quality_report_cmd(
 
     found = review(_inspection_db(db), since, until)
     rows, proposals = found.rows, found.proposals
+    if proposal is not None:
+        proposal.parent.mkdir(parents=True, exist_ok=True)
+        proposal.write_text(json.dumps(proposals_json(proposals), indent=1))
+    if as_json:
+        print_json({"rows": rows, "conflicts": found.conflicts, "unknown_verdicts": found.unknown,
+                    "unknown_request_ids": found.unknown_ids, **proposals_json(proposals)})
+        return
     console = Console()
     table = Table(title="Quality: operator verdicts against the served decisions")
     for col in ("model", "category", "station", "decided", "reviewed", "false calls", "escapes",
@@ -178,12 +195,15 @@ def quality_report_cmd(
                       str(p.escapes_now), p.note)
     console.print(table)
     if proposal is not None:
-        proposal.parent.mkdir(parents=True, exist_ok=True)
-        proposal.write_text(json.dumps(proposals_json(proposals), indent=1))
         typer.echo(f"wrote the proposal to {proposal}; apply it with `anomaly thresholds apply {proposal}`")
 
 
-def shadow_report_cmd(db: Db = None, since: Since = None, until: Until = None) -> None:
+def shadow_report_cmd(
+    db: Db = None,
+    since: Since = None,
+    until: Until = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON, not a table")] = False,
+) -> None:
     """How often the shadow challenger agreed with the served answers, per category, with example
     request ids of each kind of disagreement."""
     from rich.console import Console
@@ -192,6 +212,9 @@ def shadow_report_cmd(db: Db = None, since: Since = None, until: Until = None) -
     from service.inspection.quality import shadow_report
 
     rows = shadow_report(_inspection_db(db), since, until)
+    if as_json:
+        print_json(rows)
+        return
     table = Table(title="Shadow challenger against the served answers")
     for col in ("served", "challenger", "category", "pairs", "agreement", "served OK, challenger NG",
                 "served NG, challenger OK"):

@@ -103,6 +103,7 @@ def families_study_cmd(
     architectures: Annotated[str, typer.Option("--arch", help="comma-separated")] = "stfpm,rd,us",
     families: Annotated[str, typer.Option(help="comma-separated sample families (1, 2)")] = "1,2",
     extra: Annotated[str, typer.Option(
+        "--options", "--extra",
         help='architecture options over the defaults, JSON (an ablation, e.g. \'{"compactness": 0}\')')] = "",
     out: Annotated[Path, typer.Option(help="Markdown report to update")] = Path("docs/results.md"),
 ) -> None:
@@ -114,7 +115,7 @@ def families_study_cmd(
     configure_logging("INFO")
     try:
         fams = [int(f) for f in split_csv(families)]
-        rows = run(home, out, split_csv(architectures), fams, command_line(), json_object(extra, "--extra"))
+        rows = run(home, out, split_csv(architectures), fams, command_line(), json_object(extra, "--options"))
     except ValueError as exc:
         raise fail(str(exc), 2) from exc
     for r in rows:

@@ -1,19 +1,36 @@
-"""One typed settings object for the server and the gateway (environment + CLI).
+"""One typed settings object for the server and the gateway (environment + CLI + file).
 
-Every field can be set with an `ANOMALY_<FIELD>` environment variable (e.g.
-`ANOMALY_GRPC_PORT=50052`) or the matching CLI option; `MLFLOW_TRACKING_URI` is honoured
-for the registry. The README lists them all.
+Every field can be set, highest priority first, with the matching CLI option, an
+`ANOMALY_<FIELD>` environment variable (e.g. `ANOMALY_GRPC_PORT=50052`), or a key of the TOML
+file named by `ANOMALY_SETTINGS_FILE` (`grpc_port = 50052`); `MLFLOW_TRACKING_URI` is honoured
+for the registry. docs/settings.md lists them all (generated from this class: `anomaly
+settings-reference`).
+
+Habits kept: an `ANOMALY_` variable (or file key) that names no setting stops start-up with the
+closest known name, rather than being ignored; lists take commas (`ANOMALY_PROVIDERS=
+CUDAExecutionProvider,CPUExecutionProvider`) or a JSON list; every error names the variable,
+option or file key it came from (`load_settings`, `SettingsError`).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): the same parser from PyPI
+    import tomli as tomllib
 
 from anomaly.wire import DEFAULT_MODEL_NAME
 from service.keys import parse_entry
@@ -21,6 +38,27 @@ from service.keys import parse_entry
 DEFAULT_HOME = Path(".demo")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+PREFIX = "ANOMALY_"
+SETTINGS_FILE_VARIABLE = "ANOMALY_SETTINGS_FILE"
+# `ANOMALY_` variables that are not server settings: the SDK's and the CLI's key, and the test and
+# benchmark tooling's. Start-up does not refuse them.
+OTHER_VARIABLES = frozenset({
+    "ANOMALY_API_KEY",         # the client commands' API key (cli/common.py)
+    "ANOMALY_KSERVE_PYTHON",   # tests and `anomaly bench`: KServe's environment
+    "ANOMALY_MLSERVER",        # tests and `anomaly bench`: MLServer's environment
+    "ANOMALY_PY310",           # tests/test_py310.py: a Python 3.10 interpreter
+    "ANOMALY_DOCS_SCREENSHOT",  # the MLflow UI test: where its screenshot goes
+    "ANOMALY_TEST_POSTGRES",   # tests: the PostgreSQL server to use
+})
+# Variables Kubernetes puts in every pod for each Service of its namespace ("service links"): a
+# Service named `anomaly-gateway` gives ANOMALY_GATEWAY_SERVICE_HOST, ANOMALY_GATEWAY_PORT=tcp://…,
+# ANOMALY_GATEWAY_PORT_80_TCP_ADDR and so on. They are not settings, and not typos.
+SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)"
+                          r"(_PROTO|_PORT|_ADDR)?)$")
+SERVICE_LINK_URL = re.compile(r"^(tcp|udp|sctp)://")
+
+# A list setting from the environment or an option: a JSON list, or items separated by commas.
+CommaList = Annotated[list[str], NoDecode]
 
 
 def usable_cores() -> int:
@@ -37,11 +75,25 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def comma_list(value: object) -> object:
+    """A list from text: a JSON list (`["a", "b"]`), or items separated by commas (`a, b`)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("starts with '[' but is not a JSON list") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 class Settings(BaseSettings):
     """Server and gateway configuration."""
 
-    # hide_input_in_errors: an error never shows a value (it may be an API key).
-    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore", hide_input_in_errors=True)
+    # hide_input_in_errors: an error never shows a value (it may be an API key). Unknown
+    # `ANOMALY_*` variables and file keys are refused by `unknown_settings`, not here.
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", hide_input_in_errors=True)
 
     tracking_uri: str = Field(
         default=f"sqlite:///{DEFAULT_HOME / 'mlflow.db'}",
@@ -51,9 +103,9 @@ class Settings(BaseSettings):
     model_name: str = Field(DEFAULT_MODEL_NAME, description="registered model served by default")
     model_alias: str = Field("champion", description="alias served by default (and followed)")
     grpc_host: str = Field("127.0.0.1", description="gRPC bind address")
-    grpc_port: int = Field(50051, description="gRPC port (0 = pick a free one)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
     http_host: str = Field("127.0.0.1", description="gateway bind address")
-    http_port: int = Field(8000, description="gateway port")
+    http_port: int = Field(8000, ge=0, le=65535, description="gateway port (0 = pick a free one)")
     grpc_connections: int = Field(1, ge=1, description="gateway: gRPC connections to the server, used in "
                                                        "turn (more than one spreads calls over the server "
                                                        "processes of `processes`)")
@@ -63,8 +115,8 @@ class Settings(BaseSettings):
     grpc_target: str = Field("127.0.0.1:50051", description="gateway → gRPC server address")
     cache_dir: Path = Field(Path.home() / ".cache" / "edge-anomaly" / "models",
                             description="where downloaded model versions are kept")
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"],
-                                 description="ONNX Runtime execution providers, in order")
+    providers: CommaList = Field(default_factory=lambda: ["CPUExecutionProvider"],
+                                 description="ONNX Runtime execution providers, in order (comma-separated)")
     intra_op_threads: int = Field(0, ge=0, description="ORT threads per inference call (0 = auto: the "
                                                        "cores shared among the concurrent calls)")
     solo_threads: int = Field(0, ge=0, description="adaptive execution: ORT threads of a call that runs "
@@ -111,8 +163,8 @@ class Settings(BaseSettings):
     http_body_timeout_s: float = Field(10.0, gt=0, description="HTTP: time a request body has to arrive "
                                        "in whole once reading starts; a late one answers 408 and frees its "
                                        "memory")
-    models: list[str] = Field(default_factory=list,
-                              description='extra "name@alias" entries served and followed (JSON list)')
+    models: CommaList = Field(default_factory=list,
+                              description='extra "name@alias" entries served and followed (comma-separated)')
     poll_interval_s: float = Field(10.0, gt=0, description="how often watched aliases are re-resolved")
     alias_refresh_s: float = Field(30.0, ge=0,
                                    description="how long an ad-hoc (unwatched) alias lookup is trusted")
@@ -157,8 +209,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: wait for more requests")
     max_queue: int = Field(64, ge=1, description="queued images per model; beyond → RESOURCE_EXHAUSTED")
     batch_workers: int = Field(2, ge=1, description="batches run concurrently per model")
-    metrics_port: int = Field(0, ge=0, description="Prometheus metrics port of the gRPC server (0 = off)")
-    log_format: str = Field("text", pattern="^(text|json)$", description="text | json log lines")
+    metrics_port: int = Field(0, ge=0, le=65535,
+                              description="Prometheus metrics port of the gRPC server (0 = off)")
+    log_format: Literal["text", "json"] = Field("text", description="text | json log lines")
     trt_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache folder")
     ort_log_severity: int = Field(3, ge=0, le=4, description="ONNX Runtime log severity: 0 verbose, "
                                   "1 info, 2 warning, 3 error (default), 4 fatal")
@@ -168,11 +221,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="gateway deadline for a gRPC call")
     grace_s: float = Field(5.0, ge=0, description="graceful-shutdown drain time")
     reflection: bool = Field(True, description="serve gRPC server reflection")
-    log_level: str = Field("INFO", description="logging level")
-    api_keys: list[SecretStr] = Field(
-        default_factory=list, description="API keys the gRPC server accepts, each with a role (JSON list of "
-                                          "'role:name:key' or {\"key\", \"role\", \"name\"}; a bare key "
-                                          "has the role score; see service.keys); empty = no auth")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="logging level (any case)")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="API keys the gRPC server accepts, each with a role: "
+                                          "'role:name:key' entries separated by commas, or a JSON list of "
+                                          "them or of {\"key\", \"role\", \"name\"} (a bare key has "
+                                          "the role score; see service.keys); empty = no auth")
     api_keys_file: Path | None = Field(None, description="file with more API keys, one entry per line (as "
                                                          "in api_keys, or a bare key)")
     max_pinned_models: int = Field(2, ge=0, description="versions model control (V2 repository load) may "
@@ -197,15 +252,40 @@ class Settings(BaseSettings):
                           "SQLite database, else ~/.local/share/edge-anomaly/spool-<hash of the URL>)")
     inspection_spool_max_mb: int = Field(1024, ge=1, description="spool bound; when full, requests are "
                                                                  "refused (UNAVAILABLE), never unrecorded")
-    inspection_durability: str = Field("sync", pattern="^(sync|async)$",
-                                       description="sync: a decision is fsync'd to the spool before its "
-                                                   "response leaves; async: fsync'd just after")
+    inspection_durability: Literal["sync", "async"] = Field(
+        "sync", description="sync: a decision is fsync'd to the spool before its response leaves; async: "
+                            "fsync'd just after")
+
+    settings_file: Path | None = Field(
+        None, description="TOML file of settings (keys are the field names: `grpc_port = 50052`); the "
+                          "environment and options override it; only its environment variable sets it")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Options, then the environment, then the TOML file of `ANOMALY_SETTINGS_FILE`."""
+        return init_settings, env_settings, TomlFileSource(settings_cls)
+
+    @field_validator("providers", "models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return comma_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys(cls, value: object) -> object:
         """Each entry checked (`service.keys.parse_entry`) and kept as its text (a JSON object
         as its JSON), a secret like any key; `security.load_api_keys` reads them."""
+        value = comma_list(value)
         if not isinstance(value, list):
             return value
         entries = []
@@ -314,3 +394,123 @@ class Settings(BaseSettings):
             if (name, alias) not in pairs:
                 pairs.append((name, alias))
         return pairs
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; `lines` are one-line messages, each naming the variable,
+    option or file key at fault (never its value: it may be a secret)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def _settings_file(environ: Mapping[str, str]) -> Path | None:
+    value = next((v for k, v in environ.items() if k.upper() == SETTINGS_FILE_VARIABLE), "")
+    return Path(value) if value.strip() else None
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The keys of a TOML settings file.
+
+    Raises:
+        SettingsError: unreadable, not TOML, or a key that names no setting (with the closest).
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError([f"{SETTINGS_FILE_VARIABLE} {path}: {exc.strerror or exc}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError([f"{SETTINGS_FILE_VARIABLE} {path}: not TOML: {exc}"]) from None
+    fields = [name for name in Settings.model_fields if name != "settings_file"]
+    unknown = [f"{path}: {key!r} is not a setting{_closest(key, fields, '')}"
+               for key in data if key not in fields]
+    if unknown:
+        raise SettingsError(unknown)
+    return data
+
+
+class TomlFileSource(PydanticBaseSettingsSource):
+    """The settings file named by `ANOMALY_SETTINGS_FILE` (lowest priority but the defaults)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: `__call__` reads the whole file."""
+        return None, field_name, False  # unused: __call__ reads the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        """The file's settings ({} without a file)."""
+        path = _settings_file(os.environ)
+        return read_settings_file(path) if path is not None else {}
+
+
+def _closest(name: str, known: list[str], prefix: str) -> str:
+    match = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{match[0].upper() if prefix else match[0]}?)" if match else ""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per `ANOMALY_*` variable that names no setting (a typo, or one this version
+    dropped), with the closest known name; the tooling's variables and Kubernetes' service
+    links are not settings and not reported."""
+    fields = list(Settings.model_fields)
+    lines = []
+    for name, value in sorted(environ.items()):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper in OTHER_VARIABLES:
+            continue
+        if upper[len(PREFIX):].lower() in fields:
+            continue
+        if SERVICE_LINK.match(upper) or (upper.endswith("_PORT") and SERVICE_LINK_URL.match(value)):
+            continue
+        lines.append(f"{name} is not a setting{_closest(upper[len(PREFIX):], fields, PREFIX)}")
+    return lines
+
+
+def _source_name(field: str, options: Mapping[str, str], environ: Mapping[str, str],
+                 file_keys: set[str], file: Path | None) -> str:
+    """Where `field`'s value came from, as the user would write it."""
+    if field in options:
+        return options[field]
+    variables = {k.upper() for k in environ}
+    if field == "tracking_uri" and "ANOMALY_TRACKING_URI" not in variables \
+            and "MLFLOW_TRACKING_URI" in variables:
+        return "MLFLOW_TRACKING_URI"
+    if f"{PREFIX}{field.upper()}" not in variables and field in file_keys and file is not None:
+        return f"{field} in {file}"
+    return f"{PREFIX}{field.upper()}"
+
+
+def load_settings(options: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Settings from `overrides` (CLI options; None = not given), the environment and the
+    settings file.
+
+    Args:
+        options: the option that set each override, by field (`{"grpc_port": "--port"}`), for
+            errors; a field not named is shown as `--field-name`.
+        environ: the environment to check for unknown variables (default: `os.environ`).
+        **overrides: settings given as options.
+
+    Raises:
+        SettingsError: unknown `ANOMALY_*` variables or file keys, or values that do not
+            validate; each line names where the value came from.
+    """
+    environ = os.environ if environ is None else environ
+    given = {k: v for k, v in overrides.items() if v is not None}
+    names = {field: (options or {}).get(field, "--" + field.replace("_", "-")) for field in given}
+    problems = unknown_variables(environ)
+    file = _settings_file(environ)
+    file_keys = set(read_settings_file(file)) if file is not None else set()
+    if problems:
+        raise SettingsError(problems)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            known = field in Settings.model_fields
+            where = _source_name(field, names, environ, file_keys, file) if known else ""
+            lines.append(f"{where}: {message}" if where else message)
+        raise SettingsError(lines) from None

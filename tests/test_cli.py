@@ -40,3 +40,43 @@ def test_train_on_a_wrong_layout_is_a_clear_error(tmp_path: Path) -> None:
                     f"sqlite:///{tmp_path / 'm.db'}", "--work-dir", str(tmp_path / "w"))
     assert proc.returncode == 2
     assert "MVTec AD layout" in proc.stderr
+
+
+def test_json_output_of_score_and_models(grpc_target: str, store, sample_root: Path) -> None:
+    import json
+
+    folder = sample_root / "brick" / "test" / "patch"
+    proc = _anomaly("score", str(folder), "--target", grpc_target, "--category", "brick", "--json",
+                    "--model", f"models:/{store.model_name}@champion")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 2 and all(r["model"]["name"] == store.model_name for r in lines)
+    assert {r["image"] for r in lines} == {str(f) for f in folder.iterdir()}
+    assert all(isinstance(r["score"], float) and r["is_anomalous"] in (True, False) for r in lines)
+    proc = _anomaly("models", "--target", grpc_target, "--json")
+    assert proc.returncode == 0, proc.stderr
+    models = json.loads(proc.stdout)
+    assert any(m["ref"]["version"] == store.version and "brick" in m["categories"] for m in models)
+
+
+def test_version_and_one_line_errors_with_exit_codes(tmp_path: Path) -> None:
+    """No tracebacks: a stopped server and an unreachable database are one line and exit 5; a
+    database without an inspection log is one line and exit 1; a bad `models:/` URI is usage (2)."""
+    from importlib.metadata import version
+
+    proc = _anomaly("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"anomaly {version('edge-anomaly')}"
+    from loadtests.launch import free_port
+
+    stopped = f"127.0.0.1:{free_port()}"
+    proc = _anomaly("models", "--target", stopped)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.startswith("error: UNAVAILABLE:") and proc.stderr.count("\n") == 1
+    proc = _anomaly("inspections-export", str(tmp_path / "x.csv"), "--db",
+                    f"postgresql://nobody@127.0.0.1:{free_port()}/x")
+    assert proc.returncode == 5 and proc.stderr.startswith("error: database unavailable:"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _anomaly("shadow-report", "--json", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert proc.returncode == 1 and "holds no inspection log" in proc.stderr, proc.stderr
+    proc = _anomaly("score", str(tmp_path), "--model", "models:/x/not-a-version")
+    assert proc.returncode == 2 and "models:/<name>@<alias>" in proc.stderr

@@ -70,3 +70,112 @@ def test_automatic_intra_op_threads_never_oversubscribe_the_cores() -> None:
     assert Settings(max_batch_size=8, batch_workers=2).intra_op_threads == max(1, cores // 2)
     assert Settings(workers=4 * cores).intra_op_threads == 1
     assert Settings(intra_op_threads=3).intra_op_threads == 3
+
+
+# -- habits: unknown variables, lists, bounds, the settings file, errors that name the source --------
+def _load(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, **overrides: object) -> Settings:
+    from service.settings import load_settings
+
+    for name in [k for k in __import__("os").environ if k.upper().startswith("ANOMALY_")]:
+        monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    return load_settings({"grpc_port": "--port"}, **overrides)
+
+
+def test_an_unknown_variable_is_refused_with_the_closest_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError) as err:
+        _load({"ANOMALY_GRPC_PROT": "50052", "ANOMALY_INSPECTON_LOG": "true"}, monkeypatch)
+    assert err.value.lines == [
+        "ANOMALY_GRPC_PROT is not a setting (did you mean ANOMALY_GRPC_PORT?)",
+        "ANOMALY_INSPECTON_LOG is not a setting (did you mean ANOMALY_INSPECTION_LOG?)"]
+    with pytest.raises(SettingsError, match="ANOMALY_NOTHING_LIKE_IT is not a setting$"):
+        _load({"ANOMALY_NOTHING_LIKE_IT": "1"}, monkeypatch)
+
+
+def test_kubernetes_service_links_and_the_tooling_variables_are_not_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Kubernetes puts in a pod for a Service named anomaly-gateway, and the variables
+    of the SDK and the test tooling, start a server."""
+    links = {"ANOMALY_GATEWAY_SERVICE_HOST": "10.0.0.7", "ANOMALY_GATEWAY_SERVICE_PORT": "80",
+             "ANOMALY_GATEWAY_SERVICE_PORT_HTTP": "80", "ANOMALY_GATEWAY_PORT": "tcp://10.0.0.7:80",
+             "ANOMALY_GATEWAY_PORT_80_TCP": "tcp://10.0.0.7:80", "ANOMALY_GATEWAY_PORT_80_TCP_PROTO": "tcp",
+             "ANOMALY_GATEWAY_PORT_80_TCP_PORT": "80", "ANOMALY_GATEWAY_PORT_80_TCP_ADDR": "10.0.0.7",
+             "ANOMALY_API_KEY": "k", "ANOMALY_KSERVE_PYTHON": "/x"}
+    assert _load(links, monkeypatch).grpc_port == 50051
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="ANOMALY_GATEWAY_PORT is not a setting"):  # a typo, not a link
+        _load({"ANOMALY_GATEWAY_PORT": "8080"}, monkeypatch)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("CPUExecutionProvider", ["CPUExecutionProvider"]),
+    ("CUDAExecutionProvider, CPUExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ('["CUDAExecutionProvider","CPUExecutionProvider"]', ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+])
+def test_lists_take_commas_or_json(value: str, expected: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _load({"ANOMALY_PROVIDERS": value, "ANOMALY_MODELS": "a@champion,b@canary",
+               "ANOMALY_API_KEYS": "score:line1:k1, admin:ops:k2"}, monkeypatch)
+    assert s.providers == expected
+    assert s.models == ["a@champion", "b@canary"]
+    assert [k.get_secret_value() for k in s.api_keys] == ["score:line1:k1", "admin:ops:k2"]
+
+
+def test_errors_name_the_variable_option_or_file_key(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError) as err:
+        _load({"ANOMALY_HTTP_PORT": "70000", "ANOMALY_LOG_FORMAT": "xml"}, monkeypatch)
+    named = [line.split(":")[0] for line in err.value.lines]
+    assert named == ["ANOMALY_HTTP_PORT", "ANOMALY_LOG_FORMAT"]
+    assert "65535" in err.value.lines[0] and "'text' or 'json'" in err.value.lines[1]
+    with pytest.raises(SettingsError, match="^--port: Input should be greater than or equal to 0$"):
+        _load({}, monkeypatch, grpc_port=-5)
+    with pytest.raises(SettingsError, match="^ANOMALY_PROVIDERS: .*not a JSON list$"):
+        _load({"ANOMALY_PROVIDERS": "[CPUExecutionProvider"}, monkeypatch)
+    file = tmp_path / "anomaly.toml"
+    file.write_text("metrics_port = 99999\n")
+    with pytest.raises(SettingsError, match=f"^metrics_port in {file}: .*65535"):
+        _load({"ANOMALY_SETTINGS_FILE": str(file)}, monkeypatch)
+    assert _load({"ANOMALY_LOG_LEVEL": "debug"}, monkeypatch).log_level == "DEBUG"
+
+
+def test_the_settings_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys are field names; the environment and options override the file; an unknown key, a
+    missing file and a file that is not TOML are errors naming them."""
+    from service.settings import SettingsError
+
+    file = tmp_path / "anomaly.toml"
+    file.write_text('grpc_port = 50070\nproviders = ["CPUExecutionProvider"]\nmodel_alias = "canary"\n'
+                    'inspection_log = true\n')
+    s = _load({"ANOMALY_SETTINGS_FILE": str(file), "ANOMALY_MODEL_ALIAS": "champion"}, monkeypatch)
+    assert (s.grpc_port, s.model_alias, s.inspection_log) == (50070, "champion", True)
+    assert _load({"ANOMALY_SETTINGS_FILE": str(file)}, monkeypatch, grpc_port=50071).grpc_port == 50071
+    file.write_text("grpc_prot = 1\n")
+    with pytest.raises(SettingsError, match=r"'grpc_prot' is not a setting \(did you mean grpc_port\?\)"):
+        _load({"ANOMALY_SETTINGS_FILE": str(file)}, monkeypatch)
+    file.write_text("grpc_port = \n")
+    with pytest.raises(SettingsError, match="not TOML"):
+        _load({"ANOMALY_SETTINGS_FILE": str(file)}, monkeypatch)
+    with pytest.raises(SettingsError, match="No such file"):
+        _load({"ANOMALY_SETTINGS_FILE": str(tmp_path / "missing.toml")}, monkeypatch)
+
+
+def test_a_server_with_an_unknown_variable_does_not_start(tmp_path) -> None:
+    """From outside: `anomaly serve` with a typo in a variable exits 2 at once with one line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANOMALY_")}
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", "0"],
+                          env={**env, "ANOMALY_INSPECTION_DB_UR": "sqlite:///x.db"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: invalid settings: ANOMALY_INSPECTION_DB_UR is not a setting "
+                                   "(did you mean ANOMALY_INSPECTION_DB_URL?)")
+    assert not (tmp_path / "mlflow.db").exists()
