@@ -8,7 +8,7 @@ MLSERVER_STAMP := .venv-mlserver/.installed
 
 .PHONY: demo test lint format protos venv peers-venv mlserver-venv clean constraints \
 	images image-tools image-base image-serve image-train image-mlflow image-load image-postgres \
-	image-test stack-test promtool
+	image-test stack-test promtool client-dist
 
 ## The environment installs the versions in constraints.txt, the same ones the images install, so
 ## the trainer, the servers and MLflow run one MLflow version (docs/deploy.md).
@@ -37,6 +37,11 @@ test: $(STAMP) $(PEERS_STAMP) $(MLSERVER_STAMP)
 	-@$(MAKE) --no-print-directory promtool  # the alert-rule tests skip, saying so, without it
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+## The SDK alone as its own distribution, dist/edge_anomaly_client-<version>-py3-none-any.whl: what
+## plant software installs (`pip install dist/edge_anomaly_client-*.whl`; grpcio, protobuf, httpx).
+client-dist: $(STAMP)
+	$(BIN)/python clients/dist/build.py --out dist
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from anomaly.wire import DEFAULT_TARGET, IMAGE_SUFFIXES
 from cli.common import model_reference, print_json, with_security
-from clients.sdk import AnomalyClient, AnomalyError
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 
 Target = Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")]
 

@@ -415,6 +415,23 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+def settings_reference_cmd(
+    out: Annotated[Path | None, typer.Option(help="write it here (e.g. docs/settings.md) instead of stdout")
+                   ] = None,
+) -> None:
+    """Print the reference of every server and gateway setting (Markdown, generated from the
+    settings class: variable, type, default, meaning)."""
+    from service.settings import reference_markdown
+
+    text = reference_markdown()
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {out}")
+
+
 COMMANDS = {"serve": serve_cmd, "gateway": gateway_cmd, "inspections-export": inspections_export_cmd,
             "quality-report": quality_report_cmd, "shadow-report": shadow_report_cmd,
-            "reference": reference_app, "thresholds": thresholds_app, "db": db_app}
+            "reference": reference_app, "thresholds": thresholds_app, "db": db_app,
+            "settings-reference": settings_reference_cmd}

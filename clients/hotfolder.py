@@ -49,7 +49,7 @@ from pathlib import Path
 
 from anomaly.durable import fsync_dir, write_atomic
 from anomaly.wire import IMAGE_SUFFIXES, PERMANENT_KIND, SERVER_DOWN_KIND
-from clients.sdk import AnomalyClient, AnomalyError, ScoreResult
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError, ScoreResult
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("OK", "NG", "error")

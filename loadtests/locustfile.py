@@ -5,7 +5,7 @@ MVTec-AD-layout folder, the demo's `.demo/data` by default). Every gRPC call is 
 Locust's `request` event with its real latency, response size and error, so Locust's stats
 and failure table are the server's truth; HTTP goes through Locust's own `HttpUser`.
 
-Headless, bounded, loopback (what the README and the tests run)::
+Headless, bounded, loopback (what docs/operations.md and the tests run)::
 
     locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 30s \\
         --host http://127.0.0.1:8000 --grpc-target 127.0.0.1:50051 \\

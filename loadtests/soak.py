@@ -57,7 +57,7 @@ import numpy as np
 from PIL import Image
 
 from anomaly.wire import IMAGE_SUFFIXES
-from clients.sdk import AnomalyClient, AnomalyError
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import (
     ChildProcess,
     free_port,

@@ -514,3 +514,78 @@ def load_settings(options: Mapping[str, str] | None = None, environ: Mapping[str
             where = _source_name(field, names, environ, file_keys, file) if known else ""
             lines.append(f"{where}: {message}" if where else message)
         raise SettingsError(lines) from None
+
+
+# -- the settings reference (docs/settings.md is this, generated: `anomaly settings-reference`) -------
+REFERENCE_HEAD = """# Settings reference
+
+Generated from `service.settings.Settings` by `anomaly settings-reference --out docs/settings.md`;
+tests/test_settings.py fails when this file is stale. Do not edit it by hand.
+
+The server (`anomaly serve`) and the gateway (`anomaly gateway`) read one typed settings object.
+Each setting comes from, highest priority first:
+
+1. the command's option, where it has one (`anomaly serve --port 50052`);
+2. the environment variable `ANOMALY_<NAME>` (`ANOMALY_GRPC_PORT=50052`; any case);
+3. the TOML file named by `ANOMALY_SETTINGS_FILE`, keyed by the lower-case name
+   (`grpc_port = 50052`, `providers = ["CPUExecutionProvider"]`);
+4. the default below.
+
+An `ANOMALY_` variable or file key that names no setting stops start-up with the closest name
+(`ANOMALY_GRPC_PROT is not a setting (did you mean ANOMALY_GRPC_PORT?)`), as do values out of
+range; every error names the variable, option or file key and exits with code 2. Lists take
+items separated by commas or a JSON list. Kubernetes' service-link variables
+(`ANOMALY_GATEWAY_SERVICE_HOST`, …) and the variables of the SDK and the test tooling
+(`ANOMALY_API_KEY`, `ANOMALY_KSERVE_PYTHON`, `ANOMALY_MLSERVER`, `ANOMALY_PY310`,
+`ANOMALY_DOCS_SCREENSHOT`, `ANOMALY_TEST_POSTGRES`) are not settings and are left alone.
+`MLFLOW_TRACKING_URI` sets `tracking_uri` too; OpenTelemetry's own `OTEL_*` variables turn
+tracing on (docs/observability.md).
+
+| variable | type | default | meaning |
+|---|---|---|---|
+"""
+
+
+def _type_text(field: Any) -> str:
+    from typing import get_args, get_origin
+
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        text = " \\| ".join(f"`{a}`" for a in get_args(annotation))
+    elif get_origin(annotation) is list:
+        text = "list"
+    else:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        base = args[0] if args else annotation
+        text = {bool: "bool", int: "int", float: "float", str: "text", Path: "path"}.get(base, str(base))
+    bounds = []
+    for item in field.metadata:
+        for name, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            value = getattr(item, name, None)
+            if value is not None:
+                bounds.append(f"{sign} {value}")
+    return f"{text} ({', '.join(bounds)})" if bounds else text
+
+
+def _default_text(field: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if value is PydanticUndefined or value is None:
+        return "—"
+    if isinstance(value, list):
+        return f"`{','.join(str(v) for v in value)}`" if value else "(none)"
+    text = str(value).replace(str(Path.home()), "~")
+    if isinstance(value, bool):
+        text = text.lower()
+    return f"`{text}`" if text else "(empty)"
+
+
+def reference_markdown() -> str:
+    """The settings reference as Markdown: one row per field of `Settings`."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        variable = f"`{PREFIX}{name.upper()}`"
+        meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| {variable} | {_type_text(field)} | {_default_text(field)} | {meaning} |")
+    return REFERENCE_HEAD + "\n".join(rows) + "\n"

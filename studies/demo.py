@@ -174,7 +174,7 @@ def decision_cell(anomalous: bool) -> str:
 
 def _score_over_wire(grpc_target: str, http_base: str, cfg: DemoConfig, data: Path,
                      console: Console) -> list[float]:
-    from clients.sdk import AnomalyClient
+    from edge_anomaly_client.sdk import AnomalyClient
 
     samples = load_test_split(data)
     picked = []

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def serving_peak_rss(tracking_uri: str, model_name: str, alias: str, images: list[Path],
                      category: str, work: Path) -> float:
     """Start a server for `model_name@alias`, score `images`, return its peak RSS in MB."""
-    from clients.sdk import AnomalyClient
+    from edge_anomaly_client.sdk import AnomalyClient
     from loadtests.launch import peak_rss_mb, start_server
 
     child, target = start_server(tracking_uri, work / "logs" / f"rss-{alias}.log",

@@ -134,9 +134,10 @@ def test_score_streams_have_their_own_cap_and_unkeyed_calls_take_no_slot(server:
 
 def test_the_limits_are_documented() -> None:
     root = Path(__file__).resolve().parents[1]
-    readme, reliability = (root / "README.md").read_text(), (root / "docs" / "reliability.md").read_text()
+    settings = (root / "docs" / "settings.md").read_text()
+    reliability = (root / "docs" / "reliability.md").read_text()
     for setting in ("ANOMALY_MAX_WATCH_STREAMS", "ANOMALY_MAX_STREAMS"):
-        assert f"`{setting}`" in readme and setting in reliability
+        assert f"`{setting}`" in settings and setting in reliability
 
 
 def test_calls_that_never_reach_their_handler_hold_no_slot(server: str, good_and_defect) -> None:

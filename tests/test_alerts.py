@@ -31,7 +31,7 @@ import yaml
 from conftest import metric_sum, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_gateway, start_server
 
 ROOT = Path(__file__).resolve().parents[1]

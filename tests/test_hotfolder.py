@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from clients.hotfolder import HotFolder, Summary
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_server
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from podman_support import APP_UID, podman
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, wait_grpc_serving, wait_http_ready
 
 pytestmark = pytest.mark.timeout(1200)

@@ -9,7 +9,7 @@ import base64
 import httpx
 import pytest
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_server, wait_http_ready
 
 KEY = "in-process-key"

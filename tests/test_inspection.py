@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from cli.main import app
-from clients.sdk import AnomalyClient, AnomalyError
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import start_server
 from service.inspection.log import Decided, InspectionLog, export_csv
 

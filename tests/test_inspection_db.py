@@ -17,7 +17,7 @@ import pytest
 from conftest import fresh_postgres_database, metric_sum
 from sqlalchemy import create_engine, inspect, text
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_server
 from service.inspection.log import head_revision
 from service.inspection.spool import Spool

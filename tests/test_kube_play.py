@@ -43,7 +43,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from podman_support import APP_UID, podman
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, wait_grpc_serving, wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 from anomaly.http_json import from_json, to_json
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.wire import TIMING_KEYS
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
@@ -55,6 +55,7 @@ def _contract_modules(config: dict) -> set[str]:
     ("service", "registry", "Only the CLI imports every layer"),
     ("registry", "clients", "Only the CLI imports every layer"),
     ("clients", "service", "Clients (the SDK and the hot folder) never import the server"),
+    ("edge_anomaly_client", "service", "Clients (the SDK and the hot folder) never import the server"),
     ("anomaly", "service", "Only the CLI imports every layer"),
     ("loadtests", "studies", "Only the CLI imports every layer"),
     ("service.runtime", "service.dataplane", "Inside the server: protocols over the data plane"),
@@ -159,7 +160,7 @@ def test_an_answer_that_does_not_fit_the_contract_is_a_clear_error() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from clients.sdk import AnomalyError
+    from edge_anomaly_client.sdk import AnomalyError
 
     class WrongShape(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802

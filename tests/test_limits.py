@@ -23,7 +23,7 @@ from PIL import Image
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from clients.sdk import AnomalyClient, AnomalyError
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_server
 
 

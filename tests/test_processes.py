@@ -22,7 +22,7 @@ import psutil
 import pytest
 from conftest import wait_for
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import ChildProcess, free_port, start_server, wait_grpc_serving
 from service.processes import PortHeld, runtime_dir
 from service.settings import Settings

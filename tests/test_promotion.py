@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from cli.main import app
-from clients.sdk import AnomalyClient, AnomalyError
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_gateway, start_server
 from service.promotion.rules import (
     GATE_OVERRIDE,

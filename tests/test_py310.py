@@ -272,7 +272,7 @@ def _category(path: Path) -> str:
 
 
 def test_py310_server_scores_like_the_model(py310_env: Path, store, good_and_defect, tmp_path: Path) -> None:
-    from clients.sdk import AnomalyClient
+    from edge_anomaly_client.sdk import AnomalyClient
     from service.runtime.engine import OnnxModel
     from service.runtime.imaging import decode_image
 

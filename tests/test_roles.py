@@ -424,8 +424,9 @@ def test_every_call_needs_a_role_and_key_entries_parse(tmp_path: Path,
 
 def test_roles_are_documented() -> None:
     root = Path(__file__).resolve().parents[1]
-    readme, promotion = (root / "README.md").read_text(), (root / "docs" / "promotion.md").read_text()
-    assert "`ANOMALY_MAX_PINNED_MODELS`" in readme and "**Roles.**" in readme
+    api, promotion = (root / "docs" / "api.md").read_text(), (root / "docs" / "promotion.md").read_text()
+    assert "`ANOMALY_MAX_PINNED_MODELS`" in (root / "docs" / "settings.md").read_text()
+    assert "**Roles.**" in api
     assert "## 7. Roles" in promotion and "role:name:secret" in promotion
     for role in ("`score`", "`operate`", "`admin`"):
-        assert role in promotion and role in readme
+        assert role in promotion and role in api

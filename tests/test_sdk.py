@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.sdk import AnomalyClient, AnomalyError, AsyncAnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError, AsyncAnomalyClient
 from loadtests.launch import free_port, start_server
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_gateway, start_server
 
 ALIAS = "canary"  # the session's other servers follow `champion`, not this alias

@@ -179,3 +179,17 @@ def test_a_server_with_an_unknown_variable_does_not_start(tmp_path) -> None:
     assert proc.stderr.strip() == ("error: invalid settings: ANOMALY_INSPECTION_DB_UR is not a setting "
                                    "(did you mean ANOMALY_INSPECTION_DB_URL?)")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_settings_reference_is_generated_and_current() -> None:
+    """docs/settings.md is `anomaly settings-reference`: a setting added, renamed or re-described
+    without regenerating it fails here."""
+    from pathlib import Path
+
+    from service.settings import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert doc.read_text(encoding="utf-8") == reference_markdown(), \
+        "docs/settings.md is stale: run `anomaly settings-reference --out docs/settings.md`"
+    for name in Settings.model_fields:
+        assert f"`ANOMALY_{name.upper()}`" in doc.read_text(encoding="utf-8")

@@ -21,7 +21,7 @@ from conftest import fresh_postgres_database
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, text
 
-from clients.sdk import AnomalyClient, AnomalyError
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_server
 from loadtests.pgcluster import postgres_cluster
 from service.errors import NotReady

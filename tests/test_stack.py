@@ -37,7 +37,7 @@ from compose_podman import ROOT, ComposeStack, sweep
 from conftest import metric_sum, wait_for
 from podman_support import make, podman
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(3600)]
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from service.runtime.engine import OnnxModel
 from service.runtime.imaging import decode_image, preprocess
 from service.runtime.tiling import Tiling, axis_origins, image_score, origins, scored_region, split, stitch

@@ -11,12 +11,12 @@ SNIPPET = textwrap.dedent("""
     import asyncio, sys
     import service, service.runtime.engine, service.protocol.rest.gateway, service.protocol.grpc.server
     import cli.serve, cli.main
-    import clients.sdk, cli.client
+    import edge_anomaly_client.sdk, cli.client
     assert "torch" not in sys.modules, "importing the service pulled torch"
 
     from service.protocol.grpc.server import GrpcServer
     from service.settings import Settings
-    from clients.sdk import AsyncAnomalyClient
+    from edge_anomaly_client.sdk import AsyncAnomalyClient
 
     async def main():
         settings = Settings(tracking_uri=sys.argv[1], grpc_port=0, cache_dir=sys.argv[2])

@@ -1,4 +1,4 @@
-"""Tracing from outside (`service.tracing`, `clients.tracecontext`): one part scored by the
+"""Tracing from outside (`service.tracing`, `edge_anomaly_client.tracecontext`): one part scored by the
 SDK through a real gateway and server, both exporting OTLP/HTTP to a collector on a loopback
 port, makes one trace — the SDK's span, the gateway's, the server's stages and the inspection
 database's insert, in order — and the JSON log lines of both processes carry its trace id.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import start_gateway, start_server
 from loadtests.otlp_sink import OtlpSink
 
@@ -35,7 +35,7 @@ exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 
 with AnomalyClient(sys.argv[1]) as client:
     result = client.score(Path(sys.argv[2]).read_bytes(), request_id=sys.argv[3], station="line-7")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clients.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient
 from registry.variants import VARIANTS
 
 ARCHS = ("stfpm", "rd", "us")

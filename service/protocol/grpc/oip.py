@@ -1,7 +1,7 @@
 """The Open Inference Protocol (V2, KServe / Triton) over gRPC: `inference.GRPCInferenceService`
 on the same port and the same data plane as `anomaly.v1`.
 
-The mapping (the README's "Open Inference Protocol" section says the same for users):
+The mapping (docs/api.md, "Open Inference Protocol", says the same for users):
 
 - model name = registered model; model version = a version number or an alias ("" = the
   server's default alias, `ANOMALY_MODEL_ALIAS`).

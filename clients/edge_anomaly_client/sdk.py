@@ -22,7 +22,7 @@ over 1 MiB the client learns the server's limit (`GetModel`'s `max_image_bytes`,
 refuses a bigger one itself. Each `score` carries a request id (generated when not given)
 that stays the same across its retries, so the server's log and a caller's records can
 de-duplicate. With OpenTelemetry set up in the calling program, each call is a client span
-whose W3C trace context travels with it (`clients.tracecontext`): the gateway's and the
+whose W3C trace context travels with it (`edge_anomaly_client.tracecontext`): the gateway's and the
 server's spans join the caller's trace.
 
 `score_stream` (gRPC only) scores a sequence of images over one `ScoreStream`, e.g. a line
@@ -61,7 +61,7 @@ from anomaly.wire import (
     too_large,
 )
 from anomaly.wire import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: files treated as images
-from clients import tracecontext
+from edge_anomaly_client import tracecontext
 
 ImageInput = bytes | str | Path
 StreamItem = ImageInput | tuple[ImageInput, str]  # an image, or (image, request id)
