@@ -81,8 +81,12 @@ def demo_cmd(
     qat_epochs: Annotated[int, typer.Option(help="QAT fine-tuning epochs (0 = demo defaults)")] = 0,
     rss: Annotated[bool, typer.Option(help="measure each version's peak memory in a server process")]
     = True,
+    first_look: Annotated[bool, typer.Option(help="serve the first registered build at once and score a "
+                                                  "good and a defective part (prints the time to it)")]
+    = True,
 ) -> None:
-    """The main job end to end: data → train → variants → register → serve → score → table."""
+    """The main job end to end: data → train → variants → register → serve → score → table.
+    The first architecture's FP32 build is served and scored as soon as it is registered."""
     from registry.variants import VARIANTS
     from service.logs import configure_logging
     from studies.demo import DemoConfig, run_demo
@@ -95,7 +99,7 @@ def demo_cmd(
     configure_logging("WARNING")
     run_demo(DemoConfig(home=home, architectures=tuple(split_csv(architectures)),
                         epochs=epochs, input_size=input_size, seed=seed, variants=chosen,
-                        qat_epochs=qat_epochs, measure_rss=rss))
+                        qat_epochs=qat_epochs, measure_rss=rss, first_look=first_look))
 
 
 def families_study_cmd(

@@ -17,14 +17,32 @@ from registry.data.sample import SampleSpec, make_sample_dataset
 TEST_CATEGORIES = ("brick", "coffee")
 
 
+# Session fixtures that train a model (tiny, but tens of seconds each, and the variants minutes).
+TRAINING_FIXTURES = frozenset({"store", "other_architectures", "variant_builds"})
+# Modules that build environments or images, or run for minutes by design: not in the fast loop.
+HEAVY_MODULES = frozenset({"test_images", "test_py310", "test_stack", "test_bench", "test_soak",
+                           "test_locust", "test_mlflow_ui", "test_client_dist", "test_kube_play",
+                           "test_oip_clients", "test_mlflow_postgres", "test_int8_study"})
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "stack: the compose stack with podman (`make stack-test`, "
                                        "tests/test_stack.py); left out of a run that selects no marker")
+    config.addinivalue_line("markers", "trains: uses a session fixture that trains a model (set by "
+                                       "conftest; `make test-fast` leaves these out)")
+    config.addinivalue_line("markers", "heavy: builds an environment or image, or runs for minutes by "
+                                       "design (set by conftest; `make test-fast` leaves these out)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` leaves the stack test out (about 12 min more); `-m stack` (`make stack-test`),
-    any other marker expression, or naming tests/test_stack.py selects it."""
+    """Marks what trains (`trains`) and what is heavy (`heavy`), for `make test-fast`. `make
+    test` leaves the stack test out (about 12 min more); `-m stack` (`make stack-test`), any
+    other marker expression, or naming tests/test_stack.py selects it."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.trains)
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in HEAVY_MODULES:
+            item.add_marker(pytest.mark.heavy)
     if config.getoption("markexpr") or any("test_stack" in arg for arg in config.args):
         return
     kept = [item for item in items if item.get_closest_marker("stack") is None]

@@ -185,3 +185,80 @@ def test_an_answer_that_does_not_fit_the_contract_is_a_clear_error() -> None:
         server.shutdown()
         server.server_close()
     assert err.value.code == "INTERNAL" and "does not fit ScoreResponse" in err.value.message
+
+
+# -- one answer schema: the proto is the source; every other copy is checked field by field ------------
+def _filled(message: type) -> object:
+    """An instance of `message` with every field set to a distinct non-default value."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    msg = message()
+    for i, f in enumerate(message.DESCRIPTOR.fields, start=1):
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value_field = f.message_type.fields_by_name["value"]
+            value = f"v{i}" if value_field.type == F.TYPE_STRING else i + 0.5
+            getattr(msg, f.name).update({f"k{i}": value})
+        elif f.message_type is not None:
+            getattr(msg, f.name).CopyFrom(_filled(type(getattr(msg, f.name))))
+        elif f.is_repeated:
+            getattr(msg, f.name).extend([f"r{i}a", f"r{i}b"])
+        elif f.type == F.TYPE_STRING:
+            setattr(msg, f.name, "SERVING" if f.name == "state" else f"s{i}")
+        elif f.type == F.TYPE_BYTES:
+            setattr(msg, f.name, bytes([i, 255]))
+        elif f.type == F.TYPE_BOOL:
+            setattr(msg, f.name, True)
+        elif f.type in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
+            setattr(msg, f.name, i + 0.25)
+        else:
+            setattr(msg, f.name, i + 1000)
+    return msg
+
+
+def _same(sdk_value: object, proto: object) -> None:
+    """Every field of the proto message `proto` reaches `sdk_value` (a dataclass) unchanged."""
+    import dataclasses
+
+    names = [f.name for f in proto.DESCRIPTOR.fields]
+    assert [f.name for f in dataclasses.fields(sdk_value)] == names or \
+        {f.name for f in dataclasses.fields(sdk_value)} == set(names), type(sdk_value).__name__
+    for name in names:
+        ours, theirs = getattr(sdk_value, name), getattr(proto, name)
+        field = proto.DESCRIPTOR.fields_by_name[name]
+        if dataclasses.is_dataclass(ours):
+            _same(ours, theirs)
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            assert ours == dict(theirs), name
+        elif field.message_type is not None:  # flattened: timings as a dict, tiling as a tuple
+            values = [getattr(theirs, f.name) for f in field.message_type.fields]
+            assert list(ours.values() if isinstance(ours, dict) else ours) == values, name
+        elif field.is_repeated:
+            assert list(ours) == list(theirs), name
+        else:
+            assert ours == theirs, name
+
+
+def test_the_sdk_result_types_are_the_proto() -> None:
+    """A new answer field is one edit in the proto plus its mapping: the SDK's types carry every
+    field of the messages they map, by name, and its parser copies each one unchanged."""
+    from edge_anomaly_client.sdk import AnomalyClient as Client
+
+    client = Client.__new__(Client)
+    score = _filled(pb.ScoreResponse)
+    _same(client._score_result(score), score)
+    info = _filled(pb.ModelInfo)
+    _same(client._model_info(info), info)
+    feedback = _filled(pb.FeedbackResponse)
+    _same(client._parse("Feedback", feedback), feedback)
+
+
+def test_the_engine_decision_is_the_answer_without_the_request() -> None:
+    """The engine's `Decision` holds exactly the answer's fields that a model decides (not the
+    request id, the model reference or the timings, which the data plane adds)."""
+    import dataclasses
+
+    from service.runtime.engine import Decision
+
+    added_by_the_data_plane = {"request_id", "model", "timings"}
+    proto = {f.name for f in pb.ScoreResponse.DESCRIPTOR.fields}
+    assert {f.name for f in dataclasses.fields(Decision)} == proto - added_by_the_data_plane
