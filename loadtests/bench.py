@@ -120,7 +120,8 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
     from loadtests import peers as peer_servers
     from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready, wait_metric
     from loadtests.otlp_sink import OtlpSink
-    from service.repository.model_repository import ModelRepository, ModelSpec, provider_options
+    from service.repository.model_repository import ModelRepository, ModelSpec
+    from service.repository.version_cache import provider_options
     from service.runtime.engine import OnnxModel
     from service.settings import Settings, usable_cores
 

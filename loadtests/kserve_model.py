@@ -26,7 +26,7 @@ from pathlib import Path
 
 import kserve
 
-from service.repository.model_repository import read_model_dir
+from service.repository.artifact import read_model_dir
 from service.runtime.engine import OnnxModel
 from service.settings import Settings
 

@@ -91,7 +91,7 @@ def calibration_study(data_root: Path, model_name: str, architectures: list[str]
     """Quantize each architecture's registered FP32 version with every calibration."""
     import mlflow
 
-    from service.repository.model_repository import read_model_dir
+    from service.repository.artifact import read_model_dir
 
     train_set, test_set = load_train_split(data_root), load_test_split(data_root)
     rows = []
@@ -133,7 +133,7 @@ def side_by_side_speed(model_name: str, architectures: list[str], rounds: int = 
     import mlflow
     import numpy as np
 
-    from service.repository.model_repository import read_model_dir
+    from service.repository.artifact import read_model_dir
     from service.runtime.engine import OnnxModel
 
     rows = []

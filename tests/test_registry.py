@@ -11,7 +11,7 @@ import pytest
 from conftest import tracking_uri
 from mlflow import MlflowClient
 
-from service.repository.model_repository import read_model_dir
+from service.repository.artifact import read_model_dir
 from service.runtime.metadata import GLOBAL, ModelMetadata
 
 if TYPE_CHECKING:
