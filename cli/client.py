@@ -15,6 +15,7 @@ from anomaly.wire import DEFAULT_TARGET, IMAGE_SUFFIXES
 from cli.common import model_reference, print_json, with_security
 from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 
+UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")  # the server could not be reached
 Target = Annotated[str, typer.Option(help="gRPC server host:port, or the gateway's http:// URL")]
 
 
@@ -56,13 +57,14 @@ def score_cmd(
     table = Table(title=f"{len(files)} image(s) scored by {target}")
     for col in ("image", "score", "normalized", "decision", "threshold", "model", "ms"):
         table.add_column(col)
-    failures = 0
+    failures = unreachable = 0
     with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **(sdk_options or {})) as client:
         for f in files:
             try:
                 r = client.score(f, version=version, category=category, request_id=f.name)
             except AnomalyError as exc:
                 failures += 1
+                unreachable += exc.code in UNREACHABLE_CODES
                 table.add_row(str(f), "-", "-", f"[yellow]{exc.code}[/]", "-", "-", exc.message)
                 continue
             table.add_row(str(f), f"{r.score:.5g}", f"{r.normalized_score:.3f}",
@@ -71,24 +73,31 @@ def score_cmd(
                           f"{r.timings['total_ms']:.1f}")
     console.print(table)
     if failures:
-        raise typer.Exit(1)
+        raise typer.Exit(failure_code(unreachable == failures))
+
+
+def failure_code(all_unreachable: bool) -> int:
+    """The exit code of a scoring run with failures: 5 when the server could not be reached for
+    any image (every failure UNAVAILABLE or DEADLINE_EXCEEDED), else 1."""
+    return 5 if all_unreachable else 1
 
 
 def _score_json(files: list[Path], target: str, model: str, alias: str, version: int, category: str,
                 timeout: float, sdk_options: dict) -> None:
-    failures = 0
+    failures = unreachable = 0
     with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **sdk_options) as client:
         for f in files:
             try:
                 r = client.score(f, version=version, category=category, request_id=f.name)
             except AnomalyError as exc:
                 failures += 1
+                unreachable += exc.code in UNREACHABLE_CODES
                 error = {"code": exc.code, "message": exc.message}
                 print_json({"image": str(f), "error": error}, indent=None)
                 continue
             print_json({"image": str(f), **asdict(r)}, indent=None)
     if failures:
-        raise typer.Exit(1)
+        raise typer.Exit(failure_code(unreachable == failures))
 
 
 @with_security

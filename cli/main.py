@@ -1,7 +1,7 @@
 """The `anomaly` Typer application: the client commands always; the serve, bench, train
 and study commands when their extras are installed (a base install is the SDK only).
 
-Exit codes, the same for every command (docs/cli.md):
+Exit codes, the same for every command (README, "Commands"):
   0 done; 1 the work failed (an image not scored, a check that did not pass, an unforeseen
   error: one line, `ANOMALY_TRACEBACK=1` shows the traceback); 2 bad usage or settings;
   3 and 4 `anomaly db` (a newer or foreign schema; an upgrade needed); 5 a server or database
@@ -21,10 +21,11 @@ from typing import Annotated, Any
 
 import typer
 
-UNREACHABLE = 5
+from cli.client import UNREACHABLE_CODES
+
+UNREACHABLE = 5  # a server or database could not be reached
 # Typer's (vendored) usage errors: its own message and exit code 2 already.
 USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 app = typer.Typer(help="Industrial visual anomaly detection: score, serve, train.",
                   no_args_is_help=True)

@@ -97,9 +97,15 @@ def gateway_cmd(
     tracing.configure("anomaly-gateway")
     tls = {"ssl_certfile": str(config.https_cert_file), "ssl_keyfile": str(config.https_key_file)} \
         if config.https_cert_file else {}
-    uvicorn.run(create_app(config), host=config.http_host, port=config.http_port,
-                log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s),
-                log_config=None, **tls)  # None: uvicorn's lines go through configure_logging's format
+    try:
+        uvicorn.run(create_app(config), host=config.http_host, port=config.http_port,
+                    log_level=config.log_level.lower(), timeout_graceful_shutdown=int(config.grace_s),
+                    log_config=None, **tls)  # None: uvicorn's lines go through configure_logging's format
+    except SystemExit as exc:  # uvicorn exits 3 when it cannot bind (after logging why); 0 after a stop
+        if exc.code not in (0, None):
+            raise fail(f"the gateway could not listen on {config.http_host}:{config.http_port} (in use, or "
+                       "not an address of this host; see the log line above)") from None
+        raise
 
 
 Since = Annotated[datetime | None, typer.Option(help="from this time (UTC unless an offset is given)")]
@@ -378,7 +384,7 @@ def db_upgrade_cmd(db: Db = None) -> None:
     except SchemaMismatch as exc:
         raise fail(str(exc), 3) from exc
     except (sa_exc.SQLAlchemyError, OSError, ValueError, RuntimeError) as exc:
-        raise fail(f"cannot migrate {redacted(url)}: {_first_line(exc)}") from exc
+        raise fail(f"cannot migrate {redacted(url)}: {_first_line(exc)}", _db_code(exc)) from exc
     typer.echo(f"{redacted(url)}: schema {before or '(none)'} → {after}" if before != after
                else f"{redacted(url)}: schema {after}, up to date")
 
@@ -396,7 +402,7 @@ def db_current_cmd(db: Db = None) -> None:
     try:
         current, tables = schema_state(url)
     except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
-        raise fail(f"cannot read {redacted(url)}: {_first_line(exc)}") from exc
+        raise fail(f"cannot read {redacted(url)}: {_first_line(exc)}", _db_code(exc)) from exc
     head = head_revision()
     typer.echo(f"{redacted(url)}: schema {current or '(none)'}, this release's newest {head}")
     if current == head:
@@ -409,6 +415,13 @@ def db_current_cmd(db: Db = None) -> None:
                    "cannot undo part of one: restore the database from a backup), or the tables are "
                    "not this project's", 3)
     raise fail("run `anomaly db upgrade`", 4)
+
+
+def _db_code(exc: BaseException) -> int:
+    """5 when the database could not be reached (the CLI's code for that), else 1."""
+    from sqlalchemy import exc as sa_exc
+
+    return 5 if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) else 1
 
 
 def _first_line(exc: BaseException) -> str:

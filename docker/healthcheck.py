@@ -68,7 +68,11 @@ def main(argv: list[str]) -> int:
     """Check; print one line; 0 healthy, 1 not."""
     from service.settings import Settings
 
-    config = Settings()
+    try:
+        config = Settings()
+    except Exception as exc:  # settings the process itself would refuse: unhealthy, in one line
+        print(f"unhealthy: the settings cannot be read: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        return 1
     args = _command()
     port = _option(args, "--port")
     what = "gateway" if "gateway" in args else "gRPC server"

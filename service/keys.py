@@ -74,8 +74,10 @@ class ApiKey(BaseModel):
         if not self.name:
             object.__setattr__(self, "name", default_name(self.key.get_secret_value()))
         elif not NAME.fullmatch(self.name):
-            raise ValueError(f"API key name {self.name!r} is not valid: letters, digits, '.', '_', '@', '-', "
-                             "at most 64, starting with a letter or digit")
+            # The name is not shown: an entry written role:secret:name would print the secret here.
+            raise ValueError(f"an API key name ({len(self.name)} characters) is not valid: letters, digits, "
+                             "'.', '_', '@', '-', at most 64, starting with a letter or digit (is the entry "
+                             "written role:name:key, in that order?)")
         return self
 
     @property

@@ -33,17 +33,19 @@ else:  # Python 3.10 (JetPack 6): the same parser from PyPI
     import tomli as tomllib
 
 from anomaly.wire import DEFAULT_MODEL_NAME
-from service.keys import parse_entry
+from service.keys import ROLES, parse_entry
 
 DEFAULT_HOME = Path(".demo")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 PREFIX = "ANOMALY_"
 SETTINGS_FILE_VARIABLE = "ANOMALY_SETTINGS_FILE"
+MAX_SETTINGS_FILE = 256 * 1024  # bytes
 # `ANOMALY_` variables that are not server settings: the SDK's and the CLI's key, and the test and
 # benchmark tooling's. Start-up does not refuse them.
 OTHER_VARIABLES = frozenset({
     "ANOMALY_API_KEY",         # the client commands' API key (cli/common.py)
+    "ANOMALY_TRACEBACK",       # the CLI: print the traceback of an error (cli/main.py)
     "ANOMALY_KSERVE_PYTHON",   # tests and `anomaly bench`: KServe's environment
     "ANOMALY_MLSERVER",        # tests and `anomaly bench`: MLServer's environment
     "ANOMALY_PY310",           # tests/test_py310.py: a Python 3.10 interpreter
@@ -112,7 +114,7 @@ class Settings(BaseSettings):
     http_in_process: bool = Field(False, description="the gRPC server also answers the HTTP API (the "
                                                      "gateway's routes) on http_host:http_port from its "
                                                      "own process, without a gateway or a gRPC hop")
-    grpc_target: str = Field("127.0.0.1:50051", description="gateway → gRPC server address")
+    grpc_target: str = Field("127.0.0.1:50051", min_length=1, description="gateway → gRPC server address")
     cache_dir: Path = Field(Path.home() / ".cache" / "edge-anomaly" / "models",
                             description="where downloaded model versions are kept")
     providers: CommaList = Field(default_factory=lambda: ["CPUExecutionProvider"],
@@ -270,6 +272,18 @@ class Settings(BaseSettings):
         """Options, then the environment, then the TOML file of `ANOMALY_SETTINGS_FILE`."""
         return init_settings, env_settings, TomlFileSource(settings_cls)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_empty_paths(cls, data: object) -> object:
+        """An empty path setting is an error (it would mean the current folder), not "unset"."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, str) and not value.strip() \
+                        and "Path" in str(field.annotation):
+                    raise ValueError(f"{PREFIX}{name.upper()} is empty: unset it for the default")
+        return data
+
     @field_validator("providers", "models", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
@@ -284,7 +298,23 @@ class Settings(BaseSettings):
     @classmethod
     def _api_keys(cls, value: object) -> object:
         """Each entry checked (`service.keys.parse_entry`) and kept as its text (a JSON object
-        as its JSON), a secret like any key; `security.load_api_keys` reads them."""
+        as its JSON), a secret like any key; `security.load_api_keys` reads them.
+
+        From text: a JSON list, or `role:name:key` entries separated by commas, each with its
+        role and name (a bare key, which may itself hold a comma, only in a JSON list or the key
+        file). An empty value is refused: unset the variable for no authentication."""
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("empty value: unset it to run without API keys, or give role:name:key "
+                                 "entries")
+            if not value.strip().startswith("["):
+                pieces = [piece.strip() for piece in value.split(",")]
+                for i, piece in enumerate(pieces, 1):
+                    role, _, rest = piece.partition(":")
+                    if role not in ROLES or ":" not in rest:
+                        raise ValueError(f"entry {i} of {len(pieces)} is not role:name:key (role one of "
+                                         f"{', '.join(ROLES)}); a key holding a comma, or a bare key, needs "
+                                         "the JSON list form or ANOMALY_API_KEYS_FILE")
         value = comma_list(value)
         if not isinstance(value, list):
             return value
@@ -417,6 +447,11 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         SettingsError: unreadable, not TOML, or a key that names no setting (with the closest).
     """
     try:
+        if path.exists() and not path.is_file():
+            raise SettingsError([f"{SETTINGS_FILE_VARIABLE} {path}: not a regular file"])
+        if path.stat().st_size > MAX_SETTINGS_FILE:
+            raise SettingsError([f"{SETTINGS_FILE_VARIABLE} {path}: over {MAX_SETTINGS_FILE // 1024} KiB; "
+                                 "a settings file is a few lines"])
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SettingsError([f"{SETTINGS_FILE_VARIABLE} {path}: {exc.strerror or exc}"]) from None
@@ -536,8 +571,11 @@ An `ANOMALY_` variable or file key that names no setting stops start-up with the
 range; every error names the variable, option or file key and exits with code 2. Lists take
 items separated by commas or a JSON list. Kubernetes' service-link variables
 (`ANOMALY_GATEWAY_SERVICE_HOST`, …) and the variables of the SDK and the test tooling
-(`ANOMALY_API_KEY`, `ANOMALY_KSERVE_PYTHON`, `ANOMALY_MLSERVER`, `ANOMALY_PY310`,
-`ANOMALY_DOCS_SCREENSHOT`, `ANOMALY_TEST_POSTGRES`) are not settings and are left alone.
+(`ANOMALY_API_KEY`, `ANOMALY_TRACEBACK`, `ANOMALY_KSERVE_PYTHON`, `ANOMALY_MLSERVER`,
+`ANOMALY_PY310`, `ANOMALY_DOCS_SCREENSHOT`, `ANOMALY_TEST_POSTGRES`) are not settings and are
+left alone. Kubernetes: a Service whose name makes its link variables collide with a setting
+(`anomaly-grpc` gives `ANOMALY_GRPC_PORT=tcp://…`) stops start-up; name Services otherwise, or
+set `enableServiceLinks: false` in the pod.
 `MLFLOW_TRACKING_URI` sets `tracking_uri` too; OpenTelemetry's own `OTEL_*` variables turn
 tracing on (docs/observability.md).
 
@@ -575,7 +613,12 @@ def _default_text(field: Any) -> str:
         return "—"
     if isinstance(value, list):
         return f"`{','.join(str(v) for v in value)}`" if value else "(none)"
-    text = str(value).replace(str(Path.home()), "~")
+    text = str(value)
+    if isinstance(value, Path) and value.is_absolute() and Path.home() != Path("/"):
+        try:
+            text = f"~/{value.relative_to(Path.home())}"  # the same on every machine
+        except ValueError:
+            pass
     if isinstance(value, bool):
         text = text.lower()
     return f"`{text}`" if text else "(empty)"

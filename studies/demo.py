@@ -221,6 +221,7 @@ def _first_look(tracking_uri: str, build: BuildResult, data: Path, home: Path, c
     category = sorted({s.category for s in samples})[0]
     parts = [next(s for s in samples if s.category == category and s.label == label) for label in (0, 1)]
     console.rule(f"first look: {build.label} served as soon as it is registered")
+    first_scored = 0.0
     server, target = start_server(tracking_uri, home / "logs" / "first-look-server.log",
                                   cache_dir=home / "cache", alias=build.label)
     try:
@@ -233,6 +234,7 @@ def _first_look(tracking_uri: str, build: BuildResult, data: Path, home: Path, c
                     t0 = time.perf_counter()
                     g = grpc_client.score(s.path, category=s.category, request_id=rid)
                     ms = (time.perf_counter() - t0) * 1e3
+                    first_scored = first_scored or time.time()
                     h = http_client.score(s.path, category=s.category, request_id=rid)
                     table.add_row(f"{s.category}/{s.defect}/{s.path.name}", "NG" if s.label else "OK",
                                   f"{g.score:.4g}", f"{g.normalized_score:.2f}",
@@ -244,8 +246,8 @@ def _first_look(tracking_uri: str, build: BuildResult, data: Path, home: Path, c
         server.stop()
     console.print(table)
     since = "`make demo`" if started != demo_started else "the demo"
-    console.print(f"[bold]time to first served score: {time.time() - started:.0f} s[/] after {since} "
-                  f"started ({time.time() - demo_started:.0f} s in the demo itself); the other "
+    console.print(f"[bold]time to first served score: {first_scored - started:.0f} s[/] after {since} "
+                  f"started ({first_scored - demo_started:.0f} s in the demo itself); the other "
                   "architectures and variants follow, then the champion rule")
 
 

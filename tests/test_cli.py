@@ -80,3 +80,35 @@ def test_version_and_one_line_errors_with_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "holds no inspection log" in proc.stderr, proc.stderr
     proc = _anomaly("score", str(tmp_path), "--model", "models:/x/not-a-version")
     assert proc.returncode == 2 and "models:/<name>@<alias>" in proc.stderr
+
+
+def test_a_taken_http_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """`anomaly serve --http` and `anomaly gateway` on a port another process holds: one error
+    line naming the address, exit 1, no traceback (uvicorn exits 3 on its own)."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        from loadtests.launch import free_port
+
+        proc = _anomaly("serve", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--port",
+                        str(free_port()), "--http", "--http-port", str(taken))
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"could not listen on 127.0.0.1:{taken}" in proc.stderr and "Traceback" not in proc.stderr
+        proc = _anomaly("gateway", "--port", str(taken))
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"could not listen on 127.0.0.1:{taken}" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        holder.close()
+
+
+def test_scoring_against_a_stopped_server_exits_5(tmp_path: Path, sample_root: Path) -> None:
+    from loadtests.launch import free_port
+
+    image = next((sample_root / "brick" / "test" / "patch").glob("*.png"))
+    for extra in ((), ("--json",)):
+        proc = _anomaly("score", str(image), "--target", f"127.0.0.1:{free_port()}", "--timeout", "2", *extra)
+        assert proc.returncode == 5, proc.stdout + proc.stderr

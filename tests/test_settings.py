@@ -193,3 +193,45 @@ def test_the_settings_reference_is_generated_and_current() -> None:
         "docs/settings.md is stale: run `anomaly settings-reference --out docs/settings.md`"
     for name in Settings.model_fields:
         assert f"`ANOMALY_{name.upper()}`" in doc.read_text(encoding="utf-8")
+
+
+def test_api_keys_from_text_never_split_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A comma inside a key would make two keys (one of them a bare score key made of the rest of
+    the secret): comma-separated entries must each be role:name:key; an empty value is not "no
+    authentication"; an error never shows a secret, even one written in the name's place."""
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="entry 2 of 2 is not role:name:key") as err:
+        _load({"ANOMALY_API_KEYS": "admin:ops:abc,def"}, monkeypatch)
+    assert "abc" not in str(err.value) and "def" not in str(err.value).replace("default", "")
+    with pytest.raises(SettingsError, match="ANOMALY_API_KEYS: empty value"):
+        _load({"ANOMALY_API_KEYS": " "}, monkeypatch)
+    with pytest.raises(SettingsError) as err:
+        _load({"ANOMALY_API_KEYS": "admin:Zm9vYmFyU2VjcmV0+/==:ops"}, monkeypatch)
+    assert "Zm9vYmFyU2VjcmV0" not in str(err.value) and "role:name:key, in that order" in str(err.value)
+    keys = _load({"ANOMALY_API_KEYS": '["a,b-is-one-bare-key"]'}, monkeypatch).api_keys
+    assert [k.get_secret_value() for k in keys] == ["a,b-is-one-bare-key"]
+
+
+def test_empty_paths_odd_files_and_the_tooling_variables(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="ANOMALY_CACHE_DIR is empty"):
+        _load({"ANOMALY_CACHE_DIR": ""}, monkeypatch)
+    for odd in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(SettingsError, match="not a regular file"):
+            _load({"ANOMALY_SETTINGS_FILE": odd}, monkeypatch)
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 40_000)
+    with pytest.raises(SettingsError, match="KiB"):
+        _load({"ANOMALY_SETTINGS_FILE": str(big)}, monkeypatch)
+    assert _load({"ANOMALY_TRACEBACK": "1"}, monkeypatch).grpc_port == 50051
+
+
+def test_the_reference_does_not_depend_on_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import reference_markdown
+
+    here = reference_markdown()
+    monkeypatch.setenv("HOME", "/")
+    default = "sqlite:///.demo/mlflow.db"
+    assert reference_markdown().count(default) == here.count(default) == 1

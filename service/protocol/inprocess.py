@@ -132,12 +132,23 @@ class _EmbeddedServer:
         self.task: asyncio.Task | None = None
 
     async def start(self, sockets: list | None = None) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets))
+        self.task = asyncio.get_running_loop().create_task(self._serve(sockets))
         while not self.server.started:
             if self.task.done():
-                self.task.result()  # re-raises why it could not start (e.g. the port is taken)
+                self.task.result()  # re-raises why it could not start
                 raise RuntimeError("the in-process HTTP server stopped while starting")
             await asyncio.sleep(0.02)
+
+    async def _serve(self, sockets: list | None) -> None:
+        try:
+            await self.server.serve(sockets)
+        except SystemExit:
+            # uvicorn's answer to a port it cannot bind (it logged why). Left as it is, SystemExit
+            # leaves the event loop at once, past every cleanup: the gRPC server is never stopped
+            # and the interpreter crashes on exit with its threads still running.
+            raise OSError(f"the HTTP API could not listen on {self.server.config.host}:"
+                          f"{self.server.config.port} (in use, or not an address of this host; see the "
+                          "log line above)") from None
 
     async def stop(self) -> None:
         if self.task is None:
