@@ -434,7 +434,7 @@ def settings_reference_cmd(
 ) -> None:
     """Print the reference of every server and gateway setting (Markdown, generated from the
     settings class: variable, type, default, meaning)."""
-    from service.settings import reference_markdown
+    from service.settings_reference import reference_markdown
 
     text = reference_markdown()
     if out is None:

@@ -186,7 +186,7 @@ def test_the_settings_reference_is_generated_and_current() -> None:
     without regenerating it fails here."""
     from pathlib import Path
 
-    from service.settings import reference_markdown
+    from service.settings_reference import reference_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
     assert doc.read_text(encoding="utf-8") == reference_markdown(), \
@@ -229,7 +229,7 @@ def test_empty_paths_odd_files_and_the_tooling_variables(tmp_path, monkeypatch: 
 
 
 def test_the_reference_does_not_depend_on_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.settings import reference_markdown
+    from service.settings_reference import reference_markdown
 
     here = reference_markdown()
     monkeypatch.setenv("HOME", "/")
