@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PEERS_STAMP := .venv-peers/.installed
+# gRPC's fork handlers can deadlock subprocess.Popen (grpc/grpc#37259); every child here is fork + exec.
+export GRPC_ENABLE_FORK_SUPPORT ?= false
 MLSERVER_STAMP := .venv-mlserver/.installed
 
 .PHONY: demo test test-fast lint format protos venv peers-venv mlserver-venv clean constraints \

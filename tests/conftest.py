@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import loadtests  # noqa: F401  (first: it turns gRPC's fork handlers off before grpc is imported)
 from registry.data.sample import SampleSpec, make_sample_dataset
 
 TEST_CATEGORIES = ("brick", "coffee")
