@@ -138,7 +138,8 @@ def test_every_package_is_installed_by_a_non_editable_install() -> None:
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {str(p.parent.relative_to(ROOT)).replace("/", ".").removeprefix("protos.")
-             for top in ("registry", "service", "clients", "loadtests", "protos")
+             .removeprefix("clients.")  # the SDK is installed as the top-level edge_anomaly_client
+             for top in ("registry", "service", "clients", "loadtests", "protos", "cli", "studies")
              for p in (ROOT / top).rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
 
