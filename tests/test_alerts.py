@@ -186,6 +186,7 @@ def test_promtool_checks_the_rules(promtool: str) -> None:
     assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
 
 
+@pytest.mark.heavy  # runs Prometheus' rule tests, about 12 s: not in the fast loop
 def test_promtool_unit_tests_pass(promtool: str) -> None:
     done = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
                           timeout=300, cwd=RULE_TESTS.parent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from registry.architectures import ModelConfig
@@ -12,6 +13,7 @@ from registry.train import TrainConfig
 from studies.compare import EXPERIMENT, run_and_write
 
 
+@pytest.mark.heavy  # trains small models (unified and one per category), about 11 s: not in the fast loop
 def test_unified_vs_one_class_report(sample_root: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()

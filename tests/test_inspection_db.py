@@ -267,6 +267,7 @@ def test_the_password_file_goes_into_the_url_encoded() -> None:
     assert (parsed.password, parsed.host, parsed.database) == ("p@ss/w%rd:1", "db", "inspections")
 
 
+@pytest.mark.heavy  # waits out a lock bound by design, about 35 s: not in the fast loop
 def test_the_migration_lock_is_waited_for_within_a_bound(tmp_path: Path) -> None:
     """A session holding the migration lock (a hung migration) made every shipper wait for
     ever, silently, and kept the server from exiting; an up-to-date database waited too."""
