@@ -50,54 +50,39 @@ def score_cmd(
     files = _expand(paths)
     model, uri_alias, uri_version = model_reference(model)
     alias, version = alias or uri_alias, version or uri_version
-    if as_json:
-        _score_json(files, target, model, alias, version, category, timeout, sdk_options or {})
-        return
-    console = Console()
     table = Table(title=f"{len(files)} image(s) scored by {target}")
     for col in ("image", "score", "normalized", "decision", "threshold", "model", "ms"):
         table.add_column(col)
-    failures = unreachable = 0
+    failed: list[str] = []  # the status of each image not scored
     with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **(sdk_options or {})) as client:
         for f in files:
             try:
                 r = client.score(f, version=version, category=category, request_id=f.name)
             except AnomalyError as exc:
-                failures += 1
-                unreachable += exc.code in UNREACHABLE_CODES
-                table.add_row(str(f), "-", "-", f"[yellow]{exc.code}[/]", "-", "-", exc.message)
+                failed.append(exc.code)
+                if as_json:  # one line per image as it is answered
+                    print_json({"image": str(f), "error": {"code": exc.code, "message": exc.message}},
+                               indent=None)
+                else:
+                    table.add_row(str(f), "-", "-", f"[yellow]{exc.code}[/]", "-", "-", exc.message)
                 continue
-            table.add_row(str(f), f"{r.score:.5g}", f"{r.normalized_score:.3f}",
-                          "[red]NG[/]" if r.is_anomalous else "[green]OK[/]", f"{r.threshold:.5g}",
-                          f"{r.model.name}/{r.model.version} ({r.model.architecture}-{r.model.variant})",
-                          f"{r.timings['total_ms']:.1f}")
-    console.print(table)
-    if failures:
-        raise typer.Exit(failure_code(unreachable == failures))
+            if as_json:
+                print_json({"image": str(f), **asdict(r)}, indent=None)
+            else:
+                table.add_row(str(f), f"{r.score:.5g}", f"{r.normalized_score:.3f}",
+                              "[red]NG[/]" if r.is_anomalous else "[green]OK[/]", f"{r.threshold:.5g}",
+                              f"{r.model.name}/{r.model.version} ({r.model.architecture}-{r.model.variant})",
+                              f"{r.timings['total_ms']:.1f}")
+    if not as_json:
+        Console().print(table)
+    if failed:
+        raise typer.Exit(failure_code(failed))
 
 
-def failure_code(all_unreachable: bool) -> int:
-    """The exit code of a scoring run with failures: 5 when the server could not be reached for
-    any image (every failure UNAVAILABLE or DEADLINE_EXCEEDED), else 1."""
-    return 5 if all_unreachable else 1
-
-
-def _score_json(files: list[Path], target: str, model: str, alias: str, version: int, category: str,
-                timeout: float, sdk_options: dict) -> None:
-    failures = unreachable = 0
-    with AnomalyClient(target, model=model, alias=alias, timeout=timeout, **sdk_options) as client:
-        for f in files:
-            try:
-                r = client.score(f, version=version, category=category, request_id=f.name)
-            except AnomalyError as exc:
-                failures += 1
-                unreachable += exc.code in UNREACHABLE_CODES
-                error = {"code": exc.code, "message": exc.message}
-                print_json({"image": str(f), "error": error}, indent=None)
-                continue
-            print_json({"image": str(f), **asdict(r)}, indent=None)
-    if failures:
-        raise typer.Exit(failure_code(unreachable == failures))
+def failure_code(failed: list[str]) -> int:
+    """The exit code of a scoring run with failures (their status codes): 5 when the server could
+    not be reached for any image (every failure UNAVAILABLE or DEADLINE_EXCEEDED), else 1."""
+    return 5 if all(code in UNREACHABLE_CODES for code in failed) else 1
 
 
 @with_security

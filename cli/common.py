@@ -89,6 +89,22 @@ def echo_err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+UNREACHABLE = 5  # the exit code of every command when a server or database could not be reached
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's text (its type's name when it has none), cut at `limit`."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line[:limit] if limit is not None else line
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy error says the database could not be reached or opened (read by
+    name: the base install, where the CLI also runs, has no SQLAlchemy)."""
+    return type(exc).__module__.startswith("sqlalchemy") and \
+        type(exc).__name__ in ("OperationalError", "InterfaceError")
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print `error: message` in red on stderr; returns the `typer.Exit` to raise."""
     typer.secho(f"error: {message}", fg="red", err=True)

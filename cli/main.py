@@ -22,8 +22,9 @@ from typing import Annotated, Any
 import typer
 
 from cli.client import UNREACHABLE_CODES
+from cli.common import UNREACHABLE, database_unreachable, first_line
+from edge_anomaly_client import AnomalyError
 
-UNREACHABLE = 5  # a server or database could not be reached
 # Typer's (vendored) usage errors: its own message and exit code 2 already.
 USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
@@ -48,28 +49,20 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Industrial visual anomaly detection: score, serve, train."""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def describe_failure(exc: BaseException) -> tuple[str, int]:
     """One line and the exit code for an error a command did not handle itself."""
-    code = getattr(exc, "code", None)
-    if type(exc).__name__ == "AnomalyError" and code in UNREACHABLE_CODES:
-        return f"{code}: {getattr(exc, 'message', '')}", UNREACHABLE
-    if type(exc).__name__ == "AnomalyError":
-        return f"{code}: {getattr(exc, 'message', '')}", 1
+    if isinstance(exc, AnomalyError):
+        return f"{exc.code}: {exc.message}", UNREACHABLE if exc.code in UNREACHABLE_CODES else 1
     if type(exc).__module__.startswith("sqlalchemy"):
-        cause = _first_line(getattr(exc, "orig", None) or exc)
+        cause = first_line(getattr(exc, "orig", None) or exc)
         if "no such table" in cause or ("relation" in cause and "does not exist" in cause):
             return f"the database holds no inspection log (yet): {cause}", 1
-        if type(exc).__name__ in ("OperationalError", "InterfaceError"):
+        if database_unreachable(exc):
             return f"database unavailable: {cause}", UNREACHABLE
         return f"database error: {cause}", 1
     if isinstance(exc, OSError):
-        return f"{_first_line(exc)}", 1
-    return f"{type(exc).__name__}: {_first_line(exc)}", 1
+        return first_line(exc), 1
+    return f"{type(exc).__name__}: {first_line(exc)}", 1
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,15 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail, model_reference, print_json, settings
+from cli.common import (
+    UNREACHABLE,
+    database_unreachable,
+    fail,
+    first_line,
+    model_reference,
+    print_json,
+    settings,
+)
 
 # The option of each setting `anomaly serve` takes, for errors that name it.
 SERVE_OPTIONS = {"model_name": "--model", "model_alias": "--alias", "grpc_host": "--host",
@@ -384,7 +392,7 @@ def db_upgrade_cmd(db: Db = None) -> None:
     except SchemaMismatch as exc:
         raise fail(str(exc), 3) from exc
     except (sa_exc.SQLAlchemyError, OSError, ValueError, RuntimeError) as exc:
-        raise fail(f"cannot migrate {redacted(url)}: {_first_line(exc)}", _db_code(exc)) from exc
+        raise fail(f"cannot migrate {redacted(url)}: {first_line(exc, 300)}", _db_code(exc)) from exc
     typer.echo(f"{redacted(url)}: schema {before or '(none)'} → {after}" if before != after
                else f"{redacted(url)}: schema {after}, up to date")
 
@@ -402,7 +410,7 @@ def db_current_cmd(db: Db = None) -> None:
     try:
         current, tables = schema_state(url)
     except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
-        raise fail(f"cannot read {redacted(url)}: {_first_line(exc)}", _db_code(exc)) from exc
+        raise fail(f"cannot read {redacted(url)}: {first_line(exc, 300)}", _db_code(exc)) from exc
     head = head_revision()
     typer.echo(f"{redacted(url)}: schema {current or '(none)'}, this release's newest {head}")
     if current == head:
@@ -418,14 +426,8 @@ def db_current_cmd(db: Db = None) -> None:
 
 
 def _db_code(exc: BaseException) -> int:
-    """5 when the database could not be reached (the CLI's code for that), else 1."""
-    from sqlalchemy import exc as sa_exc
-
-    return 5 if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) else 1
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """The CLI's code for a database that could not be reached, else 1."""
+    return UNREACHABLE if database_unreachable(exc) else 1
 
 
 def settings_reference_cmd(

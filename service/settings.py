@@ -534,13 +534,13 @@ def load_settings(options: Mapping[str, str] | None = None, environ: Mapping[str
     given = {k: v for k, v in overrides.items() if v is not None}
     names = {field: (options or {}).get(field, "--" + field.replace("_", "-")) for field in given}
     problems = unknown_variables(environ)
-    file = _settings_file(environ)
-    file_keys = set(read_settings_file(file)) if file is not None else set()
     if problems:
         raise SettingsError(problems)
     try:
-        return Settings(**given)
+        return Settings(**given)  # reads the settings file (`TomlFileSource`), refusing unknown keys
     except ValidationError as exc:
+        file = _settings_file(environ)  # read again only to say which values came from it
+        file_keys = set(read_settings_file(file)) if file is not None else set()
         lines = []
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""

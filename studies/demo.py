@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from anomaly.wire import DEFAULT_MODEL_NAME
+from edge_anomaly_client import ScoreResult
 from registry.architectures import DEFAULT_EPOCHS, DEFAULT_QAT_EPOCHS, ModelConfig, extra_for
-from registry.data.mvtec import load_test_split
+from registry.data.mvtec import Sample, load_test_split
 from registry.data.sample import SampleSpec, make_sample_dataset
 from registry.mlflow_registry import embedded_tracking_uri, use_store
 from registry.pipeline import BuildResult, build_architecture
@@ -175,6 +176,14 @@ def wire_table() -> Table:
     return table
 
 
+def add_wire_row(table: Table, s: Sample, g: ScoreResult, http_score: float, http_anomalous: bool,
+                 grpc_ms: float) -> None:
+    """One row of `wire_table`: a sample, its result over gRPC and its score and decision over HTTP."""
+    table.add_row(f"{s.category}/{s.defect}/{s.path.name}", "NG" if s.label else "OK", f"{g.score:.4g}",
+                  f"{g.normalized_score:.2f}", decision_cell(g.is_anomalous), f"{http_score:.4g}",
+                  decision_cell(http_anomalous), g.model.version, f"{grpc_ms:.1f}")
+
+
 def decision_cell(anomalous: bool) -> str:
     """NG in red, OK in green."""
     return "[red]NG[/]" if anomalous else "[green]OK[/]"
@@ -201,10 +210,7 @@ def _score_over_wire(grpc_target: str, http_base: str, cfg: DemoConfig, data: Pa
                           files={"image": (s.path.name, s.path.read_bytes(), "image/png")})
             r.raise_for_status()
             h = r.json()
-            table.add_row(f"{s.category}/{s.defect}/{s.path.name}", "NG" if s.label else "OK",
-                          f"{g.score:.4g}", f"{g.normalized_score:.2f}", decision_cell(g.is_anomalous),
-                          f"{h['score']:.4g}", decision_cell(h["is_anomalous"]), g.model.version,
-                          f"{latencies[-1]:.1f}")
+            add_wire_row(table, s, g, h["score"], h["is_anomalous"], latencies[-1])
     console.print(table)
     return latencies
 
@@ -236,10 +242,7 @@ def _first_look(tracking_uri: str, build: BuildResult, data: Path, home: Path, c
                     ms = (time.perf_counter() - t0) * 1e3
                     first_scored = first_scored or time.time()
                     h = http_client.score(s.path, category=s.category, request_id=rid)
-                    table.add_row(f"{s.category}/{s.defect}/{s.path.name}", "NG" if s.label else "OK",
-                                  f"{g.score:.4g}", f"{g.normalized_score:.2f}",
-                                  decision_cell(g.is_anomalous), f"{h.score:.4g}",
-                                  decision_cell(h.is_anomalous), g.model.version, f"{ms:.1f}")
+                    add_wire_row(table, s, g, h.score, h.is_anomalous, ms)
         finally:
             gateway.stop()
     finally:
