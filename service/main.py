@@ -19,7 +19,7 @@ import threading
 import time
 
 from service.protocol.grpc.server import GrpcServer
-from service.protocol.inprocess import serve_http
+from service.protocol.inprocess import local_backends, serve_http
 from service.protocol.rest.gateway import create_app
 from service.settings import Settings
 
@@ -72,7 +72,7 @@ async def serve(settings: Settings) -> None:
             s = settings
             tls = {"ssl_certfile": str(s.https_cert_file), "ssl_keyfile": str(s.https_key_file)} \
                 if s.https_cert_file else None
-            http = await serve_http(create_app(s, local=server), s.http_host, s.http_port,
+            http = await serve_http(create_app(s, local=local_backends(server)), s.http_host, s.http_port,
                                     log_level=s.log_level, grace_s=s.grace_s, tls=tls,
                                     reuse_port=s.process_index >= 0)
     except BaseException:

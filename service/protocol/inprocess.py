@@ -1,48 +1,59 @@
 """The HTTP API in the gRPC server's own process (`ANOMALY_HTTP_IN_PROCESS`).
 
-The gateway (`service.protocol.rest.gateway`) is a translator: each route builds a proto message, calls a
-gRPC method and maps the answer or the status to JSON. Run as its own process it reaches
-the server over a gRPC connection; here the same routes call the server's servicers
-directly, with no serialisation, no HTTP/2 and no second process, as KServe serves REST
-and gRPC from one process. What a call goes through is unchanged: the same interceptors
-in the same order (API keys, the concurrent-call limit), the same servicer methods, and
-errors raised as the `grpc.aio.AioRpcError` the gateway already maps to problem+json.
+The gateway's routes (`service.protocol.rest`) build a request message and call a backend
+(`service.protocol.rest.forwarding.Backend`). Run as its own process the gateway's backend
+is a gRPC connection; here it is `PlaneBackend`, which calls the server's own handlers on
+the data plane (the servicer methods that translate messages to data-plane calls and back)
+with no serialisation, no HTTP/2, no emulated gRPC call and no second process, as KServe
+serves REST and gRPC from one data plane. Each transport maps a failure once: the gRPC
+server turns a `ServiceError` into its status (`service.errors.answering`), and this module
+turns it into the HTTP answer of that status, from the gateway's one table
+(`forwarding.problem`). An HTTP call is checked as a gRPC call is: its API key and role
+(`ApiKeyInterceptor.refusal`), then a slot of the concurrent-call limit (`Admission`).
 
-`LocalStub` stands in for a generated `…Stub` on a `grpc.aio` channel: `await
-stub.Score(message, timeout=…, metadata=…)`. `serve_http` runs the FastAPI app with
-uvicorn on the server's event loop until asked to stop.
+`serve_http` runs the FastAPI app with uvicorn on the server's event loop until asked to stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
+
+from service import metrics
+from service.errors import ServiceError, internal_error
+from service.protocol.grpc.admission import Admission
+from service.protocol.grpc.security import ApiKeyInterceptor
+from service.protocol.rest.forwarding import Metadata, problem
+
+if TYPE_CHECKING:
+    from service.protocol.grpc.server import GrpcServer
 
 log = logging.getLogger(__name__)
 
 
-class _CallDetails(grpc.HandlerCallDetails):
-    """What interceptors read of a call: its full method name and metadata."""
+class Aborted(Exception):
+    """A handler ended its call with a status (`Call.abort`)."""
 
-    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.method = method
-        self.invocation_metadata = metadata
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
 
 
-class LocalContext:
-    """The part of `grpc.aio.ServicerContext` the servicers and interceptors use."""
+class Call:
+    """What a handler reads of the call it answers: the time left before its deadline, the
+    caller's metadata (whose key names the sender of feedback) and the peer."""
 
-    def __init__(self, timeout: float | None, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, timeout: float | None, metadata: Metadata) -> None:
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._metadata = metadata
-        self._code = grpc.StatusCode.OK
-        self._details = ""
+        self._metadata = tuple(metadata)
 
     def time_remaining(self) -> float | None:  # noqa: D102
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -53,68 +64,73 @@ class LocalContext:
     def peer(self) -> str:  # noqa: D102
         return "in-process"
 
-    def set_code(self, code: grpc.StatusCode) -> None:  # noqa: D102
-        self._code = code
-
-    def set_details(self, details: str) -> None:  # noqa: D102
-        self._details = details
-
-    def cancelled(self) -> bool:  # noqa: D102
-        return False
-
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence = ()) -> None:
-        """End the call with `code`, as the gateway sees a remote call end."""
-        raise rpc_error(code, details)
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        """End the call with `code` (a handler that answers a status itself: health's Check)."""
+        raise Aborted(code, details)
 
 
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """The error a `grpc.aio` stub raises for a call that ended with `code`."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class LocalStub:
-    """Calls `servicer`'s unary methods in-process, through `interceptors` (outermost first).
+class PlaneBackend:
+    """One service's handlers called in this process (`forwarding.Backend`).
 
     Args:
-        service: full service name, e.g. `anomaly.v1.AnomalyDetection` (interceptors match
-            on `/<service>/<method>`).
-        servicer: the object whose `async def Method(request, context)` answers.
-        interceptors: `grpc.aio.ServerInterceptor`s, in the server's order.
+        service: full service name, e.g. `anomaly.v1.AnomalyDetection` (what keys' roles and
+            admission name a method by: `/<service>/<method>`).
+        handlers: the servicer whose `async def Method(request, context)` answers.
+        keys: the server's key check (None: no keys configured, or an open service).
+        admission: the server's call limits (None: uncapped).
     """
 
-    def __init__(self, service: str, servicer: object, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-                 ) -> None:
-        self.service = service
-        self.servicer = servicer
-        self.interceptors = list(interceptors)
+    def __init__(self, service: str, handlers: object, keys: ApiKeyInterceptor | None = None,
+                 admission: Admission | None = None) -> None:
+        self.service, self.handlers, self.keys, self.admission = service, handlers, keys, admission
 
-    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
-        if method.startswith("_") or not hasattr(self.servicer, method):
-            raise AttributeError(method)
-
-        async def call(request: object, timeout: float | None = None,
-                       metadata: Sequence[tuple[str, str]] | None = None) -> object:
-            return await self._call(method, request, timeout, tuple(metadata or ()))
-
-        return call
-
-    async def _handler(self, method: str, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        async def run(i: int, d: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            if i == len(self.interceptors):
-                return grpc.unary_unary_rpc_method_handler(getattr(self.servicer, method))
-            return await self.interceptors[i].intercept_service(lambda nxt: run(i + 1, nxt), d)
-
-        return await run(0, details)
-
-    async def _call(self, method: str, request: object, timeout: float | None,
-                    metadata: tuple[tuple[str, str], ...]) -> object:
-        details = _CallDetails(f"/{self.service}/{method}", metadata)
-        handler = await self._handler(method, details)
-        context = LocalContext(timeout, metadata)
+    async def call(self, method: str, message: object, timeout: float | None, metadata: Metadata) -> object:
+        """Check the caller, take a slot, run the handler; a failure raises its `Problem`."""
+        full = f"/{self.service}/{method}"
+        refused = self.keys.refusal(full, tuple(metadata)) if self.keys is not None else None
+        if refused is not None:
+            raise problem(*refused)
+        pool = self.admission.unary_pool(full) if self.admission is not None else None
+        slot = pool.take() if pool is not None else None
+        if pool is not None and slot is None:
+            metrics.ADMISSION_REFUSALS.labels(pool.name).inc()
+            raise problem(grpc.StatusCode.RESOURCE_EXHAUSTED, pool.message())
+        # The handler itself, without the gRPC transport's own error translation (`answering`).
+        handler = inspect.unwrap(getattr(type(self.handlers), method))
         try:
-            return await asyncio.wait_for(handler.unary_unary(request, context), timeout)
+            return await asyncio.wait_for(handler(self.handlers, message, Call(timeout, metadata)), timeout)
+        except ServiceError as exc:
+            raise problem(exc.code, exc.message) from None
+        except Aborted as exc:
+            raise problem(exc.code, exc.details) from None
         except asyncio.TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            raise problem(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except Exception as exc:
+            error = internal_error(exc, getattr(message, "request_id", "") or getattr(message, "id", ""))
+            raise problem(error.code, error.message) from None
+        finally:
+            if slot is not None:
+                slot.release()
+
+
+@dataclass(frozen=True)
+class LocalBackends:
+    """The in-process server's services, as the gateway's routes call them."""
+
+    v1: PlaneBackend
+    v2: PlaneBackend
+    health: PlaneBackend
+
+
+def local_backends(server: GrpcServer) -> LocalBackends:
+    """`server`'s anomaly.v1, Open Inference Protocol and health handlers, each checked by its
+    keys and limits as the gRPC server checks them (health: neither, as over gRPC)."""
+    from service.protocol.grpc import oip
+    from service.protocol.grpc.server import HEALTH_SERVICE, SERVICE_NAME
+
+    return LocalBackends(PlaneBackend(SERVICE_NAME, server.servicer, server.keyring, server.admission),
+                         PlaneBackend(oip.SERVICE_NAME, server.v2_servicer, server.keyring, server.admission),
+                         PlaneBackend(HEALTH_SERVICE, server.health))
 
 
 class _EmbeddedServer:

@@ -159,6 +159,10 @@ class Admission(grpc.aio.ServerInterceptor):
             return self.watch
         return self.calls if _kind(handler) == "unary_unary" else self.streams
 
+    def unary_pool(self, method: str) -> Pool | None:
+        """The pool of a unary call to `method` (an in-process HTTP call); None if uncapped."""
+        return None if method.startswith(UNCAPPED) else self.calls
+
     @staticmethod
     def _refusal(kind: str, pool: Pool) -> grpc.RpcMethodHandler:
         return refusing(kind, grpc.StatusCode.RESOURCE_EXHAUSTED, pool.message(),

@@ -115,26 +115,32 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         (`admission.refusing`)."""
         return refusing("stream_stream" if method in STREAMING else "unary_unary", code, message)
 
+    def refusal(self, method: str, metadata: tuple | None) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call to `method` (`/package.Service/Method`) carrying `metadata` is refused
+        (its status and message), or None when it may run."""
+        if method.startswith(OPEN_SERVICES):
+            return None
+        key = self.identify(metadata)
+        if key is None:
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    f"missing or invalid API key: send it in the '{API_KEY_HEADER}' metadata")
+        needed = needed_role(method)
+        if not allows(key.granted, needed):
+            log.warning("API key %r (role %s) refused %s, which needs the role %s", key.name, key.granted,
+                        method, needed)
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"the API key {key.name!r} has the role {key.granted}; "
+                    f"{method.rsplit('/', 1)[-1]} needs the role {needed} (roles: score ⊂ operate ⊂ admin)")
+        return None
+
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         """Pass through open calls and calls whose key allows them; refuse the rest."""
-        method = details.method
-        if method.startswith(OPEN_SERVICES):
-            return await continuation(details)
-        key = self.identify(details.invocation_metadata)
-        if key is None:
-            return self._deny(method, grpc.StatusCode.UNAUTHENTICATED,
-                              f"missing or invalid API key: send it in the '{API_KEY_HEADER}' metadata")
-        needed = needed_role(method)
-        if not allows(key.granted, needed):
-            log.warning("API key %r (role %s) refused %s, which needs the role %s", key.name, key.granted,
-                        method, needed)
-            return self._deny(method, grpc.StatusCode.PERMISSION_DENIED,
-                              f"the API key {key.name!r} has the role {key.granted}; "
-                              f"{method.rsplit('/', 1)[-1]} needs the role {needed} "
-                              "(roles: score ⊂ operate ⊂ admin)")
+        refused = self.refusal(details.method, details.invocation_metadata)
+        if refused is not None:
+            return self._deny(details.method, *refused)
         return await continuation(details)
 
 

@@ -18,7 +18,8 @@ total less than `max_image_bytes`. An unexpected error answers
 INTERNAL with the request id, never the error's text (which goes to the log).
 
 With `ANOMALY_HTTP_IN_PROCESS=true` the same process also answers the HTTP API (the
-gateway's routes, calling these servicers directly: `service.protocol.inprocess`, `service.main`).
+gateway's routes, calling these servicers' handlers directly: `service.protocol.inprocess`,
+`service.main`). A handler raises `ServiceError`; `answering` makes it the call's status.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ from service.protocol.grpc.security import (
     load_api_keys,
     server_credentials,
 )
-from service.protocol.inprocess import LocalStub
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AnomalyDetection"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS_SERVICE = "liveness"  # health service name that is SERVING while the process answers
 STREAM_WINDOW = 16
 _BITS = {pb.PIXEL_TYPE_UNSPECIFIED: 8, pb.PIXEL_TYPE_UINT8: 8, pb.PIXEL_TYPE_UINT16: 16}
@@ -145,11 +146,9 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
         metrics.REQUESTS.labels(model, "OK").inc()
         return to_score_response(out)
 
+    @answering
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802, D102
-        try:
-            return await self._score(request, context)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+        return await self._score(request, context)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
@@ -197,31 +196,29 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                 if item is not None:
                     item[1].cancel()
 
+    @answering
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802, D102
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         limit = self.plane.settings.max_image_bytes
         return pb.ListModelsResponse(models=[model_info(m, max_image_bytes=limit)
                                              for m in self.plane.list_models()])
 
+    @answering
     async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         """Describe a version; a watched alias that serves nothing is described as
         NOT_SERVING with the reason (`last_error`), not as an error."""
-        try:
-            spec = self.plane.spec(request.model, request.alias, request.version)
-            repo = self.plane.repository
-            error = repo.errors.get((spec.name, spec.alias)) if spec.alias else None
-            watched = spec.alias and repo.watched(spec.name, spec.alias)
-            if watched and repo.current(spec.name, spec.alias) is None:
-                version, message = error or ("", "not loaded yet")
-                return pb.ModelInfo(ref=pb.ModelRef(name=spec.name, alias=spec.alias), state="NOT_SERVING",
-                                    last_error=message, last_error_version=version,
-                                    max_image_bytes=self.plane.settings.max_image_bytes)
-            loaded = await self.plane.get(spec, time.monotonic() + (context.time_remaining() or 30.0))
-            return model_info(loaded, spec.alias, error, self.plane.settings.max_image_bytes)
-        except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-
+        spec = self.plane.spec(request.model, request.alias, request.version)
+        repo = self.plane.repository
+        error = repo.errors.get((spec.name, spec.alias)) if spec.alias else None
+        watched = spec.alias and repo.watched(spec.name, spec.alias)
+        if watched and repo.current(spec.name, spec.alias) is None:
+            version, message = error or ("", "not loaded yet")
+            return pb.ModelInfo(ref=pb.ModelRef(name=spec.name, alias=spec.alias), state="NOT_SERVING",
+                                last_error=message, last_error_version=version,
+                                max_image_bytes=self.plane.settings.max_image_bytes)
+        loaded = await self.plane.get(spec, time.monotonic() + (context.time_remaining() or 30.0))
+        return model_info(loaded, spec.alias, error, self.plane.settings.max_image_bytes)
 
     @answering
     async def Feedback(self, request: pb.FeedbackRequest,  # noqa: N802
@@ -271,16 +268,9 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                (SERVICE_NAME, oip.SERVICE_NAME, HEALTH_SERVICE,
                  reflection.SERVICE_NAME), self.server)
         self.port = 0
-
-    def local_stubs(self) -> tuple[LocalStub, LocalStub, LocalStub]:
-        """Stubs that call this server's anomaly.v1, Open Inference Protocol and health
-        servicers in-process, through its interceptors (`service.protocol.inprocess`)."""
-        return (LocalStub(SERVICE_NAME, self.servicer, self.interceptors),
-                LocalStub(oip.SERVICE_NAME, self.v2_servicer, self.interceptors),
-                LocalStub(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, self.health))
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", SERVICE_NAME):

@@ -1,13 +1,23 @@
-"""What the gateway's routes share: forwarding one unary call to the gRPC server (with the
-caller's credentials) and the error answers. `anomaly.v1` routes answer errors as RFC 9457
-problem+json; the Open Inference Protocol routes (`/v2/…`) as that protocol's
-`{"error": "…"}`.
+"""What the gateway's routes share: the way into the server behind them, and the error answers.
+
+A route builds the request message and calls `forward(request, backend, "Method", message)`
+with the caller's credentials. The backend is one of two, and each maps a failure to a
+`Problem` once, from the one table `GRPC_TO_HTTP` (`problem`):
+
+- `GrpcBackend`: the server over a gRPC connection (the gateway as its own process); a call
+  that ends with a status becomes the `Problem` of that status.
+- `service.protocol.inprocess.PlaneBackend`: the server's own message handlers in its own
+  process (`ANOMALY_HTTP_IN_PROCESS`); a `ServiceError` becomes the `Problem` of its status.
+
+`anomaly.v1` routes answer errors as RFC 9457 problem+json; the Open Inference Protocol
+routes (`/v2/…`) as that protocol's `{"error": "…"}`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import grpc
 from fastapi import Request
@@ -49,18 +59,54 @@ class Problem(Exception):
         self.status, self.title, self.detail, self.grpc_code = status, title, detail, grpc_code
 
 
-async def forward(request: Request, stub: object, method: str, message: object) -> object:
-    """Forward one unary call; gRPC errors become `Problem`s."""
-    state = request.app.state
-    metadata = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
-                                    ("authorization", request.headers.get("authorization"))) if v]
-    try:
-        return await getattr(stub, method)(message, timeout=state.settings.request_timeout_s,
-                                           metadata=metadata or None)
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        raise Problem(GRPC_TO_HTTP.get(code, 500), code.name.replace("_", " ").title(),
-                      exc.details() or code.name, code.name) from exc
+def problem(code: grpc.StatusCode, detail: str) -> Problem:
+    """The HTTP answer to a call that ended with the gRPC status `code` (`GRPC_TO_HTTP`)."""
+    return Problem(GRPC_TO_HTTP.get(code, 500), code.name.replace("_", " ").title(), detail or code.name,
+                   code.name)
+
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class Backend(Protocol):
+    """The server behind the routes, one service of it: `await call("Score", message, …)`
+    answers the method's response message or raises `Problem`."""
+
+    async def call(self, method: str, message: object, timeout: float | None,
+                   metadata: Metadata) -> object:
+        """Call `method` with `message` within `timeout` seconds, carrying `metadata`."""
+        ...
+
+
+class GrpcBackend:
+    """One service of the server over gRPC connections, used in turn (`stubs`: generated
+    `…Stub`s of that service, one per connection)."""
+
+    def __init__(self, stubs: Sequence[object]) -> None:
+        self._stubs = list(stubs)
+        self._turn = 0
+
+    async def call(self, method: str, message: object, timeout: float | None,
+                   metadata: Metadata) -> object:
+        """Make the call on the next connection; a status other than OK raises its `Problem`."""
+        self._turn = (self._turn + 1) % len(self._stubs)
+        try:
+            return await getattr(self._stubs[self._turn], method)(message, timeout=timeout,
+                                                                  metadata=tuple(metadata) or None)
+        except grpc.aio.AioRpcError as exc:
+            raise problem(exc.code(), exc.details() or "") from exc
+
+
+def credentials(request: Request) -> list[tuple[str, str]]:
+    """The caller's key headers, passed on as they came (the gateway holds no key of its own)."""
+    return [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
+                                ("authorization", request.headers.get("authorization"))) if v]
+
+
+async def forward(request: Request, backend: Backend, method: str, message: object) -> object:
+    """Make one unary call with the caller's credentials, within `ANOMALY_REQUEST_TIMEOUT_S`."""
+    return await backend.call(method, message, request.app.state.settings.request_timeout_s,
+                              credentials(request))
 
 
 def error_response(request: Request, status: int, title: str, detail: str,

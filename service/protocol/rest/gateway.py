@@ -1,8 +1,9 @@
 """HTTP gateway: a thin FastAPI translator in front of the gRPC server (its own process,
 or the server's with `ANOMALY_HTTP_IN_PROCESS`: `service.protocol.inprocess`).
 
-It holds no model logic: every call is forwarded over gRPC, and gRPC status codes map to
-HTTP codes with RFC 9457 problem+json bodies. Request bodies are bounded while they stream
+It holds no model logic: every call is forwarded over gRPC (or, in the server's own
+process, to its handlers), and failures map to HTTP codes with RFC 9457 problem+json bodies
+from one table (`service.protocol.rest.forwarding`). Request bodies are bounded while they stream
 in, and their memory is budgeted (`service.protocol.rest.http_body`). Client text protobuf cannot carry
 (a lone surrogate) answers 400 naming the field; a client that hangs up mid-upload is
 logged at INFO, without a traceback. An unforeseen error answers 500 with a reference to
@@ -25,7 +26,6 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated
 
-import grpc
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,11 +45,11 @@ from service.dataplane.budget import MemoryBudget
 from service.protocol.grpc.options import grpc_options
 from service.protocol.rest import http_body
 from service.protocol.rest import oip as oip_rest
-from service.protocol.rest.forwarding import Problem, error_response, forward, reserved_body
+from service.protocol.rest.forwarding import GrpcBackend, Problem, error_response, forward, reserved_body
 from service.settings import Settings
 
-if TYPE_CHECKING:  # the in-process server, only ever passed in: the gateway process never loads it
-    from service.protocol.grpc.server import GrpcServer
+if TYPE_CHECKING:  # the in-process server's backends, only ever passed in: the gateway never loads them
+    from service.protocol.inprocess import LocalBackends
 
 log = logging.getLogger(__name__)
 MAX_VERSION = 2**32 - 1  # the proto's uint32
@@ -253,7 +253,7 @@ async def score(
             request_id=str(fields["request_id"]), station=str(fields["station"]),
         )
         del data
-        answer = await forward(request, request.app.state.stub, "Score", message)
+        answer = await forward(request, request.app.state.v1, "Score", message)
         request.state.request_id = answer.request_id  # type: ignore[attr-defined]
         return to_json(answer)  # type: ignore[arg-type]
 
@@ -261,7 +261,7 @@ async def score(
 @router.get("/v1/models", response_model=list[ModelOut])
 async def list_models(request: Request) -> list[dict]:
     """The model versions the server has loaded."""
-    resp = await forward(request, request.app.state.stub, "ListModels", pb.ListModelsRequest())
+    resp = await forward(request, request.app.state.v1, "ListModels", pb.ListModelsRequest())
     return to_json(resp)["models"]  # type: ignore[arg-type]
 
 
@@ -270,7 +270,7 @@ async def get_model(request: Request, name: str, alias: str = "", version: str =
     """Describe one model version (resolving `alias` or `version`; default alias otherwise)."""
     _texts({"name": name, "alias": alias})
     msg = pb.GetModelRequest(model=name, alias=alias, version=_version(version))
-    return to_json(await forward(request, request.app.state.stub, "GetModel", msg))  # type: ignore[arg-type]
+    return to_json(await forward(request, request.app.state.v1, "GetModel", msg))  # type: ignore[arg-type]
 
 
 @router.post("/v1/feedback", response_model=FeedbackOut, responses={
@@ -281,7 +281,7 @@ async def feedback(request: Request, body: FeedbackIn) -> dict:
     fields = body.model_dump()
     _texts(fields)
     message = pb.FeedbackRequest(**fields)
-    return to_json(await forward(request, request.app.state.stub, "Feedback", message))  # type: ignore[arg-type]
+    return to_json(await forward(request, request.app.state.v1, "Feedback", message))  # type: ignore[arg-type]
 
 
 @router.get("/healthz")
@@ -294,11 +294,11 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> dict[str, str]:
     """Readiness: the gRPC server behind reports SERVING."""
     try:
-        resp = await request.app.state.health.Check(health_pb2.HealthCheckRequest(service=""),
-                                                    timeout=2.0)
-    except grpc.aio.AioRpcError as exc:
-        raise Problem(503, "Service Unavailable", f"gRPC server unreachable: {exc.code().name}",
-                      exc.code().name) from exc
+        resp = await request.app.state.health.call("Check", health_pb2.HealthCheckRequest(service=""),
+                                                   2.0, ())
+    except Problem as exc:
+        raise Problem(503, "Service Unavailable", f"gRPC server unreachable: {exc.grpc_code or exc.status}",
+                      exc.grpc_code) from exc
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     if resp.status != health_pb2.HealthCheckResponse.SERVING:
         raise Problem(503, "Service Unavailable", f"gRPC server is {status}", "UNAVAILABLE")
@@ -311,22 +311,10 @@ async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-class RoundRobin:
-    """Several stubs of one service used in turn: `stubs.Score(...)` calls the next one's."""
-
-    def __init__(self, stubs: list[object]) -> None:
-        self._stubs = stubs
-        self._turn = 0
-
-    def __getattr__(self, method: str) -> object:
-        self._turn = (self._turn + 1) % len(self._stubs)
-        return getattr(self._stubs[self._turn], method)
-
-
-def create_app(settings: Settings | None = None, local: GrpcServer | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, local: LocalBackends | None = None) -> FastAPI:
     """Build the gateway app. It connects to `settings.grpc_target` on start-up, or, given
-    the `local` server, calls that server's servicers in its own process
-    (`service.protocol.inprocess`: the same routes, interceptors and answers, without the hop)."""
+    `local` (the in-process server's backends, `service.protocol.inprocess`), calls that
+    server's handlers in its own process: the same routes and answers, without the hop."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -334,7 +322,7 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
         app.state.settings = settings
         app.state.body_budget = MemoryBudget(settings.http_body_memory_mb * 1024 * 1024)
         if local is not None:
-            app.state.stub, app.state.v2, app.state.health = local.local_stubs()
+            app.state.v1, app.state.v2, app.state.health = local.v1, local.v2, local.health
             yield
             return
         # round_robin: with a `dns:///` target naming several server replicas (compose,
@@ -350,9 +338,9 @@ def create_app(settings: Settings | None = None, local: GrpcServer | None = None
             interceptors=tracing.client_interceptors())
             for _ in range(settings.grpc_connections)]
         app.state.channel = channels[0]
-        app.state.stub = RoundRobin([pb_grpc.AnomalyDetectionStub(c) for c in channels])
-        app.state.v2 = RoundRobin([v2_grpc.GRPCInferenceServiceStub(c) for c in channels])
-        app.state.health = health_pb2_grpc.HealthStub(channels[0])
+        app.state.v1 = GrpcBackend([pb_grpc.AnomalyDetectionStub(c) for c in channels])
+        app.state.v2 = GrpcBackend([v2_grpc.GRPCInferenceServiceStub(c) for c in channels])
+        app.state.health = GrpcBackend([health_pb2_grpc.HealthStub(channels[0])])
         yield
         for channel in channels:
             await channel.close()
