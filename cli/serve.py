@@ -138,7 +138,7 @@ def inspections_export_cmd(
     until: Until = None,
 ) -> None:
     """Export the inspection log's decisions in a time range to CSV."""
-    from service.inspection.log import export_csv
+    from service.inspection.export import export_csv
 
     url = _inspection_db(db)
     n = export_csv(url, out, since, until)
@@ -383,7 +383,7 @@ def db_upgrade_cmd(db: Db = None) -> None:
     Exit 3: the database is of a newer release."""
     from sqlalchemy import exc as sa_exc
 
-    from service.inspection.log import SchemaMismatch, upgrade
+    from service.inspection.schema import SchemaMismatch, upgrade
     from service.repository.registry_schema import redacted
 
     url = _inspection_db(db)
@@ -403,7 +403,7 @@ def db_current_cmd(db: Db = None) -> None:
     4: it needs `anomaly db upgrade`; 3: it is of a newer release (or not this project's)."""
     from sqlalchemy import exc as sa_exc
 
-    from service.inspection.log import head_revision, known_revisions, schema_state
+    from service.inspection.schema import head_revision, known_revisions, schema_state
     from service.repository.registry_schema import redacted
 
     url = _inspection_db(db)

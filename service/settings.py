@@ -10,6 +10,12 @@ Habits kept: an `ANOMALY_` variable (or file key) that names no setting stops st
 closest known name, rather than being ignored; lists take commas (`ANOMALY_PROVIDERS=
 CUDAExecutionProvider,CPUExecutionProvider`) or a JSON list; every error names the variable,
 option or file key it came from (`load_settings`, `SettingsError`).
+
+This module is longer than most (about 550 lines): it is the one settings object the design
+asks for, and each of its 80 or so fields carries its bounds and help text here, from which
+docs/settings.md and the CLI's help are generated; how the settings are read (sources,
+unknown names, error messages) follows it. The reference's generator is apart
+(`service.settings_reference`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import start_server
-from service.inspection.log import Decided, InspectionLog, export_csv
+from service.inspection.export import export_csv
+from service.inspection.log import Decided, InspectionLog
 
 
 def _rows(url: str) -> list[dict]:

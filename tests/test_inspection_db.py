@@ -19,11 +19,11 @@ from sqlalchemy import create_engine, inspect, text
 
 from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_server
-from service.inspection.log import head_revision
+from service.inspection.schema import head_revision
 from service.inspection.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]
-MIGRATE = "import sys; from service.inspection.log import upgrade; upgrade(sys.argv[1])"
+MIGRATE = "import sys; from service.inspection.schema import upgrade; upgrade(sys.argv[1])"
 PROCESSES = 4
 
 
@@ -273,7 +273,7 @@ def test_the_migration_lock_is_waited_for_within_a_bound(tmp_path: Path) -> None
     ever, silently, and kept the server from exiting; an up-to-date database waited too."""
     import psycopg
 
-    from service.inspection.log import MIGRATION_LOCK
+    from service.inspection.schema import MIGRATION_LOCK
 
     with fresh_postgres_database("lock") as ready, fresh_postgres_database("lock") as empty:
         assert anomaly("db", "upgrade", "--db", ready).returncode == 0

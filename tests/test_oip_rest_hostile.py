@@ -2,7 +2,7 @@
 with the protocol's `{"error": "…"}` saying what is wrong, never a 5xx (which the SDK would
 retry as transient), and never a silent acceptance; each followed by a good request.
 
-Each case runs twice: against `service.protocol.rest.oip.infer_request` alone (fast, no server), when
+Each case runs twice: against `service.protocol.rest.oip_body.infer_request` alone (fast, no server), when
 the gateway itself is to refuse it, and through the session's real gateway."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomaly.oip.tensors import serialize_bytes
-from service.protocol.rest import oip as oip_rest
+from service.protocol.rest import oip_body
 from service.protocol.rest.forwarding import Problem
 
 INFER = "/v2/models/anomaly-detector/infer"
 INT64_MAX = 2**63 - 1
 DEEP = 20_000  # far past Python's recursion limit (1000), and in the repository routes' 64 KiB
-LIMIT = 64  # the documented depth limit, oip_rest.MAX_JSON_DEPTH
+LIMIT = 64  # the documented depth limit, oip_body.MAX_JSON_DEPTH
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def test_the_parser_refuses(name: str) -> None:
     body = case.body(image)
     headers = _headers(case, body)
     with pytest.raises(Problem) as err:
-        oip_rest.infer_request(body, headers.get("Inference-Header-Content-Length"), "anomaly-detector", "")
+        oip_body.infer_request(body, headers.get("Inference-Header-Content-Length"), "anomaly-detector", "")
     assert err.value.status == 400, err.value.detail
     assert case.text.lower() in err.value.detail.lower(), err.value.detail
 
@@ -286,14 +286,14 @@ def test_the_parser_refuses(name: str) -> None:
 def test_the_depth_limit_itself() -> None:
     """A document exactly `MAX_JSON_DEPTH` deep is parsed; one level more is not, and
     brackets inside strings do not count."""
-    assert oip_rest.MAX_JSON_DEPTH == LIMIT
+    assert oip_body.MAX_JSON_DEPTH == LIMIT
     at_limit = _deep_data(b"x", LIMIT - 3)
-    request, _, _ = oip_rest.infer_request(at_limit, None, "m", "")
+    request, _, _ = oip_body.infer_request(at_limit, None, "m", "")
     assert request.raw_input_contents[0] == serialize_bytes([b"x"])
     with pytest.raises(Problem, match="nested deeper than"):
-        oip_rest.infer_request(_deep_data(b"x", LIMIT - 2), None, "m", "")
+        oip_body.infer_request(_deep_data(b"x", LIMIT - 2), None, "m", "")
     in_strings = json.dumps({"id": "[" * 10_000, "inputs": [_input(b"x")], "k": '\\"[{' * 1000}).encode()
-    assert oip_rest.infer_request(in_strings, None, "m", "")[0].id == "[" * 10_000
+    assert oip_body.infer_request(in_strings, None, "m", "")[0].id == "[" * 10_000
 
 
 def _depth(value: object) -> int:
@@ -319,8 +319,8 @@ def test_the_depth_scan_agrees_with_the_parser(value: object, chunk: int, limit:
     """The bracket scan on the raw bytes says what the parsed document's depth says, whatever
     the strings hold and wherever the chunks split it (escaped quotes across a boundary)."""
     text = json.dumps(value, ensure_ascii=ascii).encode()
-    with mock.patch.object(oip_rest, "_SCAN_CHUNK", chunk):
-        assert oip_rest.nested_deeper_than(text, limit) == (_depth(value) > limit), text
+    with mock.patch.object(oip_body, "_SCAN_CHUNK", chunk):
+        assert oip_body.nested_deeper_than(text, limit) == (_depth(value) > limit), text
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -25,7 +25,8 @@ from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import free_port, start_server
 from loadtests.pgcluster import postgres_cluster
 from service.errors import NotReady
-from service.inspection.log import Decided, InspectionLog, export_csv
+from service.inspection.export import export_csv
+from service.inspection.log import Decided, InspectionLog
 from service.inspection.spool import Spool, SpoolFull
 
 

@@ -1,7 +1,8 @@
 """The transport-agnostic data plane: score, list and describe models.
 
-The gRPC servicer and (through it) the HTTP gateway only translate to and from these
-calls. Blocking work runs off the asyncio loop that serves the transport: image decoding
+The protocols only translate to and from these calls: the gRPC servicers, and the HTTP
+routes through them (over gRPC from the gateway process, or in-process, `service.protocol.inprocess`).
+Blocking work runs off the asyncio loop that serves the transport: image decoding
 and ONNX Runtime in the inference pool (`workers` threads), registry look-ups, downloads
 and model loads on other threads, so a slow registry never takes an inference thread.
 Each kind of load has threads of its own, so the watcher's promotions and rollbacks never
@@ -19,6 +20,11 @@ model queue (RESOURCE_EXHAUSTED). A decision is never made from a NaN/inf score 
 (INTERNAL, counted, logged with the version), and with the inspection log on, a response
 leaves only after its decision is durable in the spool (`service.inspection.log`).
 Watched aliases are followed by `service.repository.watcher` and answered from memory.
+
+This module is longer than most (about 490 lines): `DataPlane.score`'s admission order above
+is a guarantee only if it reads in one place, with the threads each kind of work runs on;
+batching (`batcher`), the memory budget (`budget`) and the versions (`service.repository`)
+are apart.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from service import metrics, tracing
 from service.dataplane.batcher import Batcher, BatchResult
 from service.dataplane.budget import MemoryBudget
 from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
-from service.inspection.log import MAX_COMMENT, VERDICTS, Decided, InspectionLog, Verdict
+from service.inspection.log import Decided, InspectionLog, Verdict
+from service.inspection.schema import MAX_COMMENT, VERDICTS
 from service.promotion.shadow import Shadow, ShadowJob
 from service.repository.model_repository import LoadedModel, ModelRepository, ModelSpec
 from service.repository.watcher import ModelWatcher

@@ -2,7 +2,8 @@
 
 Turn it on with `ANOMALY_INSPECTION_LOG=true` (SQLite file `inspections.db` by default) or
 point `ANOMALY_INSPECTION_DB_URL` at any SQLAlchemy URL (`postgresql://user@host/db`).
-The schema is managed by Alembic (`service/inspection/migrations`), upgraded to head at start-up.
+The tables and their Alembic migrations are in `service.inspection.schema` (upgraded to head
+at start-up); reading the log back, in `service.inspection.export` and `.quality`.
 
 Nothing acknowledged is lost. Each decision is first appended to a local durable spool
 (`service.inspection.spool`): a writer thread group-commits whatever is waiting (one fsync for all of
@@ -36,14 +37,18 @@ and checkpoint) is inserted once.
 
 `async` durability acknowledges before the fsync (which follows within milliseconds); a
 power cut can then lose the last acknowledged decisions.
+
+This module is longer than most (about 480 lines, 80 of them this contract): `InspectionLog`'s
+writer thread, shipper and failure handling share one state (the spool's read position, the
+futures waiting on fsync, the counters behind the metrics), and each failure above is handled
+where that state is. The tables and migrations (`schema`) and the readers (`export`,
+`quality`) are apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -52,232 +57,24 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-# Alembic at import, not in the shipper's thread: importing it from two threads at once (MLflow's
-# store imports it too) can meet a partially initialised module.
-from alembic import command as alembic_command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy import DateTime, Float, Index, Integer, Select, String, create_engine, event, insert, select
+from sqlalchemy import event, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service import metrics, tracing
 from service.errors import NotReady
+from service.inspection.schema import TABLES, SchemaMismatch, engine_for, upgrade
 from service.inspection.spool import Spool, SpoolFull
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-MIGRATIONS = Path(__file__).parent / "migrations"
-COLUMNS = ("request_id", "station", "category", "model_name", "model_version", "score",
-           "normalized_score", "threshold", "threshold_source", "decision", "role", "latency_ms",
-           "created_at")
-VERDICTS = ("OK", "NG")
-MAX_COMMENT = 2000  # characters of an operator's comment
-
-
-class Base(DeclarativeBase):
-    """Declarative base of the inspection-log tables."""
-
-
-class Inspection(Base):
-    """One decision the server made."""
-
-    __tablename__ = "inspections"
-    __table_args__ = (Index("ix_inspections_created_at", "created_at"),
-                      Index("ix_inspections_request_id", "request_id"),
-                      Index("ux_inspections_record_id", "record_id", unique=True))
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    record_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # spool identity
-    request_id: Mapped[str] = mapped_column(String(128))
-    station: Mapped[str] = mapped_column(String(128), default="")
-    category: Mapped[str] = mapped_column(String(128))
-    model_name: Mapped[str] = mapped_column(String(256))
-    model_version: Mapped[str] = mapped_column(String(32))
-    score: Mapped[float] = mapped_column(Float)
-    normalized_score: Mapped[float] = mapped_column(Float)
-    threshold: Mapped[float] = mapped_column(Float)
-    decision: Mapped[str] = mapped_column(String(2))  # "OK" | "NG"
-    latency_ms: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime)  # UTC, stored naive (same on every backend)
-    threshold_source: Mapped[str] = mapped_column(String(160), default="model", server_default="model")
-    role: Mapped[str] = mapped_column(String(8), default="serve", server_default="serve")  # serve | shadow
-    served_record_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # a shadow's answer
-
-
-class Feedback(Base):
-    """An operator's verdict on a part scored earlier (`request_id`)."""
-
-    __tablename__ = "feedback"
-    __table_args__ = (Index("ux_feedback_record_id", "record_id", unique=True),
-                      Index("ix_feedback_request_id", "request_id"))
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    record_id: Mapped[str] = mapped_column(String(32))
-    request_id: Mapped[str] = mapped_column(String(128))
-    verdict: Mapped[str] = mapped_column(String(2))  # "OK" | "NG"
-    defect_type: Mapped[str] = mapped_column(String(128), default="", server_default="")
-    operator: Mapped[str] = mapped_column(String(128), default="", server_default="")
-    comment: Mapped[str] = mapped_column(String(MAX_COMMENT), default="", server_default="")
-    station: Mapped[str] = mapped_column(String(128), default="", server_default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    # Who sent it: the name of the caller's API key, or anonymous@<address> without keys.
-    sender: Mapped[str] = mapped_column(String(128), default="", server_default="")
-
-
-TABLES: dict[str, type[Base]] = {"inspections": Inspection, "feedback": Feedback}
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
-
-
-MIGRATION_LOCK = 0x616E6F6D616C7900  # PostgreSQL advisory lock key of the migrations ("anomaly")
-
-
-class SchemaMismatch(RuntimeError):
-    """The database is at a revision this release does not know (a newer one migrated it)."""
-
-
-def _alembic_config(url: str):  # type: ignore[no-untyped-def]
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return cfg
-
-
-def head_revision() -> str:
-    """The newest schema revision this release knows."""
-    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head() or ""
-
-
-# PostgreSQL waits bounded, so a hung database or peer is an error the shipper reports and
-# retries, never a thread blocked for ever (which also kept the process from exiting): 10 s to
-# connect, 30 s for any lock (the migration lock included), 2 min for a statement (the shipper's
-# inserts; a migration's statements, over a large table, may take longer and are not limited).
-POSTGRES_LIMITS = {"connect_timeout": 10, "options": "-c lock_timeout=30000"}
-STATEMENT_TIMEOUT_MS = 120_000
-
-
-def engine_for(url: str, *, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS, **kwargs: object) -> Engine:
-    """An engine for the inspection database at `url` (PostgreSQL: with POSTGRES_LIMITS and
-    `statement_timeout_ms`, 0 = none)."""
-    from sqlalchemy.engine import make_url
-
-    limits: dict[str, object] = {}
-    if make_url(url).get_backend_name() == "postgresql":
-        limits = {**POSTGRES_LIMITS,
-                  "options": f"{POSTGRES_LIMITS['options']} -c statement_timeout={statement_timeout_ms}"}
-    return create_engine(url, connect_args=limits, **kwargs)  # type: ignore[arg-type]
-
-
-class MigrationLockTimeout(RuntimeError):
-    """Another process has held the migration lock longer than a lock may be waited for."""
-
-
-def known_revisions() -> set[str]:
-    """Every schema revision this release knows."""
-    return {r.revision for r in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
-
-
-def schema_state(url: str) -> tuple[str, set[str]]:
-    """The schema revision of the database at `url` ('' when it has none yet) and its tables."""
-    from sqlalchemy import inspect, text
-
-    engine = engine_for(url)
-    try:
-        with engine.connect() as conn:
-            tables = set(inspect(conn).get_table_names())
-            if "alembic_version" not in tables:
-                return "", tables
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() or "", tables
-    finally:
-        engine.dispose()
-
-
-def current_revision(url: str) -> str:
-    """The schema revision of the database at `url` ('' when it has none yet)."""
-    return schema_state(url)[0]
-
-
-@contextlib.contextmanager
-def _one_migrator(engine: Engine) -> Iterator[None]:
-    """Hold the migration lock of `engine`'s database: PostgreSQL's advisory lock MIGRATION_LOCK;
-    for an SQLite file, an exclusive lock on `<file>.migration-lock` beside it (SQLite does not
-    put Alembic's DDL in one transaction); none for other databases."""
-    from sqlalchemy import text
-
-    database = engine.url.database or ""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            try:
-                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
-            except sa_exc.OperationalError as exc:
-                if "lock timeout" not in str(exc):
-                    raise
-                raise MigrationLockTimeout(
-                    "another session has held the inspection database's migration lock for "
-                    f"{POSTGRES_LIMITS['options'].split('lock_timeout=')[1].split()[0]} ms (a migration in "
-                    "progress, or a hung one: see pg_stat_activity)") from exc
-            conn.commit()  # the lock is the session's: no transaction held open meanwhile
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
-                conn.commit()
-    elif engine.dialect.name == "sqlite" and database not in ("", ":memory:"):
-        import fcntl
-
-        # Read-only: a lock file left by another user (`sudo anomaly db upgrade`) still locks.
-        lock = os.open(f"{database}.migration-lock", os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(lock)  # releases the lock
-    else:
-        yield
-
-
-def upgrade(url: str) -> tuple[str, str]:
-    """Create or migrate the schema at `url` to the newest Alembic revision; (before, after).
-
-    One process at a time (`_one_migrator`), so replicas or a supervisor's children starting
-    together do not collide on the first migration: the others wait, then find it done.
-
-    Raises:
-        SchemaMismatch: the database is at a revision this release does not know.
-    """
-    head = head_revision()
-    before = current_revision(url)
-    if before == head:  # the usual case: no lock to wait for
-        return before, head
-    engine = engine_for(url)
-    try:
-        with _one_migrator(engine):
-            before = current_revision(url)  # another process may have done it meanwhile
-            if before != head:
-                try:
-                    alembic_command.upgrade(_alembic_config(url), "head")
-                except CommandError as exc:
-                    if "Can't locate revision" not in str(exc):
-                        raise
-                    raise SchemaMismatch(
-                        f"the inspection database is at schema revision {before!r}, which is not one of "
-                        f"this release's (newest {head!r}): a newer release migrated it (run that "
-                        "release), or it is another application's database (MLflow's keeps its "
-                        "revision in the same table, alembic_version)") from exc
-            return before, head
-    finally:
-        engine.dispose()
 
 
 @dataclass
@@ -693,44 +490,3 @@ class InspectionLog:
         log.info("inspection log: %d rows written, %d set aside", self.written, self.dead_letters)
 
 
-def _naive_utc(t: datetime | None) -> datetime | None:
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t is not None and t.tzinfo else t
-
-
-def _csv_safe(value: object) -> object:
-    """Neutralise text a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-def in_range(query: Select, since: datetime | None, until: datetime | None) -> Select:
-    """`query` limited to decisions with `since <= created_at < until` (UTC; aware datetimes
-    are converted), oldest first."""
-    since, until = (_naive_utc(t) for t in (since, until))
-    if since is not None:
-        query = query.where(Inspection.created_at >= since)
-    if until is not None:
-        query = query.where(Inspection.created_at < until)
-    return query.order_by(Inspection.created_at, Inspection.id)
-
-
-def export_csv(url: str, out: Path, since: datetime | None = None, until: datetime | None = None) -> int:
-    """Write the decisions with `since <= created_at < until` (UTC; aware datetimes are
-    converted) to `out` as CSV; returns the number of rows."""
-    engine = create_engine(url)
-    query = in_range(select(*(getattr(Inspection, c) for c in COLUMNS)), since, until)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    try:
-        with engine.connect() as conn, out.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            for row in conn.execute(query):
-                values = [_csv_safe(v) for v in row]
-                values[-1] = row[-1].isoformat()
-                writer.writerow(values)
-                n += 1
-    finally:
-        engine.dispose()
-    return n

@@ -33,7 +33,8 @@ from typing import Any
 
 from sqlalchemy import create_engine, select
 
-from service.inspection.log import Feedback, Inspection, in_range
+from service.inspection.export import in_range
+from service.inspection.schema import Feedback, Inspection
 from service.runtime.metadata import GLOBAL, threshold_source
 
 

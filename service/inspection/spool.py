@@ -34,6 +34,11 @@ One process owns a spool folder at a time (an exclusive `flock` on `LOCK`). Appe
 from one writer thread, reads and commits from one shipper; a lock guards the positions.
 The spool is bounded: an append that would hold more than `max_bytes` unshipped raises
 `SpoolFull` and writes nothing.
+
+This module is longer than most (about 470 lines): the frame format, the writer's cut-back and
+the reader's recovery are one on-disk contract, and the rules above hold only if the writer
+and the reader agree on every byte; kept together, they are read and tested side by side
+(tests/test_spool.py damages, truncates and fills real segment files).
 """
 
 from __future__ import annotations

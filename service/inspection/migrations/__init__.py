@@ -1,1 +1,1 @@
-"""Alembic migrations of the inspection log (`service.inspection.log`)."""
+"""Alembic migrations of the inspection log (`service.inspection.schema`)."""

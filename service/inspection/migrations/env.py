@@ -1,11 +1,11 @@
 """Alembic environment for the inspection log: the URL comes from the Config that
-`service.inspection.log.upgrade` builds (or `alembic -x url=…` on the command line)."""
+`service.inspection.schema.upgrade` builds (or `alembic -x url=…` on the command line)."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from service.inspection.log import Base, engine_for
+from service.inspection.schema import Base, engine_for
 
 config = context.config
 url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
