@@ -78,7 +78,7 @@ $(MLSERVER_STAMP): Makefile
 
 mlserver-venv: $(MLSERVER_STAMP)
 
-## promtool, Prometheus' rule checker, for tests/test_alerts.py (`promtool check rules` and `promtool test
+## promtool, Prometheus' rule checker, for tests/deploy/test_alerts.py (`promtool check rules` and `promtool test
 ## rules` on deploy/prometheus). Unpacked from Debian's `prometheus` package into $(BIN); the package is
 ## not installed, so its Prometheus server is neither enabled nor started. Nothing to do where promtool is
 ## on PATH already. Fails where Debian's package cannot be fetched (the alert tests are then skipped).
@@ -123,13 +123,13 @@ image-postgres:
 
 ## Builds the base (if absent) and the serve image, runs it on a real model, scores through it.
 image-test: $(STAMP)
-	$(BIN)/python -m pytest tests/test_images.py
+	$(BIN)/python -m pytest tests/deploy/test_images.py
 
 ## docker-compose.yml brought up with podman (images built first) and driven from outside: scores over
 ## gRPC and HTTP, Locust, champion moved by MLflow's REST API, a server restart, a PostgreSQL outage,
-## clean shutdown (tests/test_stack.py; about 15 min, not part of `make test`).
+## clean shutdown (tests/deploy/test_stack.py; about 15 min, not part of `make test`).
 stack-test: $(STAMP)
-	$(BIN)/python -m pytest -m stack tests/test_stack.py
+	$(BIN)/python -m pytest -m stack tests/deploy/test_stack.py
 
 clean:
 	rm -rf .demo runs .pytest_cache .ruff_cache
@@ -140,4 +140,4 @@ clean:
 .PHONY: kube-test
 kube-test: export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
 kube-test: $(STAMP)
-	$(BIN)/python -m pytest tests/test_kube_play.py
+	$(BIN)/python -m pytest tests/deploy/test_kube_play.py

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The Jetson image's Python environment (docker/Dockerfile.jetson), in two steps. tests/test_py310.py
+# The Jetson image's Python environment (docker/Dockerfile.jetson), in two steps. tests/deploy/test_py310.py
 # runs this same script with a Python 3.10 and PyPI's CPU onnxruntime in place of NVIDIA's GPU build,
 # so the image's install cannot drift from what the tests check.
 #

@@ -54,7 +54,7 @@ OTHER_VARIABLES = frozenset({
     "ANOMALY_TRACEBACK",       # the CLI: print the traceback of an error (cli/main.py)
     "ANOMALY_KSERVE_PYTHON",   # tests and `anomaly bench`: KServe's environment
     "ANOMALY_MLSERVER",        # tests and `anomaly bench`: MLServer's environment
-    "ANOMALY_PY310",           # tests/test_py310.py: a Python 3.10 interpreter
+    "ANOMALY_PY310",           # tests/deploy/test_py310.py: a Python 3.10 interpreter
     "ANOMALY_DOCS_SCREENSHOT",  # the MLflow UI test: where its screenshot goes
     "ANOMALY_TEST_POSTGRES",   # tests: the PostgreSQL server to use
 })

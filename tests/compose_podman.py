@@ -1,4 +1,4 @@
-"""docker-compose.yml run with podman on the host's network, for tests/test_stack.py.
+"""docker-compose.yml run with podman on the host's network, for tests/deploy/test_stack.py.
 
 Where compose and a bridge network are at hand, `docker compose up` runs the file as it is. On
 this project's machines neither is (Debian's podman 4.3, no working CNI network, no registry), so

@@ -28,7 +28,8 @@ HEAVY_MODULES = frozenset({"test_images", "test_py310", "test_stack", "test_benc
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "stack: the compose stack with podman (`make stack-test`, "
-                                       "tests/test_stack.py); left out of a run that selects no marker")
+                                       "tests/deploy/test_stack.py); left out of a run that selects no "
+                                       "marker")
     config.addinivalue_line("markers", "trains: uses a session fixture that trains a model (set by "
                                        "conftest; `make test-fast` leaves these out)")
     config.addinivalue_line("markers", "heavy: builds an environment or image, or runs for minutes by "
@@ -38,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Marks what trains (`trains`) and what is heavy (`heavy`), for `make test-fast`. `make
     test` leaves the stack test out (about 12 min more); `-m stack` (`make stack-test`), any
-    other marker expression, or naming tests/test_stack.py selects it."""
+    other marker expression, or naming tests/deploy/test_stack.py selects it."""
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.trains)

@@ -1,4 +1,4 @@
-"""Not a test module: run by tests/test_oip_clients.py with the peers environment's Python
+"""Not a test module: run by tests/clients/test_oip_clients.py with the peers environment's Python
 (`.venv-peers`: tritonclient and KServe, which pin protobuf 6). Drives this project's server
 (gRPC) and gateway (REST) with those projects' own Open Inference Protocol clients and
 prints one JSON object of what each client got back.

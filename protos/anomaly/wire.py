@@ -21,7 +21,7 @@ from __future__ import annotations
 
 DEFAULT_MODEL_NAME = "anomaly-detector"  # the registered model a server serves unless told otherwise
 DEFAULT_TARGET = "127.0.0.1:50051"  # the server's default gRPC address
-# The fields of the proto's `Timings`, in order (tests/test_layers.py checks): spelled here so
+# The fields of the proto's `Timings`, in order (tests/contract/test_layers.py checks): spelled here so
 # that this module needs no protobuf runtime (a peer environment may have another one).
 TIMING_KEYS: tuple[str, ...] = ("decode_ms", "queue_ms", "inference_ms", "total_ms")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files treated as images

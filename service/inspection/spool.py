@@ -38,7 +38,7 @@ The spool is bounded: an append that would hold more than `max_bytes` unshipped 
 This module is longer than most (about 470 lines): the frame format, the writer's cut-back and
 the reader's recovery are one on-disk contract, and the rules above hold only if the writer
 and the reader agree on every byte; kept together, they are read and tested side by side
-(tests/test_spool.py damages, truncates and fills real segment files).
+(tests/service/test_spool.py damages, truncates and fills real segment files).
 """
 
 from __future__ import annotations

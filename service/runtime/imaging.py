@@ -16,7 +16,7 @@ model's working size) is decoded in libjpeg's reduced-size DCT mode, at 1/2, 1/4
 scale, the smallest that still holds the working size in both directions: a 1920×1200
 camera frame for a 256² model decodes as 480×300, skipping most of the inverse DCT and
 colour conversion. The resize then starts from fewer pixels; the input differs from a
-full decode's by a few grey levels (`tests/test_imaging.py`). Training, evaluation and
+full decode's by a few grey levels (`tests/service/test_imaging.py`). Training, evaluation and
 serving all decode through here with the same `draft`, so they see the same pixels.
 
 `decode_image` (both steps, as an `(H, W, 3)` uint8 RGB array) is what evaluation and the
@@ -28,7 +28,7 @@ resize's intermediate rows, where storage is Pillow's bytes per pixel for the mo
 L/P/1, 2 for 16-bit, 4 for everything else) and conversion what reaching L or RGB adds
 (0 for L/RGB; 1 for 1/LA; 4 for RGBA/CMYK/YCbCr/P; 8 for P with transparency and PA,
 through RGBA; 4 for 16-bit, 6 for 32-bit integers, through numpy and a lookup table).
-`tests/test_imaging.py` checks it against the peak resident memory actually measured.
+`tests/service/test_imaging.py` checks it against the peak resident memory actually measured.
 """
 
 from __future__ import annotations

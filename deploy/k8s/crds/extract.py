@@ -1,6 +1,6 @@
 """Write the openAPIV3Schema of KServe's CRDs that deploy/k8s/kserve-inferenceservice.yaml uses
 (ServingRuntime v1alpha1, InferenceService v1beta1) from a KServe checkout's
-config/crd/full/serving.kserve.io_<plural>.yaml into <plural>.json here (tests/test_kube_play.py
+config/crd/full/serving.kserve.io_<plural>.yaml into <plural>.json here (tests/deploy/test_kube_play.py
 validates the manifests against them).
 
 Only the served storage version's schema is kept, with its group, version and kind. Subschemas that

@@ -1,7 +1,7 @@
 """gRPC channel and server options shared by the server and the gateway's channel to it.
 
 Kept apart from `server` so that the gateway, which only forwards, imports neither ONNX
-Runtime nor SQLAlchemy (tests/test_layers.py checks `sys.modules` in a fresh interpreter).
+Runtime nor SQLAlchemy (tests/contract/test_layers.py checks `sys.modules` in a fresh interpreter).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ the log line, never the error's text. Routes:
 - the Open Inference Protocol (V2) under `/v2/…` (`service.protocol.rest.oip`)
 
 This module is a little over 400 lines: the `/v1` routes, their response schemas (checked
-against the proto in tests/test_layers.py) and the app's error handlers, one per kind of
+against the proto in tests/contract/test_layers.py) and the app's error handlers, one per kind of
 failure, so that every HTTP answer of the API is shaped in this one file.
 """
 
@@ -68,7 +68,7 @@ HTTP_LATENCY = Histogram("anomaly_http_request_duration_seconds", "Gateway reque
 
 # The response schemas (for the OpenAPI document and response validation). The JSON itself
 # is `anomaly.http_json.to_json` of the server's proto answer, which the SDK reads back the
-# same way; tests/test_layers.py checks that these fields are the proto's.
+# same way; tests/contract/test_layers.py checks that these fields are the proto's.
 
 
 class ModelRefOut(BaseModel):

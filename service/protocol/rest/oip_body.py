@@ -430,4 +430,4 @@ def infer_answer(response: v2.ModelInferResponse, wanted_binary: set[str], all_b
 
 
 # Request bodies in the OpenAPI document (the routes read their bodies themselves: these
-# describe them, for clients and for the schemathesis fuzzing of tests/test_fuzz.py).
+# describe them, for clients and for the schemathesis fuzzing of tests/service/test_fuzz.py).

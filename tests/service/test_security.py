@@ -25,7 +25,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from loadtests.launch import start_gateway, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "s3cret-key-7f1c9a"
 
 

@@ -145,7 +145,7 @@ gc.collect()
 print(before - sys.getrefcount(None))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) < 300  # 3000 refusals; a leaking decoder loses ≥ 3000
 

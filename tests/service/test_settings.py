@@ -188,7 +188,7 @@ def test_the_settings_reference_is_generated_and_current() -> None:
 
     from service.settings_reference import reference_markdown
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
     assert doc.read_text(encoding="utf-8") == reference_markdown(), \
         "docs/settings.md is stale: run `anomaly settings-reference --out docs/settings.md`"
     for name in Settings.model_fields:

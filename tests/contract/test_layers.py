@@ -16,7 +16,7 @@ from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.wire import TIMING_KEYS
 from edge_anomaly_client.sdk import AnomalyClient
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
 
 

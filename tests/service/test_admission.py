@@ -133,7 +133,7 @@ def test_score_streams_have_their_own_cap_and_unkeyed_calls_take_no_slot(server:
 
 
 def test_the_limits_are_documented() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     settings = (root / "docs" / "settings.md").read_text()
     reliability = (root / "docs" / "reliability.md").read_text()
     for setting in ("ANOMALY_MAX_WATCH_STREAMS", "ANOMALY_MAX_STREAMS"):

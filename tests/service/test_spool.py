@@ -168,7 +168,7 @@ print(json.dumps(outcomes))
 def _child(script: str, *args: str) -> dict:
     """Run `script` in a fresh Python (its own resource limits); its last line of output, as JSON."""
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=180,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

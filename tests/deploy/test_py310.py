@@ -36,7 +36,7 @@ import pytest
 
 from loadtests.launch import ChildProcess, free_port, run_group, wait_grpc_serving, wait_http_ready
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVE_PATHS = ["service", "clients", "protos/anomaly", "cli", "docker/healthcheck.py"]
 INSTALL_SCRIPT = ROOT / "docker" / "jetson-install.sh"
 # What the cached environment depends on: a change to any of these makes a new one.

@@ -23,7 +23,7 @@ from PIL import Image
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
 LIMIT = 8 * 1024 * 1024  # the server's default ANOMALY_MAX_IMAGE_BYTES
 PNG = "image/png"
 

@@ -20,7 +20,7 @@ from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import start_gateway, start_server
 from loadtests.otlp_sink import OtlpSink
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The plant's program: OpenTelemetry set up with an in-memory exporter, one score through the SDK.
 CLIENT = """

@@ -22,7 +22,7 @@ from loadtests.launch import free_port, start_server
 from service.inspection.schema import head_revision
 from service.inspection.spool import Spool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATE = "import sys; from service.inspection.schema import upgrade; upgrade(sys.argv[1])"
 PROCESSES = 4
 

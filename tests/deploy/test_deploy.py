@@ -17,7 +17,7 @@ import yaml
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTING_ENV = {f"ANOMALY_{name.upper()}" for name in Settings.model_fields} | {"MLFLOW_TRACKING_URI"}
 SERVE_COMMANDS = {"serve", "gateway"}
 

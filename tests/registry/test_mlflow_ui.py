@@ -24,7 +24,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.launch import start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).parent.parent / "docs" / "mlflow-version-page.png"
+SCREENSHOT = Path(__file__).parents[2] / "docs" / "mlflow-version-page.png"
 MODEL = "ui-promotion"
 # What a headless Chromium needs on a machine with no display and no internet (root, no
 # sandbox; no background calls to Google's hosts).

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_gateway, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "serving-dashboard.json"

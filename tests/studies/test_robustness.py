@@ -58,7 +58,7 @@ def test_families_study_refuses_bad_options_before_any_work(tmp_path: Path, extr
         [sys.executable, "-m", "cli.main", "families-study", "--home", str(home), "--out", str(out),
          "--arch", "rd", "--families", "2", "--extra", extra],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).parents[1])})
+        env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).parents[2])})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

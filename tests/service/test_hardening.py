@@ -163,7 +163,7 @@ def test_decode_memory_estimate_covers_the_measured_peak(mode: str, tmp_path: Pa
     path = tmp_path / "big.img"
     _big_image(mode, path)
     out = subprocess.run([sys.executable, "-c", ESTIMATE, str(path)], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     probed, measured, cost = out.stdout.split()
     print(f"{probed}: measured {int(measured) >> 20} MB, estimated {int(cost) >> 20} MB")

@@ -24,7 +24,7 @@ The KServe manifest (ServingRuntime, InferenceService) is validated against the 
 KServe (deploy/k8s/crds, copied from upstream), rejecting unknown fields as kubectl's default
 strict field validation does; mutated copies prove that a mistyped or unknown field fails.
 
-The podman part skips only where podman cannot be installed (as tests/test_images.py).
+The podman part skips only where podman cannot be installed (as tests/deploy/test_images.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from podman_support import APP_UID, podman
 from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, wait_grpc_serving, wait_http_ready
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 CRDS = K8S / "crds"
 PLAYABLE = {"ConfigMap", "Deployment"}

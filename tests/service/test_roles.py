@@ -423,7 +423,7 @@ def test_every_call_needs_a_role_and_key_entries_parse(tmp_path: Path,
 
 
 def test_roles_are_documented() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     api, promotion = (root / "docs" / "api.md").read_text(), (root / "docs" / "promotion.md").read_text()
     assert "`ANOMALY_MAX_PINNED_MODELS`" in (root / "docs" / "settings.md").read_text()
     assert "**Roles.**" in api

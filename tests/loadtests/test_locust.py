@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtests" / "locustfile.py"
+LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtests" / "locustfile.py"
 
 
 def _run_locust(tmp_path: Path, host: str, grpc_target: str, images: Path, seconds: int,

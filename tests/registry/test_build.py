@@ -26,7 +26,7 @@ def _anomaly(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ANOMALY_TRACKING_URI")}
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env={**env, "COLUMNS": "200",
-                                                     "PYTHONPATH": str(Path(__file__).parents[1])})
+                                                     "PYTHONPATH": str(Path(__file__).parents[2])})
 
 
 @pytest.fixture(scope="module")

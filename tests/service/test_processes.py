@@ -232,7 +232,7 @@ def test_the_parent_death_signal_stops_a_child_of_a_killed_parent(tmp_path) -> N
               "print(p.pid, flush=True)\n"
               "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parents[1], start_new_session=True)
+                              cwd=Path(__file__).parents[2], start_new_session=True)
     grandchild = None
     try:
         grandchild = psutil.Process(int(parent.stdout.readline()))  # type: ignore[union-attr]
@@ -287,7 +287,7 @@ def test_a_launched_child_stops_when_its_launcher_is_killed(tmp_path) -> None:
          "                     command=[sys.executable, '-c', 'import time; time.sleep(120)'])\n"
          "pathlib.Path(sys.argv[1], 'child.pid').write_text(str(child.start().pid))\n"
          "time.sleep(120)\n", str(tmp_path)],
-        cwd=Path(__file__).parents[1], start_new_session=True)
+        cwd=Path(__file__).parents[2], start_new_session=True)
     try:
         assert wait_for(lambda: pid_file.exists() and pid_file.read_text(), timeout=30)
         child = psutil.Process(int(pid_file.read_text()))
