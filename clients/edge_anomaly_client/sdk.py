@@ -129,6 +129,7 @@ class ScoreResult:
     anomaly_map_png: bytes = b""
     timings: dict[str, float] = field(default_factory=dict)
     threshold_source: str = "model"  # or the version tag that overrides it, e.g. threshold.bottle
+    overlay_png: bytes = b""  # with return_overlay: the image with its heat map (PNG)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ class _BaseClient:
         return Path(image).read_bytes()
 
     def _score_call(self, image: ImageInput, *, model: str, alias: str, version: int, category: str,
-                    return_anomaly_map: bool, request_id: str, station: str) -> _Call:
+                    return_anomaly_map: bool, request_id: str, station: str,
+                    return_overlay: bool = False) -> _Call:
         for name, value in (("request_id", request_id), ("station", station)):
             problem = identifier_problem(name, value)
             if problem:  # what the server would answer, without the round trip
@@ -233,10 +235,13 @@ class _BaseClient:
         request_id = request_id or uuid.uuid4().hex  # the same for every retry of this call
         fields = {"model": model or self.model, "alias": "" if version else (alias or self.alias),
                   "version": version, "category": category, "request_id": request_id, "station": station}
-        message = pb.ScoreRequest(encoded=data, return_anomaly_map=return_anomaly_map, **fields)
+        message = pb.ScoreRequest(encoded=data, return_anomaly_map=return_anomaly_map,
+                                  return_overlay=return_overlay, **fields)
         params = {k: str(v) for k, v in fields.items() if v}
         if return_anomaly_map:
             params["return_anomaly_map"] = "true"
+        if return_overlay:
+            params["return_overlay"] = "true"
         return _Call("Score", message, "POST", "/v1/score", params, data)
 
     def _require_grpc(self) -> None:
@@ -320,7 +325,8 @@ class _BaseClient:
     def _score_result(self, r: pb.ScoreResponse) -> ScoreResult:
         return ScoreResult(r.request_id, r.score, r.normalized_score, r.is_anomalous, r.threshold,
                            r.category, self._ref(r.model), r.anomaly_map_png,
-                           {k: getattr(r.timings, k) for k in TIMING_KEYS}, r.threshold_source or "model")
+                           {k: getattr(r.timings, k) for k in TIMING_KEYS}, r.threshold_source or "model",
+                           r.overlay_png)
 
     def _model_info(self, m: pb.ModelInfo) -> ModelInfo:
         return ModelInfo(self._ref(m.ref), m.input_height, m.input_width, list(m.categories),
@@ -432,10 +438,12 @@ class AnomalyClient(_BaseClient):
 
     def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
               category: str = "", return_anomaly_map: bool = False, request_id: str = "",
-              station: str = "", timeout: float | None = None) -> ScoreResult:
-        """Score one image (bytes or a file path)."""
+              station: str = "", timeout: float | None = None, return_overlay: bool = False) -> ScoreResult:
+        """Score one image (bytes or a file path); `return_overlay`: also the image with its heat
+        map (`ScoreResult.overlay_png`)."""
         call = self._score_call(image, model=model, alias=alias, version=version, category=category,
-                                return_anomaly_map=return_anomaly_map, request_id=request_id, station=station)
+                                return_anomaly_map=return_anomaly_map, request_id=request_id, station=station,
+                                return_overlay=return_overlay)
         if self._needs_limit(call):
             try:
                 self._max_image_bytes = self.get_model(timeout=min(self.timeout, 10.0)).max_image_bytes
@@ -528,10 +536,13 @@ class AsyncAnomalyClient(_BaseClient):
 
     async def score(self, image: ImageInput, *, model: str = "", alias: str = "", version: int = 0,
                     category: str = "", return_anomaly_map: bool = False, request_id: str = "",
-                    station: str = "", timeout: float | None = None) -> ScoreResult:
-        """Score one image (bytes or a file path)."""
+                    station: str = "", timeout: float | None = None,
+                    return_overlay: bool = False) -> ScoreResult:
+        """Score one image (bytes or a file path); `return_overlay`: also the image with its heat
+        map (`ScoreResult.overlay_png`)."""
         call = self._score_call(image, model=model, alias=alias, version=version, category=category,
-                                return_anomaly_map=return_anomaly_map, request_id=request_id, station=station)
+                                return_anomaly_map=return_anomaly_map, request_id=request_id, station=station,
+                                return_overlay=return_overlay)
         if self._needs_limit(call):
             try:
                 info = await self.get_model(timeout=min(self.timeout, 10.0))

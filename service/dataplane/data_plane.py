@@ -53,7 +53,16 @@ from service.promotion.shadow import Shadow, ShadowJob
 from service.repository.model_repository import LoadedModel, ModelRepository, ModelSpec
 from service.repository.watcher import ModelWatcher
 from service.runtime.engine import Decision
-from service.runtime.imaging import Probe, check_raw, decode_probe, probe_image, raw_cost, raw_pixels
+from service.runtime.imaging import (
+    Probe,
+    check_raw,
+    decode_probe,
+    overlay_base,
+    overlay_cost,
+    probe_image,
+    raw_cost,
+    raw_pixels,
+)
 from service.settings import Settings
 
 # What the protocol translators may name: the data plane's calls, and the types they take and give.
@@ -85,6 +94,7 @@ class ScoreInput:
     version: int = 0
     category: str = ""
     return_anomaly_map: bool = False
+    return_overlay: bool = False  # the image with its heat map (`Decision.overlay_png`)
     request_id: str = ""
     station: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer is needed
@@ -324,7 +334,7 @@ class DataPlane:
             category = loaded.model.resolve_category(req.category)  # validate before any work
             probe, cost = self._probe(req)
             admitted = time.time_ns() if traced else 0
-            result, size, decode_s = await self._infer(loaded, req, probe, cost)
+            result, size, decode_s, base = await self._infer(loaded, req, probe, cost)
             rid = req.request_id or uuid.uuid4().hex
             if traced:
                 self._trace_stages(loaded, rid, wall0, admitted, decode_s, result)
@@ -334,12 +344,14 @@ class DataPlane:
                           extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}"})
                 raise NonFiniteOutput(f"model produced a non-finite score (model {loaded.name} version "
                                       f"{loaded.version}); no decision was made for request_id={rid}")
-            amap = result.amap if req.return_anomaly_map else None
+            amap = result.amap if req.return_anomaly_map or req.return_overlay else None
             with tracing.span("decision"):
                 if amap is None:
                     decision = loaded.model.decide(result.score, None, category, size)
                 else:
-                    decision = await self._run(loaded.model.decide, result.score, amap, category, size)
+                    decide = partial(loaded.model.decide, result.score, amap, category, size,
+                                     map_png=req.return_anomaly_map, overlay_on=base)
+                    decision = await self._drawn(decide, base, req.deadline)
             total = time.perf_counter() - t0
             timings = {"decode_ms": decode_s * 1e3, "queue_ms": result.queue_s * 1e3,
                        "inference_ms": result.inference_s * 1e3, "total_ms": total * 1e3}
@@ -379,6 +391,22 @@ class DataPlane:
         finally:
             self._inflight -= 1
 
+    async def _drawn(self, decide: Callable[[], Decision], base: np.ndarray | None,
+                     deadline: float | None) -> Decision:
+        """`decide()` off the loop; drawing an overlay on `base` first reserves its memory from
+        the decode budget (RESOURCE_EXHAUSTED when it does not free up in time)."""
+        if base is None:
+            return await self._run(decide)
+        cost = overlay_cost(base)
+        wait = self.settings.decode_wait_s if deadline is None else \
+            min(self.settings.decode_wait_s, max(0.0, deadline - time.monotonic()))
+        async with self.decode_budget.reserve(cost, wait) as ok:
+            if not ok:
+                metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
+                raise Overloaded(f"decode memory busy: no room for the overlay (~{max(1, cost >> 20)} MB); "
+                                 "retry later, or ask without one")
+            return await self._run(decide)
+
     def _trace_stages(self, loaded: LoadedModel, rid: str, wall0: int, admitted: int, decode_s: float,
                       result: BatchResult) -> None:
         """The stages of a scored request as spans, from the times measured for its answer:
@@ -395,8 +423,9 @@ class DataPlane:
                           "anomaly.version": loaded.version, "anomaly.batch_size": result.batch_size})
 
     async def _infer(self, loaded: LoadedModel, req: ScoreInput, probe: Probe | None,
-                     cost: int) -> tuple[BatchResult, tuple[int, int], float]:
-        """Reserve decode memory, decode and preprocess, run the model."""
+                     cost: int) -> tuple[BatchResult, tuple[int, int], float, np.ndarray | None]:
+        """Reserve decode memory, decode and preprocess, run the model; also the image an
+        overlay is drawn on, when the request asks for one."""
         budget = self.decode_budget
         if cost > budget.capacity:
             metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
@@ -415,11 +444,11 @@ class DataPlane:
             batcher = self._batcher(loaded)
             prepare = partial(self._prepare, loaded, req, probe)
             if batcher.max_batch == 1:  # decode and run in one pool call
-                result, (size, decode_s) = await batcher.submit_unbatched(prepare, req.deadline)
-                return result, size, decode_s
-            x, size, decode_s = await self._run(prepare)
+                result, (size, decode_s, base) = await batcher.submit_unbatched(prepare, req.deadline)
+                return result, size, decode_s, base
+            x, size, decode_s, base = await self._run(prepare)
         metrics.DECODE_MEMORY.set(budget.in_use)
-        return await batcher.submit(x, req.deadline), size, decode_s
+        return await batcher.submit(x, req.deadline), size, decode_s, base
 
     def _decode(self, req: ScoreInput, probe: Probe | None,
                 draft: tuple[int, int] | None = None) -> tuple[Any, tuple[int, int]]:
@@ -441,12 +470,14 @@ class DataPlane:
         return self._decode(req, probe, draft)
 
     def _prepare(self, loaded: LoadedModel, req: ScoreInput,
-                 probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float]:
-        """Decode and preprocess (runs in the pool)."""
+                 probe: Probe | None) -> tuple[np.ndarray, tuple[int, int], float, np.ndarray | None]:
+        """Decode and preprocess (runs in the pool); with an overlay asked for, keep a copy of
+        the image at most `imaging.OVERLAY_MAX_SIDE` on its longer side to draw it on."""
         t0 = time.perf_counter()
         image, size = self._decode(req, probe, loaded.model.metadata.map_size)
         x = loaded.model.prepare(image)
-        return x, size, time.perf_counter() - t0
+        base = overlay_base(image) if req.return_overlay else None
+        return x, size, time.perf_counter() - t0, base
 
     async def feedback(self, verdict: Verdict) -> datetime:
         """Record an operator's verdict on a past request id in the inspection log.

@@ -27,7 +27,7 @@ from PIL import Image
 
 from service import metrics
 from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
-from service.runtime.imaging import anomaly_map_png, decode_image
+from service.runtime.imaging import anomaly_map_png, decode_image, overlay_png
 from service.runtime.metadata import GLOBAL, ModelMetadata, ScoreStats, threshold_source
 from service.runtime.tiling import image_score, prepare_input, scored_region, stitch
 
@@ -45,6 +45,7 @@ class Decision:
     category: str
     anomaly_map_png: bytes = b""
     threshold_source: str = "model"  # "model" (calibrated) or the tag that overrode it
+    overlay_png: bytes = b""  # the image with its heat map and the region at the threshold outlined
 
 
 def available_providers(requested: list[str]) -> list[str]:
@@ -237,10 +238,12 @@ class OnnxModel:
     def decide(
         self, score: float, amap: np.ndarray | None, category: str,
         original_size: tuple[int, int] | None = None, overrides: dict[str, float] | None = None,
+        *, map_png: bool = True, overlay_on: np.ndarray | None = None,
     ) -> Decision:
         """Turn one raw score (and optionally its map) into a `Decision` (with the live
         threshold overrides in use, or with `overrides` when given: the promotion gate's
-        judgement of proposed thresholds).
+        judgement of proposed thresholds). With `amap`: its PNG when `map_png`, and the overlay
+        drawn on `overlay_on` (`imaging.overlay_base` of the image) when given.
 
         Raises:
             NonFiniteOutput: the score is NaN or infinite (`NaN >= threshold` is false, so it
@@ -250,10 +253,14 @@ class OnnxModel:
             raise NonFiniteOutput(f"model produced a non-finite score ({score}); no decision was made")
         cat = self.resolve_category(category)
         stats, source = self.stats_for(cat, overrides)
-        png = b""
+        png = overlay = b""
         if amap is not None:
             lo, hi = self.metadata.map_range
-            png = anomaly_map_png(amap, original_size or amap.shape, lo, hi)
+            if map_png:
+                png = anomaly_map_png(amap, original_size or amap.shape, lo, hi)
+            if overlay_on is not None:
+                region = self.defect_region(amap, score, stats.threshold)
+                overlay = overlay_png(overlay_on, amap, lo, hi, region)
         return Decision(
             score=float(score),
             normalized_score=stats.normalize(score),
@@ -262,7 +269,21 @@ class OnnxModel:
             category=cat,
             anomaly_map_png=png,
             threshold_source=source,
+            overlay_png=overlay,
         )
+
+    def defect_region(self, amap: np.ndarray, score: float, threshold: float) -> np.ndarray:
+        """Where the map reaches `threshold`, as a mask of `amap`'s shape, kept to what the
+        decision says: empty for an OK part (`score` below the threshold), never empty for an
+        NG one (at least the map's hottest scored pixel), and within the scored pixels of a
+        tiled model."""
+        scored = self._scored if self._scored.shape == amap.shape else np.ones(amap.shape, dtype=bool)
+        if score < threshold:
+            return np.zeros(amap.shape, dtype=bool)
+        region = (amap >= threshold) & scored
+        if not region.any():
+            region.flat[int(np.argmax(np.where(scored, amap, -np.inf)))] = True
+        return region
 
     def score_image(self, image: np.ndarray | Image.Image, category: str,
                     original_size: tuple[int, int] | None = None,

@@ -303,3 +303,56 @@ def anomaly_map_png(amap: np.ndarray, out_size: tuple[int, int], lo: float, hi: 
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+OVERLAY_MAX_SIDE = 1024  # pixels on the longer side of an overlay (a panel PC's screen)
+OVERLAY_OPACITY = 0.55  # the heat map's opacity where the map is at its hottest
+OUTLINE_RGB = (255, 0, 255)  # the defect region's outline at the threshold (magenta: in no heat map colour)
+
+
+def overlay_base(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The image an overlay is drawn on: `(H, W, 3)` uint8 RGB, its longer side at most
+    `OVERLAY_MAX_SIDE` (a smaller copy made while the decoded image is still in memory)."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+    im = _to_l_or_rgb(im)
+    if max(im.size) > OVERLAY_MAX_SIDE:
+        im = im.copy()
+        im.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.BILINEAR)
+    return as_rgb_array(im.convert("RGB"))
+
+
+def overlay_cost(base: np.ndarray) -> int:
+    """Peak bytes `overlay_png` allocates to draw on `base` (float32 planes and masks)."""
+    return base.shape[0] * base.shape[1] * 80
+
+
+def _heat(t: np.ndarray) -> np.ndarray:
+    """A blue → cyan → yellow → red colour scale of `t` in [0, 1] as `(H, W, 3)` float in [0, 1]."""
+    return np.clip(np.stack([1.5 - np.abs(4 * t - 3), 1.5 - np.abs(4 * t - 2), 1.5 - np.abs(4 * t - 1)],
+                            axis=-1), 0, 1)
+
+
+def overlay_png(base: np.ndarray, amap: np.ndarray, lo: float, hi: float, region: np.ndarray) -> bytes:
+    """`base` (from `overlay_base`) with the anomaly map `amap` over it as a heat map (scaled
+    as `anomaly_map_png`: `lo` → cold, `hi` → hot; more opaque where hotter) and `region` (a
+    boolean mask of `amap`'s shape: the defect region, `Engine.defect_region`) outlined, as an
+    RGB PNG of `base`'s size."""
+    h, w = base.shape[:2]
+    resized = np.asarray(Image.fromarray(np.asarray(amap, np.float32)).resize((w, h), Image.BILINEAR))
+    t = np.clip((resized - lo) / max(hi - lo, 1e-12), 0, 1)[..., None]
+    alpha = OVERLAY_OPACITY * t
+    out = base.astype(np.float32) * (1 - alpha) + _heat(t[..., 0]) * 255 * alpha
+    region = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    inner = region.copy()  # the region less its border pixels (a 4-neighbour erosion)
+    inner[1:, :] &= region[:-1, :]
+    inner[:-1, :] &= region[1:, :]
+    inner[:, 1:] &= region[:, :-1]
+    inner[:, :-1] &= region[:, 1:]
+    edge = region & ~inner
+    thick = edge.copy()  # two pixels wide, to be seen at arm's length
+    thick[1:, :] |= edge[:-1, :]
+    thick[:, 1:] |= edge[:, :-1]
+    out[thick] = OUTLINE_RGB
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

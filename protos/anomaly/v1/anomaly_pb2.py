@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61nomaly/v1/anomaly.proto\x12\nanomaly.v1\"o\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.anomaly.v1.PixelType\"\xd1\x01\n\x0cScoreRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.anomaly.v1.RawImageH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x1a\n\x12return_anomaly_map\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0f\n\x07station\x18\t \x01(\tB\x07\n\x05image\"V\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x85\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10normalized_score\x18\x03 \x01(\x02\x12\x14\n\x0cis_anomalous\x18\x04 \x01(\x08\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x17\n\x0f\x61nomaly_map_png\x18\x07 \x01(\x0c\x12#\n\x05model\x18\x08 \x01(\x0b\x32\x14.anomaly.v1.ModelRef\x12$\n\x07timings\x18\t \x01(\x0b\x32\x13.anomaly.v1.Timings\x12\x18\n\x10threshold_source\x18\n \x01(\t\"_\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0f\n\x07variant\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.anomaly.v1.ModelInfo\"@\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"\xa4\x04\n\tModelInfo\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.anomaly.v1.ModelRef\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12\x12\n\ncategories\x18\x04 \x03(\t\x12\x39\n\nthresholds\x18\x05 \x03(\x0b\x32%.anomaly.v1.ModelInfo.ThresholdsEntry\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x11\n\tloaded_at\x18\x08 \x01(\t\x12\x12\n\nsource_uri\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x1a\n\x12last_error_version\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t\x12\x17\n\x0fmax_image_bytes\x18\r \x01(\x04\x12\x46\n\x11threshold_sources\x18\x0e \x03(\x0b\x32+.anomaly.v1.ModelInfo.ThresholdSourcesEntry\x12\"\n\x06tiling\x18\x0f \x01(\x0b\x32\x12.anomaly.v1.Tiling\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x37\n\x15ThresholdSourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x06Tiling\x12\x14\n\x0cimage_height\x18\x01 \x01(\r\x12\x13\n\x0bimage_width\x18\x02 \x01(\r\x12\x0e\n\x06stride\x18\x03 \x01(\r\"\x7f\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07verdict\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x65\x63t_type\x18\x03 \x01(\t\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12\x0f\n\x07station\x18\x06 \x01(\t\";\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0brecorded_at\x18\x02 \x01(\t*T\n\tPixelType\x12\x1a\n\x16PIXEL_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10PIXEL_TYPE_UINT8\x10\x01\x12\x15\n\x11PIXEL_TYPE_UINT16\x10\x02\x32\xec\x02\n\x10\x41nomalyDetection\x12<\n\x05Score\x12\x18.anomaly.v1.ScoreRequest\x1a\x19.anomaly.v1.ScoreResponse\x12\x46\n\x0bScoreStream\x12\x18.anomaly.v1.ScoreRequest\x1a\x19.anomaly.v1.ScoreResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.anomaly.v1.ListModelsRequest\x1a\x1e.anomaly.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1b.anomaly.v1.GetModelRequest\x1a\x15.anomaly.v1.ModelInfo\x12\x45\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.anomaly.v1.FeedbackRequest\x1a\x1c.anomaly.v1.FeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61nomaly/v1/anomaly.proto\x12\nanomaly.v1\"o\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.anomaly.v1.PixelType\"\xe9\x01\n\x0cScoreRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.anomaly.v1.RawImageH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x1a\n\x12return_anomaly_map\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0f\n\x07station\x18\t \x01(\t\x12\x16\n\x0ereturn_overlay\x18\n \x01(\x08\x42\x07\n\x05image\"V\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x9a\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10normalized_score\x18\x03 \x01(\x02\x12\x14\n\x0cis_anomalous\x18\x04 \x01(\x08\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x17\n\x0f\x61nomaly_map_png\x18\x07 \x01(\x0c\x12#\n\x05model\x18\x08 \x01(\x0b\x32\x14.anomaly.v1.ModelRef\x12$\n\x07timings\x18\t \x01(\x0b\x32\x13.anomaly.v1.Timings\x12\x18\n\x10threshold_source\x18\n \x01(\t\x12\x13\n\x0boverlay_png\x18\x0b \x01(\x0c\"_\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0f\n\x07variant\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.anomaly.v1.ModelInfo\"@\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"\xa4\x04\n\tModelInfo\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.anomaly.v1.ModelRef\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12\x12\n\ncategories\x18\x04 \x03(\t\x12\x39\n\nthresholds\x18\x05 \x03(\x0b\x32%.anomaly.v1.ModelInfo.ThresholdsEntry\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x11\n\tloaded_at\x18\x08 \x01(\t\x12\x12\n\nsource_uri\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x1a\n\x12last_error_version\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t\x12\x17\n\x0fmax_image_bytes\x18\r \x01(\x04\x12\x46\n\x11threshold_sources\x18\x0e \x03(\x0b\x32+.anomaly.v1.ModelInfo.ThresholdSourcesEntry\x12\"\n\x06tiling\x18\x0f \x01(\x0b\x32\x12.anomaly.v1.Tiling\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x37\n\x15ThresholdSourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x06Tiling\x12\x14\n\x0cimage_height\x18\x01 \x01(\r\x12\x13\n\x0bimage_width\x18\x02 \x01(\r\x12\x0e\n\x06stride\x18\x03 \x01(\r\"\x7f\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07verdict\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x65\x63t_type\x18\x03 \x01(\t\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12\x0f\n\x07station\x18\x06 \x01(\t\";\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0brecorded_at\x18\x02 \x01(\t*T\n\tPixelType\x12\x1a\n\x16PIXEL_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10PIXEL_TYPE_UINT8\x10\x01\x12\x15\n\x11PIXEL_TYPE_UINT16\x10\x02\x32\xec\x02\n\x10\x41nomalyDetection\x12<\n\x05Score\x12\x18.anomaly.v1.ScoreRequest\x1a\x19.anomaly.v1.ScoreResponse\x12\x46\n\x0bScoreStream\x12\x18.anomaly.v1.ScoreRequest\x1a\x19.anomaly.v1.ScoreResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.anomaly.v1.ListModelsRequest\x1a\x1e.anomaly.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1b.anomaly.v1.GetModelRequest\x1a\x15.anomaly.v1.ModelInfo\x12\x45\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.anomaly.v1.FeedbackRequest\x1a\x1c.anomaly.v1.FeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_THRESHOLDSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_THRESHOLDSOURCESENTRY']._loaded_options = None
   _globals['_MODELINFO_THRESHOLDSOURCESENTRY']._serialized_options = b'8\001'
-  _globals['_PIXELTYPE']._serialized_start=1772
-  _globals['_PIXELTYPE']._serialized_end=1856
+  _globals['_PIXELTYPE']._serialized_start=1817
+  _globals['_PIXELTYPE']._serialized_end=1901
   _globals['_RAWIMAGE']._serialized_start=40
   _globals['_RAWIMAGE']._serialized_end=151
   _globals['_SCOREREQUEST']._serialized_start=154
-  _globals['_SCOREREQUEST']._serialized_end=363
-  _globals['_TIMINGS']._serialized_start=365
-  _globals['_TIMINGS']._serialized_end=451
-  _globals['_SCORERESPONSE']._serialized_start=454
-  _globals['_SCORERESPONSE']._serialized_end=715
-  _globals['_MODELREF']._serialized_start=717
-  _globals['_MODELREF']._serialized_end=812
-  _globals['_LISTMODELSREQUEST']._serialized_start=814
-  _globals['_LISTMODELSREQUEST']._serialized_end=833
-  _globals['_LISTMODELSRESPONSE']._serialized_start=835
-  _globals['_LISTMODELSRESPONSE']._serialized_end=894
-  _globals['_GETMODELREQUEST']._serialized_start=896
-  _globals['_GETMODELREQUEST']._serialized_end=960
-  _globals['_MODELINFO']._serialized_start=963
-  _globals['_MODELINFO']._serialized_end=1511
-  _globals['_MODELINFO_THRESHOLDSENTRY']._serialized_start=1405
-  _globals['_MODELINFO_THRESHOLDSENTRY']._serialized_end=1454
-  _globals['_MODELINFO_THRESHOLDSOURCESENTRY']._serialized_start=1456
-  _globals['_MODELINFO_THRESHOLDSOURCESENTRY']._serialized_end=1511
-  _globals['_TILING']._serialized_start=1513
-  _globals['_TILING']._serialized_end=1580
-  _globals['_FEEDBACKREQUEST']._serialized_start=1582
-  _globals['_FEEDBACKREQUEST']._serialized_end=1709
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1711
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1770
-  _globals['_ANOMALYDETECTION']._serialized_start=1859
-  _globals['_ANOMALYDETECTION']._serialized_end=2223
+  _globals['_SCOREREQUEST']._serialized_end=387
+  _globals['_TIMINGS']._serialized_start=389
+  _globals['_TIMINGS']._serialized_end=475
+  _globals['_SCORERESPONSE']._serialized_start=478
+  _globals['_SCORERESPONSE']._serialized_end=760
+  _globals['_MODELREF']._serialized_start=762
+  _globals['_MODELREF']._serialized_end=857
+  _globals['_LISTMODELSREQUEST']._serialized_start=859
+  _globals['_LISTMODELSREQUEST']._serialized_end=878
+  _globals['_LISTMODELSRESPONSE']._serialized_start=880
+  _globals['_LISTMODELSRESPONSE']._serialized_end=939
+  _globals['_GETMODELREQUEST']._serialized_start=941
+  _globals['_GETMODELREQUEST']._serialized_end=1005
+  _globals['_MODELINFO']._serialized_start=1008
+  _globals['_MODELINFO']._serialized_end=1556
+  _globals['_MODELINFO_THRESHOLDSENTRY']._serialized_start=1450
+  _globals['_MODELINFO_THRESHOLDSENTRY']._serialized_end=1499
+  _globals['_MODELINFO_THRESHOLDSOURCESENTRY']._serialized_start=1501
+  _globals['_MODELINFO_THRESHOLDSOURCESENTRY']._serialized_end=1556
+  _globals['_TILING']._serialized_start=1558
+  _globals['_TILING']._serialized_end=1625
+  _globals['_FEEDBACKREQUEST']._serialized_start=1627
+  _globals['_FEEDBACKREQUEST']._serialized_end=1754
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1756
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1815
+  _globals['_ANOMALYDETECTION']._serialized_start=1904
+  _globals['_ANOMALYDETECTION']._serialized_end=2268
 # @@protoc_insertion_point(module_scope)

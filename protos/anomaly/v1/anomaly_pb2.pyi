@@ -31,7 +31,7 @@ class RawImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., dtype: _Optional[_Union[PixelType, str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "model", "alias", "version", "category", "return_anomaly_map", "request_id", "station")
+    __slots__ = ("encoded", "raw", "model", "alias", "version", "category", "return_anomaly_map", "request_id", "station", "return_overlay")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ScoreRequest(_message.Message):
     RETURN_ANOMALY_MAP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATION_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     model: str
@@ -50,7 +51,8 @@ class ScoreRequest(_message.Message):
     return_anomaly_map: bool
     request_id: str
     station: str
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., category: _Optional[str] = ..., return_anomaly_map: _Optional[bool] = ..., request_id: _Optional[str] = ..., station: _Optional[str] = ...) -> None: ...
+    return_overlay: bool
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., category: _Optional[str] = ..., return_anomaly_map: _Optional[bool] = ..., request_id: _Optional[str] = ..., station: _Optional[str] = ..., return_overlay: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "queue_ms", "inference_ms", "total_ms")
@@ -65,7 +67,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "score", "normalized_score", "is_anomalous", "threshold", "category", "anomaly_map_png", "model", "timings", "threshold_source")
+    __slots__ = ("request_id", "score", "normalized_score", "is_anomalous", "threshold", "category", "anomaly_map_png", "model", "timings", "threshold_source", "overlay_png")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class ScoreResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     score: float
     normalized_score: float
@@ -86,7 +89,8 @@ class ScoreResponse(_message.Message):
     model: ModelRef
     timings: Timings
     threshold_source: str
-    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., is_anomalous: _Optional[bool] = ..., threshold: _Optional[float] = ..., category: _Optional[str] = ..., anomaly_map_png: _Optional[bytes] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., threshold_source: _Optional[str] = ...) -> None: ...
+    overlay_png: bytes
+    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., is_anomalous: _Optional[bool] = ..., threshold: _Optional[float] = ..., category: _Optional[str] = ..., anomaly_map_png: _Optional[bytes] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., threshold_source: _Optional[str] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version", "alias", "architecture", "variant")

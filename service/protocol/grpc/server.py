@@ -74,7 +74,8 @@ def to_score_input(req: pb.ScoreRequest, time_remaining: float | None = None) ->
     return ScoreInput(
         encoded=req.encoded if kind == "encoded" else None, raw=raw,
         model=req.model, alias=req.alias, version=req.version, category=req.category,
-        return_anomaly_map=req.return_anomaly_map, request_id=req.request_id, station=req.station,
+        return_anomaly_map=req.return_anomaly_map, return_overlay=req.return_overlay,
+        request_id=req.request_id, station=req.station,
         deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
     )
 
@@ -111,7 +112,7 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
     return pb.ScoreResponse(
         request_id=out.request_id, score=d.score, normalized_score=d.normalized_score,
         is_anomalous=d.is_anomalous, threshold=d.threshold, category=d.category,
-        threshold_source=d.threshold_source,
+        threshold_source=d.threshold_source, overlay_png=d.overlay_png,
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
         timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )

@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -98,6 +98,7 @@ class ScoreOut(BaseModel):
     model: ModelRefOut
     timings: TimingsOut  # type: ignore[valid-type]
     threshold_source: str = "model"
+    overlay_png_base64: str | None = None
 
 
 class TilingOut(BaseModel):
@@ -216,7 +217,25 @@ async def _read_image(request: Request, ctype: str, fields: dict[str, object]) -
 router = APIRouter()
 
 
+def _header(text: str) -> str:
+    """`text` as a header value: its UTF-8 bytes (HTTP carries header values as Latin-1)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def _overlay_answer(answer: pb.ScoreResponse) -> Response:
+    """`render=overlay`: the overlay PNG as the body, the decision in `X-Anomaly-*` headers."""
+    ref = answer.model
+    return Response(answer.overlay_png, media_type="image/png", headers={
+        "X-Anomaly-Decision": "NG" if answer.is_anomalous else "OK",
+        "X-Anomaly-Score": repr(answer.score), "X-Anomaly-Normalized-Score": repr(answer.normalized_score),
+        "X-Anomaly-Threshold": repr(answer.threshold), "X-Anomaly-Category": _header(answer.category),
+        "X-Anomaly-Threshold-Source": _header(answer.threshold_source),
+        "X-Anomaly-Model": _header(f"{ref.name}/{ref.version}"), "Cache-Control": "no-store"})
+
+
 @router.post("/v1/score", response_model=ScoreOut, responses={
+    200: {"content": {"image/png": {}}, "description": "the decision (JSON), or with `render=overlay` the "
+          "image with its heat map (PNG) and the decision in X-Anomaly-* headers"},
     400: {"description": "bad image or fields (problem+json)"},
     404: {"description": "unknown model, alias or version"},
     429: {"description": "server overloaded"},
@@ -231,13 +250,18 @@ async def score(
     return_anomaly_map: Annotated[bool, Query(description="include the heat map")] = False,
     request_id: Annotated[str, Query(description="client part / serial id")] = "",
     station: Annotated[str, Query(description="inspection station / line (inspection log)")] = "",
-) -> dict:
+    return_overlay: Annotated[bool, Query(description="include the image with its heat map "
+                                                      "(overlay_png_base64)")] = False,
+    render: Annotated[Literal["json", "overlay"], Query(
+        description="json: the decision as JSON; overlay: the image with its heat map and the region "
+                    "at the threshold outlined, as a PNG (the decision in X-Anomaly-* headers)")] = "json",
+) -> dict | Response:
     """Score one image: multipart upload (`image` field) or raw image bytes as the body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, object] = {"model": model, "alias": alias, "version": version,
                                  "category": category, "return_anomaly_map": return_anomaly_map,
                                  "request_id": request_id or _header_request_id(request),
-                                 "station": station}
+                                 "station": station, "return_overlay": return_overlay or render == "overlay"}
     if ctype != "multipart/form-data" and not (ctype.startswith("image/") or
                                                ctype == "application/octet-stream"):
         raise Problem(415, "Unsupported Media Type",
@@ -254,11 +278,14 @@ async def score(
             encoded=data, model=str(fields["model"]), alias=str(fields["alias"]),
             version=_version(fields["version"]), category=str(fields["category"]),
             return_anomaly_map=_flag(fields["return_anomaly_map"]),  # type: ignore[arg-type]
+            return_overlay=render == "overlay" or _flag(fields["return_overlay"]),  # type: ignore[arg-type]
             request_id=str(fields["request_id"]), station=str(fields["station"]),
         )
         del data
         answer = await forward(request, request.app.state.v1, "Score", message)
         request.state.request_id = answer.request_id  # type: ignore[attr-defined]
+        if render == "overlay":
+            return _overlay_answer(answer)  # type: ignore[arg-type]
         return to_json(answer)  # type: ignore[arg-type]
 
 
