@@ -57,5 +57,9 @@ GATE_OVERRIDES = Counter("anomaly_promotion_gate_overrides_total", "Gate judgeme
                          "override (gate.override with .by and .reason)", ["name", "alias"])
 SHADOW = Counter("anomaly_shadow_decisions_total", "Challenger decisions on answered images, by whether "
                  "they agree with the answer", ["category", "outcome"])  # agree | disagree | error
+EVIDENCE = Counter("anomaly_evidence_total", "Evidence for review by outcome", ["outcome"])
+# outcome: kept | dropped_queue_full | dropped_write_error | evicted_size | evicted_age
+EVIDENCE_ITEMS = Gauge("anomaly_evidence_items", "Decisions whose evidence the store holds")
+EVIDENCE_BYTES = Gauge("anomaly_evidence_bytes", "Bytes the evidence store holds")
 SHADOW_DROPPED = Counter("anomaly_shadow_dropped_total", "Answered images not shadowed, by reason",
                          ["reason"])

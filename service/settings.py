@@ -263,6 +263,17 @@ class Settings(BaseSettings):
     inspection_durability: Literal["sync", "async"] = Field(
         "sync", description="sync: a decision is fsync'd to the spool before its response leaves; async: "
                             "fsync'd just after")
+    evidence: bool = Field(False, description="keep the image and anomaly map of every NG decision, every "
+                                              "shadow disagreement and a sample of OK ones, for review "
+                                              "(`service.inspection.evidence`)")
+    evidence_dir: Path = Field(Path("evidence"), description="the evidence folder")
+    evidence_max_mb: int = Field(2048, ge=1, description="evidence size bound; the oldest goes first")
+    evidence_max_age_days: float = Field(30.0, gt=0, description="evidence age bound")
+    evidence_ok_fraction: float = Field(0.01, ge=0, le=1,
+                                        description="share of OK decisions kept as evidence")
+    evidence_queue_mb: int = Field(64, ge=1, description="images waiting to be written as evidence; beyond, "
+                                                         "evidence is dropped (counted), never a decision "
+                                                         "delayed")
 
     settings_file: Path | None = Field(
         None, description="TOML file of settings (keys are the field names: `grpc_port = 50052`); the "

@@ -21,7 +21,7 @@ model queue (RESOURCE_EXHAUSTED). A decision is never made from a NaN/inf score 
 leaves only after its decision is durable in the spool (`service.inspection.log`).
 Watched aliases are followed by `service.repository.watcher` and answered from memory.
 
-This module is longer than most (about 490 lines): `DataPlane.score`'s admission order above
+This module is longer than most (about 570 lines): `DataPlane.score`'s admission order above
 is a guarantee only if it reads in one place, with the threads each kind of work runs on;
 batching (`batcher`), the memory budget (`budget`) and the versions (`service.repository`)
 are apart.
@@ -47,6 +47,7 @@ from service import metrics, tracing
 from service.dataplane.batcher import Batcher, BatchResult
 from service.dataplane.budget import MemoryBudget
 from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
+from service.inspection.evidence import SUFFIXES, EvidenceStore, Kept, png_of
 from service.inspection.log import Decided, InspectionLog, Verdict
 from service.inspection.schema import MAX_COMMENT, VERDICTS
 from service.promotion.shadow import Shadow, ShadowJob
@@ -149,8 +150,10 @@ class DataPlane:
         self.watcher = ModelWatcher(self.repository, settings, self._follow)
         self.on_ready_change: Callable[[bool], None] | None = None
         self.inspections = InspectionLog.from_settings(settings) if settings.inspection_log else None
+        self.evidence = EvidenceStore.from_settings(settings) if settings.evidence else None
         self.shadow = None if not settings.shadow_alias else Shadow(
-            settings, self.repository, self.inspections, busy=lambda: self._inflight > settings.workers)
+            settings, self.repository, self.inspections, busy=lambda: self._inflight > settings.workers,
+            evidence=self.evidence)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -187,6 +190,8 @@ class DataPlane:
         """
         if self.inspections is not None:
             await self.inspections.start()
+        if self.evidence is not None:
+            await asyncio.to_thread(self.evidence.start)
         if self.shadow is not None:
             self.shadow.start()
         await self.watcher.refresh_all()
@@ -368,8 +373,11 @@ class DataPlane:
             if self.inspections is not None:  # durable before the answer leaves (sync mode)
                 with tracing.span("spool"):
                     await self.inspections.record(decided)
+            if self.evidence is not None:
+                self._keep_evidence(req, probe, decided, result.amap, loaded)
             if self.shadow is not None:
-                self.shadow.offer(ShadowJob(partial(self._decode_again, req), decided))
+                self.shadow.offer(ShadowJob(partial(self._decode_again, req), decided,
+                                            partial(self._image_as_sent, req, probe), _image_bytes(req)))
             log.info("scored", extra={"request_id": rid, "model": f"{loaded.name}/{loaded.version}",
                                       "category": decision.category, "score": decision.score,
                                       "anomalous": decision.is_anomalous, "batch": result.batch_size,
@@ -406,6 +414,28 @@ class DataPlane:
                 raise Overloaded(f"decode memory busy: no room for the overlay (~{max(1, cost >> 20)} MB); "
                                  "retry later, or ask without one")
             return await self._run(decide)
+
+    def _keep_evidence(self, req: ScoreInput, probe: Probe | None, decided: Decided, amap: np.ndarray | None,
+                       loaded: LoadedModel) -> None:
+        """Queue the evidence of a decision a person should see (`service.inspection.evidence`);
+        never waits, never fails the answer."""
+        assert self.evidence is not None
+        reason = self.evidence.reason_for(decided)
+        if reason is None:
+            return
+        size = _image_bytes(req) + (amap.nbytes if amap is not None else 0)
+        self.evidence.offer(Kept(decided, reason, partial(self._image_as_sent, req, probe), size, amap,
+                                 loaded.model.metadata.map_range))
+
+    def _image_as_sent(self, req: ScoreInput, probe: Probe | None) -> tuple[bytes, str]:
+        """A request's image for evidence: its bytes as sent and their suffix; raw pixels as PNG."""
+        if req.encoded is not None:
+            fmt = probe.image.format if probe is not None else None
+            return req.encoded, SUFFIXES.get(fmt or "", ".img")
+        assert req.raw is not None
+        r = req.raw
+        return png_of(raw_pixels(r.data, r.width, r.height, r.channels, r.bits,
+                                 max_pixels=self.settings.max_image_pixels)), ".png"
 
     def _trace_stages(self, loaded: LoadedModel, rid: str, wall0: int, admitted: int, decode_s: float,
                       result: BatchResult) -> None:
@@ -521,9 +551,16 @@ class DataPlane:
         self.loader.shutdown(wait=False, cancel_futures=True)
         self.control.shutdown(wait=False, cancel_futures=True)
         self.following.shutdown(wait=False, cancel_futures=True)
+        if self.evidence is not None:
+            await asyncio.to_thread(self.evidence.close)
         if self.inspections is not None:  # after the drain: every answered request is recorded
             await self.inspections.close(max(timeout, 10.0))
 
 
 def _key(spec: ModelSpec) -> tuple[str, str]:
     return spec.name, spec.alias
+
+
+def _image_bytes(req: ScoreInput) -> int:
+    """The size of a request's image as sent."""
+    return len(req.encoded) if req.encoded is not None else len(req.raw.data) if req.raw is not None else 0

@@ -21,11 +21,12 @@ import random
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from service import metrics
 from service.errors import ServiceError
+from service.inspection.evidence import EvidenceStore, Kept
 from service.inspection.log import Decided, InspectionLog
 from service.settings import Settings
 
@@ -42,6 +43,8 @@ class ShadowJob:
     # (draft size) → (decoded image, original (height, width)); see `service.runtime.imaging`
     decode: Callable[[tuple[int, int] | None], tuple[Any, tuple[int, int]]]
     served: Decided  # the answer's row; its category is the one the challenger decides in
+    image: Callable[[], tuple[bytes, str]] | None = None  # the image as sent (evidence of a disagreement)
+    image_bytes: int = 0  # its size
 
 
 class Shadow:
@@ -51,15 +54,17 @@ class Shadow:
         settings: server settings (`shadow_alias`, `shadow_fraction`, `shadow_queue`).
         repository: where the watched challenger alias is found.
         inspections: the inspection log, or None (then only metrics are kept).
+        evidence: where a disagreement's image is kept for review, or None.
         busy: whether the server is saturated now (shadow work is then dropped).
     """
 
     def __init__(self, settings: Settings, repository: ModelRepository, inspections: InspectionLog | None,
-                 busy: Callable[[], bool]) -> None:
+                 busy: Callable[[], bool], evidence: EvidenceStore | None = None) -> None:
         self.settings = settings
         self.repository = repository
         self.inspections = inspections
         self.busy = busy
+        self.evidence = evidence
         self.alias = settings.shadow_alias
         self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(settings.shadow_queue)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="shadow")
@@ -111,6 +116,9 @@ class Shadow:
                 continue
             outcome = "agree" if decided.anomalous == job.served.anomalous else "disagree"
             metrics.SHADOW.labels(job.served.category, outcome).inc()
+            if outcome == "disagree" and self.evidence is not None and job.image is not None:
+                self.evidence.offer(Kept(job.served, "shadow_disagreement", job.image, job.image_bytes,
+                                         amap=None, map_range=(0.0, 1.0), other=asdict(decided)))
             if self.inspections is not None:
                 try:
                     await self.inspections.record(decided)

@@ -17,7 +17,7 @@ the log line, never the error's text. Routes:
 - `GET /metrics` (Prometheus: requests by route and status, latency)
 - the Open Inference Protocol (V2) under `/v2/…` (`service.protocol.rest.oip`)
 
-This module is a little over 400 lines: the `/v1` routes, their response schemas (checked
+This module is longer than most (about 450 lines): the `/v1` routes, their response schemas (checked
 against the proto in tests/contract/test_layers.py) and the app's error handlers, one per kind of
 failure, so that every HTTP answer of the API is shaped in this one file.
 """

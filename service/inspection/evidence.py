@@ -1,0 +1,292 @@
+"""Evidence for review: the image and anomaly map of the decisions a person should look at.
+
+With `ANOMALY_EVIDENCE=true` the server keeps, in a local folder (`ANOMALY_EVIDENCE_DIR`):
+
+- every NG decision,
+- every shadow disagreement (the challenger decided otherwise than the answer),
+- a sample of OK decisions (`ANOMALY_EVIDENCE_OK_FRACTION`, default 1 %).
+
+Each is kept as files under `<dir>/<UTC day>/`, named `<hash of the request id>-<record id>`:
+the image as it was sent (raw pixels as PNG), its anomaly map as an 8-bit gray PNG at the
+model's map resolution (`.map.png`; not for a shadow disagreement, whose record holds both
+decisions), and a JSON record of the decision (request id, station, category, model
+version, score, threshold, decision, why it was kept). The record id is the inspection
+log row's (`Decided.record_id`), so a row of the log names its evidence, and a request id
+finds its evidence too (`find`).
+
+Keeping evidence never delays or fails a decision: `offer` only queues (a bounded queue,
+`ANOMALY_EVIDENCE_QUEUE_MB` of images waiting); a full queue drops the evidence and counts it.
+One thread of its own writes each file to a temporary name, then renames it. A write the
+disk refuses (full, read-only) drops that evidence (counted, logged at most once a minute)
+and removes what it had written.
+
+The store is bounded by size (`ANOMALY_EVIDENCE_MAX_MB`) and age
+(`ANOMALY_EVIDENCE_MAX_AGE_DAYS`): the oldest evidence goes first. On start it takes stock of
+what an earlier run left. Metrics: `anomaly_evidence_items` and `anomaly_evidence_bytes`
+(what it holds), `anomaly_evidence_total{outcome}` (kept, dropped_queue_full,
+dropped_write_error, evicted_size, evicted_age). With `anomaly serve --processes N` each
+process keeps its own subfolder (`p<index>`) with 1/N of the size bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import random
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service import metrics
+from service.inspection.log import Decided
+from service.runtime.imaging import anomaly_map_png
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REASONS = ("ng", "shadow_disagreement", "ok_sample")
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")  # the day folders
+AGE_CHECK_S = 60.0  # how often the age bound is applied when nothing is written
+ERROR_LOG_S = 60.0  # at most one log line a minute about refused writes
+
+
+def request_key(request_id: str) -> str:
+    """The file-name part that stands for a request id (any text a client may send)."""
+    return hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Kept:
+    """One decision's evidence, as queued."""
+
+    decided: Decided
+    reason: str
+    image: Callable[[], tuple[bytes, str]]  # → (image bytes, file suffix), called on the writer thread
+    size: int  # bytes held while queued (the image, the map)
+    amap: np.ndarray | None
+    map_range: tuple[float, float]
+    other: dict | None = None  # a shadow disagreement: the challenger's decision
+
+
+@dataclass
+class Item:
+    """Evidence on disk: its files' common stem and total size."""
+
+    stem: Path  # <dir>/<day>/<key>-<record id>
+    size: int
+    mtime: float
+
+
+class EvidenceStore:
+    """The bounded evidence folder and its writer thread (see the module docstring).
+
+    Args:
+        root: the folder (made if missing).
+        max_bytes: size bound of everything kept.
+        max_age_s: age bound of each item.
+        ok_fraction: share of OK decisions kept.
+        queue_bytes: bound of the images waiting to be written.
+    """
+
+    def __init__(self, root: Path, *, max_bytes: int, max_age_s: float, ok_fraction: float,
+                 queue_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes, self.max_age_s = max_bytes, max_age_s
+        self.ok_fraction, self.queue_bytes = ok_fraction, queue_bytes
+        self.items: OrderedDict[str, Item] = OrderedDict()  # stem → item, oldest first
+        self.bytes = 0
+        self._pending = 0  # bytes queued
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Kept | None] = queue.Queue()
+        self._random = random.Random()
+        self._last_error_log = 0.0
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EvidenceStore:
+        """The store `settings` describe (a subfolder and a share of the bound per process)."""
+        root = Path(settings.evidence_dir)
+        share = 1
+        if settings.process_index >= 0:
+            root, share = root / f"p{settings.process_index}", max(1, settings.processes)
+        return cls(root, max_bytes=settings.evidence_max_mb * (1 << 20) // share,
+                   max_age_s=settings.evidence_max_age_days * 86400,
+                   ok_fraction=settings.evidence_ok_fraction,
+                   queue_bytes=settings.evidence_queue_mb * (1 << 20))
+
+    # -- the serving side: never blocks ------------------------------------------------
+    def start(self) -> None:
+        """Take stock of the folder, then start the writer thread."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._take_stock()
+        self._thread = threading.Thread(target=self._write_loop, name="evidence", daemon=True)
+        self._thread.start()
+        log.info("evidence kept in %s (%d items, %.1f of %d MB)", self.root, len(self.items),
+                 self.bytes / (1 << 20), self.max_bytes >> 20)
+
+    def reason_for(self, decided: Decided) -> str | None:
+        """Why a served decision is kept ("ng", "ok_sample"), or None."""
+        if decided.anomalous:
+            return "ng"
+        return "ok_sample" if self._random.random() < self.ok_fraction else None
+
+    def offer(self, kept: Kept) -> bool:
+        """Queue evidence for writing; False (counted) when the queue is full. Never waits."""
+        with self._lock:
+            if self._thread is None or self._pending + kept.size > self.queue_bytes:
+                metrics.EVIDENCE.labels("dropped_queue_full").inc()
+                return False
+            self._pending += kept.size
+        self._queue.put(kept)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (within `timeout` seconds), then stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    # -- the writer thread ---------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            try:
+                kept = self._queue.get(timeout=AGE_CHECK_S)
+            except queue.Empty:  # nothing written for a while: the age bound still applies
+                self._evict()
+                continue
+            if kept is None:
+                return
+            try:
+                self._write(kept)
+            except Exception:  # never let one item stop the writer
+                metrics.EVIDENCE.labels("dropped_write_error").inc()
+                log.exception("evidence of request_id=%s not kept", kept.decided.request_id)
+            finally:
+                with self._lock:
+                    self._pending -= kept.size
+
+    def _write(self, kept: Kept) -> None:
+        d = kept.decided
+        now = datetime.now(timezone.utc)
+        stem = self.root / now.strftime("%Y-%m-%d") / f"{request_key(d.request_id)}-{d.record_id}"
+        record = {**asdict(d), "decision": "NG" if d.anomalous else "OK", "reason": kept.reason,
+                  "kept_at": now.isoformat(), "challenger": kept.other}
+        written: list[Path] = []
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            image, suffix = kept.image()
+            written.append(_write_file(stem.with_name(stem.name + suffix), image))
+            if kept.amap is not None:
+                lo, hi = kept.map_range
+                written.append(_write_file(stem.with_name(stem.name + ".map.png"),
+                                           anomaly_map_png(kept.amap, kept.amap.shape, lo, hi)))
+            record["files"] = [p.name for p in written]
+            written.append(_write_file(stem.with_name(stem.name + ".json"),
+                                       json.dumps(record, default=str).encode()))
+        except OSError as exc:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            metrics.EVIDENCE.labels("dropped_write_error").inc()
+            if time.monotonic() - self._last_error_log >= ERROR_LOG_S:
+                self._last_error_log = time.monotonic()
+                log.warning("evidence of request_id=%s not kept: %s (further refusals within %.0f s are "
+                            "counted in anomaly_evidence_total{outcome=\"dropped_write_error\"}, not logged)",
+                            d.request_id, exc, ERROR_LOG_S)
+            return
+        size = sum(p.stat().st_size for p in written)
+        self.items[str(stem)] = Item(stem, size, time.time())
+        self.bytes += size
+        metrics.EVIDENCE.labels("kept").inc()
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest items while over the size bound, and every item past the age bound."""
+        oldest_allowed = time.time() - self.max_age_s
+        while self.items:
+            stem, item = next(iter(self.items.items()))
+            if self.bytes > self.max_bytes:
+                reason = "evicted_size"
+            elif item.mtime < oldest_allowed:
+                reason = "evicted_age"
+            else:
+                break
+            del self.items[stem]
+            self.bytes -= item.size
+            for path in item.stem.parent.glob(item.stem.name + ".*"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            with contextlib.suppress(OSError):  # an emptied day folder goes too
+                item.stem.parent.rmdir()
+            metrics.EVIDENCE.labels(reason).inc()
+        metrics.EVIDENCE_ITEMS.set(len(self.items))
+        metrics.EVIDENCE_BYTES.set(self.bytes)
+
+    def _take_stock(self) -> None:
+        """What an earlier run left: items by their JSON record, oldest first; temporary files
+        of a write cut short are removed."""
+        found: dict[str, Item] = {}
+        days = [d for d in self.root.iterdir() if d.is_dir() and DAY.fullmatch(d.name)]
+        for path in (p for day in days for p in day.iterdir()):
+            if path.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            stem = path.parent / path.name.split(".", 1)[0]
+            item = found.setdefault(str(stem), Item(stem, 0, stat.st_mtime))
+            item.size += stat.st_size
+            item.mtime = min(item.mtime, stat.st_mtime)
+        for key, item in sorted(found.items(), key=lambda kv: kv[1].mtime):
+            self.items[key] = item
+            self.bytes += item.size
+        self._evict()
+
+    # -- reading it back ----------------------------------------------------------------
+    def find(self, request_id: str) -> list[dict]:
+        """The records kept for `request_id` (newest first), each with the paths of its files."""
+        records = []
+        for path in self.root.glob(f"*/{request_key(request_id)}-*.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("request_id") == request_id:
+                record["paths"] = [str(path.parent / name) for name in record.get("files", [])]
+                records.append(record)
+        return sorted(records, key=lambda r: r.get("kept_at", ""), reverse=True)
+
+
+def _write_file(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary name (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def png_of(rgb: np.ndarray) -> bytes:
+    """An RGB or gray array as PNG bytes (raw pixels kept as evidence)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
