@@ -44,6 +44,7 @@ from pathlib import Path
 
 from loadtests.report import plot, render, write_report
 from loadtests.targets import (
+    GRPC_EVIDENCE,
     GRPC_OFF,
     GRPC_ON,
     GRPC_ONE,
@@ -157,6 +158,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with (grpc_channel(addresses["off"], aio=True) as off,
                     grpc_channel(addresses["traced"], aio=True) as traced,
+                    grpc_channel(addresses["evidence"], aio=True) as kept,
                     grpc_channel(addresses["on"], aio=True) as on,
                     grpc_channel(addresses["one"], aio=True) as one,
                     httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http,
@@ -166,6 +168,7 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
                                    served(grpc_target(GRPC_RAW, off, images, raw=True), "off"),
                                    served(StreamTarget(off, images), "off"),
                                    served(grpc_target(GRPC_TRACED, traced, images), "traced"),
+                                   served(grpc_target(GRPC_EVIDENCE, kept, images), "evidence"),
                                    served(grpc_target(GRPC_ON, on, images), "on"),
                                    served(grpc_target(GRPC_ONE, one, images), "one"),
                                    served(http_target(inproc, images, HTTP_IN), "in"),
@@ -201,6 +204,9 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
         # Tracing on: every request's spans exported over OTLP/HTTP to a sink on loopback.
         servers = {"off": {"ANOMALY_MAX_BATCH_SIZE": "1"},
                    "traced": {"ANOMALY_MAX_BATCH_SIZE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint},
+                   # Evidence on: NG decisions and 1 % of OK ones kept (`service.inspection.evidence`).
+                   "evidence": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_EVIDENCE": "true",
+                                "ANOMALY_EVIDENCE_DIR": str(work / "evidence")},
                    "on": {"ANOMALY_MAX_BATCH_SIZE": str(max_batch_size)},
                    "one": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_WORKERS": "1"},
                    "in": {"ANOMALY_MAX_BATCH_SIZE": "1", "ANOMALY_HTTP_IN_PROCESS": "true",
@@ -226,6 +232,10 @@ def run_benchmark(tracking_uri: str, model_name: str, alias: str, image_dir: Pat
             child.stop()
         sink.close()
     details[GRPC_TRACED] = f"{sink.received} spans exported to an OTLP/HTTP sink on loopback"
+    kept = [json.loads(p.read_text())["reason"] for p in (work / "evidence").rglob("*.json")]
+    answered = sum(p.images for (name, _), runs in phases.items() if name == GRPC_EVIDENCE for p in runs)
+    details[GRPC_EVIDENCE] = (f"{kept.count('ng')} NG and {kept.count('ok_sample')} sampled OK parts kept "
+                              f"as evidence, of {answered} answered")
     results = summarize(phases, details)
     if out is not None:
         text = render(results, model=f"{model_name}/{version} ({metadata.architecture}-{metadata.variant})",

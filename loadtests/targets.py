@@ -20,6 +20,7 @@ GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_ON, GRPC_ONE, GRPC_PROCS, HTTP, HTTP_IN, V
     "gRPC (batching on)", "gRPC (1 worker: latency setting)", "gRPC (2 processes, 8 connections)",
     "HTTP gateway", "HTTP in-process", "V2 gRPC ModelInfer (batching off)")
 GRPC_TRACED = "gRPC (batching off, tracing on)"
+GRPC_EVIDENCE = "gRPC (batching off, evidence on)"
 
 
 class Target:

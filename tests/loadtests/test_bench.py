@@ -15,6 +15,7 @@ import pytest
 from loadtests import peers
 from loadtests.bench import run_benchmark
 from loadtests.targets import (
+    GRPC_EVIDENCE,
     GRPC_OFF,
     GRPC_ON,
     GRPC_ONE,
@@ -46,8 +47,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
     got = {(r.name, r.mode): r for r in results}
     decoding = (GRPC_OFF, HTTP_IN, HTTP, V2_GRPC, peers.KSERVE, peers.KSERVE_V2)
     camera = [f"{p} [960×600 JPEG]" for p in decoding]
-    every = (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_TRACED, GRPC_ON, GRPC_ONE, GRPC_PROCS, HTTP_IN, HTTP,
-             V2_GRPC, peers.MLFLOW,
+    every = (BARE, GRPC_OFF, GRPC_RAW, GRPC_STREAM, GRPC_TRACED, GRPC_EVIDENCE, GRPC_ON, GRPC_ONE, GRPC_PROCS,
+             HTTP_IN, HTTP, V2_GRPC, peers.MLFLOW,
              peers.KSERVE, peers.KSERVE_V2, peers.MLSERVER_REST, peers.MLSERVER_GRPC, *camera)
     for path in every:
         for mode in (LATENCY, SATURATION):
@@ -68,6 +69,8 @@ def test_benchmark_small_run(store, sample_root: Path, tmp_path: Path) -> None:
     assert text.count("\n| ") == 1 + 2 * len(every)  # header + every path × 2 modes
     spans = re.search(re.escape(GRPC_TRACED) + r" \((\d+) spans exported", text)
     assert spans and int(spans.group(1)) > 0, text  # the traced server's spans reached the OTLP sink
+    kept = re.search(re.escape(GRPC_EVIDENCE) + r" \((\d+) NG and (\d+) sampled OK parts kept", text)
+    assert kept and int(kept.group(1)) > 0, text  # the sample data's defects were kept as evidence
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
