@@ -46,6 +46,7 @@ from anomaly.wire import identifier_problem
 from service import metrics, tracing
 from service.dataplane.batcher import Batcher, BatchResult
 from service.dataplane.budget import MemoryBudget
+from service.dataplane.review import ReviewDesk
 from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
 from service.inspection.evidence import SUFFIXES, EvidenceStore, Kept, png_of
 from service.inspection.log import Decided, InspectionLog, Verdict
@@ -151,6 +152,7 @@ class DataPlane:
         self.on_ready_change: Callable[[bool], None] | None = None
         self.inspections = InspectionLog.from_settings(settings) if settings.inspection_log else None
         self.evidence = EvidenceStore.from_settings(settings) if settings.evidence else None
+        self.review = ReviewDesk(settings, self.evidence, self.decode_budget)
         self.shadow = None if not settings.shadow_alias else Shadow(
             settings, self.repository, self.inspections, busy=lambda: self._inflight > settings.workers,
             evidence=self.evidence)
@@ -551,6 +553,7 @@ class DataPlane:
         self.loader.shutdown(wait=False, cancel_futures=True)
         self.control.shutdown(wait=False, cancel_futures=True)
         self.following.shutdown(wait=False, cancel_futures=True)
+        self.review.close()
         if self.evidence is not None:
             await asyncio.to_thread(self.evidence.close)
         if self.inspections is not None:  # after the drain: every answered request is recorded

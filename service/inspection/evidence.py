@@ -186,7 +186,7 @@ class EvidenceStore:
         now = datetime.now(timezone.utc)
         stem = self.root / now.strftime("%Y-%m-%d") / f"{request_key(d.request_id)}-{d.record_id}"
         record = {**asdict(d), "decision": "NG" if d.anomalous else "OK", "reason": kept.reason,
-                  "kept_at": now.isoformat(), "challenger": kept.other}
+                  "kept_at": now.isoformat(), "challenger": kept.other, "map_range": list(kept.map_range)}
         written: list[Path] = []
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +262,19 @@ class EvidenceStore:
         self._evict()
 
     # -- reading it back ----------------------------------------------------------------
+    def kept_records(self) -> set[str]:
+        """The record ids whose evidence the store holds now (read while the writer thread may
+        change them: a copy taken in one step, retried if a change met it)."""
+        for _ in range(3):
+            try:
+                stems = list(self.items)
+                break
+            except RuntimeError:
+                continue
+        else:
+            stems = []
+        return {stem.rsplit("-", 1)[-1] for stem in stems}
+
     def find(self, request_id: str) -> list[dict]:
         """The records kept for `request_id` (newest first), each with the paths of its files."""
         records = []
@@ -274,6 +287,36 @@ class EvidenceStore:
                 record["paths"] = [str(path.parent / name) for name in record.get("files", [])]
                 records.append(record)
         return sorted(records, key=lambda r: r.get("kept_at", ""), reverse=True)
+
+
+@dataclass
+class Found:
+    """Evidence read back: the record, the image as sent and its suffix, the map (8-bit)."""
+
+    record: dict
+    image: bytes
+    suffix: str
+    map8: np.ndarray | None
+
+
+def read_evidence(root: Path, record_id: str) -> Found | None:
+    """The evidence of the inspection row `record_id` under `root`, or None."""
+    if not record_id.isalnum():  # record ids are hex: nothing else names a file here
+        return None
+    for path in root.glob(f"*/*-{record_id}.json"):
+        try:
+            record = json.loads(path.read_text())
+            names = record.get("files", [])
+            image = next(n for n in names if not n.endswith((".map.png", ".json")))
+            data = (path.parent / image).read_bytes()
+            map8 = None
+            if any(n.endswith(".map.png") for n in names):
+                with Image.open(path.parent / next(n for n in names if n.endswith(".map.png"))) as im:
+                    map8 = np.asarray(im.convert("L"))
+        except (OSError, ValueError, StopIteration):
+            continue  # evicted meanwhile, or damaged: as if not kept
+        return Found(record, data, "." + image.split(".", 1)[1], map8)
+    return None
 
 
 def _write_file(path: Path, data: bytes) -> Path:

@@ -332,27 +332,55 @@ def _heat(t: np.ndarray) -> np.ndarray:
                             axis=-1), 0, 1)
 
 
-def overlay_png(base: np.ndarray, amap: np.ndarray, lo: float, hi: float, region: np.ndarray) -> bytes:
-    """`base` (from `overlay_base`) with the anomaly map `amap` over it as a heat map (scaled
-    as `anomaly_map_png`: `lo` → cold, `hi` → hot; more opaque where hotter) and `region` (a
-    boolean mask of `amap`'s shape: the defect region, `Engine.defect_region`) outlined, as an
-    RGB PNG of `base`'s size."""
-    h, w = base.shape[:2]
+def _layer(amap: np.ndarray, lo: float, hi: float, region: np.ndarray,
+           size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The heat map of `amap` at `size` = (height, width): its colours `(H, W, 3)` in [0, 255]
+    and their weight `(H, W, 1)` in [0, 1] (`lo` → cold and clear, `hi` → hot and opaque), with
+    `region`'s outline (the third value, a mask) in `OUTLINE_RGB` at full weight."""
+    h, w = size
     resized = np.asarray(Image.fromarray(np.asarray(amap, np.float32)).resize((w, h), Image.BILINEAR))
     t = np.clip((resized - lo) / max(hi - lo, 1e-12), 0, 1)[..., None]
-    alpha = OVERLAY_OPACITY * t
-    out = base.astype(np.float32) * (1 - alpha) + _heat(t[..., 0]) * 255 * alpha
-    region = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    colour, weight = _heat(t[..., 0]) * 255, t.copy()
+    scaled = Image.fromarray(region.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
+    outline = _outline(np.asarray(scaled) > 0)
+    colour[outline] = OUTLINE_RGB
+    weight[outline] = 1.0
+    return colour, weight, outline
+
+
+def heat_png(amap: np.ndarray, lo: float, hi: float, region: np.ndarray, size: tuple[int, int]) -> bytes:
+    """The heat map of `amap` (as in `overlay_png`) as an RGBA PNG of `size` = (height, width),
+    clear where the map is cold: a layer to put over the image at any opacity."""
+    colour, weight, _ = _layer(amap, lo, hi, region, size)
+    rgba = np.concatenate([colour, weight * 255], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgba, 0, 255).astype(np.uint8), "RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def overlay_png(base: np.ndarray, amap: np.ndarray, lo: float, hi: float, region: np.ndarray) -> bytes:
+    """`base` (from `overlay_base`) with the anomaly map `amap` over it as a heat map (scaled
+    as `anomaly_map_png`: `lo` → cold, `hi` → hot; more opaque where hotter, at most
+    `OVERLAY_OPACITY`) and `region` (a boolean mask of `amap`'s shape: the defect region,
+    `Engine.defect_region`) outlined, as an RGB PNG of `base`'s size."""
+    colour, weight, outline = _layer(amap, lo, hi, region, base.shape[:2])
+    alpha = OVERLAY_OPACITY * weight
+    alpha[outline] = 1.0
+    out = base.astype(np.float32) * (1 - alpha) + colour * alpha
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _outline(region: np.ndarray) -> np.ndarray:
+    """The border of a boolean mask, two pixels wide (to be seen at arm's length)."""
     inner = region.copy()  # the region less its border pixels (a 4-neighbour erosion)
     inner[1:, :] &= region[:-1, :]
     inner[:-1, :] &= region[1:, :]
     inner[:, 1:] &= region[:, :-1]
     inner[:, :-1] &= region[:, 1:]
     edge = region & ~inner
-    thick = edge.copy()  # two pixels wide, to be seen at arm's length
+    thick = edge.copy()
     thick[1:, :] |= edge[:-1, :]
     thick[:, 1:] |= edge[:, :-1]
-    out[thick] = OUTLINE_RGB
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return thick

@@ -207,3 +207,87 @@ class FeedbackResponse(_message.Message):
     request_id: str
     recorded_at: str
     def __init__(self, request_id: _Optional[str] = ..., recorded_at: _Optional[str] = ...) -> None: ...
+
+class ListReviewsRequest(_message.Message):
+    __slots__ = ("station", "category", "model_version", "since", "until", "limit", "include_reviewed")
+    STATION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REVIEWED_FIELD_NUMBER: _ClassVar[int]
+    station: str
+    category: str
+    model_version: str
+    since: str
+    until: str
+    limit: int
+    include_reviewed: bool
+    def __init__(self, station: _Optional[str] = ..., category: _Optional[str] = ..., model_version: _Optional[str] = ..., since: _Optional[str] = ..., until: _Optional[str] = ..., limit: _Optional[int] = ..., include_reviewed: _Optional[bool] = ...) -> None: ...
+
+class ReviewItem(_message.Message):
+    __slots__ = ("record_id", "request_id", "created_at", "station", "category", "model_name", "model_version", "score", "normalized_score", "threshold", "threshold_source", "decision", "reason", "verdict", "defect_type", "reviewer", "has_evidence", "latency_ms")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DEFECT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    HAS_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    request_id: str
+    created_at: str
+    station: str
+    category: str
+    model_name: str
+    model_version: str
+    score: float
+    normalized_score: float
+    threshold: float
+    threshold_source: str
+    decision: str
+    reason: str
+    verdict: str
+    defect_type: str
+    reviewer: str
+    has_evidence: bool
+    latency_ms: float
+    def __init__(self, record_id: _Optional[str] = ..., request_id: _Optional[str] = ..., created_at: _Optional[str] = ..., station: _Optional[str] = ..., category: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., verdict: _Optional[str] = ..., defect_type: _Optional[str] = ..., reviewer: _Optional[str] = ..., has_evidence: _Optional[bool] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class ListReviewsResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReviewItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[ReviewItem, _Mapping]]] = ...) -> None: ...
+
+class GetEvidenceRequest(_message.Message):
+    __slots__ = ("record_id",)
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    def __init__(self, record_id: _Optional[str] = ...) -> None: ...
+
+class Evidence(_message.Message):
+    __slots__ = ("item", "image", "image_type", "heat_png", "overlay_png")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    HEAT_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    item: ReviewItem
+    image: bytes
+    image_type: str
+    heat_png: bytes
+    overlay_png: bytes
+    def __init__(self, item: _Optional[_Union[ReviewItem, _Mapping]] = ..., image: _Optional[bytes] = ..., image_type: _Optional[str] = ..., heat_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...

@@ -59,6 +59,16 @@ class AnomalyDetectionStub:
                 request_serializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackRequest.SerializeToString,
                 response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackResponse.FromString,
                 _registered_method=True)
+        self.ListReviews = channel.unary_unary(
+                '/anomaly.v1.AnomalyDetection/ListReviews',
+                request_serializer=anomaly_dot_v1_dot_anomaly__pb2.ListReviewsRequest.SerializeToString,
+                response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.ListReviewsResponse.FromString,
+                _registered_method=True)
+        self.GetEvidence = channel.unary_unary(
+                '/anomaly.v1.AnomalyDetection/GetEvidence',
+                request_serializer=anomaly_dot_v1_dot_anomaly__pb2.GetEvidenceRequest.SerializeToString,
+                response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.Evidence.FromString,
+                _registered_method=True)
 
 
 class AnomalyDetectionServicer:
@@ -99,6 +109,22 @@ class AnomalyDetectionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReviews(self, request, context):
+        """The parts a person should look at, newest first: NG decisions, decisions near the
+        threshold and shadow disagreements (needs the inspection log; role operate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvidence(self, request, context):
+        """One part for review: its decision and the evidence kept for it (needs the evidence
+        store; role operate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnomalyDetectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +152,16 @@ def add_AnomalyDetectionServicer_to_server(servicer, server):
                     servicer.Feedback,
                     request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackRequest.FromString,
                     response_serializer=anomaly_dot_v1_dot_anomaly__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'ListReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviews,
+                    request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.ListReviewsRequest.FromString,
+                    response_serializer=anomaly_dot_v1_dot_anomaly__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'GetEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvidence,
+                    request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.GetEvidenceRequest.FromString,
+                    response_serializer=anomaly_dot_v1_dot_anomaly__pb2.Evidence.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +299,60 @@ class AnomalyDetection:
             '/anomaly.v1.AnomalyDetection/Feedback',
             anomaly_dot_v1_dot_anomaly__pb2.FeedbackRequest.SerializeToString,
             anomaly_dot_v1_dot_anomaly__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anomaly.v1.AnomalyDetection/ListReviews',
+            anomaly_dot_v1_dot_anomaly__pb2.ListReviewsRequest.SerializeToString,
+            anomaly_dot_v1_dot_anomaly__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anomaly.v1.AnomalyDetection/GetEvidence',
+            anomaly_dot_v1_dot_anomaly__pb2.GetEvidenceRequest.SerializeToString,
+            anomaly_dot_v1_dot_anomaly__pb2.Evidence.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from functools import partial
 
 import grpc
@@ -40,7 +41,8 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
 from service import metrics, tracing
 from service.dataplane.data_plane import DataPlane, LoadedModel, RawPixels, ScoreInput, ScoreOutput, Verdict
-from service.errors import ServiceError, answering, internal_error
+from service.dataplane.review import ReviewFilter, ReviewRow
+from service.errors import InvalidInput, ServiceError, answering, internal_error
 from service.protocol.grpc import oip
 from service.protocol.grpc.admission import Admission, grpc_backstop
 from service.protocol.grpc.oip import InferenceServicer
@@ -116,6 +118,30 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
         timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )
+
+
+def review_item(row: ReviewRow, has_evidence: bool) -> pb.ReviewItem:
+    """A review-queue row → `ReviewItem`."""
+    d = row.decision
+    return pb.ReviewItem(
+        record_id=d.record_id or "", request_id=d.request_id, created_at=d.created_at.isoformat() + "Z",
+        station=d.station, category=d.category, model_name=d.model_name, model_version=d.model_version,
+        score=d.score, normalized_score=d.normalized_score, threshold=d.threshold,
+        threshold_source=d.threshold_source, decision=d.decision, reason=row.reason, verdict=row.verdict,
+        defect_type=row.defect_type, reviewer=row.reviewer, has_evidence=has_evidence,
+        latency_ms=d.latency_ms)
+
+
+def _instant(text: str, name: str) -> datetime | None:
+    """An RFC 3339 time of a request ("" = none; naive = UTC)."""
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"{name} must be an RFC 3339 time (e.g. 2026-12-07T08:00:00Z), "
+                           f"got {text[:40]!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
@@ -230,6 +256,25 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                           request.operator, request.comment, request.station, sender=self.who(context))
         at = await self.plane.feedback(verdict)
         return pb.FeedbackResponse(request_id=request.request_id, recorded_at=at.isoformat())
+
+
+    @answering
+    async def ListReviews(self, request: pb.ListReviewsRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.ListReviewsResponse:
+        """The review queue (`service.inspection.review`)."""
+        wanted = ReviewFilter(request.station, request.category, request.model_version,
+                              _instant(request.since, "since"), _instant(request.until, "until"),
+                              request.limit, request.include_reviewed)
+        rows = await self.plane.review.queue(wanted)
+        return pb.ListReviewsResponse(items=[review_item(row, kept) for row, kept in rows])
+
+    @answering
+    async def GetEvidence(self, request: pb.GetEvidenceRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.Evidence:
+        """One part for review, with its evidence drawn (`service.dataplane.review`)."""
+        part = await self.plane.review.part(request.record_id)
+        return pb.Evidence(item=review_item(part.row, bool(part.image)), image=part.image,
+                           image_type=part.image_type, heat_png=part.heat_png, overlay_png=part.overlay_png)
 
 
 class GrpcServer:

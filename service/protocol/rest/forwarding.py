@@ -15,6 +15,7 @@ routes (`/v2/…`) as that protocol's `{"error": "…"}`.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -97,10 +98,29 @@ class GrpcBackend:
             raise problem(exc.code(), exc.details() or "") from exc
 
 
+def basic_sign_in(request: Request) -> tuple[str, str] | None:
+    """A browser's HTTP Basic sign-in (the review station): (user name, password), or None."""
+    auth = request.headers.get("authorization", "")
+    if auth[:6].lower() != "basic ":
+        return None
+    try:
+        user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return user, password
+
+
 def credentials(request: Request) -> list[tuple[str, str]]:
-    """The caller's key headers, passed on as they came (the gateway holds no key of its own)."""
-    return [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
-                                ("authorization", request.headers.get("authorization"))) if v]
+    """The caller's key headers, passed on as they came (the gateway holds no key of its own);
+    a browser's HTTP Basic sign-in passes its password as the key."""
+    found = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
+                                 ("authorization", request.headers.get("authorization"))) if v]
+    if request.headers.get("authorization", "")[:6].lower() == "basic ":
+        signed_in = basic_sign_in(request)
+        found = [(k, v) for k, v in found if k != "authorization"]
+        if signed_in and signed_in[1]:
+            found.append(("x-api-key", signed_in[1]))
+    return found
 
 
 async def forward(request: Request, backend: Backend, method: str, message: object) -> object:

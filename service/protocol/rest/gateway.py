@@ -47,7 +47,7 @@ from anomaly.wire import TIMING_KEYS, identifier_problem
 from service import tracing
 from service.dataplane.budget import MemoryBudget
 from service.protocol.grpc.options import grpc_options
-from service.protocol.rest import http_body
+from service.protocol.rest import http_body, review
 from service.protocol.rest import oip as oip_rest
 from service.protocol.rest.forwarding import GrpcBackend, Problem, error_response, forward, reserved_body
 from service.settings import Settings
@@ -380,6 +380,7 @@ def create_app(settings: Settings | None = None, local: LocalBackends | None = N
                   description="HTTP front of the anomaly.v1 gRPC service", lifespan=lifespan)
     app.include_router(router)
     app.include_router(oip_rest.router)
+    app.include_router(review.router)
     tracing.instrument_app(app)
 
     @app.middleware("http")

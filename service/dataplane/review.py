@@ -1,0 +1,137 @@
+"""The review desk: what the review station asks the server (`ListReviews`, `GetEvidence`).
+
+It reads the inspection log (`service.inspection.review`) and the evidence store
+(`service.inspection.evidence`) off the event loop, and draws a part's heat map and overlay
+from its evidence, with the memory that takes reserved from the decode budget. Feedback on a
+part goes through `DataPlane.feedback`, as the `Feedback` RPC does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import metrics
+from service.dataplane.budget import MemoryBudget
+from service.errors import InvalidInput, ModelNotFound, Overloaded, Refused
+from service.inspection.evidence import EvidenceStore, Found, read_evidence
+from service.inspection.review import ReviewFilter, ReviewRow, one_decision, review_queue
+from service.inspection.schema import engine_for
+from service.runtime.imaging import (
+    OVERLAY_MAX_SIDE,
+    Probe,
+    decode_probe,
+    heat_png,
+    overlay_base,
+    overlay_cost,
+    overlay_png,
+    probe_image,
+)
+from service.settings import Settings
+
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff",
+               ".webp": "image/webp"}
+
+
+@dataclass
+class Part:
+    """One part for review: its decision and, when kept, its evidence drawn."""
+
+    row: ReviewRow
+    image: bytes = b""
+    image_type: str = ""
+    heat_png: bytes = b""
+    overlay_png: bytes = b""
+
+
+def region_of(t: np.ndarray, record: dict) -> np.ndarray:
+    """The defect region on a kept map (`t`: the map scaled to [0, 1] over its `map_range`), as
+    the decision drew it: none for OK; where the map reaches the threshold for NG (at least its
+    hottest pixel)."""
+    if record.get("decision") != "NG":
+        return np.zeros(t.shape, dtype=bool)
+    lo, hi = record.get("map_range") or (0.0, 1.0)
+    region = t >= (float(record["threshold"]) - lo) / max(hi - lo, 1e-12)
+    if not region.any():
+        region.flat[int(np.argmax(t))] = True
+    return region
+
+
+class ReviewDesk:
+    """Answers the review station from the inspection log and the evidence store.
+
+    Args:
+        settings: server settings (the inspection database's URL, decode limits).
+        evidence: the evidence store, or None (parts are then listed without images).
+        budget: the decode memory budget drawing takes its memory from.
+    """
+
+    def __init__(self, settings: Settings, evidence: EvidenceStore | None, budget: MemoryBudget) -> None:
+        self.settings, self.evidence, self.budget = settings, evidence, budget
+        self._engine = None
+
+    def _database(self):  # type: ignore[no-untyped-def]
+        if not self.settings.inspection_log:
+            raise Refused("this server keeps no inspection log, so it has no parts to review; start it with "
+                          "ANOMALY_INSPECTION_LOG=true")
+        if self._engine is None:
+            self._engine = engine_for(self.settings.inspection_db(), pool_pre_ping=True)
+        return self._engine
+
+    async def queue(self, wanted: ReviewFilter) -> list[tuple[ReviewRow, bool]]:
+        """The review queue, each part with whether its evidence is kept."""
+        rows = await asyncio.to_thread(review_queue, self._database(), wanted)
+        kept = self.evidence.kept_records() if self.evidence is not None else set()
+        return [(row, bool(row.decision.record_id) and row.decision.record_id in kept) for row in rows]
+
+    async def part(self, record_id: str) -> Part:
+        """One part with its evidence drawn (image, heat layer, overlay).
+
+        Raises:
+            ModelNotFound: no served decision has this record id (NOT_FOUND).
+            Overloaded: no decode memory for drawing it now.
+        """
+        row = await asyncio.to_thread(one_decision, self._database(), record_id)
+        if row is None:
+            raise ModelNotFound(f"no served decision has record_id {record_id!r} in the inspection log")
+        found = None
+        if self.evidence is not None:
+            found = await asyncio.to_thread(read_evidence, self.evidence.root, record_id)
+        if found is None:
+            return Part(row)
+        return await self._drawn(row, found)
+
+    async def _drawn(self, row: ReviewRow, found: Found) -> Part:
+        s = self.settings
+        part = Part(row, found.image, MEDIA_TYPES.get(found.suffix, "application/octet-stream"))
+        if found.map8 is None:
+            return part
+        try:
+            probe = probe_image(found.image, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        except InvalidInput:  # damaged on disk: the part is still shown, undrawn
+            return part
+        side = OVERLAY_MAX_SIDE
+        cost = min(probe.cost + overlay_cost(np.empty((side, side, 0))), self.budget.capacity)
+        async with self.budget.reserve(cost, s.decode_wait_s) as ok:
+            if not ok:
+                metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
+                raise Overloaded("decode memory busy: no room to draw this part now; retry later")
+            part.heat_png, part.overlay_png = await asyncio.to_thread(self._draw, probe, found)
+        return part
+
+    @staticmethod
+    def _draw(probe: Probe, found: Found) -> tuple[bytes, bytes]:
+        try:
+            base = overlay_base(decode_probe(probe))
+        except InvalidInput:  # damaged past its header: shown undrawn
+            return b"", b""
+        t = found.map8.astype(np.float32) / 255  # type: ignore[union-attr]
+        region = region_of(t, found.record)
+        return heat_png(t, 0.0, 1.0, region, base.shape[:2]), overlay_png(base, t, 0.0, 1.0, region)
+
+    def close(self) -> None:
+        """Let go of the database connections."""
+        if self._engine is not None:
+            self._engine.dispose()

@@ -1,0 +1,136 @@
+"""The review station: server-rendered pages where a quality engineer looks at the parts the
+model flagged and confirms or corrects each decision.
+
+- `GET /review`: the queue (NG decisions, decisions near the threshold, shadow
+  disagreements; not yet reviewed unless `reviewed=true`), filtered by station, category,
+  model version and time, each with its overlay thumbnail.
+- `GET /review/parts/{record_id}`: one part: the image with its heat map laid over it (an
+  opacity slider), the defect region outlined at the threshold, the decision, where its
+  threshold came from, the version, station and timings, and OK / NG buttons.
+- `POST /review/parts/{record_id}/verdict`: records the verdict as the `Feedback` RPC does (the
+  reviewer's name as `operator`, the key's name as the sender), then shows the next part.
+- `GET /review/parts/{record_id}/overlay.png`: the part's overlay (the queue's thumbnails).
+
+The browser signs in with HTTP Basic: any user name (recorded as the reviewer) and an API key
+of the role `operate` as the password; without keys configured the pages are open, as the API
+is. A verdict form posted from another site is refused (its `Origin` is not this host). Pages
+use no external font, script or style (the line network has no internet), work from
+1280×800 panel PCs to tablets, and every action has a key: `j`/`k` move in the queue, `Enter`
+opens a part, `o` records OK, `n` records NG (with the defect type typed first), `Esc` goes back.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from anomaly.v1 import anomaly_pb2 as pb
+from service.protocol.rest.forwarding import Problem, basic_sign_in, forward
+
+router = APIRouter(prefix="/review", include_in_schema=False)
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+REALM = 'Basic realm="anomaly review", charset="UTF-8"'
+DEFECT_TYPES = ("scratch", "dent", "crack", "contamination", "missing part", "discoloration", "other")
+
+
+def reviewer(request: Request) -> str:
+    """The name the browser signed in with (HTTP Basic), or ""."""
+    signed_in = basic_sign_in(request)
+    return signed_in[0].strip()[:128] if signed_in else ""
+
+
+def page_problem(request: Request, exc: Problem) -> Response:
+    """A failed call as a page: 401 asks the browser to sign in (HTTP Basic)."""
+    headers = {"WWW-Authenticate": REALM} if exc.status == 401 else None
+    return templates.TemplateResponse(request, "problem.html", {"problem": exc}, status_code=exc.status,
+                                      headers=headers)
+
+
+async def _call(request: Request, method: str, message: object) -> object:
+    return await forward(request, request.app.state.v1, method, message)
+
+
+@router.get("", response_class=HTMLResponse)
+async def queue(request: Request, station: str = "", category: str = "", version: str = "",
+                since: str = "", until: str = "", reviewed: bool = False,
+                recorded: Annotated[str, Query(max_length=128)] = "") -> Response:
+    """The review queue."""
+    message = pb.ListReviewsRequest(station=station, category=category, model_version=version, since=since,
+                                    until=until, limit=200, include_reviewed=reviewed)
+    try:
+        answer = await _call(request, "ListReviews", message)
+    except Problem as exc:
+        return page_problem(request, exc)
+    filters = {"station": station, "category": category, "version": version, "since": since,
+               "until": until, "reviewed": reviewed}
+    return templates.TemplateResponse(request, "queue.html", {
+        "items": list(answer.items), "filters": filters, "recorded": recorded,  # type: ignore[attr-defined]
+        "reviewer": reviewer(request)})
+
+
+@router.get("/parts/{record_id}", response_class=HTMLResponse)
+async def part(request: Request, record_id: str, back: str = "") -> Response:
+    """One part: image, heat map, decision, verdict buttons."""
+    try:
+        evidence = await _call(request, "GetEvidence", pb.GetEvidenceRequest(record_id=record_id))
+    except Problem as exc:
+        return page_problem(request, exc)
+
+    def data_uri(kind: str, data: bytes) -> str:
+        return f"data:{kind};base64,{base64.b64encode(data).decode()}" if data else ""
+
+    e = evidence
+    return templates.TemplateResponse(request, "part.html", {
+        "item": e.item, "image": data_uri(e.image_type, e.image),  # type: ignore[attr-defined]
+        "heat": data_uri("image/png", e.heat_png), "reviewer": reviewer(request),  # type: ignore[attr-defined]
+        "defect_types": DEFECT_TYPES, "back": back if back.startswith("/review") else "/review"})
+
+
+@router.get("/parts/{record_id}/overlay.png")
+async def overlay(request: Request, record_id: str) -> Response:
+    """The part's overlay PNG (404 when no evidence was kept)."""
+    evidence = await _call(request, "GetEvidence", pb.GetEvidenceRequest(record_id=record_id))
+    if not evidence.overlay_png:  # type: ignore[attr-defined]
+        raise Problem(404, "Not Found", f"no overlay kept for record_id {record_id!r}", "NOT_FOUND")
+    return Response(evidence.overlay_png, media_type="image/png",  # type: ignore[attr-defined]
+                    headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether a form post comes from this host's own pages (no Origin header: not a browser's
+    cross-site post)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin.split("://", 1)[-1] == host
+
+
+@router.post("/parts/{record_id}/verdict")
+async def verdict(request: Request, record_id: str,
+                  request_id: Annotated[str, Form(max_length=128)],
+                  verdict: Annotated[str, Form(pattern="^(OK|NG)$")],
+                  defect_type: Annotated[str, Form(max_length=128)] = "",
+                  comment: Annotated[str, Form(max_length=2000)] = "",
+                  station: Annotated[str, Form(max_length=128)] = "",
+                  back: Annotated[str, Form(max_length=2000)] = "/review") -> Response:
+    """Record the reviewer's verdict (as the `Feedback` RPC), then back to the queue."""
+    if not _same_origin(request):
+        return page_problem(request, Problem(403, "Forbidden", "a verdict must be posted from this review "
+                                             "station's own page", "PERMISSION_DENIED"))
+    message = pb.FeedbackRequest(request_id=request_id, verdict=verdict,
+                                 defect_type=defect_type.strip() if verdict == "NG" else "",
+                                 operator=reviewer(request), comment=comment.strip(), station=station)
+    try:
+        await _call(request, "Feedback", message)
+    except Problem as exc:
+        return page_problem(request, exc)
+    path, _, query = (back if back.startswith("/review") else "/review").partition("?")
+    kept = [(k, v) for k, v in parse_qsl(query) if k != "recorded"] + [("recorded", request_id)]
+    return RedirectResponse(f"{path}?{urlencode(kept)}", status_code=303)
