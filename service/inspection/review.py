@@ -39,7 +39,7 @@ class ReviewFilter:
 class ReviewRow:
     """One part in the queue."""
 
-    decision: Any  # the `Inspection` row
+    decision: Any  # the `inspections` row (its columns as attributes)
     reason: str  # ng | shadow_disagreement | near_threshold
     verdict: str = ""
     defect_type: str = ""
@@ -75,7 +75,7 @@ def review_queue(engine: Engine, wanted: ReviewFilter) -> list[ReviewRow]:
     query = query.order_by(Inspection.created_at.desc(), Inspection.id.desc()).limit(limit)
     with engine.connect() as conn:
         found = list(conn.execute(query))
-        ids = sorted({r.Inspection.request_id for r in found} - {""})
+        ids = sorted({r.request_id for r in found} - {""})
         latest: dict[str, Any] = {}
         for start in range(0, len(ids), 500):  # bounded IN lists
             given = select(Feedback).where(Feedback.request_id.in_(ids[start:start + 500]))
@@ -83,10 +83,9 @@ def review_queue(engine: Engine, wanted: ReviewFilter) -> list[ReviewRow]:
                                                                                  Feedback.id))})
     rows = []
     for r in found:
-        d = r.Inspection
-        reason = "ng" if d.decision == "NG" else "shadow_disagreement" if r.disagreed else "near_threshold"
-        f = latest.get(d.request_id)
-        rows.append(ReviewRow(d, reason, f.verdict if f else "", f.defect_type if f else "",
+        reason = "ng" if r.decision == "NG" else "shadow_disagreement" if r.disagreed else "near_threshold"
+        f = latest.get(r.request_id)
+        rows.append(ReviewRow(r, reason, f.verdict if f else "", f.defect_type if f else "",
                               (f.operator or f.sender) if f else ""))
     return rows
 
@@ -98,10 +97,8 @@ def one_decision(engine: Engine, record_id: str) -> ReviewRow | None:
         d = conn.execute(query).first()
         if d is None:
             return None
-        d = d.Inspection
         f = conn.execute(select(Feedback).where(Feedback.request_id == d.request_id)
                          .order_by(Feedback.created_at.desc(), Feedback.id.desc()).limit(1)).first()
     reason = "ng" if d.decision == "NG" else "near_threshold" if abs(d.normalized_score - 0.5) <= NEAR else ""
-    f = f.Feedback if f is not None else None
     return ReviewRow(d, reason, f.verdict if f else "", f.defect_type if f else "",
                      (f.operator or f.sender) if f else "")
