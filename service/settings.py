@@ -271,6 +271,9 @@ class Settings(BaseSettings):
     evidence_max_age_days: float = Field(30.0, gt=0, description="evidence age bound")
     evidence_ok_fraction: float = Field(0.01, ge=0, le=1,
                                         description="share of OK decisions kept as evidence")
+    evidence_min_free_mb: int = Field(1024, ge=0, description="free space evidence leaves on its disk (for "
+                                                              "the inspection spool beside it): below, the "
+                                                              "oldest goes, then new evidence is dropped")
     evidence_queue_mb: int = Field(64, ge=1, description="images waiting to be written as evidence; beyond, "
                                                          "evidence is dropped (counted), never a decision "
                                                          "delayed")

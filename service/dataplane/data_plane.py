@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ from service.runtime.imaging import (
     decode_probe,
     overlay_base,
     overlay_cost,
+    overlay_cost_of,
     probe_image,
     raw_cost,
     raw_pixels,
@@ -152,7 +154,8 @@ class DataPlane:
         self.on_ready_change: Callable[[bool], None] | None = None
         self.inspections = InspectionLog.from_settings(settings) if settings.inspection_log else None
         self.evidence = EvidenceStore.from_settings(settings) if settings.evidence else None
-        self.review = ReviewDesk(settings, self.evidence, self.decode_budget)
+        self.review = ReviewDesk(settings, Path(settings.evidence_dir) if settings.evidence else None,
+                                 self.decode_budget)
         self.shadow = None if not settings.shadow_alias else Shadow(
             settings, self.repository, self.inspections, busy=lambda: self._inflight > settings.workers,
             evidence=self.evidence)
@@ -340,6 +343,8 @@ class DataPlane:
             loaded = await self.get(spec, req.deadline)
             category = loaded.model.resolve_category(req.category)  # validate before any work
             probe, cost = self._probe(req)
+            if req.return_overlay:
+                self._check_overlay(req, probe)
             admitted = time.time_ns() if traced else 0
             result, size, decode_s, base = await self._infer(loaded, req, probe, cost)
             rid = req.request_id or uuid.uuid4().hex
@@ -400,6 +405,17 @@ class DataPlane:
             raise
         finally:
             self._inflight -= 1
+
+    def _check_overlay(self, req: ScoreInput, probe: Probe | None) -> None:
+        """Refuse at once (INVALID_ARGUMENT, not a retry) an overlay the whole decode budget
+        could never hold."""
+        height, width = (probe.height, probe.width) if probe is not None else \
+            (req.raw.height, req.raw.width) if req.raw is not None else (0, 0)
+        need = overlay_cost_of(height, width)
+        if need > self.decode_budget.capacity:
+            raise InvalidInput(f"an overlay of this image needs ~{need >> 20} MB, more than the server's "
+                               f"whole decode budget ({self.decode_budget.capacity >> 20} MB, "
+                               "ANOMALY_DECODE_MEMORY_MB); ask without one")
 
     async def _drawn(self, decide: Callable[[], Decision], base: np.ndarray | None,
                      deadline: float | None) -> Decision:

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from service import metrics
 from service.dataplane.budget import MemoryBudget
 from service.errors import InvalidInput, ModelNotFound, Overloaded, Refused
-from service.inspection.evidence import EvidenceStore, Found, read_evidence
+from service.inspection.evidence import Found, kept_on_disk, read_evidence
 from service.inspection.review import ReviewFilter, ReviewRow, one_decision, review_queue
 from service.inspection.schema import engine_for
 from service.runtime.imaging import (
-    OVERLAY_MAX_SIDE,
     Probe,
     decode_probe,
     heat_png,
     overlay_base,
-    overlay_cost,
+    overlay_cost_of,
     overlay_png,
     probe_image,
 )
@@ -64,11 +64,12 @@ class ReviewDesk:
 
     Args:
         settings: server settings (the inspection database's URL, decode limits).
-        evidence: the evidence store, or None (parts are then listed without images).
+        evidence: the evidence folder (`ANOMALY_EVIDENCE_DIR`, every process's evidence under it), or
+            None (parts are then listed without images).
         budget: the decode memory budget drawing takes its memory from.
     """
 
-    def __init__(self, settings: Settings, evidence: EvidenceStore | None, budget: MemoryBudget) -> None:
+    def __init__(self, settings: Settings, evidence: Path | None, budget: MemoryBudget) -> None:
         self.settings, self.evidence, self.budget = settings, evidence, budget
         self._engine = None
 
@@ -83,7 +84,7 @@ class ReviewDesk:
     async def queue(self, wanted: ReviewFilter) -> list[tuple[ReviewRow, bool]]:
         """The review queue, each part with whether its evidence is kept."""
         rows = await asyncio.to_thread(review_queue, self._database(), wanted)
-        kept = self.evidence.kept_records() if self.evidence is not None else set()
+        kept = await asyncio.to_thread(kept_on_disk, self.evidence) if self.evidence is not None else set()
         return [(row, bool(row.decision.record_id) and row.decision.record_id in kept) for row in rows]
 
     async def part(self, record_id: str) -> Part:
@@ -95,10 +96,10 @@ class ReviewDesk:
         """
         row = await asyncio.to_thread(one_decision, self._database(), record_id)
         if row is None:
-            raise ModelNotFound(f"no served decision has record_id {record_id!r} in the inspection log")
+            raise ModelNotFound(f"no served decision has record_id {record_id[:64]!r} in the inspection log")
         found = None
         if self.evidence is not None:
-            found = await asyncio.to_thread(read_evidence, self.evidence.root, record_id)
+            found = await asyncio.to_thread(read_evidence, self.evidence, record_id)
         if found is None:
             return Part(row)
         return await self._drawn(row, found)
@@ -112,8 +113,9 @@ class ReviewDesk:
             probe = probe_image(found.image, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
         except InvalidInput:  # damaged on disk: the part is still shown, undrawn
             return part
-        side = OVERLAY_MAX_SIDE
-        cost = min(probe.cost + overlay_cost(np.empty((side, side, 0))), self.budget.capacity)
+        cost = probe.cost + overlay_cost_of(probe.height, probe.width)
+        if cost > self.budget.capacity:  # could never be drawn here: shown undrawn
+            return part
         async with self.budget.reserve(cost, s.decode_wait_s) as ok:
             if not ok:
                 metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()

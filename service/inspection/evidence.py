@@ -24,7 +24,11 @@ The store is bounded by size (`ANOMALY_EVIDENCE_MAX_MB`) and age
 (`ANOMALY_EVIDENCE_MAX_AGE_DAYS`): the oldest evidence goes first. On start it takes stock of
 what an earlier run left. Metrics: `anomaly_evidence_items` and `anomaly_evidence_bytes`
 (what it holds), `anomaly_evidence_total{outcome}` (kept, dropped_queue_full,
-dropped_write_error, evicted_size, evicted_age). With `anomaly serve --processes N` each
+dropped_write_error, dropped_disk_low, evicted_size, evicted_age, evicted_disk_low). The store
+never takes its disk's last `ANOMALY_EVIDENCE_MIN_FREE_MB` (1024 MB): below that it drops its
+oldest evidence, then new evidence, so the inspection log's spool beside it keeps room. Only
+the store's own files (`<16 hex>-<32 hex>.*` in `YYYY-MM-DD` folders) are ever counted or
+deleted: other files in the folder are left alone. With `anomaly serve --processes N` each
 process keeps its own subfolder (`p<index>`) with 1/N of the size bound.
 """
 
@@ -39,6 +43,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -60,6 +65,9 @@ log = logging.getLogger(__name__)
 REASONS = ("ng", "shadow_disagreement", "ok_sample")
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")  # the day folders
+# The store's own files: <16 hex of the request id>-<32 hex record id>.<suffix>; nothing else in
+# the folder is ever read, counted or deleted.
+OWN = re.compile(r"([0-9a-f]{16})-([0-9a-f]{32})\.[a-z0-9.]+")
 AGE_CHECK_S = 60.0  # how often the age bound is applied when nothing is written
 ERROR_LOG_S = 60.0  # at most one log line a minute about refused writes
 
@@ -100,12 +108,15 @@ class EvidenceStore:
         max_age_s: age bound of each item.
         ok_fraction: share of OK decisions kept.
         queue_bytes: bound of the images waiting to be written.
+        min_free_bytes: free space the store leaves on its disk (for the inspection log's spool
+            and everything else there): below it, the oldest evidence goes, then new evidence
+            is dropped.
     """
 
     def __init__(self, root: Path, *, max_bytes: int, max_age_s: float, ok_fraction: float,
-                 queue_bytes: int) -> None:
+                 queue_bytes: int, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
-        self.max_bytes, self.max_age_s = max_bytes, max_age_s
+        self.max_bytes, self.max_age_s, self.min_free_bytes = max_bytes, max_age_s, min_free_bytes
         self.ok_fraction, self.queue_bytes = ok_fraction, queue_bytes
         self.items: OrderedDict[str, Item] = OrderedDict()  # stem → item, oldest first
         self.bytes = 0
@@ -126,12 +137,23 @@ class EvidenceStore:
         return cls(root, max_bytes=settings.evidence_max_mb * (1 << 20) // share,
                    max_age_s=settings.evidence_max_age_days * 86400,
                    ok_fraction=settings.evidence_ok_fraction,
-                   queue_bytes=settings.evidence_queue_mb * (1 << 20))
+                   queue_bytes=settings.evidence_queue_mb * (1 << 20),
+                   min_free_bytes=settings.evidence_min_free_mb * (1 << 20))
 
     # -- the serving side: never blocks ------------------------------------------------
     def start(self) -> None:
-        """Take stock of the folder, then start the writer thread."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Take stock of the folder, then start the writer thread.
+
+        Raises:
+            OSError: the folder cannot be made or read (the message names ANOMALY_EVIDENCE_DIR).
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.root.is_dir():
+                raise NotADirectoryError(f"{self.root} is not a folder")
+        except OSError as exc:
+            raise OSError(f"the evidence folder (ANOMALY_EVIDENCE_DIR) {self.root} cannot be used: "
+                          f"{exc}") from exc
         self._take_stock()
         self._thread = threading.Thread(target=self._write_loop, name="evidence", daemon=True)
         self._thread.start()
@@ -181,8 +203,29 @@ class EvidenceStore:
                 with self._lock:
                     self._pending -= kept.size
 
+    def _room(self, size: int) -> bool:
+        """Whether `size` more bytes leave the disk its free-space floor, after dropping the
+        oldest evidence if that is what it takes."""
+        if self.min_free_bytes <= 0:
+            return True
+        while True:
+            try:
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                return False
+            if free - size >= self.min_free_bytes:
+                return True
+            if not self.items:
+                return False
+            self._drop_oldest("evicted_disk_low")
+
     def _write(self, kept: Kept) -> None:
         d = kept.decided
+        if not self._room(2 * kept.size + 4096):
+            metrics.EVIDENCE.labels("dropped_disk_low").inc()
+            self._log_refusal(d.request_id, f"less than {self.min_free_bytes >> 20} MB would be left free on "
+                                            "its disk (ANOMALY_EVIDENCE_MIN_FREE_MB)", "dropped_disk_low")
+            return
         now = datetime.now(timezone.utc)
         stem = self.root / now.strftime("%Y-%m-%d") / f"{request_key(d.request_id)}-{d.record_id}"
         record = {**asdict(d), "decision": "NG" if d.anomalous else "OK", "reason": kept.reason,
@@ -204,11 +247,7 @@ class EvidenceStore:
                 with contextlib.suppress(OSError):
                     path.unlink()
             metrics.EVIDENCE.labels("dropped_write_error").inc()
-            if time.monotonic() - self._last_error_log >= ERROR_LOG_S:
-                self._last_error_log = time.monotonic()
-                log.warning("evidence of request_id=%s not kept: %s (further refusals within %.0f s are "
-                            "counted in anomaly_evidence_total{outcome=\"dropped_write_error\"}, not logged)",
-                            d.request_id, exc, ERROR_LOG_S)
+            self._log_refusal(d.request_id, str(exc), "dropped_write_error")
             return
         size = sum(p.stat().st_size for p in written)
         self.items[str(stem)] = Item(stem, size, time.time())
@@ -216,25 +255,40 @@ class EvidenceStore:
         metrics.EVIDENCE.labels("kept").inc()
         self._evict()
 
+    def _log_refusal(self, request_id: str, why: str, outcome: str) -> None:
+        """One log line a minute at most about evidence not kept."""
+        if time.monotonic() - self._last_error_log >= ERROR_LOG_S:
+            self._last_error_log = time.monotonic()
+            log.warning("evidence of request_id=%s not kept: %s (further ones within %.0f s are counted in "
+                        "anomaly_evidence_total{outcome=\"%s\"}, not logged)", request_id, why, ERROR_LOG_S,
+                        outcome)
+
+    def _drop_oldest(self, reason: str) -> None:
+        """Delete the oldest item's files (only the store's own) and count why."""
+        _, item = self.items.popitem(last=False)
+        self.bytes -= item.size
+        for path in item.stem.parent.glob(item.stem.name + ".*"):
+            if OWN.fullmatch(path.name):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        with contextlib.suppress(OSError):  # an emptied day folder goes too
+            item.stem.parent.rmdir()
+        metrics.EVIDENCE.labels(reason).inc()
+        metrics.EVIDENCE_ITEMS.set(len(self.items))
+        metrics.EVIDENCE_BYTES.set(self.bytes)
+
     def _evict(self) -> None:
         """Drop the oldest items while over the size bound, and every item past the age bound."""
         oldest_allowed = time.time() - self.max_age_s
         while self.items:
-            stem, item = next(iter(self.items.items()))
+            item = next(iter(self.items.values()))
             if self.bytes > self.max_bytes:
                 reason = "evicted_size"
             elif item.mtime < oldest_allowed:
                 reason = "evicted_age"
             else:
                 break
-            del self.items[stem]
-            self.bytes -= item.size
-            for path in item.stem.parent.glob(item.stem.name + ".*"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            with contextlib.suppress(OSError):  # an emptied day folder goes too
-                item.stem.parent.rmdir()
-            metrics.EVIDENCE.labels(reason).inc()
+            self._drop_oldest(reason)
         metrics.EVIDENCE_ITEMS.set(len(self.items))
         metrics.EVIDENCE_BYTES.set(self.bytes)
 
@@ -242,8 +296,9 @@ class EvidenceStore:
         """What an earlier run left: items by their JSON record, oldest first; temporary files
         of a write cut short are removed."""
         found: dict[str, Item] = {}
+        now = time.time()
         days = [d for d in self.root.iterdir() if d.is_dir() and DAY.fullmatch(d.name)]
-        for path in (p for day in days for p in day.iterdir()):
+        for path in (p for day in days for p in day.iterdir() if OWN.fullmatch(p.name)):
             if path.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -253,28 +308,16 @@ class EvidenceStore:
             except OSError:
                 continue
             stem = path.parent / path.name.split(".", 1)[0]
-            item = found.setdefault(str(stem), Item(stem, 0, stat.st_mtime))
+            mtime = min(stat.st_mtime, now)  # written while the clock was ahead: as if now
+            item = found.setdefault(str(stem), Item(stem, 0, mtime))
             item.size += stat.st_size
-            item.mtime = min(item.mtime, stat.st_mtime)
+            item.mtime = min(item.mtime, mtime)
         for key, item in sorted(found.items(), key=lambda kv: kv[1].mtime):
             self.items[key] = item
             self.bytes += item.size
         self._evict()
 
     # -- reading it back ----------------------------------------------------------------
-    def kept_records(self) -> set[str]:
-        """The record ids whose evidence the store holds now (read while the writer thread may
-        change them: a copy taken in one step, retried if a change met it)."""
-        for _ in range(3):
-            try:
-                stems = list(self.items)
-                break
-            except RuntimeError:
-                continue
-        else:
-            stems = []
-        return {stem.rsplit("-", 1)[-1] for stem in stems}
-
     def find(self, request_id: str) -> list[dict]:
         """The records kept for `request_id` (newest first), each with the paths of its files."""
         records = []
@@ -299,11 +342,37 @@ class Found:
     map8: np.ndarray | None
 
 
-def read_evidence(root: Path, record_id: str) -> Found | None:
-    """The evidence of the inspection row `record_id` under `root`, or None."""
-    if not record_id.isalnum():  # record ids are hex: nothing else names a file here
+def evidence_roots(base: Path) -> list[Path]:
+    """The folders evidence is kept in under `base` (`ANOMALY_EVIDENCE_DIR`): `base` itself and
+    the `p<index>` folder of each process of `anomaly serve --processes N`."""
+    try:
+        return [base, *sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"p\d+", p.name))]
+    except OSError:
+        return []
+
+
+def kept_on_disk(base: Path) -> set[str]:
+    """The record ids whose evidence is kept under `base` (every process's folder)."""
+    found = set()
+    for root in evidence_roots(base):
+        try:
+            days = [d for d in root.iterdir() if d.is_dir() and DAY.fullmatch(d.name)]
+        except OSError:
+            continue
+        for day in days:
+            with contextlib.suppress(OSError):
+                found.update(m.group(2) for m in map(OWN.fullmatch, os.listdir(day))
+                             if m is not None and m.group(0).endswith(".json"))
+    return found
+
+
+def read_evidence(base: Path, record_id: str) -> Found | None:
+    """The evidence of the inspection row `record_id` under `base` (every process's folder), or
+    None."""
+    if not re.fullmatch(r"[0-9a-f]{32}", record_id):  # nothing else names a file of the store
         return None
-    for path in root.glob(f"*/*-{record_id}.json"):
+    paths = (p for root in evidence_roots(base) for p in root.glob(f"*/*-{record_id}.json"))
+    for path in paths:
         try:
             record = json.loads(path.read_text())
             names = record.get("files", [])
@@ -322,9 +391,14 @@ def read_evidence(root: Path, record_id: str) -> Found | None:
 def _write_file(path: Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary name (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     return path
 
 

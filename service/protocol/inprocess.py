@@ -97,14 +97,18 @@ class PlaneBackend:
             raise problem(grpc.StatusCode.RESOURCE_EXHAUSTED, pool.message())
         # The handler itself, without the gRPC transport's own error translation (`answering`).
         handler = inspect.unwrap(getattr(type(self.handlers), method))
+        started = time.monotonic()
         try:
             return await asyncio.wait_for(handler(self.handlers, message, Call(timeout, metadata)), timeout)
         except ServiceError as exc:
             raise problem(exc.code, exc.message) from None
         except Aborted as exc:
             raise problem(exc.code, exc.details) from None
-        except asyncio.TimeoutError:
-            raise problem(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except asyncio.TimeoutError as exc:
+            if timeout is not None and time.monotonic() - started >= timeout:  # the call's deadline
+                raise problem(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            error = internal_error(exc, getattr(message, "request_id", "") or getattr(message, "id", ""))
+            raise problem(error.code, error.message) from None
         except Exception as exc:
             error = internal_error(exc, getattr(message, "request_id", "") or getattr(message, "id", ""))
             raise problem(error.code, error.message) from None

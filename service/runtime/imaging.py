@@ -326,6 +326,13 @@ def overlay_cost(base: np.ndarray) -> int:
     return base.shape[0] * base.shape[1] * 80
 
 
+def overlay_cost_of(height: int, width: int) -> int:
+    """`overlay_cost` of the overlay of an image of `height` × `width` (before `overlay_base`
+    shrinks it to `OVERLAY_MAX_SIDE`)."""
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(height, width, 1))
+    return max(1, round(height * scale)) * max(1, round(width * scale)) * 80
+
+
 def _heat(t: np.ndarray) -> np.ndarray:
     """A blue → cyan → yellow → red colour scale of `t` in [0, 1] as `(H, W, 3)` float in [0, 1]."""
     return np.clip(np.stack([1.5 - np.abs(4 * t - 3), 1.5 - np.abs(4 * t - 2), 1.5 - np.abs(4 * t - 1)],

@@ -43,6 +43,7 @@ def test_a_full_store_drops_the_oldest_and_decisions_are_unaffected(store, grpc_
     evidence, metrics = tmp_path / "evidence", free_port()
     env = {"ANOMALY_EVIDENCE": "true", "ANOMALY_EVIDENCE_DIR": str(evidence), "ANOMALY_EVIDENCE_MAX_MB": "1",
            "ANOMALY_EVIDENCE_OK_FRACTION": "1", "ANOMALY_METRICS_PORT": str(metrics),
+           "ANOMALY_EVIDENCE_MIN_FREE_MB": "0",  # this test's bounds are its own, whatever the disk holds
            "ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{tmp_path / 'log.db'}"}
     url = f"http://127.0.0.1:{metrics}/metrics"
     child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=store.home / "cache",
@@ -95,13 +96,14 @@ def test_a_full_store_drops_the_oldest_and_decisions_are_unaffected(store, grpc_
         wait_for(lambda: _files(evidence, "part-before-kill"), 30, "evidence before the kill")
         child.signal(signal.SIGKILL)
         child.proc.wait(30)
-        (day / "stale.png.tmp").write_bytes(b"a write cut short")
+        stale = day / f"{'a' * 16}-{'b' * 32}.png.tmp"  # one of the store's own, cut short
+        stale.write_bytes(b"a write cut short")
         left = sum(p.stat().st_size for p in evidence.rglob("*") if p.is_file() and p.suffix != ".tmp")
         child2, _ = start_server(store.tracking_uri, tmp_path / "server2.log", cache_dir=store.home / "cache",
                                  env=env)
         try:
             assert metric_sum(url, "anomaly_evidence_bytes") == left
-            assert not (day / "stale.png.tmp").exists()
+            assert not stale.exists()
         finally:
             assert child2.stop() == 0
     finally:
@@ -109,7 +111,7 @@ def test_a_full_store_drops_the_oldest_and_decisions_are_unaffected(store, grpc_
 
 
 def _decided(i: int, anomalous: bool = True) -> Decided:
-    return Decided(f"r-{i}", "s", "", "m", "1", 1.0, 0.6, 0.5, anomalous, 3.0)
+    return Decided(f"r-{i}", "s", "", "m", "1", 1.0, 0.6, 0.5, anomalous, 3.0, record_id=f"{i:032x}")
 
 
 def test_age_bound_sampling_and_a_full_queue(tmp_path: Path) -> None:
@@ -140,3 +142,58 @@ def test_age_bound_sampling_and_a_full_queue(tmp_path: Path) -> None:
         assert again.reason_for(_decided(5, False)) == "ok_sample"
     finally:
         again.close()
+
+
+def test_the_store_keeps_its_disk_free_touches_only_its_own_files_and_reads_every_process(
+        tmp_path: Path) -> None:
+    """A free-space floor the disk cannot meet: the oldest evidence goes, then new evidence is
+    dropped (counted), so the inspection spool beside it keeps room; files that are not the
+    store's own survive a start and every eviction; evidence of every process is read back."""
+    from service import metrics
+    from service.inspection.evidence import kept_on_disk, read_evidence
+
+    root = tmp_path / "evidence"
+    foreign = [root / "2020-01-01" / "camera1.jpg", root / "2026-12-01" / "shift-notes.tmp",
+               root / "misc" / "other.txt"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not the store's")
+        os.utime(path, (0, 0))  # 1970: far past any age bound
+    image = b"\x89PNG fake bytes" * 10
+
+    def dropped(outcome: str) -> float:
+        return metrics.EVIDENCE.labels(outcome)._value.get()
+
+    store = EvidenceStore(root / "p0", max_bytes=10 * MB, max_age_s=3600, ok_fraction=0.0, queue_bytes=MB)
+    store.start()
+    try:
+        for i in range(3):
+            amap = np.zeros((8, 8), np.float32)
+            store.offer(Kept(_decided(i), "ng", lambda: (image, ".png"), len(image), amap, (0.0, 1.0)))
+        wait_for(lambda: len(store.items) == 3, 10, "three items written")
+    finally:
+        store.close()
+    other = EvidenceStore(root / "p1", max_bytes=10 * MB, max_age_s=3600, ok_fraction=0.0, queue_bytes=MB)
+    other.start()
+    try:
+        other.offer(Kept(_decided(7), "ng", lambda: (image, ".png"), len(image), None, (0.0, 1.0)))
+        wait_for(lambda: len(other.items) == 1, 10, "the other process's item written")
+    finally:
+        other.close()
+    ids = {_decided(i).record_id for i in range(3)} | {_decided(7).record_id}
+    assert kept_on_disk(root) == ids  # both processes' folders, as the review desk reads them
+    found = read_evidence(root, _decided(7).record_id)
+    assert found is not None and found.image == image and found.map8 is None
+    assert read_evidence(root, "../" + "0" * 29) is None and read_evidence(root, "*") is None
+    # a floor no disk meets: every old item goes, the new one is dropped
+    evicted, before = dropped("evicted_disk_low"), dropped("dropped_disk_low")
+    full = EvidenceStore(root / "p0", max_bytes=10 * MB, max_age_s=3600, ok_fraction=0.0, queue_bytes=MB,
+                         min_free_bytes=1 << 62)
+    full.start()
+    try:
+        full.offer(Kept(_decided(9), "ng", lambda: (image, ".png"), len(image), None, (0.0, 1.0)))
+        wait_for(lambda: dropped("dropped_disk_low") == before + 1, 10, "the new evidence dropped")
+        assert dropped("evicted_disk_low") == evicted + 3 and not full.items
+    finally:
+        full.close()
+    assert all(path.read_bytes() == b"not the store's" for path in foreign)  # never the store's to delete

@@ -48,7 +48,8 @@ class Handlers(pb_grpc.AnomalyDetectionServicer):
 FAILURES = [errors.InvalidInput("bad image"), errors.ModelNotFound("no model 'x'"),
             errors.Overloaded("queue full"), errors.NotReady("loading"), errors.ModelLoadError("broken"),
             errors.NonFiniteOutput("NaN score"), errors.DeadlineExceeded("late"), errors.Refused("watched"),
-            RuntimeError("secret text of an unforeseen failure")]
+            RuntimeError("secret text of an unforeseen failure"),
+            TimeoutError("a handler's own timeout, not the call's deadline")]
 
 
 async def _answers(handlers: Handlers, backends: dict[str, object], method: str, message: object,

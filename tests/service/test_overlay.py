@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_anomaly_client.sdk import AnomalyClient
+from edge_anomaly_client.sdk import AnomalyClient, AnomalyError
 from service.runtime.imaging import OUTLINE_RGB, OVERLAY_MAX_SIDE, overlay_base, overlay_png
 
 MAGENTA = np.array(OUTLINE_RGB, np.uint8)
@@ -88,3 +88,22 @@ def test_the_drawing_outlines_the_region_it_is_given_and_caps_the_size() -> None
     assert _outlined(overlay_png(base, amap, 0.0, 1.0, np.zeros_like(region))) == 0
     gray = overlay_base(np.full((10, 20), 7, np.uint8))  # a gray raw image
     assert gray.shape == (10, 20, 3)
+
+
+def test_an_overlay_the_decode_budget_can_never_hold_is_refused_at_once(store, tmp_path: Path) -> None:
+    """A 1000 × 1000 overlay needs ~76 MB to draw; with 16 MB of decode memory it is a clear 400
+    before any work (not a 429 the client would retry for ever); without an overlay, 200."""
+    from loadtests.launch import start_server
+
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=store.home / "cache",
+                                 env={"ANOMALY_DECODE_MEMORY_MB": "16"})
+    buf = io.BytesIO()
+    Image.fromarray(np.full((1000, 1000, 3), 90, np.uint8)).save(buf, format="PNG")
+    try:
+        with AnomalyClient(target) as client:
+            with pytest.raises(AnomalyError, match="ANOMALY_DECODE_MEMORY_MB") as refused:
+                client.score(buf.getvalue(), return_overlay=True)
+            assert refused.value.code == "INVALID_ARGUMENT"
+            assert client.score(buf.getvalue()).score >= 0
+    finally:
+        assert child.stop() == 0

@@ -95,8 +95,22 @@ def test_a_reviewer_without_the_role_is_refused_and_nothing_is_recorded(station,
         assert forged.status_code == 403
         overlay = http.get("/review/parts/x/overlay.png", headers=_basic("Line PC", SCORE))
         assert overlay.status_code == 403
+        # a password gRPC metadata cannot carry: refused as unsigned (and asked again), not a 500
+        odd = http.get("/review", headers={"authorization": "Basic " + base64.b64encode(
+            "QE:k-öp".encode()).decode()})
+        assert odd.status_code == 401 and odd.headers["www-authenticate"].startswith("Basic ")
+        # a browser's cached sign-in is a key on the review pages only: another site cannot make
+        # API calls with it (here: model control with the operate key, or a part scored)
+        signed_in = {**_basic("QE", OPERATE), "origin": "http://attacker.example"}
+        assert http.post("/v2/repository/models/anomaly-detector/unload", headers=signed_in,
+                         content=b"").status_code == 401
+        assert http.post("/v1/score", headers={**signed_in, "content-type": "image/png"},
+                         content=b"\x89PNG").status_code == 401
         # the operate key reads the queue; an unknown part is a 404 page, not an error
-        assert part in http.get("/review", headers=_basic("QE", OPERATE)).text
+        page = http.get("/review", headers=_basic("QE", OPERATE))
+        assert part in page.text and page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["cache-control"] == "no-store"
         assert http.get("/review/parts/0000", headers=_basic("QE", OPERATE)).status_code == 404
     assert _feedback(db) == before  # nothing recorded
 

@@ -138,10 +138,10 @@ def _instant(text: str, name: str) -> datetime | None:
         return None
     try:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # not a time, or one UTC cannot hold (year 1 or 9999 at an offset)
         raise InvalidInput(f"{name} must be an RFC 3339 time (e.g. 2026-12-07T08:00:00Z), "
                            f"got {text[:40]!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):

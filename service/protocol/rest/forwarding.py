@@ -110,17 +110,26 @@ def basic_sign_in(request: Request) -> tuple[str, str] | None:
     return user, password
 
 
+BASIC_SIGN_IN_PATHS = ("/review",)  # the browser pages; nowhere else is a cached sign-in a key
+
+
 def credentials(request: Request) -> list[tuple[str, str]]:
-    """The caller's key headers, passed on as they came (the gateway holds no key of its own);
-    a browser's HTTP Basic sign-in passes its password as the key."""
+    """The caller's key headers, passed on as they came (the gateway holds no key of its own).
+
+    On the review station's pages a browser's HTTP Basic sign-in passes its password as the key;
+    on every other route Basic is no key (a browser sends a cached sign-in to any page of the
+    host, so another site could otherwise make calls with it). A value gRPC metadata cannot
+    carry (not printable ASCII) is no key either: the call is then refused as unauthenticated,
+    the same through the gateway as in-process.
+    """
     found = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
                                  ("authorization", request.headers.get("authorization"))) if v]
     if request.headers.get("authorization", "")[:6].lower() == "basic ":
-        signed_in = basic_sign_in(request)
         found = [(k, v) for k, v in found if k != "authorization"]
+        signed_in = basic_sign_in(request) if request.url.path.startswith(BASIC_SIGN_IN_PATHS) else None
         if signed_in and signed_in[1]:
             found.append(("x-api-key", signed_in[1]))
-    return found
+    return [(k, v) for k, v in found if v.isascii() and v.isprintable()]
 
 
 async def forward(request: Request, backend: Backend, method: str, message: object) -> object:

@@ -13,7 +13,10 @@ model flagged and confirms or corrects each decision.
 
 The browser signs in with HTTP Basic: any user name (recorded as the reviewer) and an API key
 of the role `operate` as the password; without keys configured the pages are open, as the API
-is. A verdict form posted from another site is refused (its `Origin` is not this host). Pages
+is. HTTP Basic is a key on these pages only (elsewhere a browser's cached sign-in would let
+another site make calls). A verdict form posted from another site is refused (its `Origin` is
+not this page's scheme and host: behind a proxy, the proxy must pass the original `Host`), and
+no page may be framed by another site (`X-Frame-Options`, CSP `frame-ancestors`). Pages
 use no external font, script or style (the line network has no internet), work from
 1280×800 panel PCs to tablets, and every action has a key: `j`/`k` move in the queue, `Enter`
 opens a part, `o` records OK, `n` records NG (with the defect type typed first), `Esc` goes back.
@@ -33,6 +36,21 @@ from fastapi.templating import Jinja2Templates
 from anomaly.v1 import anomaly_pb2 as pb
 from service.protocol.rest.forwarding import Problem, basic_sign_in, forward
 
+# Pages are never framed by another site (a verdict is one key press) and load nothing from elsewhere.
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Cache-Control": "no-store", "Referrer-Policy": "same-origin",
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; "
+                                           "style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"}
+
+
+def render(request: Request, template: str, context: dict, status: int = 200,
+           headers: dict[str, str] | None = None) -> Response:
+    """A page, with `PAGE_HEADERS`."""
+    return templates.TemplateResponse(request, template, context, status_code=status,
+                                      headers={**PAGE_HEADERS, **(headers or {})})
+
+
 router = APIRouter(prefix="/review", include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 REALM = 'Basic realm="anomaly review", charset="UTF-8"'
@@ -48,8 +66,7 @@ def reviewer(request: Request) -> str:
 def page_problem(request: Request, exc: Problem) -> Response:
     """A failed call as a page: 401 asks the browser to sign in (HTTP Basic)."""
     headers = {"WWW-Authenticate": REALM} if exc.status == 401 else None
-    return templates.TemplateResponse(request, "problem.html", {"problem": exc}, status_code=exc.status,
-                                      headers=headers)
+    return render(request, "problem.html", {"problem": exc}, exc.status, headers)
 
 
 async def _call(request: Request, method: str, message: object) -> object:
@@ -69,7 +86,7 @@ async def queue(request: Request, station: str = "", category: str = "", version
         return page_problem(request, exc)
     filters = {"station": station, "category": category, "version": version, "since": since,
                "until": until, "reviewed": reviewed}
-    return templates.TemplateResponse(request, "queue.html", {
+    return render(request, "queue.html", {
         "items": list(answer.items), "filters": filters, "recorded": recorded,  # type: ignore[attr-defined]
         "reviewer": reviewer(request)})
 
@@ -86,7 +103,7 @@ async def part(request: Request, record_id: str, back: str = "") -> Response:
         return f"data:{kind};base64,{base64.b64encode(data).decode()}" if data else ""
 
     e = evidence
-    return templates.TemplateResponse(request, "part.html", {
+    return render(request, "part.html", {
         "item": e.item, "image": data_uri(e.image_type, e.image),  # type: ignore[attr-defined]
         "heat": data_uri("image/png", e.heat_png), "reviewer": reviewer(request),  # type: ignore[attr-defined]
         "defect_types": DEFECT_TYPES, "back": back if back.startswith("/review") else "/review"})
@@ -99,7 +116,7 @@ async def overlay(request: Request, record_id: str) -> Response:
     if not evidence.overlay_png:  # type: ignore[attr-defined]
         raise Problem(404, "Not Found", f"no overlay kept for record_id {record_id!r}", "NOT_FOUND")
     return Response(evidence.overlay_png, media_type="image/png",  # type: ignore[attr-defined]
-                    headers={"Cache-Control": "private, max-age=3600"})
+                    headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
 
 def _same_origin(request: Request) -> bool:
@@ -108,8 +125,7 @@ def _same_origin(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    host = request.headers.get("host", "")
-    return origin.split("://", 1)[-1] == host
+    return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
 @router.post("/parts/{record_id}/verdict")
