@@ -18,6 +18,7 @@ from service import metrics
 from service.dataplane.budget import MemoryBudget
 from service.errors import InvalidInput, ModelNotFound, Overloaded, Refused
 from service.inspection.evidence import Found, kept_on_disk, read_evidence
+from service.inspection.quality import Quality, quality_by_day
 from service.inspection.review import ReviewFilter, ReviewRow, one_decision, review_queue
 from service.inspection.schema import engine_for
 from service.runtime.imaging import (
@@ -73,12 +74,16 @@ class ReviewDesk:
         self.settings, self.evidence, self.budget = settings, evidence, budget
         self._engine = None
 
-    def _database(self):  # type: ignore[no-untyped-def]
+    def _url(self) -> str:
         if not self.settings.inspection_log:
             raise Refused("this server keeps no inspection log, so it has no parts to review; start it with "
                           "ANOMALY_INSPECTION_LOG=true")
+        return self.settings.inspection_db()
+
+    def _database(self):  # type: ignore[no-untyped-def]
+        url = self._url()
         if self._engine is None:
-            self._engine = engine_for(self.settings.inspection_db(), pool_pre_ping=True)
+            self._engine = engine_for(url, pool_pre_ping=True)
         return self._engine
 
     async def queue(self, wanted: ReviewFilter) -> list[tuple[ReviewRow, bool]]:
@@ -86,6 +91,12 @@ class ReviewDesk:
         rows = await asyncio.to_thread(review_queue, self._database(), wanted)
         kept = await asyncio.to_thread(kept_on_disk, self.evidence) if self.evidence is not None else set()
         return [(row, bool(row.decision.record_id) and row.decision.record_id in kept) for row in rows]
+
+    async def quality(self, days: int, station: str = "") -> Quality:
+        """False calls, escapes and reviewed parts per (version, category) for each of the last
+        `days` UTC days, and the thresholds the whole period's reviewed parts support."""
+        url = self._url()
+        return await asyncio.to_thread(quality_by_day, url, days, station)
 
     async def part(self, record_id: str) -> Part:
         """One part with its evidence drawn (image, heat layer, overlay).

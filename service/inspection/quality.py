@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -254,3 +254,34 @@ def shadow_report(url: str, since: datetime | None = None, until: datetime | Non
 def proposals_json(proposals: list[Proposal]) -> dict:
     """The proposals as `anomaly thresholds apply` reads them."""
     return {"proposals": [asdict(p) for p in proposals]}
+
+
+@dataclass
+class Quality:
+    """`quality_by_day`'s answer."""
+
+    days: list[tuple[str, QualityRow]]  # (YYYY-MM-DD, the row of one version and category that day)
+    proposals: list[Proposal]
+    since: datetime
+    until: datetime
+
+
+def quality_by_day(url: str, days: int, station: str = "") -> Quality:
+    """The `review` of each of the last `days` UTC days (today included), per model version and
+    category (stations summed, or only `station`), and the threshold proposals of the whole
+    period (every station)."""
+    until = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    since = until - timedelta(days=days)
+    out: list[tuple[str, QualityRow]] = []
+    for i in range(days):
+        start = since + timedelta(days=i)
+        merged: dict[tuple[str, str, str], QualityRow] = {}
+        for row in review(url, start, start + timedelta(days=1)).rows:
+            if station and row.station != station:
+                continue
+            key = (row.model_name, row.model_version, row.category)
+            total = merged.setdefault(key, QualityRow(*key, station=station))
+            for count in ("decided", "reviewed", "false_calls", "escapes", "conflicts"):
+                setattr(total, count, getattr(total, count) + getattr(row, count))
+        out += [(start.strftime("%Y-%m-%d"), row) for _, row in sorted(merged.items())]
+    return Quality(out, review(url, since, until).proposals, since, until)

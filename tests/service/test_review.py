@@ -95,6 +95,7 @@ def test_a_reviewer_without_the_role_is_refused_and_nothing_is_recorded(station,
         assert forged.status_code == 403
         overlay = http.get("/review/parts/x/overlay.png", headers=_basic("Line PC", SCORE))
         assert overlay.status_code == 403
+        assert http.get("/review/quality", headers=_basic("Line PC", SCORE)).status_code == 403
         # a password gRPC metadata cannot carry: refused as unsigned (and asked again), not a 500
         odd = http.get("/review", headers={"authorization": "Basic " + base64.b64encode(
             "QE:k-öp".encode()).decode()})
@@ -154,6 +155,13 @@ def test_a_quality_engineer_confirms_a_flagged_part_in_the_browser(station) -> N
             page.wait_for_url("**/review?**recorded=**")
             assert f"Verdict recorded for {part}" in page.content()
             assert page.get_by_role("link", name=part, exact=True).count() == 0  # reviewed: off the queue
+            page.get_by_role("link", name="Quality").click()  # the quality view, from the header
+            page.wait_for_url("**/review/quality")
+            chart = page.locator("section.chart").first
+            assert "1 reviewed" in chart.inner_text() and chart.locator("svg rect").count() >= 4
+            proposal = page.locator("table tbody tr").first
+            assert "threshold." in proposal.inner_text() and "anomaly thresholds apply" in page.content()
+            page.screenshot(path=str(docs / "review-quality.png"), full_page=True)
         finally:
             browser.close()
     recorded = [r for r in _feedback(db) if r[0] == part]

@@ -291,3 +291,73 @@ class Evidence(_message.Message):
     heat_png: bytes
     overlay_png: bytes
     def __init__(self, item: _Optional[_Union[ReviewItem, _Mapping]] = ..., image: _Optional[bytes] = ..., image_type: _Optional[str] = ..., heat_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+
+class GetQualityRequest(_message.Message):
+    __slots__ = ("days", "station")
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    STATION_FIELD_NUMBER: _ClassVar[int]
+    days: int
+    station: str
+    def __init__(self, days: _Optional[int] = ..., station: _Optional[str] = ...) -> None: ...
+
+class QualityDay(_message.Message):
+    __slots__ = ("day", "model_name", "model_version", "category", "decided", "reviewed", "false_calls", "escapes")
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_FIELD_NUMBER: _ClassVar[int]
+    FALSE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    ESCAPES_FIELD_NUMBER: _ClassVar[int]
+    day: str
+    model_name: str
+    model_version: str
+    category: str
+    decided: int
+    reviewed: int
+    false_calls: int
+    escapes: int
+    def __init__(self, day: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., category: _Optional[str] = ..., decided: _Optional[int] = ..., reviewed: _Optional[int] = ..., false_calls: _Optional[int] = ..., escapes: _Optional[int] = ...) -> None: ...
+
+class ThresholdProposal(_message.Message):
+    __slots__ = ("model_name", "model_version", "category", "tag", "current", "has_threshold", "threshold", "confirmed_defects", "confirmed_good", "false_calls_now", "escapes_now", "false_calls_proposed", "note")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    HAS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_DEFECTS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_GOOD_FIELD_NUMBER: _ClassVar[int]
+    FALSE_CALLS_NOW_FIELD_NUMBER: _ClassVar[int]
+    ESCAPES_NOW_FIELD_NUMBER: _ClassVar[int]
+    FALSE_CALLS_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    category: str
+    tag: str
+    current: float
+    has_threshold: bool
+    threshold: float
+    confirmed_defects: int
+    confirmed_good: int
+    false_calls_now: int
+    escapes_now: int
+    false_calls_proposed: int
+    note: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., category: _Optional[str] = ..., tag: _Optional[str] = ..., current: _Optional[float] = ..., has_threshold: _Optional[bool] = ..., threshold: _Optional[float] = ..., confirmed_defects: _Optional[int] = ..., confirmed_good: _Optional[int] = ..., false_calls_now: _Optional[int] = ..., escapes_now: _Optional[int] = ..., false_calls_proposed: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class QualityReport(_message.Message):
+    __slots__ = ("days", "proposals", "since", "until")
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    days: _containers.RepeatedCompositeFieldContainer[QualityDay]
+    proposals: _containers.RepeatedCompositeFieldContainer[ThresholdProposal]
+    since: str
+    until: str
+    def __init__(self, days: _Optional[_Iterable[_Union[QualityDay, _Mapping]]] = ..., proposals: _Optional[_Iterable[_Union[ThresholdProposal, _Mapping]]] = ..., since: _Optional[str] = ..., until: _Optional[str] = ...) -> None: ...

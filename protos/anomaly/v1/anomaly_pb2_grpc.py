@@ -69,6 +69,11 @@ class AnomalyDetectionStub:
                 request_serializer=anomaly_dot_v1_dot_anomaly__pb2.GetEvidenceRequest.SerializeToString,
                 response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.Evidence.FromString,
                 _registered_method=True)
+        self.GetQuality = channel.unary_unary(
+                '/anomaly.v1.AnomalyDetection/GetQuality',
+                request_serializer=anomaly_dot_v1_dot_anomaly__pb2.GetQualityRequest.SerializeToString,
+                response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.QualityReport.FromString,
+                _registered_method=True)
 
 
 class AnomalyDetectionServicer:
@@ -125,6 +130,14 @@ class AnomalyDetectionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQuality(self, request, context):
+        """False calls, escapes and reviewed share per version and category, day by day, and the
+        thresholds the reviewed parts support (as `anomaly quality-report`; role operate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnomalyDetectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_AnomalyDetectionServicer_to_server(servicer, server):
                     servicer.GetEvidence,
                     request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.GetEvidenceRequest.FromString,
                     response_serializer=anomaly_dot_v1_dot_anomaly__pb2.Evidence.SerializeToString,
+            ),
+            'GetQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuality,
+                    request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.GetQualityRequest.FromString,
+                    response_serializer=anomaly_dot_v1_dot_anomaly__pb2.QualityReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +371,33 @@ class AnomalyDetection:
             '/anomaly.v1.AnomalyDetection/GetEvidence',
             anomaly_dot_v1_dot_anomaly__pb2.GetEvidenceRequest.SerializeToString,
             anomaly_dot_v1_dot_anomaly__pb2.Evidence.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anomaly.v1.AnomalyDetection/GetQuality',
+            anomaly_dot_v1_dot_anomaly__pb2.GetQualityRequest.SerializeToString,
+            anomaly_dot_v1_dot_anomaly__pb2.QualityReport.FromString,
             options,
             channel_credentials,
             insecure,

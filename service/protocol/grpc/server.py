@@ -277,6 +277,27 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                            image_type=part.image_type, heat_png=part.heat_png, overlay_png=part.overlay_png)
 
 
+    @answering
+    async def GetQuality(self, request: pb.GetQualityRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.QualityReport:
+        """The quality view: per day, version and category, and the threshold proposals."""
+        days = request.days or 14
+        if days > 366:
+            raise InvalidInput(f"days must be at most 366, got {days}")
+        found = await self.plane.review.quality(days, request.station)
+        return pb.QualityReport(
+            days=[pb.QualityDay(day=day, model_name=r.model_name, model_version=r.model_version,
+                                category=r.category, decided=r.decided, reviewed=r.reviewed,
+                                false_calls=r.false_calls, escapes=r.escapes) for day, r in found.days],
+            proposals=[pb.ThresholdProposal(
+                model_name=p.model_name, model_version=p.model_version, category=p.category, tag=p.tag,
+                current=p.current, has_threshold=p.threshold is not None, threshold=p.threshold or 0.0,
+                confirmed_defects=p.confirmed_defects, confirmed_good=p.confirmed_good,
+                false_calls_now=p.false_calls_now, escapes_now=p.escapes_now,
+                false_calls_proposed=p.false_calls_proposed, note=p.note) for p in found.proposals],
+            since=found.since.isoformat(), until=found.until.isoformat())
+
+
 class GrpcServer:
     """The assembled server: data plane, servicer, health, reflection.
 

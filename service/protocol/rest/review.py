@@ -10,6 +10,9 @@ model flagged and confirms or corrects each decision.
 - `POST /review/parts/{record_id}/verdict`: records the verdict as the `Feedback` RPC does (the
   reviewer's name as `operator`, the key's name as the sender), then shows the next part.
 - `GET /review/parts/{record_id}/overlay.png`: the part's overlay (the queue's thumbnails).
+- `GET /review/quality?days=14&station=`: per model version and category, day by day, the
+  parts decided and reviewed, false calls and escapes (charts), and the thresholds the reviewed
+  parts support with the commands that apply them (`anomaly quality-report`'s proposal).
 
 The browser signs in with HTTP Basic: any user name (recorded as the reviewer) and an API key
 of the role `operate` as the password; without keys configured the pages are open, as the API
@@ -25,6 +28,7 @@ opens a part, `o` records OK, `n` records NG (with the defect type typed first),
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import parse_qsl, urlencode
@@ -88,6 +92,57 @@ async def queue(request: Request, station: str = "", category: str = "", version
                "until": until, "reviewed": reviewed}
     return render(request, "queue.html", {
         "items": list(answer.items), "filters": filters, "recorded": recorded,  # type: ignore[attr-defined]
+        "reviewer": reviewer(request)})
+
+
+CHART_W, CHART_H, LEFT, BOTTOM = 720, 170, 44, 26  # one chart's SVG box and its axes' margins
+
+
+def _charts(days: list, first: str, count: int) -> list[dict]:
+    """One bar chart per (version, category): per day, parts decided (grey), reviewed (blue),
+    false calls (orange) and escapes (red) from the reviewed ones, on one count scale."""
+    dates = [(datetime.fromisoformat(first) + timedelta(days=i)).strftime("%Y-%m-%d") for i in range(count)]
+    groups: dict[tuple[str, str, str], dict[str, object]] = {}
+    for d in days:
+        groups.setdefault((d.model_name, d.model_version, d.category), {})[d.day] = d
+    step = (CHART_W - LEFT - 8) / max(count, 1)
+    charts = []
+    for (name, version, category), by_day in sorted(groups.items()):
+        top = max(max(d.decided for d in by_day.values()), 1)  # type: ignore[attr-defined]
+        scale = (CHART_H - BOTTOM - 10) / top
+        bars = []
+        for i, day in enumerate(dates):
+            d = by_day.get(day)
+            x = LEFT + i * step
+            if d is None:
+                continue
+            bar = {"x": round(x + 1, 1), "w": round(max(step - 2, 1), 1), "day": day, "d": d}
+            for key in ("decided", "reviewed", "false_calls", "escapes"):
+                bar[key + "_h"] = round(getattr(d, key) * scale, 1)
+            bars.append(bar)
+        totals = {k: sum(getattr(d, k) for d in by_day.values())  # type: ignore[attr-defined]
+                  for k in ("decided", "reviewed", "false_calls", "escapes")}
+        ticks = [{"x": round(LEFT + i * step + step / 2, 1), "label": day[5:]}
+                 for i, day in enumerate(dates) if i % max(1, count // 7) == 0]
+        charts.append({"name": name, "version": version, "category": category, "bars": bars, "top": top,
+                       "ticks": ticks, "totals": totals, "w": CHART_W, "h": CHART_H, "left": LEFT,
+                       "base": CHART_H - BOTTOM})
+    return charts
+
+
+@router.get("/quality", response_class=HTMLResponse)
+async def quality(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 14,
+                  station: Annotated[str, Query(max_length=128)] = "") -> Response:
+    """The quality view: per version and category over time, and the threshold proposals."""
+    try:
+        report = await _call(request, "GetQuality", pb.GetQualityRequest(days=days, station=station))
+    except Problem as exc:
+        return page_problem(request, exc)
+    r = report
+    return render(request, "quality.html", {
+        "charts": _charts(list(r.days), r.since[:10], days), "proposals": list(r.proposals),  # type: ignore
+        "since": r.since[:10], "days": days, "station": station,  # type: ignore
+        "last": (datetime.fromisoformat(r.until) - timedelta(days=1)).strftime("%Y-%m-%d"),  # type: ignore
         "reviewer": reviewer(request)})
 
 
