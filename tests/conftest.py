@@ -16,6 +16,12 @@ import loadtests  # noqa: F401  (first: it turns gRPC's fork handlers off before
 from registry.data.sample import SampleSpec, make_sample_dataset
 
 TEST_CATEGORIES = ("brick", "coffee")
+# The browser tests' Chromium (Debian's package; `.ci/run` installs it) and what a headless one
+# needs on a machine with no display and no internet (root, no sandbox; no background calls to
+# Google's hosts).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 # Session fixtures that train a model (tiny, but tens of seconds each, and the variants minutes).

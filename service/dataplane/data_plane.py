@@ -49,7 +49,7 @@ from service.dataplane.batcher import Batcher, BatchResult
 from service.dataplane.budget import MemoryBudget
 from service.dataplane.review import ReviewDesk
 from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
-from service.inspection.evidence import SUFFIXES, EvidenceStore, Kept, png_of
+from service.inspection.evidence import SUFFIXES, EvidenceStore, Kept
 from service.inspection.log import Decided, InspectionLog, Verdict
 from service.inspection.schema import MAX_COMMENT, VERDICTS
 from service.promotion.shadow import Shadow, ShadowJob
@@ -63,6 +63,7 @@ from service.runtime.imaging import (
     overlay_base,
     overlay_cost,
     overlay_cost_of,
+    png_bytes,
     probe_image,
     raw_cost,
     raw_pixels,
@@ -406,6 +407,12 @@ class DataPlane:
         finally:
             self._inflight -= 1
 
+    def _decode_wait(self, deadline: float | None) -> float:
+        """How long a request may wait for decode memory: `decode_wait_s`, or less before its
+        deadline."""
+        wait = self.settings.decode_wait_s
+        return wait if deadline is None else min(wait, max(0.0, deadline - time.monotonic()))
+
     def _check_overlay(self, req: ScoreInput, probe: Probe | None) -> None:
         """Refuse at once (INVALID_ARGUMENT, not a retry) an overlay the whole decode budget
         could never hold."""
@@ -424,9 +431,7 @@ class DataPlane:
         if base is None:
             return await self._run(decide)
         cost = overlay_cost(base)
-        wait = self.settings.decode_wait_s if deadline is None else \
-            min(self.settings.decode_wait_s, max(0.0, deadline - time.monotonic()))
-        async with self.decode_budget.reserve(cost, wait) as ok:
+        async with self.decode_budget.reserve(cost, self._decode_wait(deadline)) as ok:
             if not ok:
                 metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
                 raise Overloaded(f"decode memory busy: no room for the overlay (~{max(1, cost >> 20)} MB); "
@@ -452,8 +457,8 @@ class DataPlane:
             return req.encoded, SUFFIXES.get(fmt or "", ".img")
         assert req.raw is not None
         r = req.raw
-        return png_of(raw_pixels(r.data, r.width, r.height, r.channels, r.bits,
-                                 max_pixels=self.settings.max_image_pixels)), ".png"
+        return png_bytes(raw_pixels(r.data, r.width, r.height, r.channels, r.bits,
+                                    max_pixels=self.settings.max_image_pixels)), ".png"
 
     def _trace_stages(self, loaded: LoadedModel, rid: str, wall0: int, admitted: int, decode_s: float,
                       result: BatchResult) -> None:
@@ -480,10 +485,7 @@ class DataPlane:
             raise InvalidInput(f"image needs ~{cost >> 20} MB to decode, more than the server's whole "
                                f"decode budget ({budget.capacity >> 20} MB, ANOMALY_DECODE_MEMORY_MB); "
                                "send a smaller image")
-        wait = self.settings.decode_wait_s
-        if req.deadline is not None:
-            wait = min(wait, max(0.0, req.deadline - time.monotonic()))
-        async with budget.reserve(cost, wait) as ok:
+        async with budget.reserve(cost, self._decode_wait(req.deadline)) as ok:
             if not ok:
                 metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
                 raise Overloaded(f"decode memory busy ({budget.in_use >> 20} of {budget.capacity >> 20} MB "

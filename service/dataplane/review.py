@@ -24,6 +24,7 @@ from service.inspection.schema import engine_for
 from service.runtime.imaging import (
     Probe,
     decode_probe,
+    defect_region,
     heat_png,
     overlay_base,
     overlay_cost_of,
@@ -41,6 +42,7 @@ class Part:
     """One part for review: its decision and, when kept, its evidence drawn."""
 
     row: ReviewRow
+    kept: bool = False  # its evidence is kept (whatever was asked of it)
     image: bytes = b""
     image_type: str = ""
     heat_png: bytes = b""
@@ -49,15 +51,10 @@ class Part:
 
 def region_of(t: np.ndarray, record: dict) -> np.ndarray:
     """The defect region on a kept map (`t`: the map scaled to [0, 1] over its `map_range`), as
-    the decision drew it: none for OK; where the map reaches the threshold for NG (at least its
-    hottest pixel)."""
-    if record.get("decision") != "NG":
-        return np.zeros(t.shape, dtype=bool)
+    its decision drew it (`imaging.defect_region`)."""
     lo, hi = record.get("map_range") or (0.0, 1.0)
-    region = t >= (float(record["threshold"]) - lo) / max(hi - lo, 1e-12)
-    if not region.any():
-        region.flat[int(np.argmax(t))] = True
-    return region
+    return defect_region(t, (float(record["threshold"]) - lo) / max(hi - lo, 1e-12),
+                         record.get("decision") == "NG")
 
 
 class ReviewDesk:
@@ -98,8 +95,9 @@ class ReviewDesk:
         url = self._url()
         return await asyncio.to_thread(quality_by_day, url, days, station)
 
-    async def part(self, record_id: str) -> Part:
-        """One part with its evidence drawn (image, heat layer, overlay).
+    async def part(self, record_id: str, drawings: str = "") -> Part:
+        """One part with its evidence drawn: "" the image, heat layer and overlay; "overlay" the
+        overlay alone; "layers" the image and heat layer (`GetEvidenceRequest.drawings`).
 
         Raises:
             ModelNotFound: no served decision has this record id (NOT_FOUND).
@@ -113,11 +111,12 @@ class ReviewDesk:
             found = await asyncio.to_thread(read_evidence, self.evidence, record_id)
         if found is None:
             return Part(row)
-        return await self._drawn(row, found)
+        return await self._drawn(row, found, drawings)
 
-    async def _drawn(self, row: ReviewRow, found: Found) -> Part:
+    async def _drawn(self, row: ReviewRow, found: Found, drawings: str) -> Part:
         s = self.settings
-        part = Part(row, found.image, MEDIA_TYPES.get(found.suffix, "application/octet-stream"))
+        part = Part(row, True, b"" if drawings == "overlay" else found.image,
+                    MEDIA_TYPES.get(found.suffix, "application/octet-stream"))
         if found.map8 is None:
             return part
         try:
@@ -131,18 +130,20 @@ class ReviewDesk:
             if not ok:
                 metrics.ADMISSION_REFUSALS.labels("decode_memory").inc()
                 raise Overloaded("decode memory busy: no room to draw this part now; retry later")
-            part.heat_png, part.overlay_png = await asyncio.to_thread(self._draw, probe, found)
+            part.heat_png, part.overlay_png = await asyncio.to_thread(self._draw, probe, found, drawings)
         return part
 
     @staticmethod
-    def _draw(probe: Probe, found: Found) -> tuple[bytes, bytes]:
+    def _draw(probe: Probe, found: Found, drawings: str) -> tuple[bytes, bytes]:
+        """The heat layer and the overlay, each only when `drawings` asks for it."""
         try:
             base = overlay_base(decode_probe(probe))
         except InvalidInput:  # damaged past its header: shown undrawn
             return b"", b""
         t = found.map8.astype(np.float32) / 255  # type: ignore[union-attr]
         region = region_of(t, found.record)
-        return heat_png(t, 0.0, 1.0, region, base.shape[:2]), overlay_png(base, t, 0.0, 1.0, region)
+        heat = heat_png(t, 0.0, 1.0, region, base.shape[:2]) if drawings != "overlay" else b""
+        return heat, overlay_png(base, t, 0.0, 1.0, region) if drawings != "layers" else b""
 
     def close(self) -> None:
         """Let go of the database connections."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -400,10 +399,3 @@ def _write_file(path: Path, data: bytes) -> Path:
             tmp.unlink()
         raise
     return path
-
-
-def png_of(rgb: np.ndarray) -> bytes:
-    """An RGB or gray array as PNG bytes (raw pixels kept as evidence)."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()

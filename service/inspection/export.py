@@ -6,14 +6,26 @@ from __future__ import annotations
 import csv
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Select, create_engine, select
 
 from service.inspection.schema import COLUMNS, Inspection
 
 
-def _naive_utc(t: datetime | None) -> datetime | None:
+def naive_utc(t: datetime | None) -> datetime | None:
+    """`t` as the log stores times: UTC without a time zone (an aware `t` is converted)."""
     return t.astimezone(timezone.utc).replace(tzinfo=None) if t is not None and t.tzinfo else t
+
+
+def within(query: Select, column: Any, since: datetime | None, until: datetime | None) -> Select:
+    """`query` limited to rows with `since <= column < until` (either bound optional)."""
+    since, until = naive_utc(since), naive_utc(until)
+    if since is not None:
+        query = query.where(column >= since)
+    if until is not None:
+        query = query.where(column < until)
+    return query
 
 
 def _csv_safe(value: object) -> object:
@@ -26,12 +38,7 @@ def _csv_safe(value: object) -> object:
 def in_range(query: Select, since: datetime | None, until: datetime | None) -> Select:
     """`query` limited to decisions with `since <= created_at < until` (UTC; aware datetimes
     are converted), oldest first."""
-    since, until = (_naive_utc(t) for t in (since, until))
-    if since is not None:
-        query = query.where(Inspection.created_at >= since)
-    if until is not None:
-        query = query.where(Inspection.created_at < until)
-    return query.order_by(Inspection.created_at, Inspection.id)
+    return within(query, Inspection.created_at, since, until).order_by(Inspection.created_at, Inspection.id)
 
 
 def export_csv(url: str, out: Path, since: datetime | None = None, until: datetime | None = None) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, select
 
-from service.inspection.export import in_range
+from service.inspection.export import in_range, within
 from service.inspection.schema import Feedback, Inspection
 from service.runtime.metadata import GLOBAL, threshold_source
 
@@ -119,7 +119,7 @@ class Review:
 MAX_LISTED = 20
 
 
-def _verdicts(conn: Any, request_ids: list[str]) -> dict[str, list[Any]]:
+def verdicts_on(conn: Any, request_ids: list[str]) -> dict[str, list[Any]]:
     """Every feedback row on each of `request_ids`, oldest first."""
     found: dict[str, list[Any]] = {}
     for start in range(0, len(request_ids), 500):  # bounded IN lists
@@ -133,13 +133,7 @@ def _never_decided(conn: Any, since: datetime | None, until: datetime | None) ->
     """Feedback rows in the time range whose request id no answered decision carries."""
     decided = select(Inspection.id).where(Inspection.request_id == Feedback.request_id,
                                           Inspection.role == "serve")
-    query = select(Feedback.request_id).where(~decided.exists())
-    since, until = (t.astimezone(timezone.utc).replace(tzinfo=None) if t is not None and t.tzinfo else t
-                    for t in (since, until))  # stored naive UTC, as `in_range` compares
-    if since is not None:
-        query = query.where(Feedback.created_at >= since)
-    if until is not None:
-        query = query.where(Feedback.created_at < until)
+    query = within(select(Feedback.request_id).where(~decided.exists()), Feedback.created_at, since, until)
     ids = list(conn.execute(query.order_by(Feedback.created_at, Feedback.id)).scalars())
     return len(ids), list(dict.fromkeys(ids))[:MAX_LISTED]
 
@@ -152,7 +146,7 @@ def review(url: str, since: datetime | None = None, until: datetime | None = Non
         with engine.connect() as conn:
             rows = list(conn.execute(in_range(select(Inspection).where(Inspection.role == "serve"),
                                               since, until)))
-            verdicts = _verdicts(conn, sorted({r.request_id for r in rows} - {""}))
+            verdicts = verdicts_on(conn, sorted({r.request_id for r in rows} - {""}))
             unknown, unknown_ids = _never_decided(conn, since, until)
     finally:
         engine.dispose()

@@ -9,13 +9,15 @@ for), newest first. `GetEvidence` (`service.inspection.evidence`) then gives its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
+from service.inspection.export import within
+from service.inspection.quality import verdicts_on
 from service.inspection.schema import Feedback, Inspection
 
 NEAR = 0.1  # normalised-score distance from the threshold that puts an OK part in the queue
@@ -46,8 +48,11 @@ class ReviewRow:
     reviewer: str = ""
 
 
-def _naive_utc(t: datetime | None) -> datetime | None:
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t is not None and t.tzinfo else t
+def _row(decision: Any, reason: str, verdicts: list[Any]) -> ReviewRow:
+    """A queue row: the decision, why it is there, and the latest of its verdicts (if any)."""
+    f = verdicts[-1] if verdicts else None
+    return ReviewRow(decision, reason, f.verdict if f else "", f.defect_type if f else "",
+                     (f.operator or f.sender) if f else "")
 
 
 def review_queue(engine: Engine, wanted: ReviewFilter) -> list[ReviewRow]:
@@ -63,11 +68,7 @@ def review_queue(engine: Engine, wanted: ReviewFilter) -> list[ReviewRow]:
                           (Inspection.model_version, wanted.model_version)):
         if value:
             query = query.where(column == value)
-    since, until = _naive_utc(wanted.since), _naive_utc(wanted.until)
-    if since is not None:
-        query = query.where(Inspection.created_at >= since)
-    if until is not None:
-        query = query.where(Inspection.created_at < until)
+    query = within(query, Inspection.created_at, wanted.since, wanted.until)
     if not wanted.include_reviewed:
         reviewed = select(Feedback.id).where(Feedback.request_id == Inspection.request_id).exists()
         query = query.where(~reviewed)
@@ -75,19 +76,10 @@ def review_queue(engine: Engine, wanted: ReviewFilter) -> list[ReviewRow]:
     query = query.order_by(Inspection.created_at.desc(), Inspection.id.desc()).limit(limit)
     with engine.connect() as conn:
         found = list(conn.execute(query))
-        ids = sorted({r.request_id for r in found} - {""})
-        latest: dict[str, Any] = {}
-        for start in range(0, len(ids), 500):  # bounded IN lists
-            given = select(Feedback).where(Feedback.request_id.in_(ids[start:start + 500]))
-            latest.update({f.request_id: f for f in conn.execute(given.order_by(Feedback.created_at,
-                                                                                 Feedback.id))})
-    rows = []
-    for r in found:
-        reason = "ng" if r.decision == "NG" else "shadow_disagreement" if r.disagreed else "near_threshold"
-        f = latest.get(r.request_id)
-        rows.append(ReviewRow(r, reason, f.verdict if f else "", f.defect_type if f else "",
-                              (f.operator or f.sender) if f else ""))
-    return rows
+        verdicts = verdicts_on(conn, sorted({r.request_id for r in found} - {""}))
+    reasons = ("ng" if r.decision == "NG" else "shadow_disagreement" if r.disagreed else "near_threshold"
+               for r in found)
+    return [_row(r, reason, verdicts.get(r.request_id, [])) for r, reason in zip(found, reasons, strict=True)]
 
 
 def one_decision(engine: Engine, record_id: str) -> ReviewRow | None:
@@ -97,8 +89,6 @@ def one_decision(engine: Engine, record_id: str) -> ReviewRow | None:
         d = conn.execute(query).first()
         if d is None:
             return None
-        f = conn.execute(select(Feedback).where(Feedback.request_id == d.request_id)
-                         .order_by(Feedback.created_at.desc(), Feedback.id.desc()).limit(1)).first()
+        verdicts = verdicts_on(conn, [d.request_id]).get(d.request_id, [])
     reason = "ng" if d.decision == "NG" else "near_threshold" if abs(d.normalized_score - 0.5) <= NEAR else ""
-    return ReviewRow(d, reason, f.verdict if f else "", f.defect_type if f else "",
-                     (f.operator or f.sender) if f else "")
+    return _row(d, reason, verdicts)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from service import metrics
 from service.errors import InvalidInput, ModelLoadError, NonFiniteOutput
-from service.runtime.imaging import anomaly_map_png, decode_image, overlay_png
+from service.runtime.imaging import anomaly_map_png, decode_image, defect_region, overlay_png
 from service.runtime.metadata import GLOBAL, ModelMetadata, ScoreStats, threshold_source
 from service.runtime.tiling import image_score, prepare_input, scored_region, stitch
 
@@ -259,7 +259,8 @@ class OnnxModel:
             if map_png:
                 png = anomaly_map_png(amap, original_size or amap.shape, lo, hi)
             if overlay_on is not None:
-                region = self.defect_region(amap, score, stats.threshold)
+                scored = self._scored if self._scored.shape == amap.shape else None  # tiled models
+                region = defect_region(amap, stats.threshold, bool(score >= stats.threshold), scored)
                 overlay = overlay_png(overlay_on, amap, lo, hi, region)
         return Decision(
             score=float(score),
@@ -271,19 +272,6 @@ class OnnxModel:
             threshold_source=source,
             overlay_png=overlay,
         )
-
-    def defect_region(self, amap: np.ndarray, score: float, threshold: float) -> np.ndarray:
-        """Where the map reaches `threshold`, as a mask of `amap`'s shape, kept to what the
-        decision says: empty for an OK part (`score` below the threshold), never empty for an
-        NG one (at least the map's hottest scored pixel), and within the scored pixels of a
-        tiled model."""
-        scored = self._scored if self._scored.shape == amap.shape else np.ones(amap.shape, dtype=bool)
-        if score < threshold:
-            return np.zeros(amap.shape, dtype=bool)
-        region = (amap >= threshold) & scored
-        if not region.any():
-            region.flat[int(np.argmax(np.where(scored, amap, -np.inf)))] = True
-        return region
 
     def score_image(self, image: np.ndarray | Image.Image, category: str,
                     original_size: tuple[int, int] | None = None,

@@ -300,6 +300,12 @@ def anomaly_map_png(amap: np.ndarray, out_size: tuple[int, int], lo: float, hi: 
     im = Image.fromarray(img8)
     if im.size != (out_size[1], out_size[0]):
         im = im.resize((out_size[1], out_size[0]), Image.BILINEAR)
+    return png_bytes(im)
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """`image` (an array: gray, RGB or RGBA uint8) as PNG bytes, compressed for speed."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -308,6 +314,7 @@ def anomaly_map_png(amap: np.ndarray, out_size: tuple[int, int], lo: float, hi: 
 OVERLAY_MAX_SIDE = 1024  # pixels on the longer side of an overlay (a panel PC's screen)
 OVERLAY_OPACITY = 0.55  # the heat map's opacity where the map is at its hottest
 OUTLINE_RGB = (255, 0, 255)  # the defect region's outline at the threshold (magenta: in no heat map colour)
+OVERLAY_BYTES_PER_PIXEL = 80  # what drawing an overlay allocates per pixel (float32 planes and masks)
 
 
 def overlay_base(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -322,15 +329,15 @@ def overlay_base(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def overlay_cost(base: np.ndarray) -> int:
-    """Peak bytes `overlay_png` allocates to draw on `base` (float32 planes and masks)."""
-    return base.shape[0] * base.shape[1] * 80
+    """Peak bytes `overlay_png` allocates to draw on `base`."""
+    return overlay_cost_of(*base.shape[:2])
 
 
 def overlay_cost_of(height: int, width: int) -> int:
     """`overlay_cost` of the overlay of an image of `height` × `width` (before `overlay_base`
     shrinks it to `OVERLAY_MAX_SIDE`)."""
     scale = min(1.0, OVERLAY_MAX_SIDE / max(height, width, 1))
-    return max(1, round(height * scale)) * max(1, round(width * scale)) * 80
+    return max(1, round(height * scale)) * max(1, round(width * scale)) * OVERLAY_BYTES_PER_PIXEL
 
 
 def _heat(t: np.ndarray) -> np.ndarray:
@@ -360,23 +367,33 @@ def heat_png(amap: np.ndarray, lo: float, hi: float, region: np.ndarray, size: t
     clear where the map is cold: a layer to put over the image at any opacity."""
     colour, weight, _ = _layer(amap, lo, hi, region, size)
     rgba = np.concatenate([colour, weight * 255], axis=-1)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(rgba, 0, 255).astype(np.uint8), "RGBA").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_bytes(np.clip(rgba, 0, 255).astype(np.uint8))
 
 
 def overlay_png(base: np.ndarray, amap: np.ndarray, lo: float, hi: float, region: np.ndarray) -> bytes:
     """`base` (from `overlay_base`) with the anomaly map `amap` over it as a heat map (scaled
     as `anomaly_map_png`: `lo` → cold, `hi` → hot; more opaque where hotter, at most
     `OVERLAY_OPACITY`) and `region` (a boolean mask of `amap`'s shape: the defect region,
-    `Engine.defect_region`) outlined, as an RGB PNG of `base`'s size."""
+    `defect_region`) outlined, as an RGB PNG of `base`'s size."""
     colour, weight, outline = _layer(amap, lo, hi, region, base.shape[:2])
     alpha = OVERLAY_OPACITY * weight
     alpha[outline] = 1.0
     out = base.astype(np.float32) * (1 - alpha) + colour * alpha
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_bytes(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def defect_region(amap: np.ndarray, threshold: float, anomalous: bool,
+                  scored: np.ndarray | None = None) -> np.ndarray:
+    """Where `amap` reaches `threshold`, as a mask of its shape, kept to the decision: empty
+    for an OK part, never empty for an NG one (at least the map's hottest pixel), and within
+    `scored` (a tiled model's scored pixels) when given."""
+    if not anomalous:
+        return np.zeros(amap.shape, dtype=bool)
+    scored = np.ones(amap.shape, dtype=bool) if scored is None else scored
+    region = (amap >= threshold) & scored
+    if not region.any():
+        region.flat[int(np.argmax(np.where(scored, amap, -np.inf)))] = True
+    return region
 
 
 def _outline(region: np.ndarray) -> np.ndarray:

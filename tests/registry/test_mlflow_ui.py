@@ -16,20 +16,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Store, mlflow_server_process, register_copy, wait_for
+from conftest import CHROMIUM, CHROMIUM_ARGS, Store, mlflow_server_process, register_copy, wait_for
 from mlflow import MlflowClient
 
 from anomaly.v1 import anomaly_pb2 as pb
 from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from loadtests.launch import start_server
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).parents[2] / "docs" / "mlflow-version-page.png"
 MODEL = "ui-promotion"
-# What a headless Chromium needs on a machine with no display and no internet (root, no
-# sandbox; no background calls to Google's hosts).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
                                                              "(pip install -e '.[dev]')")

@@ -14,15 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import CHROMIUM, CHROMIUM_ARGS, wait_for
 
 from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 OPERATE, SCORE = "k-operate-review", "k-score-line"
 KEYS = json.dumps([f"operate:qe:{OPERATE}", f"score:line:{SCORE}"])
 

@@ -273,10 +273,12 @@ class ListReviewsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ReviewItem, _Mapping]]] = ...) -> None: ...
 
 class GetEvidenceRequest(_message.Message):
-    __slots__ = ("record_id",)
+    __slots__ = ("record_id", "drawings")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAWINGS_FIELD_NUMBER: _ClassVar[int]
     record_id: str
-    def __init__(self, record_id: _Optional[str] = ...) -> None: ...
+    drawings: str
+    def __init__(self, record_id: _Optional[str] = ..., drawings: _Optional[str] = ...) -> None: ...
 
 class Evidence(_message.Message):
     __slots__ = ("item", "image", "image_type", "heat_png", "overlay_png")

@@ -272,8 +272,10 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
     async def GetEvidence(self, request: pb.GetEvidenceRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.Evidence:
         """One part for review, with its evidence drawn (`service.dataplane.review`)."""
-        part = await self.plane.review.part(request.record_id)
-        return pb.Evidence(item=review_item(part.row, bool(part.image)), image=part.image,
+        if request.drawings not in ("", "overlay", "layers"):
+            raise InvalidInput(f"drawings must be '', 'overlay' or 'layers', got {request.drawings[:40]!r}")
+        part = await self.plane.review.part(request.record_id, request.drawings)
+        return pb.Evidence(item=review_item(part.row, part.kept), image=part.image,
                            image_type=part.image_type, heat_png=part.heat_png, overlay_png=part.overlay_png)
 
 

@@ -124,11 +124,9 @@ def credentials(request: Request) -> list[tuple[str, str]]:
     """
     found = [(k, v) for k, v in (("x-api-key", request.headers.get("x-api-key")),
                                  ("authorization", request.headers.get("authorization"))) if v]
-    if request.headers.get("authorization", "")[:6].lower() == "basic ":
-        found = [(k, v) for k, v in found if k != "authorization"]
-        signed_in = basic_sign_in(request) if request.url.path.startswith(BASIC_SIGN_IN_PATHS) else None
-        if signed_in and signed_in[1]:
-            found.append(("x-api-key", signed_in[1]))
+    signed_in = basic_sign_in(request) if request.url.path.startswith(BASIC_SIGN_IN_PATHS) else None
+    if signed_in and signed_in[1]:  # the server reads no key from `authorization: Basic`
+        found.append(("x-api-key", signed_in[1]))
     return [(k, v) for k, v in found if v.isascii() and v.isprintable()]
 
 

@@ -389,7 +389,7 @@ def create_app(settings: Settings | None = None, local: LocalBackends | None = N
         response = await call_next(request)
         answered = getattr(request.state, "request_id", "")
         if answered:  # header values travel as bytes: the id's UTF-8, as a client sends it
-            response.headers[REQUEST_ID_HEADER] = answered.encode("utf-8").decode("latin-1")
+            response.headers[REQUEST_ID_HEADER] = _header(answered)
         elif REQUEST_ID_HEADER in request.headers:  # echoed as it came
             response.headers[REQUEST_ID_HEADER] = request.headers[REQUEST_ID_HEADER]
         route = request.scope.get("route")

@@ -150,7 +150,8 @@ async def quality(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 
 async def part(request: Request, record_id: str, back: str = "") -> Response:
     """One part: image, heat map, decision, verdict buttons."""
     try:
-        evidence = await _call(request, "GetEvidence", pb.GetEvidenceRequest(record_id=record_id))
+        evidence = await _call(request, "GetEvidence", pb.GetEvidenceRequest(record_id=record_id,
+                                                                              drawings="layers"))
     except Problem as exc:
         return page_problem(request, exc)
 
@@ -167,7 +168,8 @@ async def part(request: Request, record_id: str, back: str = "") -> Response:
 @router.get("/parts/{record_id}/overlay.png")
 async def overlay(request: Request, record_id: str) -> Response:
     """The part's overlay PNG (404 when no evidence was kept)."""
-    evidence = await _call(request, "GetEvidence", pb.GetEvidenceRequest(record_id=record_id))
+    evidence = await _call(request, "GetEvidence", pb.GetEvidenceRequest(record_id=record_id,
+                                                                          drawings="overlay"))
     if not evidence.overlay_png:  # type: ignore[attr-defined]
         raise Problem(404, "Not Found", f"no overlay kept for record_id {record_id!r}", "NOT_FOUND")
     return Response(evidence.overlay_png, media_type="image/png",  # type: ignore[attr-defined]
