@@ -47,6 +47,7 @@ from anomaly.wire import identifier_problem
 from service import metrics, tracing
 from service.dataplane.batcher import Batcher, BatchResult
 from service.dataplane.budget import MemoryBudget
+from service.dataplane.promotion import PromotionDesk
 from service.dataplane.review import ReviewDesk
 from service.errors import DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady, Overloaded, Refused
 from service.inspection.evidence import SUFFIXES, EvidenceStore, Kept
@@ -157,6 +158,7 @@ class DataPlane:
         self.evidence = EvidenceStore.from_settings(settings) if settings.evidence else None
         self.review = ReviewDesk(settings, Path(settings.evidence_dir) if settings.evidence else None,
                                  self.decode_budget)
+        self.promotion = PromotionDesk(settings, self.repository)
         self.shadow = None if not settings.shadow_alias else Shadow(
             settings, self.repository, self.inspections, busy=lambda: self._inflight > settings.workers,
             evidence=self.evidence)

@@ -10,7 +10,9 @@ Each is kept as files under `<dir>/<UTC day>/`, named `<hash of the request id>-
 the image as it was sent (raw pixels as PNG), its anomaly map as an 8-bit gray PNG at the
 model's map resolution (`.map.png`; not for a shadow disagreement, whose record holds both
 decisions), and a JSON record of the decision (request id, station, category, model
-version, score, threshold, decision, why it was kept). The record id is the inspection
+version, score, threshold, decision, why it was kept). A decision kept already and then
+shadowed with a disagreement is not kept twice: its record gains the challenger's decision
+(`challenger`, `also`). The record id is the inspection
 log row's (`Decided.record_id`), so a row of the log names its evidence, and a request id
 finds its evidence too (`find`).
 
@@ -48,7 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -220,12 +222,18 @@ class EvidenceStore:
 
     def _write(self, kept: Kept) -> None:
         d = kept.decided
+        now = datetime.now(timezone.utc)
+        for day in (now, now - timedelta(days=1)):  # the decision itself kept already (a shadow disagreement)
+            earlier = self.items.get(str(self.root / day.strftime("%Y-%m-%d") /
+                                         f"{request_key(d.request_id)}-{d.record_id}"))
+            if earlier is not None:
+                self._join(earlier, kept)
+                return
         if not self._room(2 * kept.size + 4096):
             metrics.EVIDENCE.labels("dropped_disk_low").inc()
             self._log_refusal(d.request_id, f"less than {self.min_free_bytes >> 20} MB would be left free on "
                                             "its disk (ANOMALY_EVIDENCE_MIN_FREE_MB)", "dropped_disk_low")
             return
-        now = datetime.now(timezone.utc)
         stem = self.root / now.strftime("%Y-%m-%d") / f"{request_key(d.request_id)}-{d.record_id}"
         record = {**asdict(d), "decision": "NG" if d.anomalous else "OK", "reason": kept.reason,
                   "kept_at": now.isoformat(), "challenger": kept.other, "map_range": list(kept.map_range)}
@@ -253,6 +261,23 @@ class EvidenceStore:
         self.bytes += size
         metrics.EVIDENCE.labels("kept").inc()
         self._evict()
+
+    def _join(self, item: Item, kept: Kept) -> None:
+        """Add a second reason to evidence already kept for the same decision (an NG answer the
+        challenger passed): its record gains the challenger's decision; the image and map stay."""
+        path = item.stem.with_name(item.stem.name + ".json")
+        try:
+            record = json.loads(path.read_bytes())
+            record["challenger"] = kept.other
+            record["also"] = sorted({*record.get("also", []), kept.reason})
+            before = path.stat().st_size
+            _write_file(path, json.dumps(record, default=str).encode())
+            item.size += path.stat().st_size - before
+            self.bytes += path.stat().st_size - before
+        except (OSError, ValueError) as exc:  # the first evidence stands as it is
+            why = f"could not add the {kept.reason} to its evidence: {exc}"
+            self._log_refusal(kept.decided.request_id, why, "dropped_write_error")
+            metrics.EVIDENCE.labels("dropped_write_error").inc()
 
     def _log_refusal(self, request_id: str, why: str, outcome: str) -> None:
         """One log line a minute at most about evidence not kept."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from service import metrics
 from service.errors import NotReady, ServiceError
+from service.promotion.history import VerdictHistory, thumbnail
 from service.promotion.rules import (
     GATE_AGAINST,
     GATE_OVERRIDE_FOR,
@@ -107,6 +108,7 @@ class Gatekeeper:
         self.client = client
         self.settings = settings
         self.scratch = Path(scratch)
+        self.history = VerdictHistory()  # its recent verdicts with their deciding parts (the promotion view)
 
     def judge(self, alias: str, candidate: Candidate, against: Against, subject: str,
               allow_empty: bool = False) -> GateResult:
@@ -171,12 +173,16 @@ class Gatekeeper:
                                                  f"{exc}")
                 return GateResult("refused", f"{what} refused by the promotion gate: a reference set cannot "
                                              f"be read: {exc}")
-        own = f" and {candidate.version}'s own" if candidate.version != against.version else ""
-        basis = f"the reference set of version {against.version}{own} and the plant's known parts"
-        return judge(outcomes, self.settings.gate_max_false_reject, what, basis)
+            own = f" and {candidate.version}'s own" if candidate.version != against.version else ""
+            basis = f"the reference set of version {against.version}{own} and the plant's known parts"
+            verdict = judge(outcomes, self.settings.gate_max_false_reject, what, basis)
+            # drawn now: the reference sets are deleted with the scratch folder
+            verdict.parts = tuple(thumbnail(p, self.settings.max_image_pixels) for p in verdict.parts)
+            return verdict
 
     def _settle(self, name: str, alias: str, version: str, against: str, verdict: GateResult) -> GateResult:
         metrics.GATE_VERDICTS.labels(name, alias, verdict.status).inc()
+        self.history.add(name, alias, version, against, verdict)
         if verdict.status == "refused":
             log.error("promotion gate: %s", verdict.reason)
         elif verdict.status == "overridden":

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,12 +258,31 @@ class Outcome:
     reference_without_category: bool | None = None
 
 
+@dataclass(frozen=True)
+class DecidingPart:
+    """A known part that decided a verdict against its candidate: decided wrong, or not at all
+    (the promotion view shows it, with a thumbnail the gate draws before the set is deleted)."""
+
+    label: str  # `ReferenceItem.label`
+    category: str
+    expect: str  # "OK" | "NG"
+    got: str  # what the candidate decided: "OK" | "NG" | "" (it could not score it)
+    why: str  # escape, false reject (either "without a category"), or why it could not be scored
+    path: Path | None = None  # the image, while the reference set is on disk
+    thumbnail_png: bytes = b""
+
+
+MAX_DECIDING_PARTS = 8  # per verdict: the first ones of each kind, as the reason lists them
+
+
 @dataclass
 class GateResult:
     """The gate's verdict on one candidate."""
 
     status: str  # passed | refused | overridden | skipped (a first start with no known parts at all)
     reason: str
+    known_parts: int = 0  # how many known parts were scored
+    parts: tuple[DecidingPart, ...] = ()  # the known parts that decided against it (MAX_DECIDING_PARTS)
 
     @property
     def allows(self) -> bool:
@@ -307,9 +327,35 @@ def judge(outcomes: list[Outcome], max_false_reject: float, candidate: str, agai
         problems.append(f"{len(global_rejects)} of {len(goods)} known-good parts accepted without a category "
                         f"before would be rejected without one ({GLOBAL_THRESHOLD_TAG}): "
                         f"{_listed(global_rejects)}")
+    deciding = _deciding(outcomes)
     if problems:
         return GateResult("refused", f"{candidate} refused by the promotion gate (checked against "
-                                     f"{against}): " + "; ".join(problems))
+                                     f"{against}): " + "; ".join(problems), len(outcomes), deciding)
     return GateResult("passed", f"{candidate} passed the promotion gate (checked against {against}): "
                                 f"{len(outcomes)} known parts, no escape, {len(rejects)} of {len(goods)} "
-                                "known-good parts rejected")
+                                "known-good parts rejected", len(outcomes), deciding)
+
+
+def _deciding(outcomes: list[Outcome]) -> tuple[DecidingPart, ...]:
+    """The known parts the candidate decided wrong or could not score, each once with every way
+    it went wrong, worst first (what cannot be scored, escapes, then false rejects: within the
+    allowance they are shown, not refused)."""
+    kinds: list[tuple[str, Callable[[Outcome], bool], Callable[[Outcome], bool | None]]] = [
+        ("", lambda o: o.anomalous is None, lambda o: None),
+        ("escape", lambda o: o.item.expect == "NG" and o.anomalous is False, lambda o: False),
+        ("escape without a category", lambda o: o.item.expect == "NG" and o.reference_without_category is True
+         and o.without_category is False, lambda o: o.anomalous),
+        ("false reject", lambda o: o.item.expect == "OK" and bool(o.anomalous), lambda o: True),
+        ("false reject without a category", lambda o: o.item.expect == "OK" and
+         o.reference_without_category is False and o.without_category is True, lambda o: o.anomalous),
+    ]
+    found: dict[str, tuple[Outcome, bool | None, list[str]]] = {}
+    for why, wrong, got in kinds:
+        for o in outcomes:
+            if wrong(o):
+                whys = found.setdefault(o.item.label, (o, got(o), []))[2]
+                whys.append(why or o.why or "could not be scored")
+    parts = [DecidingPart(o.item.label, o.item.category, o.item.expect,
+                          "" if got is None else "NG" if got else "OK", "; ".join(whys), o.item.path)
+             for o, got, whys in found.values()]
+    return tuple(parts[:MAX_DECIDING_PARTS])

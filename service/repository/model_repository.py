@@ -54,6 +54,7 @@ class ModelRepository:
         memory = ServedMemory(Path(settings.cache_dir), settings.tracking_uri)
         self.follower = AliasFollower(settings, self.registry, self.versions, judgements, memory)
         self.errors = self.follower.errors  # watched alias → (version, why its last move failed)
+        self.verdicts = judgements.gatekeeper.history  # the gate's recent verdicts with their parts
 
     # -- versions -------------------------------------------------------------------------
     def resolve(self, spec: ModelSpec) -> str:

@@ -197,3 +197,31 @@ def test_the_store_keeps_its_disk_free_touches_only_its_own_files_and_reads_ever
     finally:
         full.close()
     assert all(path.read_bytes() == b"not the store's" for path in foreign)  # never the store's to delete
+
+
+def test_a_shadow_disagreement_on_a_kept_decision_joins_its_evidence(tmp_path: Path) -> None:
+    """An NG answer kept with its map, then passed by the challenger: one item, its map still
+    there, its record naming the challenger's decision (a second copy used to replace the
+    first's record and lose the map)."""
+    from service.inspection.evidence import read_evidence
+
+    root = tmp_path / "evidence"
+    store = EvidenceStore(root, max_bytes=10 * MB, max_age_s=3600, ok_fraction=0.0, queue_bytes=MB)
+    store.start()
+    try:
+        image, served = _noise_png(3, 64), _decided(1)
+        amap = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+        assert store.offer(Kept(served, "ng", lambda: (image, ".png"), len(image), amap, (0.0, 1.0)))
+        challenger = {"model_version": "9", "anomalous": False}
+        assert store.offer(Kept(served, "shadow_disagreement", lambda: (image, ".png"), len(image), None,
+                                (0.0, 1.0), other=challenger))
+        joined = lambda: store.find("r-1") and store.find("r-1")[0].get("also")  # noqa: E731
+        wait_for(joined, 10, "the disagreement joined")
+        assert len(store.items) == 1 and len(_files(root, "r-1")) == 3  # image, map, record
+        found = read_evidence(root, served.record_id)
+        assert found is not None and found.map8 is not None and found.image == image
+        assert found.record["reason"] == "ng" and found.record["also"] == ["shadow_disagreement"]
+        assert found.record["challenger"] == challenger
+        assert store.bytes == sum(p.stat().st_size for p in _files(root, "r-1"))
+    finally:
+        store.close()

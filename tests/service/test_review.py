@@ -10,18 +10,41 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
+import grpc
 import httpx
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, wait_for
+from conftest import CHROMIUM, CHROMIUM_ARGS, register_copy, wait_for
+from mlflow import MlflowClient
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_gateway, start_server, wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATE, SCORE = "k-operate-review", "k-score-line"
+LINE, CHALLENGER = "review-line", "review-challenger"  # the aliases the station serves and shadows
 KEYS = json.dumps([f"operate:qe:{OPERATE}", f"score:line:{SCORE}"])
+
+
+class Station(NamedTuple):
+    base: str  # the gateway's URL
+    target: str  # the server's gRPC address
+    inproc: str  # the server's own HTTP
+    db: Path  # the inspection database
+    part: str  # the request id of the part flagged NG with the highest score
+    blind: str  # the challenger's version (it passes every part)
+    served: str  # the version the line's alias serves
+    flagged: int  # how many parts the served version flagged NG
+
+
+@pytest.fixture(scope="module")
+def client(store) -> MlflowClient:
+    return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
 
 
 def _basic(user: str, key: str) -> dict[str, str]:
@@ -29,17 +52,22 @@ def _basic(user: str, key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def station(store, tmp_path_factory: pytest.TempPathFactory, good_and_defect):
-    """A server keeping evidence, its gateway, its in-process HTTP, and parts scored on line 1:
-    returns (gateway URL, in-process URL, inspection database, the NG part's request id)."""
+def station(store, client, tmp_path_factory: pytest.TempPathFactory, good_and_defect):
+    """A server keeping evidence, following a shadow challenger that passes every part, its
+    gateway, its in-process HTTP, and parts scored on line 1: returns (gateway URL, in-process
+    URL, inspection database, the NG part's request id)."""
     work = tmp_path_factory.mktemp("review")
     db, http_port = work / "inspections.db", free_port()
+    client.set_registered_model_alias(store.model_name, LINE, store.version)
+    blind = register_copy(store, work, "review-blind", threshold_scale=1e6)  # passes every part
+    client.set_registered_model_alias(store.model_name, CHALLENGER, blind)
     env = {"ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{db}",
            "ANOMALY_EVIDENCE": "true", "ANOMALY_EVIDENCE_DIR": str(work / "evidence"),
            "ANOMALY_EVIDENCE_OK_FRACTION": "0", "ANOMALY_API_KEYS": KEYS,
-           "ANOMALY_HTTP_IN_PROCESS": "true", "ANOMALY_HTTP_PORT": str(http_port)}
+           "ANOMALY_HTTP_IN_PROCESS": "true", "ANOMALY_HTTP_PORT": str(http_port),
+           "ANOMALY_SHADOW_ALIAS": CHALLENGER, "ANOMALY_POLL_INTERVAL_S": "0.3"}
     server, target = start_server(store.tracking_uri, work / "server.log", cache_dir=store.home / "cache",
-                                  env=env)
+                                  alias=LINE, env=env)
     gateway, base = start_gateway(target, work / "gateway.log")
     inproc = f"http://127.0.0.1:{http_port}"
     wait_http_ready(f"{inproc}/healthz", 30)
@@ -48,15 +76,20 @@ def station(store, tmp_path_factory: pytest.TempPathFactory, good_and_defect):
         parts = {**{f"SN-defect-{i}": p for i, p in enumerate(defects[:4])},
                  **{f"SN-good-{i}": p for i, p in enumerate(goods[:3])}}
         with AnomalyClient(target, api_key=SCORE) as client:
-            answers = {rid: client.score(p.read_bytes(), request_id=rid, station="line-1",
-                                         category=p.parent.parent.parent.name) for rid, p in parts.items()}
+            answers = {}
+            for rid, p in parts.items():
+                answers[rid] = client.score(p.read_bytes(), request_id=rid, station="line-1",
+                                            category=p.parent.parent.parent.name)
+                time.sleep(0.05)  # one at a time: every part is shadowed
         flagged = max((a for a in answers.values() if a.is_anomalous), key=lambda a: a.score, default=None)
         assert flagged is not None, "the session's model should flag one of its defective parts"
         with sqlite3.connect(db) as conn:
-            count = "SELECT COUNT(*) FROM inspections"
-            wait_for(lambda: conn.execute(count).fetchone()[0] == len(answers), 30,
-                     "every decision in the inspection database", retry_on=(sqlite3.OperationalError,))
-        yield base, inproc, db, flagged.request_id
+            count = "SELECT COUNT(*) FROM inspections WHERE role = ?"
+            wait_for(lambda: [conn.execute(count, (r,)).fetchone()[0] for r in ("serve", "shadow")]
+                     == [len(answers)] * 2, 30, "every decision and its shadow in the inspection database",
+                     retry_on=(sqlite3.OperationalError,))
+        yield Station(base, target, inproc, db, flagged.request_id, blind, store.version,
+                      sum(a.is_anomalous for a in answers.values()))
     finally:
         gateway.stop()
         assert server.stop() == 0, (work / "server.log").read_text()[-3000:]
@@ -70,7 +103,7 @@ def _feedback(db: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("where", ["gateway", "in-process"])
 def test_a_reviewer_without_the_role_is_refused_and_nothing_is_recorded(station, where: str) -> None:
-    base, inproc, db, part = station
+    base, inproc, db, part = station.base, station.inproc, station.db, station.part
     url = base if where == "gateway" else inproc
     before = _feedback(db)
     with httpx.Client(base_url=url, timeout=30) as http:
@@ -93,6 +126,8 @@ def test_a_reviewer_without_the_role_is_refused_and_nothing_is_recorded(station,
         overlay = http.get("/review/parts/x/overlay.png", headers=_basic("Line PC", SCORE))
         assert overlay.status_code == 403
         assert http.get("/review/quality", headers=_basic("Line PC", SCORE)).status_code == 403
+        assert http.get("/review/promotion", headers=_basic("Line PC", SCORE)).status_code == 403
+        assert http.get("/review/promotion").status_code == 401
         # a password gRPC metadata cannot carry: refused as unsigned (and asked again), not a 500
         odd = http.get("/review", headers={"authorization": "Basic " + base64.b64encode(
             "QE:k-öp".encode()).decode()})
@@ -120,7 +155,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debian's chromium package is not installed "
                                                   "(apt-get install chromium)")
 def test_a_quality_engineer_confirms_a_flagged_part_in_the_browser(station) -> None:
-    base, _, db, part = station
+    base, db, part = station.base, station.db, station.part
     docs = ROOT / "docs"
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -168,3 +203,118 @@ def test_a_quality_engineer_confirms_a_flagged_part_in_the_browser(station) -> N
     assert report.returncode == 0, report.stderr
     rows = [r for r in json.loads(report.stdout)["rows"] if r["station"] == "line-1"]
     assert sum(r["reviewed"] for r in rows) == 1 and sum(r["false_calls"] + r["escapes"] for r in rows) == 0
+
+
+def _promotion(target: str) -> pb.Promotion:
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.AnomalyDetectionStub(channel)
+        return stub.GetPromotion(pb.GetPromotionRequest(), metadata=[("x-api-key", OPERATE)], timeout=30)
+
+
+@pytest.fixture(scope="module")
+def refused_move(station: Station, store, client: MlflowClient) -> pb.Promotion:
+    """The line's alias moved in the registry to the challenger (it passes every part): the gate
+    refuses it, and the line keeps its version. Returns the promotion view then."""
+    client.set_registered_model_alias(store.model_name, LINE, station.blind)
+    try:
+        def judged() -> pb.Promotion | None:
+            found = _promotion(station.target)
+            wanted = (station.blind, "server", LINE)
+            refused = any(a.alias == LINE and a.last_error_version == station.blind for a in found.aliases)
+            judged = any((v.version, v.origin, v.alias) == wanted for v in found.verdicts)
+            return found if refused and judged else None
+
+        return wait_for(judged, 60, "the gate's verdict on the move")
+    finally:  # the line's alias back where it serves: the server has nothing to judge
+        client.set_registered_model_alias(store.model_name, LINE, station.served)
+
+
+def test_the_promotion_view_shows_what_serves_the_gate_and_the_challenger(station: Station,
+                                                                          refused_move: pb.Promotion) -> None:
+    """GetPromotion (role operate) answers what the promotion page draws: each alias and its
+    version, the refusal with the known defects that would have passed (thumbnails), the
+    registry's record of it, and the challenger's disagreements with the served answers."""
+    view = refused_move
+    aliases = {a.alias: a for a in view.aliases}
+    assert (aliases[LINE].role, aliases[LINE].version) == ("served", station.served)
+    assert aliases[LINE].last_error_version == station.blind
+    assert "would pass as OK" in aliases[LINE].last_error
+    assert (aliases[CHALLENGER].role, aliases[CHALLENGER].version) == ("shadow", station.blind)
+    refusal = next(v for v in view.verdicts if v.origin == "server" and v.version == station.blind)
+    assert (refusal.status, refusal.alias, refusal.against) == ("refused", LINE, station.served)
+    assert refusal.known_parts > len(refusal.parts) > 0
+    for i, part in enumerate(refusal.parts):  # every known defect passes the blind version
+        assert part.why.startswith("escape") and (part.expect, part.got) == ("NG", "OK")
+        assert i >= 5 or part.label in refusal.reason  # the reason names the first five
+        assert part.thumbnail_png.startswith(b"\x89PNG")
+    recorded = next(v for v in view.verdicts if v.origin == "registry" and v.version == station.blind)
+    assert recorded.status == "refused" and recorded.against == station.served and not recorded.parts
+    versions = (station.served, station.blind)
+    pairs = [r for r in view.shadow if (r.served_version, r.shadow_version) == versions]
+    assert sum(r.pairs for r in pairs) == 7 and sum(r.ok_to_ng_count for r in pairs) == 0
+    assert sum(r.ng_to_ok_count for r in pairs) == station.flagged == sum(len(r.ng_to_ok) for r in pairs)
+    assert sum(r.agree for r in pairs) == 7 - station.flagged
+    with grpc.insecure_channel(station.target) as channel:  # the role operate, as every review call
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.AnomalyDetectionStub(channel).GetPromotion(
+                pb.GetPromotionRequest(), metadata=[("x-api-key", SCORE)], timeout=30)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debian's chromium package is not installed "
+                                                  "(apt-get install chromium)")
+def test_the_promotion_page_in_the_browser(station: Station, refused_move: pb.Promotion) -> None:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800},
+                                          http_credentials={"username": "QE", "password": OPERATE})
+            page = context.new_page()
+            page.goto(f"{station.base}/review")
+            page.get_by_role("link", name="Promotion").click()  # from the header
+            page.wait_for_url("**/review/promotion")
+            served = page.locator("#aliases tr", has_text=f"@{LINE}")
+            assert "served" in served.inner_text() and station.served in served.inner_text()
+            verdict = page.locator("section.verdict", has=page.locator(".status.refused")).first
+            assert f"version {station.blind} for @{LINE}" in verdict.inner_text()
+            thumbs = verdict.locator(".parts img")
+            assert thumbs.count() > 0
+            loaded = "img => img.complete && img.naturalWidth > 0"
+            assert all(page.evaluate(loaded, thumbs.nth(i).element_handle()) for i in range(thumbs.count()))
+            assert "escape" in verdict.inner_text()
+            assert page.locator("#shadow tbody tr").count() >= 1
+            page.screenshot(path=str(ROOT / "docs" / "review-promotion.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debian's chromium package is not installed "
+                                                  "(apt-get install chromium)")
+@pytest.mark.parametrize("viewport", [(800, 1280), (1280, 800)], ids=["portrait", "landscape"])
+def test_every_page_fits_a_tablet_and_reads_at_arms_length(station: Station,
+                                                           viewport: tuple[int, int]) -> None:
+    """No page scrolls sideways on a tablet (wide tables scroll in their own box), and no text is
+    under 16 px (the charts' axis labels scale with them)."""
+    fits = "() => document.documentElement.scrollWidth <= window.innerWidth"
+    smallest = """() => [...document.querySelectorAll('body *')]
+        .filter(e => e.offsetParent !== null && !e.closest('svg')
+                && [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()))
+        .map(e => [parseFloat(getComputedStyle(e).fontSize),
+                   e.tagName + ': ' + e.textContent.trim().slice(0, 30)])
+        .sort((a, b) => a[0] - b[0])[0]"""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            width, height = viewport
+            context = browser.new_context(viewport={"width": width, "height": height}, has_touch=True,
+                                          is_mobile=True, device_scale_factor=2,
+                                          http_credentials={"username": "QE", "password": OPERATE})
+            page = context.new_page()
+            for path in ("/review?reviewed=true", f"/review/parts/{station.part}", "/review/quality",
+                         "/review/promotion"):
+                page.goto(f"{station.base}{path}")
+                assert page.evaluate(fits), f"{path} scrolls sideways at {width}×{height}"
+                size, text = page.evaluate(smallest)
+                assert size >= 16, f"{path} at {width}×{height}: {text!r} is {size} px"
+        finally:
+            browser.close()

@@ -363,3 +363,103 @@ class QualityReport(_message.Message):
     since: str
     until: str
     def __init__(self, days: _Optional[_Iterable[_Union[QualityDay, _Mapping]]] = ..., proposals: _Optional[_Iterable[_Union[ThresholdProposal, _Mapping]]] = ..., since: _Optional[str] = ..., until: _Optional[str] = ...) -> None: ...
+
+class GetPromotionRequest(_message.Message):
+    __slots__ = ("days",)
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    days: int
+    def __init__(self, days: _Optional[int] = ...) -> None: ...
+
+class AliasServing(_message.Message):
+    __slots__ = ("model_name", "alias", "role", "version", "since", "last_error", "last_error_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    alias: str
+    role: str
+    version: str
+    since: str
+    last_error: str
+    last_error_version: str
+    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., role: _Optional[str] = ..., version: _Optional[str] = ..., since: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ...) -> None: ...
+
+class DecidingPart(_message.Message):
+    __slots__ = ("label", "category", "expect", "got", "why", "thumbnail_png")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_FIELD_NUMBER: _ClassVar[int]
+    GOT_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    category: str
+    expect: str
+    got: str
+    why: str
+    thumbnail_png: bytes
+    def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., expect: _Optional[str] = ..., got: _Optional[str] = ..., why: _Optional[str] = ..., thumbnail_png: _Optional[bytes] = ...) -> None: ...
+
+class GateVerdict(_message.Message):
+    __slots__ = ("at", "model_name", "alias", "version", "against", "status", "reason", "known_parts", "parts", "origin")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGAINST_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_PARTS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    at: str
+    model_name: str
+    alias: str
+    version: str
+    against: str
+    status: str
+    reason: str
+    known_parts: int
+    parts: _containers.RepeatedCompositeFieldContainer[DecidingPart]
+    origin: str
+    def __init__(self, at: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., against: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., known_parts: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[DecidingPart, _Mapping]]] = ..., origin: _Optional[str] = ...) -> None: ...
+
+class ShadowAgreement(_message.Message):
+    __slots__ = ("served_version", "shadow_version", "category", "pairs", "agree", "ok_to_ng", "ng_to_ok", "ok_to_ng_count", "ng_to_ok_count")
+    SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    AGREE_FIELD_NUMBER: _ClassVar[int]
+    OK_TO_NG_FIELD_NUMBER: _ClassVar[int]
+    NG_TO_OK_FIELD_NUMBER: _ClassVar[int]
+    OK_TO_NG_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NG_TO_OK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    served_version: str
+    shadow_version: str
+    category: str
+    pairs: int
+    agree: int
+    ok_to_ng: _containers.RepeatedScalarFieldContainer[str]
+    ng_to_ok: _containers.RepeatedScalarFieldContainer[str]
+    ok_to_ng_count: int
+    ng_to_ok_count: int
+    def __init__(self, served_version: _Optional[str] = ..., shadow_version: _Optional[str] = ..., category: _Optional[str] = ..., pairs: _Optional[int] = ..., agree: _Optional[int] = ..., ok_to_ng: _Optional[_Iterable[str]] = ..., ng_to_ok: _Optional[_Iterable[str]] = ..., ok_to_ng_count: _Optional[int] = ..., ng_to_ok_count: _Optional[int] = ...) -> None: ...
+
+class Promotion(_message.Message):
+    __slots__ = ("aliases", "verdicts", "shadow", "since", "notes")
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[AliasServing]
+    verdicts: _containers.RepeatedCompositeFieldContainer[GateVerdict]
+    shadow: _containers.RepeatedCompositeFieldContainer[ShadowAgreement]
+    since: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, aliases: _Optional[_Iterable[_Union[AliasServing, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[GateVerdict, _Mapping]]] = ..., shadow: _Optional[_Iterable[_Union[ShadowAgreement, _Mapping]]] = ..., since: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -74,6 +74,11 @@ class AnomalyDetectionStub:
                 request_serializer=anomaly_dot_v1_dot_anomaly__pb2.GetQualityRequest.SerializeToString,
                 response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.QualityReport.FromString,
                 _registered_method=True)
+        self.GetPromotion = channel.unary_unary(
+                '/anomaly.v1.AnomalyDetection/GetPromotion',
+                request_serializer=anomaly_dot_v1_dot_anomaly__pb2.GetPromotionRequest.SerializeToString,
+                response_deserializer=anomaly_dot_v1_dot_anomaly__pb2.Promotion.FromString,
+                _registered_method=True)
 
 
 class AnomalyDetectionServicer:
@@ -138,6 +143,14 @@ class AnomalyDetectionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPromotion(self, request, context):
+        """What each watched alias serves, the promotion gate's last verdicts with the known parts
+        that decided them, and the shadow challenger's agreement (role operate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnomalyDetectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +193,11 @@ def add_AnomalyDetectionServicer_to_server(servicer, server):
                     servicer.GetQuality,
                     request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.GetQualityRequest.FromString,
                     response_serializer=anomaly_dot_v1_dot_anomaly__pb2.QualityReport.SerializeToString,
+            ),
+            'GetPromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPromotion,
+                    request_deserializer=anomaly_dot_v1_dot_anomaly__pb2.GetPromotionRequest.FromString,
+                    response_serializer=anomaly_dot_v1_dot_anomaly__pb2.Promotion.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +416,33 @@ class AnomalyDetection:
             '/anomaly.v1.AnomalyDetection/GetQuality',
             anomaly_dot_v1_dot_anomaly__pb2.GetQualityRequest.SerializeToString,
             anomaly_dot_v1_dot_anomaly__pb2.QualityReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anomaly.v1.AnomalyDetection/GetPromotion',
+            anomaly_dot_v1_dot_anomaly__pb2.GetPromotionRequest.SerializeToString,
+            anomaly_dot_v1_dot_anomaly__pb2.Promotion.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,8 @@ _V1, _V2 = "/anomaly.v1.AnomalyDetection/", "/inference.GRPCInferenceService/"
 # The role each call needs (a method not listed needs `admin`).
 METHOD_ROLES: dict[str, Role] = {
     **{_V1 + m: "score" for m in ("Score", "ScoreStream", "ListModels", "GetModel")},
-    **{_V1 + m: "operate" for m in ("Feedback", "ListReviews", "GetEvidence", "GetQuality")},
+    **{_V1 + m: "operate" for m in ("Feedback", "ListReviews", "GetEvidence", "GetQuality",
+                                   "GetPromotion")},
     **{_V2 + m: "score" for m in ("ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata")},
     **{_V2 + m: "admin" for m in ("ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
                                   "RepositoryModelUnload")},

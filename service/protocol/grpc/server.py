@@ -41,6 +41,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
 from service import metrics, tracing
 from service.dataplane.data_plane import DataPlane, LoadedModel, RawPixels, ScoreInput, ScoreOutput, Verdict
+from service.dataplane.promotion import Judged
 from service.dataplane.review import ReviewFilter, ReviewRow
 from service.errors import InvalidInput, ServiceError, answering, internal_error
 from service.protocol.grpc import oip
@@ -298,6 +299,36 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                 false_calls_now=p.false_calls_now, escapes_now=p.escapes_now,
                 false_calls_proposed=p.false_calls_proposed, note=p.note) for p in found.proposals],
             since=found.since.isoformat(), until=found.until.isoformat())
+
+    @answering
+    async def GetPromotion(self, request: pb.GetPromotionRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.Promotion:
+        """The promotion view (`service.dataplane.promotion`)."""
+        days = request.days or 7
+        if days > 366:
+            raise InvalidInput(f"days must be at most 366, got {days}")
+        found = await self.plane.promotion.view(days)
+
+        def verdict(j: Judged, origin: str) -> pb.GateVerdict:
+            v = j.verdict
+            return pb.GateVerdict(
+                at=j.at.isoformat(), model_name=j.name, alias=j.alias, version=j.version, against=j.against,
+                status=v.status, reason=v.reason, known_parts=v.known_parts, origin=origin,
+                parts=[pb.DecidingPart(label=p.label, category=p.category, expect=p.expect, got=p.got,
+                                       why=p.why, thumbnail_png=p.thumbnail_png) for p in v.parts])
+
+        return pb.Promotion(
+            aliases=[pb.AliasServing(model_name=a.name, alias=a.alias, role=a.role, version=a.version,
+                                     since=a.since, last_error=a.last_error,
+                                     last_error_version=a.last_error_version) for a in found.aliases],
+            verdicts=[verdict(j, "server") for j in found.verdicts] +
+                     [verdict(j, "registry") for j in found.recorded],
+            shadow=[pb.ShadowAgreement(served_version=r.served_version, shadow_version=r.shadow_version,
+                                       category=r.category, pairs=r.pairs, agree=r.agree,
+                                       ok_to_ng=r.ok_to_ng[:20], ng_to_ok=r.ng_to_ok[:20],
+                                       ok_to_ng_count=len(r.ok_to_ng), ng_to_ok_count=len(r.ng_to_ok))
+                    for r in found.shadow],
+            since=found.since.isoformat(), notes=found.notes)
 
 
 class GrpcServer:

@@ -13,6 +13,9 @@ model flagged and confirms or corrects each decision.
 - `GET /review/quality?days=14&station=`: per model version and category, day by day, the
   parts decided and reviewed, false calls and escapes (charts), and the thresholds the reviewed
   parts support with the commands that apply them (`anomaly quality-report`'s proposal).
+- `GET /review/promotion?days=7`: what each watched alias serves, the promotion gate's recent
+  verdicts with the known parts that decided them (thumbnails) and the registry's record of
+  each version's last verdict, and the shadow challenger's agreement per category.
 
 The browser signs in with HTTP Basic: any user name (recorded as the reviewer) and an API key
 of the role `operate` as the password; without keys configured the pages are open, as the API
@@ -146,6 +149,29 @@ async def quality(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 
         "reviewer": reviewer(request)})
 
 
+def data_uri(kind: str, data: bytes) -> str:
+    """`data` inline in the page (the pages load nothing from elsewhere), or "" when empty."""
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}" if data else ""
+
+
+@router.get("/promotion", response_class=HTMLResponse)
+async def promotion(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 7) -> Response:
+    """The promotion view: what each alias serves, the gate's verdicts with the parts that
+    decided them, the shadow challenger's agreement."""
+    try:
+        view = await _call(request, "GetPromotion", pb.GetPromotionRequest(days=days))
+    except Problem as exc:
+        return page_problem(request, exc)
+    v = view
+    server = [(g, [(p, data_uri("image/png", p.thumbnail_png)) for p in g.parts])
+              for g in v.verdicts if g.origin == "server"]  # type: ignore[attr-defined]
+    return render(request, "promotion.html", {
+        "aliases": list(v.aliases), "server": server,  # type: ignore[attr-defined]
+        "registry": [g for g in v.verdicts if g.origin == "registry"],  # type: ignore[attr-defined]
+        "shadow": list(v.shadow), "since": v.since, "notes": list(v.notes),  # type: ignore[attr-defined]
+        "reviewer": reviewer(request)})
+
+
 @router.get("/parts/{record_id}", response_class=HTMLResponse)
 async def part(request: Request, record_id: str, back: str = "") -> Response:
     """One part: image, heat map, decision, verdict buttons."""
@@ -154,9 +180,6 @@ async def part(request: Request, record_id: str, back: str = "") -> Response:
                                                                               drawings="layers"))
     except Problem as exc:
         return page_problem(request, exc)
-
-    def data_uri(kind: str, data: bytes) -> str:
-        return f"data:{kind};base64,{base64.b64encode(data).decode()}" if data else ""
 
     e = evidence
     return render(request, "part.html", {
