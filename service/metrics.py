@@ -59,6 +59,9 @@ SHADOW = Counter("anomaly_shadow_decisions_total", "Challenger decisions on answ
                  "they agree with the answer", ["category", "outcome"])  # agree | disagree | error
 EVIDENCE = Counter("anomaly_evidence_total", "Evidence for review by outcome", ["outcome"])
 # outcome: kept | dropped_queue_full | dropped_write_error | evicted_size | evicted_age
+EVIDENCE_REMOTE = Counter("anomaly_evidence_remote_total", "Evidence copies to the bucket "
+                          "(ANOMALY_EVIDENCE_REMOTE_URI) by outcome", ["outcome"])
+# outcome: copied | dropped_queue_full | failed | missed_evicted | pruned_days
 EVIDENCE_ITEMS = Gauge("anomaly_evidence_items", "Decisions whose evidence the store holds")
 EVIDENCE_BYTES = Gauge("anomaly_evidence_bytes", "Bytes the evidence store holds")
 SHADOW_DROPPED = Counter("anomaly_shadow_dropped_total", "Answered images not shadowed, by reason",

@@ -278,6 +278,19 @@ class Settings(BaseSettings):
                                                          "evidence is dropped (counted), never a decision "
                                                          "delayed")
 
+    evidence_remote_uri: str = Field("", max_length=2000, description=(
+        "copy evidence to this MLflow artifact location too: `s3://bucket/prefix` (an S3-compatible "
+        "bucket; endpoint and keys from MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; "
+        "the s3 extra), `mlflow-artifacts:/evidence` (the tracking server's artifact store) or "
+        "`file:///mount`; the review station fetches from it what the local bounds evicted "
+        "(`service.inspection.remote`); empty: local folder only"))
+    evidence_remote_queue: int = Field(10000, ge=1, description="evidence items waiting to be copied to "
+                                                                "the bucket; beyond, the copy is dropped "
+                                                                "(counted)")
+    evidence_remote_max_age_days: float = Field(90.0, ge=0, description="day folders older than this are "
+                                                                       "deleted from the bucket (hourly); 0: "
+                                                                       "never (the bucket's lifecycle rules)")
+
     settings_file: Path | None = Field(
         None, description="TOML file of settings (keys are the field names: `grpc_port = 50052`); the "
                           "environment and options override it; only its environment variable sets it")

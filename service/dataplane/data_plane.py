@@ -574,6 +574,7 @@ class DataPlane:
         self.control.shutdown(wait=False, cancel_futures=True)
         self.following.shutdown(wait=False, cancel_futures=True)
         self.review.close()
+        self.promotion.close()
         if self.evidence is not None:
             await asyncio.to_thread(self.evidence.close)
         if self.inspections is not None:  # after the drain: every answered request is recorded

@@ -9,7 +9,9 @@ part goes through `DataPlane.feedback`, as the `Feedback` RPC does.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,9 @@ import numpy as np
 from service import metrics
 from service.dataplane.budget import MemoryBudget
 from service.errors import InvalidInput, ModelNotFound, Overloaded, Refused
-from service.inspection.evidence import Found, kept_on_disk, read_evidence
+from service.inspection.evidence import Found, kept_on_disk, read_evidence, read_record, request_key
 from service.inspection.quality import Quality, quality_by_day
+from service.inspection.remote import RemoteEvidence, scratch
 from service.inspection.review import ReviewFilter, ReviewRow, one_decision, review_queue
 from service.inspection.schema import engine_for
 from service.runtime.imaging import (
@@ -33,6 +36,7 @@ from service.runtime.imaging import (
 )
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff",
                ".webp": "image/webp"}
 
@@ -69,6 +73,8 @@ class ReviewDesk:
 
     def __init__(self, settings: Settings, evidence: Path | None, budget: MemoryBudget) -> None:
         self.settings, self.evidence, self.budget = settings, evidence, budget
+        self.remote = RemoteEvidence(settings.evidence_remote_uri, settings.tracking_uri) \
+            if evidence is not None and settings.evidence_remote_uri else None
         self._engine = None
 
     def _url(self) -> str:
@@ -109,9 +115,26 @@ class ReviewDesk:
         found = None
         if self.evidence is not None:
             found = await asyncio.to_thread(read_evidence, self.evidence, record_id)
+        if found is None and self.remote is not None:
+            found = await asyncio.to_thread(self._fetch, row)
         if found is None:
             return Part(row)
         return await self._drawn(row, found, drawings)
+
+    def _fetch(self, row: ReviewRow) -> Found | None:
+        """The part's evidence from the bucket (evicted locally), or None (not kept, or the bucket
+        cannot be read now: logged, and the part is shown without it)."""
+        d = row.decision
+        created = d.created_at if d.created_at.tzinfo else d.created_at.replace(tzinfo=timezone.utc)
+        days = [(created + timedelta(days=i)).strftime("%Y-%m-%d") for i in (0, 1)]
+        stem = f"{request_key(d.request_id)}-{d.record_id}"
+        with scratch() as folder:
+            try:
+                fetched = self.remote.fetch(days, stem, Path(folder))  # type: ignore[union-attr]
+            except (OSError, ValueError) as exc:
+                log.warning("evidence of record_id=%s not read from the bucket: %s", d.record_id, exc)
+                return None
+            return read_record(fetched[1] / f"{stem}.json") if fetched else None
 
     async def _drawn(self, row: ReviewRow, found: Found, drawings: str) -> Part:
         s = self.settings

@@ -31,7 +31,12 @@ never takes its disk's last `ANOMALY_EVIDENCE_MIN_FREE_MB` (1024 MB): below that
 oldest evidence, then new evidence, so the inspection log's spool beside it keeps room. Only
 the store's own files (`<16 hex>-<32 hex>.*` in `YYYY-MM-DD` folders) are ever counted or
 deleted: other files in the folder are left alone. With `anomaly serve --processes N` each
-process keeps its own subfolder (`p<index>`) with 1/N of the size bound.
+process keeps its own subfolder (`p<index>`) with 1/N of the size bound. With
+`ANOMALY_EVIDENCE_REMOTE_URI` each item is also copied to the MLflow artifact store or an
+S3-compatible bucket (`service.inspection.remote`), where it outlives the local bounds.
+
+The module is longer than most: the writer, its bounds and the readers (`read_evidence`,
+`kept_on_disk`) share one file layout and its naming rule, kept in one place.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from PIL import Image
 
 from service import metrics
 from service.inspection.log import Decided
+from service.inspection.remote import RemoteEvidence
 from service.runtime.imaging import anomaly_map_png
 from service.settings import Settings
 
@@ -115,8 +121,9 @@ class EvidenceStore:
     """
 
     def __init__(self, root: Path, *, max_bytes: int, max_age_s: float, ok_fraction: float,
-                 queue_bytes: int, min_free_bytes: int = 0) -> None:
+                 queue_bytes: int, min_free_bytes: int = 0, remote: RemoteEvidence | None = None) -> None:
         self.root = Path(root)
+        self.remote = remote
         self.max_bytes, self.max_age_s, self.min_free_bytes = max_bytes, max_age_s, min_free_bytes
         self.ok_fraction, self.queue_bytes = ok_fraction, queue_bytes
         self.items: OrderedDict[str, Item] = OrderedDict()  # stem → item, oldest first
@@ -139,14 +146,20 @@ class EvidenceStore:
                    max_age_s=settings.evidence_max_age_days * 86400,
                    ok_fraction=settings.evidence_ok_fraction,
                    queue_bytes=settings.evidence_queue_mb * (1 << 20),
-                   min_free_bytes=settings.evidence_min_free_mb * (1 << 20))
+                   min_free_bytes=settings.evidence_min_free_mb * (1 << 20),
+                   remote=None if not settings.evidence_remote_uri else RemoteEvidence(
+                       settings.evidence_remote_uri, settings.tracking_uri,
+                       queue_items=settings.evidence_remote_queue,
+                       max_age_s=settings.evidence_remote_max_age_days * 86400,
+                       prune=settings.process_index <= 0))
 
     # -- the serving side: never blocks ------------------------------------------------
     def start(self) -> None:
         """Take stock of the folder, then start the writer thread.
 
         Raises:
-            OSError: the folder cannot be made or read (the message names ANOMALY_EVIDENCE_DIR).
+            OSError: the folder cannot be made or read (the message names ANOMALY_EVIDENCE_DIR), or
+                the bucket's URI cannot be used (ANOMALY_EVIDENCE_REMOTE_URI).
         """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -156,6 +169,13 @@ class EvidenceStore:
             raise OSError(f"the evidence folder (ANOMALY_EVIDENCE_DIR) {self.root} cannot be used: "
                           f"{exc}") from exc
         self._take_stock()
+        if self.remote is not None:
+            try:
+                self.remote.repo()
+            except ValueError as exc:
+                raise OSError(f"the evidence bucket (ANOMALY_EVIDENCE_REMOTE_URI) {self.remote.uri} "
+                              f"cannot be used: {exc}") from exc
+            self.remote.start()
         self._thread = threading.Thread(target=self._write_loop, name="evidence", daemon=True)
         self._thread.start()
         log.info("evidence kept in %s (%d items, %.1f of %d MB)", self.root, len(self.items),
@@ -184,6 +204,8 @@ class EvidenceStore:
         self._queue.put(None)
         self._thread.join(timeout)
         self._thread = None
+        if self.remote is not None:
+            self.remote.close(timeout)
 
     # -- the writer thread ---------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -260,6 +282,8 @@ class EvidenceStore:
         self.items[str(stem)] = Item(stem, size, time.time())
         self.bytes += size
         metrics.EVIDENCE.labels("kept").inc()
+        if self.remote is not None:
+            self.remote.offer(stem.parent.name, written)  # its record last
         self._evict()
 
     def _join(self, item: Item, kept: Kept) -> None:
@@ -268,13 +292,19 @@ class EvidenceStore:
         path = item.stem.with_name(item.stem.name + ".json")
         try:
             record = json.loads(path.read_bytes())
-            record["challenger"] = kept.other
-            record["also"] = sorted({*record.get("also", []), kept.reason})
-            before = path.stat().st_size
+            if not isinstance(record, dict):
+                raise ValueError("its record is not a JSON object")
+            also = record.get("also")
+            also = [a for a in also if isinstance(a, str)] if isinstance(also, list) else []
+            record["challenger"], record["also"] = kept.other, sorted({*also, kept.reason})
             _write_file(path, json.dumps(record, default=str).encode())
-            item.size += path.stat().st_size - before
-            self.bytes += path.stat().st_size - before
-        except (OSError, ValueError) as exc:  # the first evidence stands as it is
+            size = sum(p.stat().st_size for p in item.stem.parent.glob(item.stem.name + ".*")
+                       if OWN.fullmatch(p.name) and not p.name.endswith(".tmp"))
+            self.bytes += size - item.size  # counted again from its files (one edited by hand too)
+            item.size = size
+            if self.remote is not None:
+                self.remote.offer(item.stem.parent.name, [path])
+        except (OSError, ValueError, TypeError) as exc:  # the first evidence stands as it is
             why = f"could not add the {kept.reason} to its evidence: {exc}"
             self._log_refusal(kept.decided.request_id, why, "dropped_write_error")
             metrics.EVIDENCE.labels("dropped_write_error").inc()
@@ -397,19 +427,27 @@ def read_evidence(base: Path, record_id: str) -> Found | None:
         return None
     paths = (p for root in evidence_roots(base) for p in root.glob(f"*/*-{record_id}.json"))
     for path in paths:
-        try:
-            record = json.loads(path.read_text())
-            names = record.get("files", [])
-            image = next(n for n in names if not n.endswith((".map.png", ".json")))
-            data = (path.parent / image).read_bytes()
-            map8 = None
-            if any(n.endswith(".map.png") for n in names):
-                with Image.open(path.parent / next(n for n in names if n.endswith(".map.png"))) as im:
-                    map8 = np.asarray(im.convert("L"))
-        except (OSError, ValueError, StopIteration):
-            continue  # evicted meanwhile, or damaged: as if not kept
-        return Found(record, data, "." + image.split(".", 1)[1], map8)
+        found = read_record(path)
+        if found is not None:
+            return found
     return None
+
+
+def read_record(path: Path) -> Found | None:
+    """The item whose record is `path` (its files beside it), or None when it is gone or
+    damaged (evicted meanwhile: as if not kept)."""
+    try:
+        record = json.loads(path.read_text())
+        names = record.get("files", [])
+        image = next(n for n in names if not n.endswith((".map.png", ".json")))
+        data = (path.parent / image).read_bytes()
+        map8 = None
+        if any(n.endswith(".map.png") for n in names):
+            with Image.open(path.parent / next(n for n in names if n.endswith(".map.png"))) as im:
+                map8 = np.asarray(im.convert("L"))
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return None
+    return Found(record, data, "." + image.split(".", 1)[1], map8)
 
 
 def _write_file(path: Path, data: bytes) -> Path:

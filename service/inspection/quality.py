@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import create_engine, select
+from sqlalchemy import Engine, and_, case, create_engine, func, select
+from sqlalchemy.orm import aliased
 
 from service.inspection.export import in_range, within
 from service.inspection.schema import Feedback, Inspection
@@ -243,6 +244,55 @@ def shadow_report(url: str, since: datetime | None = None, until: datetime | Non
         else:
             row.ng_to_ok.append(s.request_id)
     return sorted(table.values(), key=lambda r: (r.served_version, r.shadow_version, r.category))
+
+
+@dataclass
+class Agreement:
+    """A challenger's agreement with the served version on one category, counted in the
+    database (`shadow_agreement`)."""
+
+    served_version: str
+    shadow_version: str
+    category: str
+    pairs: int
+    agree: int
+    ok_to_ng: int  # served OK, challenger NG
+    ng_to_ok: int  # served NG, challenger OK
+    ok_to_ng_ids: list[str] = field(default_factory=list)  # request ids, newest first (at most `examples`)
+    ng_to_ok_ids: list[str] = field(default_factory=list)
+
+
+def shadow_agreement(engine: Engine, since: datetime | None, until: datetime | None = None,
+                     examples: int = 20) -> list[Agreement]:
+    """`shadow_report`'s counts, computed by the database (one grouped join, whatever the
+    number of rows), with the newest `examples` request ids of each kind of disagreement."""
+    served, shadow = aliased(Inspection), aliased(Inspection)
+    differ = shadow.decision != served.decision
+    counts = select(served.model_version, shadow.model_version, shadow.category, func.count(),
+                    func.sum(case((differ, 0), else_=1)),
+                    func.sum(case((and_(differ, served.decision == "OK"), 1), else_=0)),
+                    func.sum(case((and_(differ, served.decision != "OK"), 1), else_=0))) \
+        .join(served, served.record_id == shadow.served_record_id) \
+        .where(shadow.role == "shadow", served.role == "serve") \
+        .group_by(served.model_version, shadow.model_version, shadow.category)
+    counts = within(counts, shadow.created_at, since, until)
+    with engine.connect() as conn:
+        found = [Agreement(str(a), str(b), c, int(n), int(agree or 0), int(up or 0), int(down or 0))
+                 for a, b, c, n, agree, up, down in conn.execute(counts)]
+        for row in found:
+            for attr, served_said, count in (("ok_to_ng_ids", "OK", row.ok_to_ng),
+                                             ("ng_to_ok_ids", "NG", row.ng_to_ok)):
+                if not count:
+                    continue
+                ids = select(shadow.request_id).join(served, served.record_id == shadow.served_record_id) \
+                    .where(shadow.role == "shadow", served.role == "serve", differ,
+                           served.decision == served_said if served_said == "OK" else served.decision != "OK",
+                           served.model_version == row.served_version,
+                           shadow.model_version == row.shadow_version, shadow.category == row.category)
+                ids = within(ids, shadow.created_at, since, until).order_by(shadow.created_at.desc()) \
+                    .limit(examples)
+                setattr(row, attr, [r[0] for r in conn.execute(ids)])
+    return sorted(found, key=lambda r: (r.served_version, r.shadow_version, r.category))
 
 
 def proposals_json(proposals: list[Proposal]) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -148,8 +148,7 @@ class Gatekeeper:
                     return self._settle(name, alias, version, against.version, verdict)
         verdict = self._judge_parts(candidate, against, what, allow_empty)
         if unheeded and not verdict.allows:
-            verdict = GateResult(verdict.status, f"{verdict.reason}; the override was not honoured: "
-                                                 f"{unheeded}")
+            verdict = replace(verdict, reason=f"{verdict.reason}; the override was not honoured: {unheeded}")
         return self._settle(name, alias, version, against.version, verdict)
 
     def refuse(self, alias: str, name: str, version: str, against: str, reason: str) -> GateResult:

@@ -11,13 +11,14 @@ keeps its own, and they judge the same candidates the same way.
 
 from __future__ import annotations
 
+import io
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from service.promotion.rules import DecidingPart, GateResult
-from service.runtime.imaging import decode_probe, png_bytes, probe_image
+from service.runtime.imaging import decode_probe, probe_image
 
 MAX_VERDICTS = 16
 THUMBNAIL_SIDE = 120  # pixels on the longer side
@@ -37,7 +38,7 @@ class Judged:
 
 
 def thumbnail(part: DecidingPart, max_pixels: int) -> DecidingPart:
-    """`part` with a small PNG of its image (none when it cannot be read or decoded: the part is
+    """`part` with a small JPEG of its image (none when it cannot be read or decoded: the part is
     listed all the same)."""
     if part.path is None:
         return part
@@ -47,7 +48,9 @@ def thumbnail(part: DecidingPart, max_pixels: int) -> DecidingPart:
         probe = probe_image(part.path.read_bytes(), max_bytes=THUMBNAIL_MAX_BYTES, max_pixels=max_pixels)
         image = decode_probe(probe, (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-        return replace(part, path=None, thumbnail_png=png_bytes(image))
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=80)
+        return replace(part, path=None, thumbnail_jpeg=out.getvalue())
     except Exception:  # a damaged or odd known part: its verdict already says why
         return replace(part, path=None)
 

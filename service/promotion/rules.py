@@ -269,7 +269,7 @@ class DecidingPart:
     got: str  # what the candidate decided: "OK" | "NG" | "" (it could not score it)
     why: str  # escape, false reject (either "without a category"), or why it could not be scored
     path: Path | None = None  # the image, while the reference set is on disk
-    thumbnail_png: bytes = b""
+    thumbnail_jpeg: bytes = b""
 
 
 MAX_DECIDING_PARTS = 8  # per verdict: the first ones of each kind, as the reason lists them

@@ -13,11 +13,14 @@ import sqlite3
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
-from conftest import metric_sum, wait_for
+from conftest import metric_sum, mlflow_server_process, wait_for
 from PIL import Image
 
+from anomaly.v1 import anomaly_pb2 as pb
+from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from edge_anomaly_client.sdk import AnomalyClient
 from loadtests.launch import free_port, start_server
 from service.inspection.evidence import EvidenceStore, Kept, request_key
@@ -199,7 +202,8 @@ def test_the_store_keeps_its_disk_free_touches_only_its_own_files_and_reads_ever
     assert all(path.read_bytes() == b"not the store's" for path in foreign)  # never the store's to delete
 
 
-def test_a_shadow_disagreement_on_a_kept_decision_joins_its_evidence(tmp_path: Path) -> None:
+def test_a_shadow_disagreement_on_a_kept_decision_joins_its_evidence(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """An NG answer kept with its map, then passed by the challenger: one item, its map still
     there, its record naming the challenger's decision (a second copy used to replace the
     first's record and lose the map)."""
@@ -223,5 +227,139 @@ def test_a_shadow_disagreement_on_a_kept_decision_joins_its_evidence(tmp_path: P
         assert found.record["reason"] == "ng" and found.record["also"] == ["shadow_disagreement"]
         assert found.record["challenger"] == challenger
         assert store.bytes == sum(p.stat().st_size for p in _files(root, "r-1"))
+        # a record edited by hand: odd `also` values are dropped, a record that is no object is
+        # left as it is (logged, counted), and the bytes are counted again from the files
+        record = next(p for p in _files(root, "r-1") if p.suffix == ".json")
+        record.write_text(json.dumps({**found.record, "also": "ok_sample", "note": "x" * 5000}))
+        again = Kept(served, "shadow_disagreement", lambda: (image, ".png"), len(image), None, (0.0, 1.0))
+        assert store.offer(again)
+        rejoined = lambda: json.loads(record.read_text())["also"] == ["shadow_disagreement"]  # noqa: E731
+        wait_for(rejoined, 10, "joined again")
+        assert store.bytes == sum(p.stat().st_size for p in _files(root, "r-1"))
+        record.write_text("[1, 2]")
+        assert store.offer(again)
+        wait_for(lambda: not store._queue.qsize() and store._pending == 0, 10, "the offer handled")
+        time.sleep(0.2)
+        assert record.read_text() == "[1, 2]" and store._thread is not None and store._thread.is_alive()
+        assert not [r for r in caplog.records if r.exc_info]  # a warning, not a traceback
     finally:
         store.close()
+
+
+def test_evidence_in_an_s3_bucket_outlives_the_local_bounds(store, tmp_path: Path) -> None:
+    """`ANOMALY_EVIDENCE_REMOTE_URI=s3://…` against a real S3 endpoint on loopback (moto's
+    server): every item is copied to the bucket; the local store (1 MB) evicts the oldest, and
+    the review station still draws those from the bucket. With the bucket gone, decisions are
+    answered as before, failed copies are counted, and a part evicted locally is shown without
+    its images rather than failing."""
+    boto3 = pytest.importorskip("boto3", reason="the s3 extra is not installed")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra)")
+    s3_port, metrics = free_port(), free_port()
+    bucket = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    bucket.start()
+    keys = {"AWS_ACCESS_KEY_ID": "line-1", "AWS_SECRET_ACCESS_KEY": "not-a-secret",
+            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"}
+    s3 = boto3.client("s3", endpoint_url=keys["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket="evidence")
+    evidence, db = tmp_path / "evidence", tmp_path / "log.db"
+    env = {"ANOMALY_EVIDENCE": "true", "ANOMALY_EVIDENCE_DIR": str(evidence), "ANOMALY_EVIDENCE_MAX_MB": "1",
+           "ANOMALY_EVIDENCE_OK_FRACTION": "1", "ANOMALY_METRICS_PORT": str(metrics),
+           "ANOMALY_EVIDENCE_MIN_FREE_MB": "0", "ANOMALY_EVIDENCE_REMOTE_URI": "s3://evidence/plant-7",
+           "ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{db}", **keys}
+    url = f"http://127.0.0.1:{metrics}/metrics"
+    copied = 'anomaly_evidence_remote_total{outcome="copied"}'
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=store.home / "cache",
+                                 env=env)
+    images = [_noise_png(i) for i in range(14)]
+    try:
+        answers = []
+        with AnomalyClient(target) as client:
+            for i, image in enumerate(images):  # a line's pace: each copied before the next part
+                answers.append(client.score(image, request_id=f"part-{i}", station="line-1"))
+                wait_for(lambda: metric_sum(url, copied, 0) == i + 1, 30,  # noqa: B023
+                         f"part-{i} copied to the bucket", retry_on=(AssertionError,))
+        assert metric_sum(url, 'anomaly_evidence_total{outcome="evicted_size"}', 0) >= 4
+        assert not _files(evidence, "part-0")  # gone locally …
+        names = [o["Key"] for o in s3.list_objects_v2(Bucket="evidence", Prefix="plant-7/")["Contents"]]
+        assert sum(n.endswith(".json") for n in names) == 14  # … every item in the bucket
+        assert all(n.split("/")[1][:4].isdigit() for n in names)  # plant-7/<UTC day>/<item files>
+        with sqlite3.connect(db) as conn:
+            query = "SELECT record_id FROM inspections WHERE request_id = ?"
+            record_id = wait_for(lambda: conn.execute(query, ("part-0",)).fetchone(), 30, "the row shipped",
+                                 retry_on=(sqlite3.OperationalError,))[0]
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.AnomalyDetectionStub(channel)
+            part = stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=60)
+            assert part.item.has_evidence and part.image == images[0]  # the image as sent, from the bucket
+            assert part.overlay_png.startswith(b"\x89PNG") and part.heat_png.startswith(b"\x89PNG")
+            assert part.item.decision == ("NG" if answers[0].is_anomalous else "OK")
+            bucket.stop()  # the bucket gone: decisions as before, copies fail (counted), parts still shown
+            with AnomalyClient(target) as client:
+                again = client.score(images[0], request_id="part-after-outage")
+            assert again.score == pytest.approx(answers[0].score, rel=1e-6)
+            wait_for(lambda: metric_sum(url, 'anomaly_evidence_remote_total{outcome="failed"}', 0) == 1, 60,
+                     "the failed copy counted")
+            undrawn = stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=60)
+            assert not undrawn.item.has_evidence and not undrawn.image
+            assert undrawn.item.request_id == "part-0"
+        assert "not copied after 3 tries" in (tmp_path / "server.log").read_text()
+    finally:
+        assert child.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]
+        bucket.stop()
+
+
+@pytest.mark.parametrize("uri", ["mlflow-artifacts:/evidence", "nosuchscheme://bucket/x"])
+def test_a_bucket_uri_that_cannot_be_used_stops_the_server_at_start(store, tmp_path: Path, uri: str) -> None:
+    """`mlflow-artifacts:` needs an http(s) tracking server (here: SQLite); an unknown scheme
+    has no repository: both refused at start, naming the variable, not at the first copy."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ANOMALY_EVIDENCE": "true", "ANOMALY_EVIDENCE_DIR": str(tmp_path / "evidence"),
+           "ANOMALY_EVIDENCE_REMOTE_URI": uri, "ANOMALY_CACHE_DIR": str(tmp_path / "cache")}
+    started = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--tracking-uri", store.tracking_uri,
+                              "--port", str(free_port())], cwd=Path(__file__).resolve().parents[2], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode != 0
+    assert "ANOMALY_EVIDENCE_REMOTE_URI" in started.stderr and "Traceback" not in started.stderr, \
+        started.stderr[-2000:]
+
+
+def test_evidence_in_the_mlflow_artifact_store(store, tmp_path: Path) -> None:
+    """`ANOMALY_EVIDENCE_REMOTE_URI=mlflow-artifacts:/…`: a real `mlflow server --serve-artifacts`
+    receives each item through its artifact proxy (no bucket keys on the edge box), and a part
+    gone from the local folder is drawn from there."""
+    evidence, db, metrics = tmp_path / "evidence", tmp_path / "log.db", free_port()
+    env = {"ANOMALY_EVIDENCE": "true", "ANOMALY_EVIDENCE_DIR": str(evidence),
+           "ANOMALY_EVIDENCE_OK_FRACTION": "1", "ANOMALY_EVIDENCE_MIN_FREE_MB": "0",
+           "ANOMALY_METRICS_PORT": str(metrics),
+           "ANOMALY_EVIDENCE_REMOTE_URI": "mlflow-artifacts:/evidence/line-2",
+           "ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{db}"}
+    url = f"http://127.0.0.1:{metrics}/metrics"
+    images = [_noise_png(i, 96) for i in range(3)]
+    with mlflow_server_process(store.tracking_uri, store.home) as (mlflow_url, _):
+        child, target = start_server(mlflow_url, tmp_path / "server.log", cache_dir=tmp_path / "cache",
+                                     env=env)
+        try:
+            with AnomalyClient(target) as client:
+                for i, image in enumerate(images):
+                    client.score(image, request_id=f"line-2-part-{i}", station="line-2")
+            wait_for(lambda: metric_sum(url, 'anomaly_evidence_remote_total{outcome="copied"}', 0) == 3, 60,
+                     "every item copied through the MLflow server", retry_on=(AssertionError,))
+            served = sorted((store.home / "artifacts" / "evidence" / "line-2").rglob("*.json"))
+            assert len(served) == 3 and all(p.parent.name[:4].isdigit() for p in served)
+            for path in _files(evidence, "line-2-part-0"):  # gone from the edge box
+                path.unlink()
+            with sqlite3.connect(db) as conn:
+                query = "SELECT record_id FROM inspections WHERE request_id = ?"
+                record_id = wait_for(lambda: conn.execute(query, ("line-2-part-0",)).fetchone(), 30,
+                                     "the row shipped", retry_on=(sqlite3.OperationalError,))[0]
+            with grpc.insecure_channel(target) as channel:
+                part = pb_grpc.AnomalyDetectionStub(channel).GetEvidence(
+                    pb.GetEvidenceRequest(record_id=record_id), timeout=60)
+            assert part.item.has_evidence and part.image == images[0]
+            assert part.overlay_png.startswith(b"\x89PNG")
+        finally:
+            assert child.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]

@@ -128,6 +128,11 @@ def test_a_reviewer_without_the_role_is_refused_and_nothing_is_recorded(station,
         assert http.get("/review/quality", headers=_basic("Line PC", SCORE)).status_code == 403
         assert http.get("/review/promotion", headers=_basic("Line PC", SCORE)).status_code == 403
         assert http.get("/review/promotion").status_code == 401
+        for days in ("abc", "0", "367", "1e3", "99999999999999999999"):  # a page that says so, not JSON
+            bad = http.get(f"/review/promotion?days={days}", headers=_basic("QE", OPERATE))
+            assert bad.status_code == 400 and "text/html" in bad.headers["content-type"], (days, bad.text)
+            assert "days must be" in bad.text
+            assert http.get(f"/review/quality?days={days}", headers=_basic("QE", OPERATE)).status_code == 400
         # a password gRPC metadata cannot carry: refused as unsigned (and asked again), not a 500
         odd = http.get("/review", headers={"authorization": "Basic " + base64.b64encode(
             "QE:k-öp".encode()).decode()})
@@ -222,7 +227,8 @@ def refused_move(station: Station, store, client: MlflowClient) -> pb.Promotion:
             wanted = (station.blind, "server", LINE)
             refused = any(a.alias == LINE and a.last_error_version == station.blind for a in found.aliases)
             judged = any((v.version, v.origin, v.alias) == wanted for v in found.verdicts)
-            return found if refused and judged else None
+            recorded = any((v.version, v.origin) == (station.blind, "registry") for v in found.verdicts)
+            return found if refused and judged and recorded else None  # the registry's read: ≤ 10 s old
 
         return wait_for(judged, 60, "the gate's verdict on the move")
     finally:  # the line's alias back where it serves: the server has nothing to judge
@@ -246,7 +252,7 @@ def test_the_promotion_view_shows_what_serves_the_gate_and_the_challenger(statio
     for i, part in enumerate(refusal.parts):  # every known defect passes the blind version
         assert part.why.startswith("escape") and (part.expect, part.got) == ("NG", "OK")
         assert i >= 5 or part.label in refusal.reason  # the reason names the first five
-        assert part.thumbnail_png.startswith(b"\x89PNG")
+        assert part.thumbnail_jpeg.startswith(b"\xff\xd8\xff")  # a JPEG
     recorded = next(v for v in view.verdicts if v.origin == "registry" and v.version == station.blind)
     assert recorded.status == "refused" and recorded.against == station.served and not recorded.parts
     versions = (station.served, station.blind)
@@ -259,6 +265,27 @@ def test_the_promotion_view_shows_what_serves_the_gate_and_the_challenger(statio
             pb_grpc.AnomalyDetectionStub(channel).GetPromotion(
                 pb.GetPromotionRequest(), metadata=[("x-api-key", SCORE)], timeout=30)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_refusal_the_override_cannot_force_keeps_its_parts(station: Station, store,
+                                                              client: MlflowClient) -> None:
+    """`gate.override=true` without who and why: refused again, the reason saying the override
+    was not honoured, and the view still shows the known parts and their count."""
+    from service.promotion.rules import GATE_OVERRIDE
+
+    client.set_model_version_tag(store.model_name, station.blind, GATE_OVERRIDE, "true")
+    client.set_registered_model_alias(store.model_name, LINE, station.blind)
+    try:
+        def judged() -> pb.GateVerdict | None:
+            return next((v for v in _promotion(station.target).verdicts if v.origin == "server"
+                         and v.version == station.blind and "not honoured" in v.reason), None)
+
+        refusal = wait_for(judged, 60, "the verdict with the unheeded override")
+        assert refusal.status == "refused" and refusal.known_parts > 0 and refusal.parts
+        assert all(p.thumbnail_jpeg for p in refusal.parts)
+    finally:
+        client.set_registered_model_alias(store.model_name, LINE, station.served)
+        client.delete_model_version_tag(store.model_name, station.blind, GATE_OVERRIDE)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: Debian's chromium package is not installed "

@@ -389,20 +389,20 @@ class AliasServing(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., role: _Optional[str] = ..., version: _Optional[str] = ..., since: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_version: _Optional[str] = ...) -> None: ...
 
 class DecidingPart(_message.Message):
-    __slots__ = ("label", "category", "expect", "got", "why", "thumbnail_png")
+    __slots__ = ("label", "category", "expect", "got", "why", "thumbnail_jpeg")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     EXPECT_FIELD_NUMBER: _ClassVar[int]
     GOT_FIELD_NUMBER: _ClassVar[int]
     WHY_FIELD_NUMBER: _ClassVar[int]
-    THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_JPEG_FIELD_NUMBER: _ClassVar[int]
     label: str
     category: str
     expect: str
     got: str
     why: str
-    thumbnail_png: bytes
-    def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., expect: _Optional[str] = ..., got: _Optional[str] = ..., why: _Optional[str] = ..., thumbnail_png: _Optional[bytes] = ...) -> None: ...
+    thumbnail_jpeg: bytes
+    def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., expect: _Optional[str] = ..., got: _Optional[str] = ..., why: _Optional[str] = ..., thumbnail_jpeg: _Optional[bytes] = ...) -> None: ...
 
 class GateVerdict(_message.Message):
     __slots__ = ("at", "model_name", "alias", "version", "against", "status", "reason", "known_parts", "parts", "origin")

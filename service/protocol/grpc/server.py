@@ -28,7 +28,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
 from functools import partial
 
 import grpc
@@ -41,13 +40,13 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS
 from service import metrics, tracing
 from service.dataplane.data_plane import DataPlane, LoadedModel, RawPixels, ScoreInput, ScoreOutput, Verdict
-from service.dataplane.promotion import Judged
-from service.dataplane.review import ReviewFilter, ReviewRow
+from service.dataplane.review import ReviewFilter
 from service.errors import InvalidInput, ServiceError, answering, internal_error
 from service.protocol.grpc import oip
 from service.protocol.grpc.admission import Admission, grpc_backstop
 from service.protocol.grpc.oip import InferenceServicer
 from service.protocol.grpc.options import grpc_options
+from service.protocol.grpc.review import instant, promotion, quality_report, review_item
 from service.protocol.grpc.security import (
     ApiKeyInterceptor,
     caller,
@@ -119,30 +118,6 @@ def to_score_response(out: ScoreOutput) -> pb.ScoreResponse:
         anomaly_map_png=d.anomaly_map_png, model=model_ref(out.model, out.alias),
         timings=pb.Timings(**{k: out.timings.get(k, 0.0) for k in TIMING_KEYS}),
     )
-
-
-def review_item(row: ReviewRow, has_evidence: bool) -> pb.ReviewItem:
-    """A review-queue row → `ReviewItem`."""
-    d = row.decision
-    return pb.ReviewItem(
-        record_id=d.record_id or "", request_id=d.request_id, created_at=d.created_at.isoformat() + "Z",
-        station=d.station, category=d.category, model_name=d.model_name, model_version=d.model_version,
-        score=d.score, normalized_score=d.normalized_score, threshold=d.threshold,
-        threshold_source=d.threshold_source, decision=d.decision, reason=row.reason, verdict=row.verdict,
-        defect_type=row.defect_type, reviewer=row.reviewer, has_evidence=has_evidence,
-        latency_ms=d.latency_ms)
-
-
-def _instant(text: str, name: str) -> datetime | None:
-    """An RFC 3339 time of a request ("" = none; naive = UTC)."""
-    if not text:
-        return None
-    try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-    except (ValueError, OverflowError):  # not a time, or one UTC cannot hold (year 1 or 9999 at an offset)
-        raise InvalidInput(f"{name} must be an RFC 3339 time (e.g. 2026-12-07T08:00:00Z), "
-                           f"got {text[:40]!r}") from None
 
 
 class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
@@ -264,7 +239,7 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
                           context: grpc.aio.ServicerContext) -> pb.ListReviewsResponse:
         """The review queue (`service.inspection.review`)."""
         wanted = ReviewFilter(request.station, request.category, request.model_version,
-                              _instant(request.since, "since"), _instant(request.until, "until"),
+                              instant(request.since, "since"), instant(request.until, "until"),
                               request.limit, request.include_reviewed)
         rows = await self.plane.review.queue(wanted)
         return pb.ListReviewsResponse(items=[review_item(row, kept) for row, kept in rows])
@@ -287,18 +262,7 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
         days = request.days or 14
         if days > 366:
             raise InvalidInput(f"days must be at most 366, got {days}")
-        found = await self.plane.review.quality(days, request.station)
-        return pb.QualityReport(
-            days=[pb.QualityDay(day=day, model_name=r.model_name, model_version=r.model_version,
-                                category=r.category, decided=r.decided, reviewed=r.reviewed,
-                                false_calls=r.false_calls, escapes=r.escapes) for day, r in found.days],
-            proposals=[pb.ThresholdProposal(
-                model_name=p.model_name, model_version=p.model_version, category=p.category, tag=p.tag,
-                current=p.current, has_threshold=p.threshold is not None, threshold=p.threshold or 0.0,
-                confirmed_defects=p.confirmed_defects, confirmed_good=p.confirmed_good,
-                false_calls_now=p.false_calls_now, escapes_now=p.escapes_now,
-                false_calls_proposed=p.false_calls_proposed, note=p.note) for p in found.proposals],
-            since=found.since.isoformat(), until=found.until.isoformat())
+        return quality_report(await self.plane.review.quality(days, request.station))
 
     @answering
     async def GetPromotion(self, request: pb.GetPromotionRequest,  # noqa: N802
@@ -307,28 +271,7 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
         days = request.days or 7
         if days > 366:
             raise InvalidInput(f"days must be at most 366, got {days}")
-        found = await self.plane.promotion.view(days)
-
-        def verdict(j: Judged, origin: str) -> pb.GateVerdict:
-            v = j.verdict
-            return pb.GateVerdict(
-                at=j.at.isoformat(), model_name=j.name, alias=j.alias, version=j.version, against=j.against,
-                status=v.status, reason=v.reason, known_parts=v.known_parts, origin=origin,
-                parts=[pb.DecidingPart(label=p.label, category=p.category, expect=p.expect, got=p.got,
-                                       why=p.why, thumbnail_png=p.thumbnail_png) for p in v.parts])
-
-        return pb.Promotion(
-            aliases=[pb.AliasServing(model_name=a.name, alias=a.alias, role=a.role, version=a.version,
-                                     since=a.since, last_error=a.last_error,
-                                     last_error_version=a.last_error_version) for a in found.aliases],
-            verdicts=[verdict(j, "server") for j in found.verdicts] +
-                     [verdict(j, "registry") for j in found.recorded],
-            shadow=[pb.ShadowAgreement(served_version=r.served_version, shadow_version=r.shadow_version,
-                                       category=r.category, pairs=r.pairs, agree=r.agree,
-                                       ok_to_ng=r.ok_to_ng[:20], ng_to_ok=r.ng_to_ok[:20],
-                                       ok_to_ng_count=len(r.ok_to_ng), ng_to_ok_count=len(r.ng_to_ok))
-                    for r in found.shadow],
-            since=found.since.isoformat(), notes=found.notes)
+        return promotion(await self.plane.promotion.view(days))
 
 
 class GrpcServer:

@@ -46,7 +46,7 @@ from anomaly.v1 import anomaly_pb2_grpc as pb_grpc
 from anomaly.wire import TIMING_KEYS, identifier_problem
 from service import tracing
 from service.dataplane.budget import MemoryBudget
-from service.protocol.grpc.options import grpc_options
+from service.protocol.grpc.options import gateway_options
 from service.protocol.rest import http_body, review
 from service.protocol.rest import oip as oip_rest
 from service.protocol.rest.forwarding import GrpcBackend, Problem, error_response, forward, reserved_body
@@ -364,7 +364,7 @@ def create_app(settings: Settings | None = None, local: LocalBackends | None = N
         own = [("grpc.use_local_subchannel_pool", 1)] if settings.grpc_connections > 1 else []
         channels = [grpc_channel(
             settings.grpc_target, aio=True,
-            options=[*grpc_options(settings), ("grpc.lb_policy_name", "round_robin"), *own],
+            options=[*gateway_options(settings), ("grpc.lb_policy_name", "round_robin"), *own],
             tls=(settings.grpc_tls_ca_file, settings.grpc_client_cert_file, settings.grpc_client_key_file),
             interceptors=tracing.client_interceptors())
             for _ in range(settings.grpc_connections)]

@@ -133,18 +133,37 @@ def _charts(days: list, first: str, count: int) -> list[dict]:
     return charts
 
 
+def _days(text: str, default: int) -> int:
+    """A page's `days` (1–366); a bad one is a page that says so, not a JSON error.
+
+    Raises:
+        Problem: 400, naming what is wrong.
+    """
+    if not text.strip():
+        return default
+    try:
+        days = int(text)
+    except ValueError:
+        raise Problem(400, "Bad Request", f"days must be a whole number of days, got {text[:20]!r}",
+                      "INVALID_ARGUMENT") from None
+    if not 1 <= days <= 366:
+        raise Problem(400, "Bad Request", f"days must be 1 to 366, got {days}", "INVALID_ARGUMENT")
+    return days
+
+
 @router.get("/quality", response_class=HTMLResponse)
-async def quality(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 14,
+async def quality(request: Request, days: Annotated[str, Query(max_length=20)] = "14",
                   station: Annotated[str, Query(max_length=128)] = "") -> Response:
     """The quality view: per version and category over time, and the threshold proposals."""
     try:
-        report = await _call(request, "GetQuality", pb.GetQualityRequest(days=days, station=station))
+        n = _days(days, 14)
+        report = await _call(request, "GetQuality", pb.GetQualityRequest(days=n, station=station))
     except Problem as exc:
         return page_problem(request, exc)
     r = report
     return render(request, "quality.html", {
-        "charts": _charts(list(r.days), r.since[:10], days), "proposals": list(r.proposals),  # type: ignore
-        "since": r.since[:10], "days": days, "station": station,  # type: ignore
+        "charts": _charts(list(r.days), r.since[:10], n), "proposals": list(r.proposals),  # type: ignore
+        "since": r.since[:10], "days": n, "station": station,  # type: ignore
         "last": (datetime.fromisoformat(r.until) - timedelta(days=1)).strftime("%Y-%m-%d"),  # type: ignore
         "reviewer": reviewer(request)})
 
@@ -155,15 +174,15 @@ def data_uri(kind: str, data: bytes) -> str:
 
 
 @router.get("/promotion", response_class=HTMLResponse)
-async def promotion(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 7) -> Response:
+async def promotion(request: Request, days: Annotated[str, Query(max_length=20)] = "7") -> Response:
     """The promotion view: what each alias serves, the gate's verdicts with the parts that
     decided them, the shadow challenger's agreement."""
     try:
-        view = await _call(request, "GetPromotion", pb.GetPromotionRequest(days=days))
+        view = await _call(request, "GetPromotion", pb.GetPromotionRequest(days=_days(days, 7)))
     except Problem as exc:
         return page_problem(request, exc)
     v = view
-    server = [(g, [(p, data_uri("image/png", p.thumbnail_png)) for p in g.parts])
+    server = [(g, [(p, data_uri("image/jpeg", p.thumbnail_jpeg)) for p in g.parts])
               for g in v.verdicts if g.origin == "server"]  # type: ignore[attr-defined]
     return render(request, "promotion.html", {
         "aliases": list(v.aliases), "server": server,  # type: ignore[attr-defined]
