@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Generic, TypeVar
+from typing import Any
 
+from service.dataplane.reads import OneRead
 from service.inspection.quality import Agreement, shadow_agreement
 from service.inspection.schema import engine_for
 from service.promotion.history import Judged
@@ -45,7 +43,6 @@ REASON_CHARS = 1000  # a registry verdict's reason as sent (the gate writes up t
 DEADLINE_S = 5.0  # the longest a view waits for one slow part
 FRESH_S = 10.0  # how long a read of the registry or the database is reused (a page may be this stale)
 THUMBNAIL_BUDGET = 512 * 1024  # bytes of known parts' thumbnails in one answer
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,36 +68,6 @@ class Promotion:
     shadow: list[Agreement]
     since: datetime  # the start of the shadow agreement's period
     notes: list[str] = field(default_factory=list)  # what could not be read, and why
-
-
-class OneRead(Generic[T]):
-    """A blocking read on a thread of its own, one at a time: a caller arriving while it runs
-    waits for that same read, and its answer is reused for `FRESH_S` seconds."""
-
-    def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._running: tuple[Any, Future] | None = None
-        self._kept: tuple[Any, float, T] | None = None  # (key, when, answer)
-
-    async def get(self, key: Any, read: Callable[[], T], deadline: float) -> T:
-        """The answer of `read` (for `key`), fresh enough; raises TimeoutError past `deadline` s
-        (the read goes on, and the next caller gets its answer) and what `read` raises."""
-        kept = self._kept
-        if kept is not None and kept[0] == key and time.monotonic() - kept[1] < FRESH_S:
-            return kept[2]
-        if self._running is None or self._running[0] != key or self._running[1].done():
-            future = self._executor.submit(read)
-            future.add_done_callback(lambda f: self._keep(key, f))
-            self._running = (key, future)
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._running[1])), deadline)
-
-    def _keep(self, key: Any, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._kept = (key, time.monotonic(), future.result())
-
-    def close(self) -> None:
-        """Stop the thread (a read under way finishes on its own)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _within_budget(verdicts: list[Judged]) -> list[Judged]:
@@ -134,8 +101,8 @@ class PromotionDesk:
 
     def __init__(self, settings: Settings, repository: ModelRepository) -> None:
         self.settings, self.repository = settings, repository
-        self._registry: OneRead[tuple[list[Judged], list[str]]] = OneRead("promotion-registry")
-        self._database: OneRead[list[Agreement]] = OneRead("promotion-database")
+        self._registry: OneRead[tuple[list[Judged], list[str]]] = OneRead("promotion-registry", FRESH_S)
+        self._database: OneRead[list[Agreement]] = OneRead("promotion-database", FRESH_S)
         self._engine: Any = None
 
     async def view(self, days: int) -> Promotion:

@@ -18,7 +18,8 @@ import numpy as np
 
 from service import metrics
 from service.dataplane.budget import MemoryBudget
-from service.errors import InvalidInput, ModelNotFound, Overloaded, Refused
+from service.dataplane.reads import OneRead
+from service.errors import InvalidInput, ModelNotFound, NotReady, Overloaded, Refused
 from service.inspection.evidence import Found, kept_on_disk, read_evidence, read_record, request_key
 from service.inspection.quality import Quality, quality_by_day
 from service.inspection.remote import RemoteEvidence, scratch
@@ -37,6 +38,8 @@ from service.runtime.imaging import (
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+QUALITY_DEADLINE_S = 8.0  # under the gateway's request timeout
+QUALITY_FRESH_S = 10.0  # a quality report is reused this long (reloads, many browsers: one read)
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff",
                ".webp": "image/webp"}
 
@@ -76,6 +79,7 @@ class ReviewDesk:
         self.remote = RemoteEvidence(settings.evidence_remote_uri, settings.tracking_uri) \
             if evidence is not None and settings.evidence_remote_uri else None
         self._engine = None
+        self._quality: OneRead[Quality] = OneRead("quality", QUALITY_FRESH_S)
 
     def _url(self) -> str:
         if not self.settings.inspection_log:
@@ -97,9 +101,19 @@ class ReviewDesk:
 
     async def quality(self, days: int, station: str = "") -> Quality:
         """False calls, escapes and reviewed parts per (version, category) for each of the last
-        `days` UTC days, and the thresholds the whole period's reviewed parts support."""
+        `days` UTC days, and the thresholds the whole period's reviewed parts support.
+
+        Raises:
+            NotReady: not computed within `QUALITY_DEADLINE_S` (a large log); it goes on, and a
+                reload within `QUALITY_FRESH_S` of its end shows it.
+        """
         url = self._url()
-        return await asyncio.to_thread(quality_by_day, url, days, station)
+        try:
+            return await self._quality.get((days, station), lambda: quality_by_day(url, days, station),
+                                           QUALITY_DEADLINE_S)
+        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.10
+            raise NotReady(f"the quality of the last {days} days is still being computed from the inspection "
+                           "log; reload in a moment") from None
 
     async def part(self, record_id: str, drawings: str = "") -> Part:
         """One part with its evidence drawn: "" the image, heat layer and overlay; "overlay" the
@@ -169,6 +183,7 @@ class ReviewDesk:
         return heat, overlay_png(base, t, 0.0, 1.0, region) if drawings != "layers" else b""
 
     def close(self) -> None:
-        """Let go of the database connections."""
+        """Stop the quality thread and let go of the database connections."""
+        self._quality.close()
         if self._engine is not None:
             self._engine.dispose()
