@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,3 +366,31 @@ def reference_set(store: Store, client, tmp_path: Path) -> list:
     dest = tmp_path / f"reference-{uuid.uuid4().hex[:6]}"
     local = Path(client.download_artifacts(run_id, "reference", str(dest)))
     return [KnownPart(local / i["file"], i["category"], i["expect"]) for i in read_manifest(local)]
+
+
+class SilentEndpoint:
+    """A TCP endpoint on loopback (a registry, a bucket) that accepts connections and never
+    answers; counts them. `close()` ends it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop = True
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()

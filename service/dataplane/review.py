@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from service import metrics
 from service.dataplane.budget import MemoryBudget
-from service.dataplane.reads import OneRead
+from service.dataplane.reads import OneRead, on_daemon_thread
 from service.errors import InvalidInput, ModelNotFound, NotReady, Overloaded, Refused
 from service.inspection.evidence import Found, kept_on_disk, read_evidence, read_record, request_key
 from service.inspection.quality import Quality, quality_by_day
@@ -39,6 +40,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 QUALITY_DEADLINE_S = 8.0  # under the gateway's request timeout
+FETCH_THREADS = 2  # parts read from the evidence bucket at once
+FETCH_DEADLINE_S = 5.0  # the longest a part's page waits for the bucket
 QUALITY_FRESH_S = 10.0  # a quality report is reused this long (reloads, many browsers: one read)
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff",
                ".webp": "image/webp"}
@@ -78,6 +81,9 @@ class ReviewDesk:
         self.settings, self.evidence, self.budget = settings, evidence, budget
         self.remote = RemoteEvidence(settings.evidence_remote_uri, settings.tracking_uri) \
             if evidence is not None and settings.evidence_remote_uri else None
+        # Bucket reads on daemon threads of their own, at most FETCH_THREADS at once: a bucket that
+        # hangs holds these, never the threads the inspection log and shutdown share, nor the exit.
+        self._fetch_slots = threading.BoundedSemaphore(FETCH_THREADS)
         self._engine = None
         self._quality: OneRead[Quality] = OneRead("quality", QUALITY_FRESH_S)
 
@@ -130,10 +136,26 @@ class ReviewDesk:
         if self.evidence is not None:
             found = await asyncio.to_thread(read_evidence, self.evidence, record_id)
         if found is None and self.remote is not None:
-            found = await asyncio.to_thread(self._fetch, row)
+            found = await self._fetch_within(row)
         if found is None:
             return Part(row)
         return await self._drawn(row, found, drawings)
+
+    async def _fetch_within(self, row: ReviewRow) -> Found | None:
+        """`_fetch` on the desk's own threads within `FETCH_DEADLINE_S`; None (the part shown
+        without its images, logged) when the bucket is slow or every fetch thread is taken."""
+        if not self._fetch_slots.acquire(blocking=False):
+            log.warning("evidence of record_id=%s not read from the bucket: %d reads of it are still under "
+                        "way", row.decision.record_id, FETCH_THREADS)
+            return None
+        future = on_daemon_thread("evidence-fetch", lambda: self._fetch(row))
+        future.add_done_callback(lambda _: self._fetch_slots.release())
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), FETCH_DEADLINE_S)
+        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.10
+            log.warning("evidence of record_id=%s not read from the bucket within %.0f s (it goes on)",
+                        row.decision.record_id, FETCH_DEADLINE_S)
+            return None
 
     def _fetch(self, row: ReviewRow) -> Found | None:
         """The part's evidence from the bucket (evicted locally), or None (not kept, or the bucket
@@ -144,8 +166,9 @@ class ReviewDesk:
         stem = f"{request_key(d.request_id)}-{d.record_id}"
         with scratch() as folder:
             try:
-                fetched = self.remote.fetch(days, stem, Path(folder))  # type: ignore[union-attr]
-            except (OSError, ValueError) as exc:
+                fetched = self.remote.fetch(days, stem, Path(folder),  # type: ignore[union-attr]
+                                            2 * self.settings.max_image_bytes + (1 << 20))
+            except Exception as exc:  # an outage, a damaged or foreign item: shown without it
                 log.warning("evidence of record_id=%s not read from the bucket: %s", d.record_id, exc)
                 return None
             return read_record(fetched[1] / f"{stem}.json") if fetched else None
@@ -183,7 +206,7 @@ class ReviewDesk:
         return heat, overlay_png(base, t, 0.0, 1.0, region) if drawings != "layers" else b""
 
     def close(self) -> None:
-        """Stop the quality thread and let go of the database connections."""
+        """Start no more quality reports and let go of the database connections."""
         self._quality.close()
         if self._engine is not None:
             self._engine.dispose()

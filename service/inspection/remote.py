@@ -19,12 +19,17 @@ process) or the bucket's lifecycle rules. A part whose evidence is gone locally 
 from the bucket when its page is opened.
 
 Copying never delays or fails a decision, nor the local writer: items wait in a bounded queue
-(`ANOMALY_EVIDENCE_REMOTE_QUEUE`) for one thread of their own; a full queue drops the copy,
-a failed copy is retried twice and then dropped, and an item evicted locally before its turn
-is not copied. Each outcome is counted (`anomaly_evidence_remote_total{outcome}`: copied,
-dropped_queue_full, failed, missed_evicted, pruned_days) and failures are logged at most once a
-minute. The files of an item are copied record last, so a reader that finds a record finds its
-image and map.
+(`ANOMALY_EVIDENCE_REMOTE_QUEUE`) for one thread of their own; a full queue drops the copy, a
+failed copy is retried twice and then dropped, and an item evicted locally before its turn is
+not copied. Each outcome is counted (`anomaly_evidence_remote_total{outcome}`: copied (a record
+copied again after a shadow disagreement joined it counts again), dropped_queue_full, failed,
+missed_evicted, lost_at_shutdown, pruned_days) and failures are logged at most once a minute.
+Copies still queued at shutdown are not made (counted at a clean stop; a SIGKILL loses the
+queue; neither is offered again at start: those items stay in the local folder only). At start
+the bucket is listed once, and a bucket that cannot be listed (a wrong name, wrong keys) is
+logged at ERROR. The files of an item are copied record last, so a reader that finds a record
+finds its image and map. A URI with `?` or `#` (which the stores cut off) or `..` is refused at
+start.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 RETRIES = (1.0, 5.0)  # seconds before the second and third try of a copy
 PRUNE_EVERY_S = 3600.0
 ERROR_LOG_S = 60.0
+MAX_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes
 
 
 def artifact_repository(uri: str, tracking_uri: str) -> Any:
@@ -55,8 +62,15 @@ def artifact_repository(uri: str, tracking_uri: str) -> Any:
         ValueError: MLflow knows no repository for this URI, or one it needs is not installed
             (the message says which).
     """
+    from urllib.parse import urlsplit
+
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    if "?" in uri or "#" in uri:
+        raise ValueError("it holds '?' or '#', which the artifact stores cut off (name the prefix without "
+                         "them)")
+    if ".." in urlsplit(uri).path.split("/"):
+        raise ValueError("its path holds '..'")
     try:
         return get_artifact_repository(uri, tracking_uri=tracking_uri)
     except ModuleNotFoundError as exc:
@@ -81,6 +95,9 @@ class RemoteEvidence:
                  prune: bool = True) -> None:
         self.uri, self.tracking_uri = uri.rstrip("/"), tracking_uri
         self.max_age_s, self.prune = max_age_s, prune
+        # boto3 retries a call that times out 4 times by default (minutes against a bucket that
+        # accepts and never answers); this store has its own tries. Still settable in the environment.
+        os.environ.setdefault("AWS_MAX_ATTEMPTS", "2")
         self._repo: Any = None
         self._queue: queue.Queue[tuple[str, list[Path]] | None] = queue.Queue(queue_items)
         self._thread: threading.Thread | None = None
@@ -109,15 +126,36 @@ class RemoteEvidence:
                               "slower than the line, or unreachable)")
 
     def close(self, timeout: float = 5.0) -> None:
-        """Copy what is queued (within `timeout` seconds), then stop the thread."""
+        """Copy what is queued (within `timeout` seconds), then stop the thread; what is still
+        queued then is not copied (counted `lost_at_shutdown`, logged)."""
         if self._thread is None:
             return
+        deadline = time.monotonic() + timeout
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         self._thread = None
+        lost = 0
+        with contextlib.suppress(queue.Empty):
+            while True:
+                lost += self._queue.get_nowait() is not None
+        if lost:
+            metrics.EVIDENCE_REMOTE.labels("lost_at_shutdown").inc(lost)
+            log.warning("evidence: %d item(s) not copied to %s at shutdown (they stay in the local folder "
+                        "while its bounds keep them)", lost, self.uri)
+
+    def _probe(self) -> None:
+        """Say at start, loudly, when the bucket cannot be listed (a wrong name or keys): every
+        copy would fail."""
+        try:
+            self.repo().list_artifacts()
+        except Exception as exc:
+            log.error("evidence bucket %s cannot be listed (%s): copies to it will fail until it can "
+                      "(ANOMALY_EVIDENCE_REMOTE_URI, MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID)", self.uri,
+                      (str(exc).splitlines() or [type(exc).__name__])[0][:300])
 
     def _loop(self) -> None:
+        self._probe()
         while True:
             try:
                 job = self._queue.get(timeout=60.0)
@@ -158,7 +196,7 @@ class RemoteEvidence:
         try:
             days = [f.path.rstrip("/").rsplit("/", 1)[-1] for f in self.repo().list_artifacts() if f.is_dir]
             for day in sorted(d for d in days if _is_day(d) and d < oldest):
-                self.repo().delete_artifacts(day)
+                self.repo().delete_artifacts(f"{day}/" if self.uri.startswith("s3:") else day)  # not day.bak
                 metrics.EVIDENCE_REMOTE.labels("pruned_days").inc()
                 log.info("evidence: deleted %s/%s (older than %.0f days)", self.uri, day,
                          self.max_age_s / 86400)
@@ -172,12 +210,13 @@ class RemoteEvidence:
                         "anomaly_evidence_remote_total, not logged)", self.uri, why, ERROR_LOG_S)
 
     # -- reading back --------------------------------------------------------------------
-    def fetch(self, days: list[str], stem: str, into: Path) -> tuple[dict, Path] | None:
+    def fetch(self, days: list[str], stem: str, into: Path, max_bytes: int) -> tuple[dict, Path] | None:
         """Download the item `stem` (`<request key>-<record id>`) from the first of `days` that
         holds it into `into`: its record and the folder its files are in, or None.
 
         Raises:
-            OSError: the bucket cannot be read now (an outage, a refusal).
+            OSError: the bucket cannot be read now (an outage, a refusal), or what it holds is
+                not an item of this store (a file over `max_bytes`, a damaged record).
         """
         for day in days:
             folder = into / day
@@ -188,14 +227,22 @@ class RemoteEvidence:
                 if _missing(exc):
                     continue
                 raise OSError(f"evidence bucket {self.uri} cannot be read: {exc}") from exc
+            if record_path.is_dir() or record_path.stat().st_size > MAX_RECORD_BYTES:
+                raise OSError(f"evidence record {day}/{stem}.json is not a record")
             record = json.loads(record_path.read_text())
-            for name in record.get("files", []):
+            files = record.get("files") if isinstance(record, dict) else None
+            if not isinstance(files, list) or not all(isinstance(n, str) for n in files):
+                raise OSError(f"evidence record {day}/{stem}.json lists no files")
+            for name in files:
                 if Path(name).name != name or not name.startswith(stem):  # only the item's own files
                     raise OSError(f"evidence record {day}/{stem}.json names a foreign file {name!r}")
                 try:
-                    self.repo().download_artifacts(f"{day}/{name}", str(folder))
+                    path = Path(self.repo().download_artifacts(f"{day}/{name}", str(folder)))
                 except Exception as exc:
                     raise OSError(f"evidence bucket {self.uri}: {day}/{name} cannot be read: {exc}") from exc
+                if path.is_dir() or path.stat().st_size > max_bytes:
+                    raise OSError(f"evidence bucket {self.uri}: {day}/{name} is not a file of at most "
+                                  f"{max_bytes} bytes")
             return record, record_path.parent
         return None
 

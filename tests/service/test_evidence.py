@@ -5,6 +5,7 @@ write, not across a SIGKILL and restart (the store takes stock of what it left).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -310,10 +311,12 @@ def test_evidence_in_an_s3_bucket_outlives_the_local_bounds(store, tmp_path: Pat
         bucket.stop()
 
 
-@pytest.mark.parametrize("uri", ["mlflow-artifacts:/evidence", "nosuchscheme://bucket/x"])
+@pytest.mark.parametrize("uri", ["mlflow-artifacts:/evidence", "nosuchscheme://bucket/x", "s3://evidence/line#7",
+                                 "file:///srv/evidence/../etc"])
 def test_a_bucket_uri_that_cannot_be_used_stops_the_server_at_start(store, tmp_path: Path, uri: str) -> None:
     """`mlflow-artifacts:` needs an http(s) tracking server (here: SQLite); an unknown scheme
-    has no repository: both refused at start, naming the variable, not at the first copy."""
+    has no repository; `#` or `?` would be cut off by the store (`line#7` wrote under `line/`,
+    and pruned it); `..`: all refused at start, naming the variable, not at the first copy."""
     import subprocess
     import sys
 
@@ -363,3 +366,89 @@ def test_evidence_in_the_mlflow_artifact_store(store, tmp_path: Path) -> None:
             assert part.overlay_png.startswith(b"\x89PNG")
         finally:
             assert child.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]
+
+
+def test_a_hung_bucket_and_a_hostile_one_never_stall_the_server(store, tmp_path: Path) -> None:
+    """A bucket that accepts and never answers: eight parts opened at once (their evidence gone
+    locally) each answer within the fetch deadline without images, the inspection log keeps
+    shipping, and SIGTERM stops the server. Then a `file://` bucket whose record was replaced
+    by something else: the part is shown without its images, not an INTERNAL error."""
+    from conftest import SilentEndpoint
+
+    silent = SilentEndpoint()
+    evidence, db = tmp_path / "evidence", tmp_path / "log.db"
+    env = {"ANOMALY_EVIDENCE": "true", "ANOMALY_EVIDENCE_DIR": str(evidence),
+           "ANOMALY_EVIDENCE_OK_FRACTION": "1", "ANOMALY_EVIDENCE_MIN_FREE_MB": "0",
+           "ANOMALY_EVIDENCE_REMOTE_URI": "s3://evidence/hung",
+           "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{silent.port}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
+           "ANOMALY_INSPECTION_LOG": "true", "ANOMALY_INSPECTION_DB_URL": f"sqlite:///{db}"}
+    images = [_noise_png(i, 64) for i in range(4)]
+    child, target = start_server(store.tracking_uri, tmp_path / "server.log", cache_dir=store.home / "cache",
+                                 env=env)
+    try:
+        with AnomalyClient(target) as client:
+            for i, image in enumerate(images[:2]):
+                client.score(image, request_id=f"hung-{i}", station="line-3")
+        wait_for(lambda: _files(evidence, "hung-0"), 30, "the local evidence")
+        with sqlite3.connect(db) as conn:
+            query = "SELECT record_id FROM inspections WHERE request_id = 'hung-0'"
+            record_id = wait_for(lambda: conn.execute(query).fetchone(), 30, "the row shipped",
+                                 retry_on=(sqlite3.OperationalError,))[0]
+        for path in _files(evidence, "hung-0"):
+            path.unlink()
+
+        async def open_parts() -> list:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.AnomalyDetectionStub(channel)
+                return await asyncio.gather(*(stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id),
+                                                               timeout=30) for _ in range(8)))
+
+        started = time.monotonic()
+        parts = asyncio.run(open_parts())
+        assert time.monotonic() - started < 15
+        assert all(not p.item.has_evidence and p.item.request_id == "hung-0" for p in parts)
+        with AnomalyClient(target) as client:  # the line and the log go on
+            for i, image in enumerate(images[2:], 2):
+                client.score(image, request_id=f"hung-{i}", station="line-3")
+        with sqlite3.connect(db) as conn:
+            count = "SELECT COUNT(*) FROM inspections"
+            wait_for(lambda: conn.execute(count).fetchone()[0] == 4, 15, "every row shipped",
+                     retry_on=(sqlite3.OperationalError,))
+        started = time.monotonic()
+        assert child.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]  # SIGTERM
+        assert time.monotonic() - started < 30
+        log = (tmp_path / "server.log").read_text()
+        assert "not read from the bucket" in log
+    finally:
+        child.stop()
+        silent.close()
+
+    bucket = tmp_path / "bucket"
+    metrics = free_port()
+    env = {**env, "ANOMALY_EVIDENCE_REMOTE_URI": bucket.as_uri(),
+           "ANOMALY_EVIDENCE_DIR": str(tmp_path / "ev2"), "ANOMALY_METRICS_PORT": str(metrics)}
+    copied = 'anomaly_evidence_remote_total{outcome="copied"}'
+    child, target = start_server(store.tracking_uri, tmp_path / "server2.log", cache_dir=store.home / "cache",
+                                 env=env)
+    try:
+        with AnomalyClient(target) as client:
+            client.score(images[0], request_id="hostile-0", station="line-3")
+        wait_for(lambda: metric_sum(f"http://127.0.0.1:{metrics}/metrics", copied, 0) == 1, 30, "the copy",
+                 retry_on=(AssertionError,))
+        with sqlite3.connect(db) as conn:
+            query = "SELECT record_id FROM inspections WHERE request_id = 'hostile-0'"
+            record_id = wait_for(lambda: conn.execute(query).fetchone(), 30, "the row shipped",
+                                 retry_on=(sqlite3.OperationalError,))[0]
+        for path in _files(tmp_path / "ev2", "hostile-0"):
+            path.unlink()
+        record = next(bucket.rglob(f"*-{record_id}.json"))
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.AnomalyDetectionStub(channel)
+            assert stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=30).item.has_evidence
+            for hostile in ("[1, 2]", '{"files": null}', '{"files": [5]}', '{"files": ["../../etc/passwd"]}'):
+                record.write_text(hostile)
+                part = stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=30)
+                assert not part.item.has_evidence and not part.image, hostile
+    finally:
+        assert child.stop() == 0, (tmp_path / "server2.log").read_text()[-3000:]

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import SilentEndpoint
 from sqlalchemy import insert
 
 from service.dataplane.promotion import DEADLINE_S, PromotionDesk
@@ -67,37 +66,10 @@ def test_shadow_agreement_in_the_database_matches_the_report(tmp_path: Path) -> 
     assert sum(r.pairs for r in counted) == 3000
 
 
-class Silent:
-    """A registry that accepts connections and never answers; counts them."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                self.accepted.append(self.sock.accept()[0])
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        self._stop = True
-        for conn in self.accepted:
-            conn.close()
-        self.sock.close()
-
-
 def test_a_silent_registry_leaves_a_note_within_the_deadline_and_reloads_share_one_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # the registry call outlives the view
-    silent = Silent()
+    silent = SilentEndpoint()
     settings = Settings(tracking_uri=f"http://127.0.0.1:{silent.port}", cache_dir=tmp_path / "cache",
                         shadow_alias="challenger", inspection_log=True,
                         inspection_db_url=f"sqlite:///{tmp_path / 'log.db'}")
@@ -122,3 +94,33 @@ def test_a_silent_registry_leaves_a_note_within_the_deadline_and_reloads_share_o
     finally:
         desk.close()
         silent.close()
+
+
+def test_reads_for_many_keys_never_queue() -> None:
+    """`days` 1…50 asked at once (a hostile client, or two viewers on different periods): one
+    read runs, the others are told at once it is under way, and the answers are kept for a few
+    keys, so a viewer on 7 days is answered as soon as its read has run."""
+    from service.dataplane.reads import KEPT, OneRead
+
+    runs: list[int] = []
+
+    def read(days: int) -> int:
+        runs.append(days)
+        time.sleep(0.3)
+        return days * 10
+
+    async def scenario() -> None:
+        one: OneRead[int] = OneRead("test-read", fresh_s=60)
+        answers = await asyncio.gather(*(one.get(d, lambda d=d: read(d), 5) for d in range(1, 51)),
+                                       return_exceptions=True)
+        assert answers[0] == 10 and all(isinstance(a, asyncio.TimeoutError) for a in answers[1:])
+        assert runs == [1]
+        assert await one.get(7, lambda: read(7), 5) == 70 and await one.get(1, lambda: read(1), 5) == 10
+        for d in range(100, 100 + KEPT):
+            await one.get(d, lambda d=d: read(d), 5)
+        assert runs == [1, 7, *range(100, 100 + KEPT)]
+        assert await one.get(100, lambda: read(100), 5) == 1000 and len(runs) == 2 + KEPT  # kept
+        await one.get(7, lambda: read(7), 5)  # one of the oldest: read again
+        assert runs[-1] == 7
+
+    asyncio.run(scenario())
