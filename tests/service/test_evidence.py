@@ -234,9 +234,9 @@ def test_a_shadow_disagreement_on_a_kept_decision_joins_its_evidence(tmp_path: P
         record.write_text(json.dumps({**found.record, "also": "ok_sample", "note": "x" * 5000}))
         again = Kept(served, "shadow_disagreement", lambda: (image, ".png"), len(image), None, (0.0, 1.0))
         assert store.offer(again)
+        on_disk = lambda: sum(p.stat().st_size for p in _files(root, "r-1"))  # noqa: E731
         rejoined = lambda: json.loads(record.read_text())["also"] == ["shadow_disagreement"]  # noqa: E731
-        wait_for(rejoined, 10, "joined again")
-        assert store.bytes == sum(p.stat().st_size for p in _files(root, "r-1"))
+        wait_for(lambda: rejoined() and store.bytes == on_disk(), 10, "joined again, counted from its files")
         record.write_text("[1, 2]")
         assert store.offer(again)
         wait_for(lambda: not store._queue.qsize() and store._pending == 0, 10, "the offer handled")

@@ -191,7 +191,9 @@ def test_a_quality_engineer_confirms_a_flagged_part_in_the_browser(station) -> N
             page.keyboard.press("Enter")
             page.wait_for_url("**/review?**recorded=**")
             assert f"Verdict recorded for {part}" in page.content()
-            assert page.get_by_role("link", name=part, exact=True).count() == 0  # reviewed: off the queue
+            # reviewed: off the queue once the verdict reached the database (shipped from the spool)
+            gone = lambda: page.reload() or page.get_by_role("link", name=part, exact=True).count() == 0  # noqa: E731
+            wait_for(gone, 20, "the reviewed part off the queue")
             page.get_by_role("link", name="Quality").click()  # the quality view, from the header
             page.wait_for_url("**/review/quality")
             chart = page.locator("section.chart").first
