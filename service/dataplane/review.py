@@ -145,7 +145,7 @@ class ReviewDesk:
         """`_fetch` on the desk's own threads within `FETCH_DEADLINE_S`; None (the part shown
         without its images, logged) when the bucket is slow or every fetch thread is taken."""
         if not self._fetch_slots.acquire(blocking=False):
-            log.warning("evidence of record_id=%s not read from the bucket: %d reads of it are still under "
+            log.warning("evidence of record_id=%s not read from the bucket: %d bucket reads are still under "
                         "way", row.decision.record_id, FETCH_THREADS)
             return None
         future = on_daemon_thread("evidence-fetch", lambda: self._fetch(row))
