@@ -61,7 +61,7 @@ EVIDENCE = Counter("anomaly_evidence_total", "Evidence for review by outcome", [
 # outcome: kept | dropped_queue_full | dropped_write_error | evicted_size | evicted_age
 EVIDENCE_REMOTE = Counter("anomaly_evidence_remote_total", "Evidence copies to the bucket "
                           "(ANOMALY_EVIDENCE_REMOTE_URI) by outcome", ["outcome"])
-# outcome: copied | dropped_queue_full | failed | missed_evicted | pruned_days
+# outcome: copied | dropped_queue_full | failed | missed_evicted | lost_at_shutdown | pruned_days
 EVIDENCE_ITEMS = Gauge("anomaly_evidence_items", "Decisions whose evidence the store holds")
 EVIDENCE_BYTES = Gauge("anomaly_evidence_bytes", "Bytes the evidence store holds")
 SHADOW_DROPPED = Counter("anomaly_shadow_dropped_total", "Answered images not shadowed, by reason",

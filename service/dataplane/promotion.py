@@ -174,7 +174,7 @@ class PromotionDesk:
             return await self._database.get(days, lambda: self._read_shadow(days), DEADLINE_S)
         except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.10
             notes.append(f"the inspection database did not count shadow agreement within {DEADLINE_S:.0f} s "
-                         "(still counting: reload in a moment)")
+                         "(still counting, this period or another one first: reload in a moment)")
         except Exception as exc:  # the database gone: the rest of the view still answers
             log.warning("promotion view: could not read shadow agreement: %s", exc)
             notes.append("shadow agreement could not be read from the inspection database: "

@@ -59,6 +59,20 @@ class Part:
     overlay_png: bytes = b""
 
 
+def _drawable(found: Found, max_pixels: int) -> bool:
+    """Whether an item read back can be drawn as the store wrote it: a map no larger than an
+    image may be, a finite threshold and a two-number map range."""
+    record = found.record
+    try:
+        lo, hi = (float(v) for v in (record.get("map_range") or (0.0, 1.0)))
+        numbers = [lo, hi, float(record["threshold"])]
+    except (KeyError, TypeError, ValueError):
+        return False
+    if not all(np.isfinite(numbers)):
+        return False
+    return found.map8 is None or found.map8.size <= max_pixels
+
+
 def region_of(t: np.ndarray, record: dict) -> np.ndarray:
     """The defect region on a kept map (`t`: the map scaled to [0, 1] over its `map_range`), as
     its decision drew it (`imaging.defect_region`)."""
@@ -119,7 +133,7 @@ class ReviewDesk:
                                            QUALITY_DEADLINE_S)
         except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.10
             raise NotReady(f"the quality of the last {days} days is still being computed from the inspection "
-                           "log; reload in a moment") from None
+                           "log (or another period's is, first); reload in a moment") from None
 
     async def part(self, record_id: str, drawings: str = "") -> Part:
         """One part with its evidence drawn: "" the image, heat layer and overlay; "overlay" the
@@ -134,7 +148,8 @@ class ReviewDesk:
             raise ModelNotFound(f"no served decision has record_id {record_id[:64]!r} in the inspection log")
         found = None
         if self.evidence is not None:
-            found = await asyncio.to_thread(read_evidence, self.evidence, record_id)
+            found = await asyncio.to_thread(read_evidence, self.evidence, record_id,
+                                            self.settings.max_image_pixels)
         if found is None and self.remote is not None:
             found = await self._fetch_within(row)
         if found is None:
@@ -148,14 +163,21 @@ class ReviewDesk:
             log.warning("evidence of record_id=%s not read from the bucket: %d bucket reads are still under "
                         "way", row.decision.record_id, FETCH_THREADS)
             return None
-        future = on_daemon_thread("evidence-fetch", lambda: self._fetch(row))
+        try:
+            future = on_daemon_thread("evidence-fetch", lambda: self._fetch(row))
+        except BaseException:  # no thread to be had: the slot is not taken
+            self._fetch_slots.release()
+            raise
         future.add_done_callback(lambda _: self._fetch_slots.release())
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), FETCH_DEADLINE_S)
         except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.10
             log.warning("evidence of record_id=%s not read from the bucket within %.0f s (it goes on)",
                         row.decision.record_id, FETCH_DEADLINE_S)
-            return None
+        except Exception:  # whatever a damaged or foreign item makes of the reader: as if not kept
+            log.warning("evidence of record_id=%s from the bucket cannot be read", row.decision.record_id,
+                        exc_info=True)
+        return None
 
     def _fetch(self, row: ReviewRow) -> Found | None:
         """The part's evidence from the bucket (evicted locally), or None (not kept, or the bucket
@@ -168,22 +190,28 @@ class ReviewDesk:
             try:
                 fetched = self.remote.fetch(days, stem, Path(folder),  # type: ignore[union-attr]
                                             2 * self.settings.max_image_bytes + (1 << 20))
+                found = read_record(fetched[1] / f"{stem}.json", self.settings.max_image_pixels) \
+                    if fetched else None
             except Exception as exc:  # an outage, a damaged or foreign item: shown without it
                 log.warning("evidence of record_id=%s not read from the bucket: %s", d.record_id, exc)
                 return None
-            return read_record(fetched[1] / f"{stem}.json") if fetched else None
+        if found is not None and not _drawable(found, self.settings.max_image_pixels):
+            log.warning("evidence of record_id=%s from the bucket is not this store's: shown without it",
+                        d.record_id)
+            return None
+        return found
 
     async def _drawn(self, row: ReviewRow, found: Found, drawings: str) -> Part:
         s = self.settings
         part = Part(row, True, b"" if drawings == "overlay" else found.image,
                     MEDIA_TYPES.get(found.suffix, "application/octet-stream"))
-        if found.map8 is None:
+        if found.map8 is None or not _drawable(found, s.max_image_pixels):  # a hand-edited record: undrawn
             return part
         try:
             probe = probe_image(found.image, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
         except InvalidInput:  # damaged on disk: the part is still shown, undrawn
             return part
-        cost = probe.cost + overlay_cost_of(probe.height, probe.width)
+        cost = probe.cost + overlay_cost_of(probe.height, probe.width) + 8 * found.map8.size  # map copies
         if cost > self.budget.capacity:  # could never be drawn here: shown undrawn
             return part
         async with self.budget.reserve(cost, s.decode_wait_s) as ok:

@@ -420,32 +420,37 @@ def kept_on_disk(base: Path) -> set[str]:
     return found
 
 
-def read_evidence(base: Path, record_id: str) -> Found | None:
+def read_evidence(base: Path, record_id: str, max_pixels: int = 24_000_000) -> Found | None:
     """The evidence of the inspection row `record_id` under `base` (every process's folder), or
     None."""
     if not re.fullmatch(r"[0-9a-f]{32}", record_id):  # nothing else names a file of the store
         return None
     paths = (p for root in evidence_roots(base) for p in root.glob(f"*/*-{record_id}.json"))
     for path in paths:
-        found = read_record(path)
+        found = read_record(path, max_pixels)
         if found is not None:
             return found
     return None
 
 
-def read_record(path: Path) -> Found | None:
+def read_record(path: Path, max_pixels: int = 24_000_000) -> Found | None:
     """The item whose record is `path` (its files beside it), or None when it is gone or
-    damaged (evicted meanwhile: as if not kept)."""
+    damaged (evicted meanwhile: as if not kept), or its map is larger than `max_pixels` (a map
+    is at the model's map resolution, at most an image's: not one this store wrote)."""
     try:
         record = json.loads(path.read_text())
         names = record.get("files", [])
         image = next(n for n in names if not n.endswith((".map.png", ".json")))
         data = (path.parent / image).read_bytes()
+        if "." not in image:
+            return None
         map8 = None
         if any(n.endswith(".map.png") for n in names):
             with Image.open(path.parent / next(n for n in names if n.endswith(".map.png"))) as im:
+                if im.width * im.height > max_pixels:
+                    return None
                 map8 = np.asarray(im.convert("L"))
-    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError, Image.DecompressionBombError):
         return None
     return Found(record, data, "." + image.split(".", 1)[1], map8)
 

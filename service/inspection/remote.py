@@ -96,11 +96,13 @@ class RemoteEvidence:
         self.uri, self.tracking_uri = uri.rstrip("/"), tracking_uri
         self.max_age_s, self.prune = max_age_s, prune
         # boto3 retries a call that times out 4 times by default (minutes against a bucket that
-        # accepts and never answers); this store has its own tries. Still settable in the environment.
+        # accepts and never answers); this store has its own tries. Process-wide (model downloads
+        # from an S3 artifact root too) and still settable in the environment.
         os.environ.setdefault("AWS_MAX_ATTEMPTS", "2")
         self._repo: Any = None
         self._queue: queue.Queue[tuple[str, list[Path]] | None] = queue.Queue(queue_items)
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self._last_error_log = 0.0
         self._pruned_at = -PRUNE_EVERY_S
 
@@ -118,6 +120,9 @@ class RemoteEvidence:
 
     def offer(self, day: str, files: list[Path]) -> None:
         """Queue an item's files (record last) for copying under `day/`; never waits."""
+        if self._stop.is_set():  # offered after close (a writer finishing late): counted as lost
+            metrics.EVIDENCE_REMOTE.labels("lost_at_shutdown").inc()
+            return
         try:
             self._queue.put_nowait((day, files))
         except queue.Full:
@@ -134,6 +139,7 @@ class RemoteEvidence:
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop.set()  # a copier still busy stops after its copy, whatever is left in the queue
         self._thread = None
         lost = 0
         with contextlib.suppress(queue.Empty):
@@ -156,12 +162,12 @@ class RemoteEvidence:
 
     def _loop(self) -> None:
         self._probe()
-        while True:
+        while not self._stop.is_set():
             try:
-                job = self._queue.get(timeout=60.0)
+                job = self._queue.get(timeout=1.0)
             except queue.Empty:
                 job = ()  # type: ignore[assignment]
-            if job is None:
+            if job is None or self._stop.is_set():
                 return
             if job:
                 self._copy(*job)
@@ -216,7 +222,8 @@ class RemoteEvidence:
 
         Raises:
             OSError: the bucket cannot be read now (an outage, a refusal), or what it holds is
-                not an item of this store (a file over `max_bytes`, a damaged record).
+                not an item of this store (a file over `max_bytes`, a record without files).
+            ValueError: the record is not JSON.
         """
         for day in days:
             folder = into / day

@@ -426,7 +426,7 @@ def test_a_hung_bucket_and_a_hostile_one_never_stall_the_server(store, tmp_path:
 
     bucket = tmp_path / "bucket"
     metrics = free_port()
-    env = {**env, "ANOMALY_EVIDENCE_REMOTE_URI": bucket.as_uri(),
+    env = {**env, "ANOMALY_EVIDENCE_REMOTE_URI": bucket.as_uri(), "ANOMALY_MAX_IMAGE_PIXELS": "1000000",
            "ANOMALY_EVIDENCE_DIR": str(tmp_path / "ev2"), "ANOMALY_METRICS_PORT": str(metrics)}
     copied = 'anomaly_evidence_remote_total{outcome="copied"}'
     child, target = start_server(store.tracking_uri, tmp_path / "server2.log", cache_dir=store.home / "cache",
@@ -443,12 +443,23 @@ def test_a_hung_bucket_and_a_hostile_one_never_stall_the_server(store, tmp_path:
         for path in _files(tmp_path / "ev2", "hostile-0"):
             path.unlink()
         record = next(bucket.rglob(f"*-{record_id}.json"))
+        stem, kept = record.name[:-len(".json")], json.loads(record.read_text())
+        (record.parent / stem).write_bytes(b"no suffix")  # a file named as the item, with no suffix
+        big = io.BytesIO()  # a map larger than any image may be (ANOMALY_MAX_IMAGE_PIXELS below)
+        Image.new("L", (1200, 1000)).save(big, format="PNG")
+        (record.parent / f"{stem}.map.png").write_bytes(big.getvalue())
+        image = next(n for n in kept["files"] if not n.endswith((".json", ".map.png")))
+        hostile = ["[1, 2]", '{"files": null}', '{"files": [5]}', '{"files": ["../../etc/passwd"]}',
+                   json.dumps({**kept, "files": [stem, f"{stem}.json"]}),
+                   json.dumps({**kept, "files": [image, f"{stem}.map.png", f"{stem}.json"]}),
+                   json.dumps({**kept, "threshold": "x", "files": [image, f"{stem}.json"]})]
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.AnomalyDetectionStub(channel)
-            assert stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=30).item.has_evidence
-            for hostile in ("[1, 2]", '{"files": null}', '{"files": [5]}', '{"files": ["../../etc/passwd"]}'):
-                record.write_text(hostile)
+            for text in hostile:
+                record.write_text(text)
                 part = stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=30)
-                assert not part.item.has_evidence and not part.image, hostile
+                assert not part.item.has_evidence and not part.image, text
+            record.write_text(json.dumps({**kept, "files": [image, f"{stem}.json"]}))  # as kept, no map
+            assert stub.GetEvidence(pb.GetEvidenceRequest(record_id=record_id), timeout=30).image == images[0]
     finally:
         assert child.stop() == 0, (tmp_path / "server2.log").read_text()[-3000:]
