@@ -103,3 +103,10 @@ def answering(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
             await context.abort(error.code, error.message)
 
     return rpc
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's text (its type's name when it has none), cut at `limit`:
+    what a note, a page or a one-line log message shows of a third-party error."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line[:limit] if limit is not None else line

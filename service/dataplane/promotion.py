@@ -29,6 +29,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from service.dataplane.reads import OneRead
+from service.errors import first_line
 from service.inspection.quality import Agreement, shadow_agreement
 from service.inspection.schema import engine_for
 from service.promotion.history import Judged
@@ -81,10 +82,6 @@ def _within_budget(verdicts: list[Judged]) -> list[Judged]:
             parts.append(part if spent <= THUMBNAIL_BUDGET else replace(part, thumbnail_jpeg=b""))
         out.append(replace(judged, verdict=replace(judged.verdict, parts=tuple(parts))))
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
 
 
 def _name_filter(name: str) -> str | None:
@@ -151,7 +148,8 @@ class PromotionDesk:
                 found = self.repository.client.search_model_versions(query, max_results=REGISTRY_VERSIONS)
             except Exception as exc:  # an outage: the rest of the view still answers
                 log.warning("promotion view: could not read the versions of %s: %s", name, exc)
-                problems.append(f"the registry's verdicts on {name} could not be read: {_first_line(exc)}")
+                problems.append(f"the registry's verdicts on {name} could not be read: "
+                                f"{first_line(exc, 300)}")
                 continue
             judged = [mv for mv in found if GATE_STATUS in (mv.tags or {}) and str(mv.version).isdigit()]
             for mv in sorted(judged, key=lambda m: int(m.version), reverse=True)[:REGISTRY_RECORDS]:
@@ -178,7 +176,7 @@ class PromotionDesk:
         except Exception as exc:  # the database gone: the rest of the view still answers
             log.warning("promotion view: could not read shadow agreement: %s", exc)
             notes.append("shadow agreement could not be read from the inspection database: "
-                         f"{_first_line(exc)}")
+                         f"{first_line(exc, 300)}")
         return []
 
     def _read_shadow(self, days: int) -> list[Agreement]:

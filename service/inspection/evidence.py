@@ -64,7 +64,7 @@ from PIL import Image
 from service import metrics
 from service.inspection.log import Decided
 from service.inspection.remote import RemoteEvidence
-from service.runtime.imaging import anomaly_map_png
+from service.runtime.imaging import DEFAULT_MAX_PIXELS, anomaly_map_png
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ def kept_on_disk(base: Path) -> set[str]:
     return found
 
 
-def read_evidence(base: Path, record_id: str, max_pixels: int = 24_000_000) -> Found | None:
+def read_evidence(base: Path, record_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Found | None:
     """The evidence of the inspection row `record_id` under `base` (every process's folder), or
     None."""
     if not re.fullmatch(r"[0-9a-f]{32}", record_id):  # nothing else names a file of the store
@@ -433,7 +433,7 @@ def read_evidence(base: Path, record_id: str, max_pixels: int = 24_000_000) -> F
     return None
 
 
-def read_record(path: Path, max_pixels: int = 24_000_000) -> Found | None:
+def read_record(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Found | None:
     """The item whose record is `path` (its files beside it), or None when it is gone or
     damaged (evicted meanwhile: as if not kept), or its map is larger than `max_pixels` (a map
     is at the model's map resolution, at most an image's: not one this store wrote)."""

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from service import metrics
+from service.errors import first_line
 
 log = logging.getLogger(__name__)
 RETRIES = (1.0, 5.0)  # seconds before the second and third try of a copy
@@ -77,7 +78,7 @@ def artifact_repository(uri: str, tracking_uri: str) -> Any:
         raise ValueError(f"{uri.split(':', 1)[0]}: needs the Python package {exc.name!r} "
                          "(pip install 'edge-anomaly[s3]' for s3://)") from exc
     except Exception as exc:  # MLflow's own error for an unknown scheme or a malformed URI
-        raise ValueError((str(exc).splitlines() or [type(exc).__name__])[0]) from exc
+        raise ValueError(first_line(exc)) from exc
 
 
 class RemoteEvidence:
@@ -158,7 +159,7 @@ class RemoteEvidence:
         except Exception as exc:
             log.error("evidence bucket %s cannot be listed (%s): copies to it will fail until it can "
                       "(ANOMALY_EVIDENCE_REMOTE_URI, MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID)", self.uri,
-                      (str(exc).splitlines() or [type(exc).__name__])[0][:300])
+                      first_line(exc, 300))
 
     def _loop(self) -> None:
         self._probe()

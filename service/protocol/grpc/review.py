@@ -36,6 +36,18 @@ def instant(text: str, name: str) -> datetime | None:
                            f"got {text[:40]!r}") from None
 
 
+def period_days(days: int, default: int) -> int:
+    """A review view's period in days: 0 is `default`; at most 366.
+
+    Raises:
+        InvalidInput: more than 366.
+    """
+    days = days or default
+    if days > 366:
+        raise InvalidInput(f"days must be at most 366, got {days}")
+    return days
+
+
 def quality_report(found: Quality) -> pb.QualityReport:
     """The quality view → `QualityReport`."""
     return pb.QualityReport(

@@ -46,7 +46,7 @@ from service.protocol.grpc import oip
 from service.protocol.grpc.admission import Admission, grpc_backstop
 from service.protocol.grpc.oip import InferenceServicer
 from service.protocol.grpc.options import grpc_options
-from service.protocol.grpc.review import instant, promotion, quality_report, review_item
+from service.protocol.grpc.review import instant, period_days, promotion, quality_report, review_item
 from service.protocol.grpc.security import (
     ApiKeyInterceptor,
     caller,
@@ -259,19 +259,14 @@ class AnomalyServicer(pb_grpc.AnomalyDetectionServicer):
     async def GetQuality(self, request: pb.GetQualityRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.QualityReport:
         """The quality view: per day, version and category, and the threshold proposals."""
-        days = request.days or 14
-        if days > 366:
-            raise InvalidInput(f"days must be at most 366, got {days}")
+        days = period_days(request.days, 14)
         return quality_report(await self.plane.review.quality(days, request.station))
 
     @answering
     async def GetPromotion(self, request: pb.GetPromotionRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.Promotion:
         """The promotion view (`service.dataplane.promotion`)."""
-        days = request.days or 7
-        if days > 366:
-            raise InvalidInput(f"days must be at most 366, got {days}")
-        return promotion(await self.plane.promotion.view(days))
+        return promotion(await self.plane.promotion.view(period_days(request.days, 7)))
 
 
 class GrpcServer:
